@@ -1,0 +1,39 @@
+# Every target creates and uses .venv itself, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench lint fmt clean system-deps
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Binaries the benchmarks compare against (PgBouncer is the reference proxy).
+system-deps:
+	@command -v pgbouncer >/dev/null 2>&1 || command -v /usr/sbin/pgbouncer >/dev/null 2>&1 || \
+		(apt-get install -y -q --no-install-recommends pgbouncer >/dev/null || \
+		 (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends pgbouncer >/dev/null))
+
+demo: $(STAMP)
+	$(BIN)/dbmux demo
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+bench: $(STAMP) system-deps
+	$(BIN)/python -m bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,218 @@
+"""Run pgbench once and parse what it prints (PostgreSQL 15/16 output format).
+
+pgbench prints its summary on stdout and every error on stderr. A run whose clients were
+aborted exits with status 2 and still prints a (partial) summary; that is a result, not a
+crash of the benchmark. Output goes to files, not pipes: a storm of 300 failing clients
+writes more to stderr than a pipe holds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+_TPS = re.compile(r"^tps = ([\d.]+) \((.+)\)$", re.MULTILINE)
+_LATENCY = re.compile(r"^latency average = ([\d.]+) ms", re.MULTILINE)
+_STDDEV = re.compile(r"^latency stddev = ([\d.]+) ms", re.MULTILINE)
+_PROCESSED = re.compile(r"^number of transactions actually processed: (\d+)", re.MULTILINE)
+_FAILED = re.compile(r"^number of failed transactions: (\d+)", re.MULTILINE)
+_INITIAL_CONN = re.compile(r"^initial connection time = ([\d.]+) ms", re.MULTILINE)
+_AVERAGE_CONN = re.compile(r"^average connection time = ([\d.]+) ms", re.MULTILINE)
+_CLIENTS = re.compile(r"^number of clients: (\d+)", re.MULTILINE)
+# "client 7 aborted while establishing connection", "client 3 script 0 aborted in command 1 ..."
+_ABORTED = re.compile(r"client (\d+) (?:script \d+ )?aborted")
+# "... aborted in command 1 query 0: ERROR:  prepared statement "P_0" does not exist"
+_ABORTED_BY = re.compile(r"aborted in command \d+ query \d+: (.+)$")
+# Two pgbench threads may interleave their writes: "pgbench:pgbench: error: ..."
+_PREFIX = re.compile(r"^(?:pgbench:\s*)*(?:error|fatal|warning):\s*")
+_CLIENT = re.compile(r"\bclient \d+\b")
+
+
+def find_pgbench() -> str:
+    """pgbench on PATH, else in pg_config --bindir, else the newest Debian install."""
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        bindir = subprocess.run(
+            [pg_config, "--bindir"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        if bindir and (Path(bindir) / "pgbench").is_file():
+            return str(Path(bindir) / "pgbench")
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"))
+    if debian:
+        return str(debian[-1])
+    raise RuntimeError("pgbench not found (install postgresql-client or postgresql-contrib)")
+
+
+def pgbench_version(pgbench: str) -> str:
+    out = subprocess.run([pgbench, "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip()
+
+
+def client_env(password: str) -> dict[str, str]:
+    """This process's environment minus every PG* variable, plus the password.
+
+    TLS and GSS encryption are off so that no target pays an extra round trip per connection
+    for a refused SSLRequest, and nothing can redirect pgbench to another server.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSWORD=password, PGSSLMODE="disable", PGGSSENCMODE="disable")
+    return env
+
+
+@dataclass
+class PgbenchResult:
+    command: list[str]
+    returncode: int | None  # None: killed after the timeout (the target hung)
+    wall_seconds: float
+    cpu_seconds: float  # pgbench's own user + system time
+    tps: float | None = None
+    tps_basis: str = ""  # "without initial connection time" / "including reconnection times"
+    latency_ms: float | None = None
+    latency_stddev_ms: float | None = None
+    transactions: int | None = None
+    failed_transactions: int | None = None
+    clients: int | None = None  # -c, as pgbench reports it
+    aborted_clients: int = 0
+    connection_ms: float | None = None  # initial (or, with -C, average) connection time
+    errors: dict[str, int] = field(default_factory=dict)  # distinct stderr errors -> count
+    stderr_tail: str = ""
+    timed_out: bool = False
+
+    @property
+    def failures(self) -> int:
+        """Failed transactions plus clients pgbench aborted (e.g. could not connect)."""
+        return (self.failed_transactions or 0) + self.aborted_clients
+
+    @property
+    def all_aborted(self) -> bool:
+        """Every client was aborted: the run ended early, tps covers only what ran before."""
+        return bool(self.clients) and self.aborted_clients >= (self.clients or 0)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["failures"] = self.failures
+        data["all_aborted"] = self.all_aborted
+        return data
+
+
+def _float(pattern: re.Pattern[str], text: str) -> float | None:
+    m = pattern.search(text)
+    return float(m.group(1)) if m else None
+
+
+def _int(pattern: re.Pattern[str], text: str) -> int | None:
+    m = pattern.search(text)
+    return int(m.group(1)) if m else None
+
+
+def parse(stdout: str, stderr: str) -> dict[str, Any]:
+    """The numbers of one run's output; missing ones are None."""
+    tps = _TPS.search(stdout)
+    connection = _float(_INITIAL_CONN, stdout)
+    if connection is None:
+        connection = _float(_AVERAGE_CONN, stdout)
+    errors: Counter[str] = Counter()
+    for line in stderr.splitlines():
+        line = line.strip()
+        if not line or "Run was aborted" in line:
+            continue
+        if _ABORTED.search(line):  # counted below; the error, if on this line, is kept
+            aborted_by = _ABORTED_BY.search(line)
+            if aborted_by:
+                errors[_CLIENT.sub("client N", aborted_by.group(1).strip())] += 1
+            continue
+        if _PREFIX.match(line) or "FATAL" in line or "ERROR" in line:
+            errors[_CLIENT.sub("client N", _PREFIX.sub("", line))] += 1
+    return {
+        "tps": float(tps.group(1)) if tps else None,
+        "tps_basis": tps.group(2) if tps else "",
+        "latency_ms": _float(_LATENCY, stdout),
+        "latency_stddev_ms": _float(_STDDEV, stdout),
+        "transactions": _int(_PROCESSED, stdout),
+        "failed_transactions": _int(_FAILED, stdout),
+        "clients": _int(_CLIENTS, stdout),
+        "aborted_clients": len(set(_ABORTED.findall(stderr))),
+        "connection_ms": connection,
+        "errors": dict(errors.most_common(8)),
+    }
+
+
+def _wait(pid: int, deadline: float) -> tuple[int | None, float]:
+    """Reap pid by deadline: (exit code or None if still running, its CPU seconds)."""
+    while True:
+        waited, status, usage = os.wait4(pid, os.WNOHANG)
+        if waited == pid:
+            return os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
+        if time.monotonic() >= deadline:
+            return None, 0.0
+        time.sleep(0.05)
+
+
+def run(
+    pgbench: str,
+    *,
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    dbname: str,
+    args: list[str],
+    duration: int,
+    script: str = "",
+    grace: float = 60.0,
+) -> PgbenchResult:
+    """pgbench -n ARGS [-f SCRIPT] -T DURATION against host:port; killed if it runs grace s
+    too long. script: a custom transaction script's text, written to a temp file for -f.
+
+    -n: the caller vacuums directly beforehand, so every target starts from the same tables
+    and the proxy is not timed relaying VACUUM.
+    """
+    with tempfile.TemporaryDirectory(prefix="dbmux-bench-pgbench-") as tmp:
+        cmd = [pgbench, "-h", host, "-p", str(port), "-U", user, "-n", *args]
+        if script:
+            script_path = Path(tmp, "script.sql")
+            script_path.write_text(script)
+            cmd += ["-f", str(script_path)]
+        cmd += ["-T", str(duration), dbname]
+        out_path, err_path = Path(tmp, "stdout"), Path(tmp, "stderr")
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            started = time.monotonic()
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=client_env(password)
+            )
+        # Popen.wait() cannot report rusage, so reap it ourselves and tell Popen.
+        try:
+            code, cpu = _wait(proc.pid, started + duration + grace)
+        except BaseException:  # Ctrl-C, SIGTERM: pgbench must not outlive us
+            proc.kill()
+            proc.wait()
+            raise
+        timed_out = code is None
+        if timed_out:
+            proc.send_signal(signal.SIGKILL)
+            code, cpu = _wait(proc.pid, time.monotonic() + 10)
+        proc.returncode = code
+        wall = time.monotonic() - started
+        stdout = out_path.read_text(errors="replace")
+        stderr = err_path.read_text(errors="replace")
+    return PgbenchResult(
+        command=cmd,
+        returncode=None if timed_out else code,
+        wall_seconds=round(wall, 3),
+        cpu_seconds=round(cpu, 3),
+        stderr_tail="\n".join(stderr.splitlines()[-10:]),
+        timed_out=timed_out,
+        **parse(stdout, stderr),
+    )

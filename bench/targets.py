@@ -1,0 +1,331 @@
+"""What pgbench talks to: the cluster directly, PgBouncer, or dbmux (each a separate process).
+
+Every proxy gets a fresh temp dir, a free loopback port and a fresh process per run, so a run
+never inherits another run's warm server connections (each run's peak server connection count
+is then that target's alone). Processes are killed in stop(), and at interpreter exit if the
+benchmark dies first.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HOST = "127.0.0.1"
+_live: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_live):
+        with contextlib.suppress(OSError):
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _first_line(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.splitlines()[0] if out else ""
+
+
+def pgbouncer_binary() -> str | None:
+    return (
+        "/usr/sbin/pgbouncer"
+        if Path("/usr/sbin/pgbouncer").is_file()
+        else shutil.which("pgbouncer")
+    )
+
+
+def dbmux_binary() -> str:
+    return str(Path(sys.executable).parent / "dbmux")
+
+
+def versions() -> dict[str, str]:
+    pgbouncer = pgbouncer_binary()
+    return {
+        "pgbouncer": _first_line([pgbouncer, "--version"]) if pgbouncer else "(not installed)",
+        "dbmux": _first_line([dbmux_binary(), "--version"]),
+    }
+
+
+class TargetError(RuntimeError):
+    """A proxy would not start, died, or would not stop."""
+
+
+class Target:
+    """Direct access: nothing to start."""
+
+    name = "direct"
+    pid: int | None = None
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> str | None:
+        """Stop; a note if that went wrong (had to SIGKILL), else None."""
+        return None
+
+    def alive(self) -> bool:
+        return True
+
+    def log_tail(self) -> str:
+        return ""
+
+    def log_problems(self) -> list[str]:
+        return []
+
+
+class _ProcessTarget(Target):
+    """A proxy run as a child process with its config in a temp dir."""
+
+    log_name = "proxy.log"
+
+    def __init__(self, upstream_port: int, user: str, password: str, dbname: str) -> None:
+        super().__init__(HOST, 0)
+        self.upstream_port = upstream_port
+        self.user = user
+        self.password = password
+        self.dbname = dbname
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.workdir: Path | None = None
+        self.log: Path | None = None
+
+    @property
+    def pid(self) -> int | None:  # type: ignore[override]
+        return self.proc.pid if self.proc else None
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _write_config(self) -> None:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"dbmux-bench-{self.name}-"))
+        self.log = self.workdir / self.log_name
+        self.port = free_port()
+        self._write_config()
+        with (self.workdir / "stdout.log").open("wb") as out:
+            self.proc = subprocess.Popen(
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,  # Ctrl-C is ours to handle; we stop it in order
+            )
+        _live.add(self.proc)
+        deadline = time.monotonic() + timeout
+        while not _accepts(self.port):
+            if self.proc.poll() is not None:
+                raise TargetError(
+                    f"{self.name} exited with code {self.proc.returncode} before listening\n"
+                    f"{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TargetError(f"{self.name} not listening after {timeout}s\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> str | None:
+        proc, note = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                note = f"{self.name} ignored SIGTERM for {timeout:g}s; killed it"
+                proc.kill()
+                proc.wait()
+        _live.discard(proc)
+        self.proc = None
+        return note
+
+    def cleanup(self) -> None:
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def log_tail(self) -> str:
+        if self.workdir is None:
+            return ""
+        paths = dict.fromkeys(p for p in (self.log, self.workdir / "stdout.log") if p)
+        parts = [_tail(p) for p in paths if p.exists()]
+        return "\n".join(p for p in parts if p)
+
+    def log_problems(self) -> list[str]:
+        """Warning, error and traceback lines the proxy logged (first 20)."""
+        if self.workdir is None:
+            return []
+        found: list[str] = []
+        for path in dict.fromkeys((self.log, self.workdir / "stdout.log")):
+            if path is None or not path.exists():
+                continue
+            for line in path.read_text(errors="replace").splitlines():
+                if any(w in line for w in ("WARNING", "ERROR", "CRITICAL", "FATAL", "Traceback")):
+                    found.append(line.strip())
+        return found[:20]
+
+
+class PgBouncer(_ProcessTarget):
+    """Debian's PgBouncer in transaction mode with one pool of pool_size server connections."""
+
+    name = "pgbouncer"
+    log_name = "pgbouncer.log"
+
+    def __init__(
+        self, *args: object, pool_size: int, auth_file_secret: str | None = None, **kwargs: object
+    ) -> None:
+        """auth_file_secret: what userlist.txt holds for the user, by default the password.
+
+        With the user's SCRAM secret from pg_authid instead (what auth_query would return),
+        PgBouncer verifies client logins without PBKDF2 and logs into the server with the
+        client's SCRAM proof; with the plain password it derives a SCRAM key on every login.
+        """
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.pool_size = pool_size
+        self.auth_file_secret = auth_file_secret or self.password
+        binary = pgbouncer_binary()
+        if binary is None:
+            raise TargetError("pgbouncer not installed (make system-deps)")
+        self.binary = binary
+
+    def _write_config(self) -> None:
+        assert self.workdir is not None
+        quoted = ['"' + s.replace('"', '""') + '"' for s in (self.user, self.auth_file_secret)]
+        (self.workdir / "userlist.txt").write_text(" ".join(quoted) + "\n")
+        ini = f"""\
+[databases]
+{self.dbname} = host={HOST} port={self.upstream_port} dbname={self.dbname}
+
+[pgbouncer]
+listen_addr = {HOST}
+listen_port = {self.port}
+; dbmux listens with a backlog of 4096; PgBouncer's default (128) would drop SYNs in a storm
+listen_backlog = 4096
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {self.workdir / "userlist.txt"}
+pool_mode = transaction
+default_pool_size = {self.pool_size}
+max_db_connections = {self.pool_size}
+max_client_conn = 10000
+logfile = {self.log}
+ignore_startup_parameters = extra_float_digits,options
+"""
+        (self.workdir / "pgbouncer.ini").write_text(ini)
+        if os.geteuid() == 0:  # PgBouncer refuses to run as root; -u switches to postgres
+            account = pwd.getpwnam("postgres")
+            for path in (self.workdir, *self.workdir.iterdir()):
+                os.chown(path, account.pw_uid, account.pw_gid)
+
+    def _command(self) -> list[str]:
+        assert self.workdir is not None
+        user = ["-u", "postgres"] if os.geteuid() == 0 else []
+        return [self.binary, *user, str(self.workdir / "pgbouncer.ini")]
+
+
+class Dbmux(_ProcessTarget):
+    """`dbmux serve` from this venv, one proxy with a pool of max_connections_percent.
+
+    name: the target's name ("dbmux", or a variant such as "dbmux-pin"); proxy_settings and
+    pool_settings: extra keys for the proxy and its connection_pool_config.
+    """
+
+    name = "dbmux"
+    log_name = "stdout.log"
+
+    def __init__(
+        self,
+        *args: object,
+        max_connections_percent: int,
+        name: str = "dbmux",
+        proxy_settings: dict[str, object] | None = None,
+        pool_settings: dict[str, object] | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.name = name
+        self.percent = max_connections_percent
+        self.proxy_settings = dict(proxy_settings or {})
+        self.pool_settings = dict(pool_settings or {})
+        self.binary = dbmux_binary()
+        if not Path(self.binary).is_file():
+            raise TargetError(f"{self.binary} not found (make installs dbmux into .venv)")
+
+    def _write_config(self) -> None:
+        assert self.workdir is not None
+        secret = {"username": self.user, "password": self.password, "engine": "postgres"}
+        (self.workdir / "app.json").write_text(json.dumps(secret))
+        config = {
+            "admin": {"listen": f"{HOST}:{free_port()}"},  # never the default 9187
+            "proxies": [
+                {
+                    "name": "bench",
+                    "engine_family": "POSTGRESQL",
+                    "listen": f"{HOST}:{self.port}",
+                    "max_client_connections": 10000,
+                    "auth": [{"secret": "file:app.json"}],
+                    **self.proxy_settings,
+                    "target_group": {
+                        "connection_pool_config": {
+                            "max_connections_percent": self.percent,
+                            **self.pool_settings,
+                        },
+                        "targets": [{"host": HOST, "port": self.upstream_port}],
+                    },
+                }
+            ],
+        }
+        (self.workdir / "dbmux.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def _command(self) -> list[str]:
+        assert self.workdir is not None
+        config = str(self.workdir / "dbmux.yaml")
+        return [self.binary, "serve", "--config", config, "--log-level", "warning"]

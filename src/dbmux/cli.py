@@ -1,0 +1,162 @@
+"""Command line: dbmux serve | check-config | demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from dbmux import __version__
+from dbmux.auth.secrets import SecretError
+from dbmux.config import ConfigError, load_config
+
+log = logging.getLogger("dbmux")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def _serve(path: Path) -> int:
+    from dbmux.proxy import Process
+
+    config = load_config(path)
+    process = Process(config)
+    await process.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "dbmux %s ready (%d proxies); Ctrl-C or SIGTERM stops it", __version__, len(process.proxies)
+    )
+    await stop.wait()
+    log.info("shutting down")
+    await process.stop()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    result = 0
+
+    async def main() -> None:
+        nonlocal result
+        result = await _serve(args.config)
+
+    _run(main())
+    return result
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    from dbmux.proxy import load_users
+
+    for proxy in config.proxies:
+        users = load_users(proxy, config.base_dir)
+        targets = ", ".join(f"{t.host}:{t.port}" for t in proxy.target_group.targets)
+        print(
+            f"proxy {proxy.name}: {proxy.engine_family.value} on {proxy.listen} -> {targets}; "
+            f"users: {', '.join(sorted(users))}"
+        )
+    print(f"{args.file}: OK")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    from dbmux.demo import run_demo
+
+    return run_demo(clients=args.clients, max_connections=args.max_connections)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dbmux",
+        description="A database proxy for PostgreSQL (and soon MySQL/MariaDB): a warm pool of "
+        "server connections multiplexed per transaction among many clients.",
+    )
+    parser.add_argument("--version", action="version", version=f"dbmux {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the proxies of a config file",
+        description="Run every proxy in the config file until SIGINT/SIGTERM.",
+    )
+    serve.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="YAML config file (see README: Configuration)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file and its secrets",
+        description="Validate a config file, read its secrets, and print a "
+        "summary; exit 1 naming each bad field.",
+    )
+    check.add_argument("file", type=Path, metavar="FILE")
+    check.set_defaults(func=cmd_check_config)
+
+    demo = sub.add_parser(
+        "demo",
+        help="storm a throwaway database, directly and through dbmux",
+        description="Start a throwaway PostgreSQL, run a serverless-style "
+        "connection storm straight at it and then through dbmux, and report.",
+    )
+    demo.add_argument(
+        "--clients",
+        type=int,
+        default=400,
+        help="concurrent short-lived clients in the storm (default: 400)",
+    )
+    demo.add_argument(
+        "--max-connections",
+        type=int,
+        default=100,
+        help="max_connections of the throwaway database (default: 100)",
+    )
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, SecretError) as error:
+        print(f"dbmux: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

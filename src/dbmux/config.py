@@ -1,0 +1,273 @@
+"""The config file's shape (YAML, names after RDS Proxy's API) and all of its validation."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the bad field."""
+
+
+class FieldError(ValueError):
+    """A check across fields that blames one of them: `path` is relative to the model that
+    ran the check (e.g. "auth.0.iam_auth"), so the report names the field itself."""
+
+    def __init__(self, path: str, text: str) -> None:
+        super().__init__(text)
+        self.path = path
+
+
+class EngineFamily(StrEnum):
+    POSTGRESQL = "POSTGRESQL"
+    MYSQL = "MYSQL"
+
+
+class IamAuth(StrEnum):
+    DISABLED = "DISABLED"
+    REQUIRED = "REQUIRED"
+    ENABLED = "ENABLED"
+
+
+class ClientPasswordAuthType(StrEnum):
+    POSTGRES_SCRAM_SHA_256 = "POSTGRES_SCRAM_SHA_256"
+    POSTGRES_MD5 = "POSTGRES_MD5"
+    MYSQL_NATIVE_PASSWORD = "MYSQL_NATIVE_PASSWORD"
+    MYSQL_CACHING_SHA2_PASSWORD = "MYSQL_CACHING_SHA2_PASSWORD"
+
+
+class PinningFilter(StrEnum):
+    EXCLUDE_VARIABLE_SETS = "EXCLUDE_VARIABLE_SETS"
+
+
+class SessionState(StrEnum):
+    REPLAY = "replay"  # carry session settings to whichever server connection is borrowed
+    PIN = "pin"  # pin a session that changes its settings, as RDS Proxy does
+
+
+class TargetRole(StrEnum):
+    READ_WRITE = "READ_WRITE"
+    READ_ONLY = "READ_ONLY"
+
+
+class _Model(BaseModel):
+    """Unknown keys are errors: a typo in a setting must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _parse_host_port(value: Any) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:6432")
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not a number between 0 and 65535")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Address(_Model):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _address(value: Any) -> Any:
+    if isinstance(value, str):
+        host, port = _parse_host_port(value)
+        return {"host": host, "port": port}
+    return value
+
+
+ListenAddress = Annotated[Address, Field(description="HOST:PORT to listen on")]
+
+
+class AuthEntry(_Model):
+    """One credential the proxy accepts from clients and uses towards the database."""
+
+    secret: str
+    iam_auth: IamAuth = IamAuth.DISABLED
+    client_password_auth_type: ClientPasswordAuthType | None = None
+    description: str = ""
+
+    @field_validator("secret")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("file:", "env:", "arn:aws:secretsmanager:")):
+            raise ValueError("must start with file:, env: or arn:aws:secretsmanager:")
+        return value
+
+
+class ConnectionPoolConfig(_Model):
+    max_connections_percent: int = Field(100, ge=1, le=100)
+    # Default: half of max_connections_percent, as RDS Proxy does.
+    max_idle_connections_percent: int | None = Field(None, ge=0, le=100)
+    connection_borrow_timeout: float = Field(120, ge=0)
+    session_pinning_filters: list[PinningFilter] = []
+    init_query: str = ""
+    # Prepared statements kept per server connection (least recently used closed first).
+    max_prepared_statements: int = Field(500, ge=1)
+    # Server connections idle longer than this are closed by the janitor.
+    idle_server_timeout: float = Field(600, gt=0)
+
+    @model_validator(mode="after")
+    def _idle_within_max(self) -> ConnectionPoolConfig:
+        if self.max_idle_connections_percent is None:
+            object.__setattr__(
+                self, "max_idle_connections_percent", self.max_connections_percent // 2
+            )
+        elif self.max_idle_connections_percent > self.max_connections_percent:
+            raise FieldError(
+                "max_idle_connections_percent", "must not exceed max_connections_percent"
+            )
+        return self
+
+
+class Target(_Model):
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class TargetGroup(_Model):
+    connection_pool_config: ConnectionPoolConfig = ConnectionPoolConfig()
+    targets: list[Target] = Field(min_length=1)
+
+
+class Endpoint(_Model):
+    name: str
+    listen: Address
+    target_role: TargetRole = TargetRole.READ_WRITE
+
+    _listen = field_validator("listen", mode="before")(_address)
+
+
+class ProxyConfig(_Model):
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    engine_family: EngineFamily
+    listen: Address
+    require_tls: bool = False
+    idle_client_timeout: float = Field(1800, gt=0)
+    # Time a client may take from TCP connect to a finished login before it is dropped.
+    client_login_timeout: float = Field(60, gt=0)
+    debug_logging: bool = False
+    session_state: SessionState = SessionState.REPLAY
+    max_client_connections: int = Field(10000, ge=1)
+    auth: list[AuthEntry] = Field(min_length=1)
+    target_group: TargetGroup
+    endpoints: list[Endpoint] = []
+
+    _listen = field_validator("listen", mode="before")(_address)
+
+    @model_validator(mode="after")
+    def _only_what_exists(self) -> ProxyConfig:
+        """Settings whose feature has not landed are refused, never silently ignored: a
+        proxy told to require TLS must not accept plaintext."""
+        if self.require_tls:
+            raise FieldError("require_tls", "TLS is not available in this version yet")
+        for i, entry in enumerate(self.auth):
+            if entry.iam_auth is not IamAuth.DISABLED:
+                raise FieldError(
+                    f"auth.{i}.iam_auth",
+                    "signed auth tokens are not available in this version yet; use DISABLED",
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _auth_types_fit_engine(self) -> ProxyConfig:
+        prefix = "POSTGRES_" if self.engine_family is EngineFamily.POSTGRESQL else "MYSQL_"
+        for i, entry in enumerate(self.auth):
+            kind = entry.client_password_auth_type
+            if kind is not None and not kind.value.startswith(prefix):
+                raise FieldError(
+                    f"auth.{i}.client_password_auth_type",
+                    f"{kind.value} does not fit engine_family {self.engine_family.value}",
+                )
+        return self
+
+
+class AdminConfig(_Model):
+    listen: Address = Address(host="127.0.0.1", port=9187)
+
+    _listen = field_validator("listen", mode="before")(_address)
+
+
+class Config(_Model):
+    admin: AdminConfig = AdminConfig()
+    proxies: list[ProxyConfig] = Field(min_length=1)
+    # Relative secret paths (file:...) resolve against the config file's folder.
+    base_dir: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        names: set[str] = set()
+        for i, proxy in enumerate(self.proxies):
+            if proxy.name in names:
+                raise FieldError(f"proxies.{i}.name", f"proxy name {proxy.name!r} is used twice")
+            names.add(proxy.name)
+        listens: dict[str, str] = {}
+        for i, proxy in enumerate(self.proxies):
+            places = [(f"proxies.{i}.listen", proxy.listen)] + [
+                (f"proxies.{i}.endpoints.{j}.listen", e.listen)
+                for j, e in enumerate(proxy.endpoints)
+            ]
+            for path, address in places:
+                if address.port == 0:
+                    continue
+                if str(address) in listens:
+                    raise FieldError(
+                        path, f"{address} is already the listen address of {listens[str(address)]}"
+                    )
+                listens[str(address)] = path
+        return self
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        parts = [str(part) for part in item["loc"]]
+        message = item["msg"]
+        cause = item.get("ctx", {}).get("error")
+        if isinstance(cause, FieldError):
+            parts.append(cause.path)
+            message = str(cause)
+        lines.append(f"  {'.'.join(parts) or '(top level)'}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, source: str = "config", base_dir: Path | None = None) -> Config:
+    """Validate an already-loaded mapping; errors name each bad field by its path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with a 'proxies' list")
+    if base_dir is not None:
+        data = {**data, "base_dir": base_dir}
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(data, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,85 @@
+"""Run dbmux on a background thread with its own event loop, for the demo and the tests.
+
+The proxy keeps its own loop so that blocking client drivers in the caller's thread cannot
+stall it, as with a separate process, while metrics and pools stay inspectable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from dbmux.config import Config, parse_config
+from dbmux.proxy import Process, Proxy
+
+T = TypeVar("T")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+async def _cancel_leftover_tasks() -> None:
+    """Connection attempts, resets and cancel deliveries still under way end with the loop."""
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class EmbeddedDbmux:
+    """A started dbmux process on a thread; use as a context manager or call stop()."""
+
+    def __init__(self, config: Config | dict[str, Any]) -> None:
+        self.config = config if isinstance(config, Config) else parse_config(config)
+        self.loop = _new_loop()
+        self.process: Process | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="dbmux", daemon=True)
+
+    def start(self) -> EmbeddedDbmux:
+        self._thread.start()
+        self.process = self.call(self._start())
+        return self
+
+    async def _start(self) -> Process:
+        process = Process(self.config)
+        await process.start()
+        return process
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run a coroutine on the proxy's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def proxy(self, name: str | None = None) -> Proxy:
+        assert self.process is not None
+        if name is None:
+            return self.process.proxies[0]
+        return next(p for p in self.process.proxies if p.config.name == name)
+
+    def address(self, name: str | None = None) -> tuple[str, int]:
+        return self.proxy(name).addresses[0]
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.call(self.process.stop())
+            self.call(_cancel_leftover_tasks())
+            self.process = None
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+        if not self.loop.is_running():
+            self.loop.close()
+
+    def __enter__(self) -> EmbeddedDbmux:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

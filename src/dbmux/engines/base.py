@@ -1,0 +1,108 @@
+"""What an engine provides to the engine-agnostic core (pool, proxy, session lifecycle)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dbmux.auth.secrets import Credentials
+    from dbmux.config import Target
+    from dbmux.pool import Pool
+    from dbmux.proxy import ProxyRuntime
+
+
+class ServerError(Exception):
+    """The database refused or failed something; `fields` carries the engine's error details."""
+
+    def __init__(self, message: str, *, code: str = "", fields: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.fields = fields or {}
+
+
+class ServerConnection(ABC):
+    """One authenticated connection to a database instance.
+
+    The pool owns it while idle and lends it to one client session at a time. `close()` is
+    idempotent and synchronous, and tells the pool exactly once, so the pool's counts never
+    depend on when the transport finally reports the loss.
+    """
+
+    def __init__(self) -> None:
+        self.pool: Pool | None = None
+        self.created_at = time.monotonic()
+        self.idle_since = self.created_at
+        # Set when the borrower left state on the connection that must be cleared first.
+        self.needs_reset = False
+        self.closed = False
+        # Cancel requests sent to the database for this connection and not yet answered:
+        # the connection is not lent again until they finish, so a late cancel cannot hit
+        # another client's query.
+        self.cancels_in_flight = 0
+        self.cancels_done: asyncio.Event | None = None
+        # The database's max_connections and the part of it reserved for superusers, when the
+        # engine read them at connect.
+        self.server_limit: tuple[int, int] | None = None
+
+    @abstractmethod
+    async def reset(self) -> None:
+        """Clear session state left by a pinned client; raise if the connection is unusable."""
+
+    @abstractmethod
+    def disconnect(self, graceful: bool) -> None:
+        """Drop the transport: with a goodbye message when the connection is known to be idle
+        and healthy, without one when its state is unknown."""
+
+    def close(self, graceful: bool = False) -> None:
+        """Close and tell the pool, once."""
+        if self.closed:
+            return
+        self.closed = True
+        self.disconnect(graceful)
+        if self.pool is not None:
+            self.pool.forget(self)
+
+    def begin_cancel(self) -> None:
+        self.cancels_in_flight += 1
+        if self.cancels_done is None or self.cancels_done.is_set():
+            self.cancels_done = asyncio.Event()
+
+    def end_cancel(self) -> None:
+        self.cancels_in_flight -= 1
+        if self.cancels_in_flight == 0 and self.cancels_done is not None:
+            self.cancels_done.set()
+
+
+class Engine(ABC):
+    """One database engine family: its listener protocol and how it reaches servers."""
+
+    @abstractmethod
+    def serve(self, proxy: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
+        """Build the protocol factory that serves client connections of this proxy."""
+
+    @abstractmethod
+    async def connect(
+        self,
+        target: Target,
+        credentials: Credentials,
+        database: str,
+        *,
+        init_query: str,
+        read_limit: bool,
+    ) -> ServerConnection:
+        """Open and authenticate a server connection; with `read_limit`, set server_limit."""
+
+
+class ClientSession(ABC):
+    """What the core needs of any engine's client connection."""
+
+    last_active: float
+    logged_in: bool
+
+    @abstractmethod
+    def expire(self, reason: str) -> None:
+        """Tell the client, in its protocol, why it is disconnected, then disconnect."""

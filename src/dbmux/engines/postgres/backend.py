@@ -1,0 +1,338 @@
+"""Server side of the PostgreSQL engine: connect, authenticate, run the proxy's own queries,
+and relay a lent connection's replies to its client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from dbmux.auth.md5 import md5_response
+from dbmux.auth.scram import ScramClient, ScramError
+from dbmux.auth.secrets import Credentials
+from dbmux.engines.base import ServerConnection, ServerError
+from dbmux.engines.postgres import wire
+from dbmux.framed import ConnectionClosed, FramedProtocol
+
+if TYPE_CHECKING:
+    from dbmux.engines.postgres.frontend import PgClient
+
+log = logging.getLogger("dbmux.postgres")
+
+CONNECT_TIMEOUT = 10.0
+
+
+def quote_literal(value: str) -> str:
+    """A string literal that reads the same whatever standard_conforming_strings is (the
+    session may have it off): backslashes go in an E'' string, as PostgreSQL's own
+    quote_literal() does."""
+    quoted = "'" + value.replace("'", "''") + "'"
+    return "E" + quoted.replace("\\", "\\\\") if "\\" in value else quoted
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class PgServer(FramedProtocol, ServerConnection):
+    """One connection to a PostgreSQL server."""
+
+    def __init__(self, host: str, port: int, prepared_capacity: int = 500) -> None:
+        FramedProtocol.__init__(self)
+        ServerConnection.__init__(self)
+        self.host = host
+        self.port = port
+        self.client: PgClient | None = None
+        self.scanner = wire.BackendScanner()
+        # Reported parameters (ParameterStatus) as the server last told us.
+        self.params: dict[str, str] = {}
+        # Settings the proxy applied for a borrower, differing from the pool's defaults.
+        self.applied: dict[str, str] = {}
+        self.process_id = 0
+        self.secret_key = 0
+        self.pid_bytes = b"\0\0\0\0"
+        self.last_error = ""  # why the server said it was closing, for the client's message
+        # Shared prepared statements on this connection (proxy names), least recently used
+        # first; only the proxy's own round trips (prepare) create them.
+        self.prepared: OrderedDict[bytes, None] = OrderedDict()
+        self.prepared_capacity = prepared_capacity
+        self.discard_needed = False  # a pinned session left state that DISCARD ALL clears
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def login(self, credentials: Credentials, database: str) -> None:
+        """Startup and authentication, up to the first ReadyForQuery."""
+        self.write(wire.startup_message({"user": credentials.username, "database": database}))
+        scram: ScramClient | None = None
+        while True:
+            kind, payload = await self.read(wire.split_message)
+            if kind == 82:  # R
+                code, data = wire.parse_auth(payload)
+                if code == wire.AUTH_OK:
+                    continue
+                if code == wire.AUTH_SASL:
+                    mechanisms = [m for m in data.split(b"\0") if m]
+                    if b"SCRAM-SHA-256" not in mechanisms:
+                        raise ServerError(f"server offers no supported SASL mechanism {mechanisms}")
+                    scram = ScramClient(credentials.password)
+                    first = scram.client_first()
+                    self.write(wire.sasl_initial_response("SCRAM-SHA-256", first))
+                elif code == wire.AUTH_SASL_CONTINUE and scram is not None:
+                    try:
+                        self.write(wire.password_message(scram.handle_server_first(data)))
+                    except ScramError as error:
+                        raise ServerError(
+                            f"SCRAM exchange with the server failed: {error}"
+                        ) from None
+                elif code == wire.AUTH_SASL_FINAL and scram is not None:
+                    try:
+                        scram.verify_server_final(data)
+                    except ScramError as error:
+                        raise ServerError(
+                            f"the server failed SCRAM verification: {error}"
+                        ) from None
+                elif code == wire.AUTH_MD5:
+                    response = md5_response(credentials.username, credentials.password, data[:4])
+                    self.write(wire.password_message(response + b"\0"))
+                elif code == wire.AUTH_CLEARTEXT:
+                    self.write(wire.password_message(credentials.password.encode() + b"\0"))
+                else:
+                    raise ServerError(f"unsupported authentication request {code} from the server")
+            elif kind == 83:  # S
+                name, value = wire.parse_parameter_status(payload)
+                self.params[name] = value
+            elif kind == 75:  # K
+                self.process_id, self.secret_key = wire.parse_cancel(b"\0\0\0\0" + payload)
+                self.pid_bytes = payload[:4]
+            elif kind == 69:  # E
+                raise _server_error(payload)
+            elif kind == 90:  # Z
+                return
+            # NoticeResponse and anything else during startup: nothing to do.
+
+    async def run(self, sql: str) -> list[list[str | None]]:
+        """Run the proxy's own simple query; rows of the last result as text."""
+        self.stop_relaying()
+        try:
+            self.write(wire.query(sql))
+            rows: list[list[str | None]] = []
+            error: ServerError | None = None
+            while True:
+                kind, payload = await self.read(wire.split_message)
+                if kind == 68:  # D
+                    rows.append(wire.parse_data_row(payload))
+                elif kind == 84:  # T: a new result starts
+                    rows = []
+                elif kind == 69:
+                    error = _server_error(payload)
+                elif kind == 83:
+                    name, value = wire.parse_parameter_status(payload)
+                    self.params[name] = value
+                elif kind == 90:
+                    self.scanner.status = payload[0]
+                    if error is not None:
+                        raise error
+                    return rows
+        finally:
+            self.resume_relaying()
+
+    def resume_relaying(self) -> None:
+        leftover = self.start_relaying()
+        if leftover:
+            self.relay(leftover)
+
+    async def read_server_limit(self) -> None:
+        rows = await self.run(
+            "SELECT current_setting('max_connections'),"
+            " current_setting('superuser_reserved_connections')"
+        )
+        self.server_limit = (int(rows[0][0] or 1), int(rows[0][1] or 0))
+
+    async def reset(self) -> None:
+        """Before the next borrower: roll back an open transaction (DISCARD ALL refuses to
+        run inside one), clear a pinned session's state, close prepared statements beyond
+        the cache's capacity."""
+        if self.scanner.status != wire.IDLE:
+            await self.run("ROLLBACK")
+        if self.discard_needed:
+            await self.run("DISCARD ALL")
+            self.discard_needed = False
+            self.applied.clear()
+            self.prepared.clear()
+        if len(self.prepared) > self.prepared_capacity:
+            await self.prepare([])
+
+    async def prepare(self, statements: list[tuple[bytes, bytes]]) -> None:
+        """Create statements (proxy name, query-and-types) here, evicting the least recently
+        used beyond `capacity`; raise the server's error if one cannot be prepared.
+
+        Close-then-Parse makes "already exists" impossible, and Flush (not Sync) asks for the
+        answers without ending the client's transaction or batch. After an error the server
+        skips everything up to the client's next Sync, as it would after the client's own
+        failed Parse."""
+        messages: list[bytes] = []
+        for name, rest in statements:
+            messages += [_close_statement(name), wire.parse_message(name, rest)]
+            self.prepared[name] = None
+        while len(self.prepared) > self.prepared_capacity:
+            evicted, _ = self.prepared.popitem(last=False)
+            messages.append(_close_statement(evicted))
+        expected = len(messages)
+        self.stop_relaying()
+        try:
+            self.write(b"".join(messages) + wire.message(b"H"))
+            while expected:
+                kind, payload = await self.read(wire.split_message)
+                if kind in (wire.PARSE_COMPLETE, wire.CLOSE_COMPLETE):
+                    expected -= 1
+                elif kind == 69:
+                    for name, _ in statements:
+                        self.prepared.pop(name, None)
+                    raise _server_error(payload)
+                elif kind == 83:
+                    name, value = wire.parse_parameter_status(payload)
+                    self.params[name] = value
+        finally:
+            self.resume_relaying()
+
+    async def apply_settings(
+        self, wanted: dict[str, str], defaults: dict[str, str], *, force: bool = False
+    ) -> None:
+        """Make the session's settings equal to `wanted`, touching only what differs (with
+        `force`: set every value in `wanted` and leave the others alone). set_config takes
+        each value as the server printed it; SET would re-quote list settings such as
+        search_path."""
+        resets = [] if force else [name for name in self.applied if name not in wanted]
+        changes = [
+            f"set_config({quote_literal(name)}, {quote_literal(value)}, false)"
+            for name, value in wanted.items()
+            if force or self.applied.get(name, defaults.get(name)) != value
+        ]
+        # Separate queries: the literals of a query are read before any of it runs, so a
+        # RESET of standard_conforming_strings must not share one with them.
+        if resets:
+            await self.run(";".join(f"RESET {quote_ident(name)}" for name in resets))
+        if changes:
+            await self.run("SELECT " + ", ".join(changes))
+        if not force:
+            self.applied = dict(wanted)
+
+    async def read_settings(self, names: set[str]) -> dict[str, str | None]:
+        """The values settings have in this session now (None: a custom setting never set).
+        current_setting() per name: reading the pg_settings view costs far more."""
+        ordered = sorted(names)
+        columns = ", ".join(f"current_setting({quote_literal(n)}, true)" for n in ordered)
+        (row,) = await self.run(f"SELECT {columns}")
+        return dict(zip(ordered, row, strict=True))
+
+    def disconnect(self, graceful: bool) -> None:
+        if graceful:
+            self.write(wire.TERMINATE)
+        self.close_transport(abort=not graceful)
+
+    # -- relay --------------------------------------------------------------------------------
+
+    def relay(self, data: bytes) -> None:
+        scanner = self.scanner
+        try:
+            data = scanner.feed(data)
+        except wire.ProtocolViolation as error:
+            log.error("server %s:%s broke the protocol: %s", self.host, self.port, error)
+            self.close()
+            return
+        if scanner.params:
+            self._note_params()
+        if scanner.fatal is not None:
+            self._note_fatal(scanner.fatal)
+        client = self.client
+        if client is None:
+            return
+        if data:
+            client.transport.write(data)  # type: ignore[union-attr]
+        if scanner.ready:
+            client.server_ready(scanner.ready, scanner.status)
+
+    def _note_fatal(self, payload: bytes) -> None:
+        """The server is ending this connection and closes the socket next."""
+        fields = wire.parse_fields(payload)
+        self.last_error = f"{fields.get('C', '')} {fields.get('M', '')}".strip()
+        log.info("server connection %s:%s ends: %s", self.host, self.port, self.last_error)
+
+    def _note_params(self) -> None:
+        for payload in self.scanner.params:
+            name, value = wire.parse_parameter_status(payload)
+            self.params[name] = value
+        self.scanner.params.clear()
+        if self.client is not None:
+            self.client.server_params_changed = True
+
+    def on_write_blocked(self, blocked: bool) -> None:
+        if self.client is not None:
+            self.client.peer_write_blocked(blocked)
+
+    def on_closed(self, exc: Exception | None) -> None:
+        client = self.client
+        ServerConnection.close(self)
+        if client is not None:
+            client.server_lost(self)
+
+
+def _close_statement(name: bytes) -> bytes:
+    return wire.message(b"C", b"S" + name + b"\0")
+
+
+def _server_error(payload: bytes) -> ServerError:
+    fields = wire.parse_fields(payload)
+    return ServerError(fields.get("M", "server error"), code=fields.get("C", ""), fields=fields)
+
+
+async def open_server(
+    host: str,
+    port: int,
+    credentials: Credentials,
+    database: str,
+    *,
+    init_query: str,
+    read_limit: bool,
+    prepared_capacity: int,
+) -> PgServer:
+    """Connect, authenticate, run init_query (and read the server's limit when asked)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            _, server = await loop.create_connection(
+                lambda: PgServer(host, port, prepared_capacity), host, port
+            )
+            try:
+                await server.login(credentials, database)
+                if read_limit:
+                    await server.read_server_limit()
+                if init_query:
+                    await server.run(init_query)
+            except BaseException:
+                server.disconnect(graceful=False)
+                raise
+    except TimeoutError:
+        raise ServerError(f"timed out connecting to {host}:{port}", code="08001") from None
+    except ConnectionClosed:
+        raise ServerError(
+            f"{host}:{port} closed the connection during login", code="08006"
+        ) from None
+    except OSError as error:
+        raise ServerError(
+            f"cannot connect to {host}:{port}: {error.strerror or error}", code="08001"
+        ) from None
+    server.resume_relaying()
+    return server
+
+
+async def send_cancel(host: str, port: int, process_id: int, secret_key: int) -> None:
+    """Deliver a CancelRequest; the server closes the connection once it has acted on it."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+    try:
+        writer.write(wire.cancel_request(process_id, secret_key))
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), CONNECT_TIMEOUT)
+    finally:
+        writer.close()

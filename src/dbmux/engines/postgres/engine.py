@@ -1,0 +1,135 @@
+"""The PostgreSQL engine: what one PostgreSQL proxy shares among its client connections."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dbmux.auth.scram import ScramVerifier
+from dbmux.auth.secrets import Credentials
+from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
+from dbmux.engines.base import Engine, ServerConnection
+from dbmux.engines.postgres.backend import open_server
+from dbmux.engines.postgres.frontend import PgClient
+from dbmux.engines.postgres.pinning import Classifier
+from dbmux.pool import PoolKey
+
+if TYPE_CHECKING:
+    from dbmux.proxy import ProxyRuntime
+
+
+class StatementNames:
+    """Statement text (query and parameter types) -> the name it has on every server
+    connection. Bounded: a text forgotten here gets a new, never reused, name next time,
+    while sessions and servers that know the old one keep using it."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self.names: OrderedDict[bytes, bytes] = OrderedDict()
+        self.counter = itertools.count()
+
+    def name(self, text: bytes) -> bytes:
+        names = self.names
+        name = names.get(text)
+        if name is None:
+            name = names[text] = b"dbmux_%d" % next(self.counter)
+            if len(names) > self.capacity:
+                names.popitem(last=False)
+        else:
+            names.move_to_end(text)
+        return name
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """A user clients may log in as, with what its auth method needs."""
+
+    credentials: Credentials
+    auth_type: ClientPasswordAuthType
+    verifier: ScramVerifier
+
+
+@dataclass
+class PgContext:
+    """State shared by the client connections of one PostgreSQL proxy."""
+
+    runtime: ProxyRuntime
+    users: dict[str, Login]
+    classifier: Classifier
+    cancel_keys: dict[tuple[int, int], PgClient] = field(default_factory=dict)
+    # (setting, value as a client wrote it) -> the server's spelling (utf-8 -> UTF8).
+    canonical: dict[tuple[str, str], str] = field(default_factory=dict)
+    statement_names: StatementNames = field(default_factory=lambda: StatementNames())
+    # Server process id -> process id of the client that last used it (NotificationResponse).
+    session_ids: dict[bytes, bytes] = field(default_factory=dict)
+    # SET statement text -> the values it leaves (see PgClient._memo_key).
+    set_results: dict[tuple[PoolKey, bytes], dict[str, str | None]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Flattened for the hot path: one attribute read instead of two.
+        self.config = self.runtime.config
+        self.pools = self.runtime.pools
+        self.metrics = self.runtime.metrics
+        self.clock = self.runtime.clock
+        self.clients = self.runtime.clients
+        self.loop = asyncio.get_running_loop()
+
+    def new_cancel_key(self, client: PgClient) -> tuple[int, int]:
+        """A BackendKeyData pair unique among this proxy's clients."""
+        while True:
+            key = (secrets.randbits(31), secrets.randbits(32) - (1 << 31))
+            if key not in self.cancel_keys:
+                self.cancel_keys[key] = client
+                return key
+
+
+class PostgresEngine(Engine):
+    """PostgreSQL protocol 3.0."""
+
+    prepared_capacity = 500
+
+    def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
+        pool_config = runtime.config.target_group.connection_pool_config
+        self.prepared_capacity = pool_config.max_prepared_statements
+        filters = pool_config.session_pinning_filters
+        users = {
+            name: Login(
+                secret.credentials,
+                secret.auth_type or ClientPasswordAuthType.POSTGRES_SCRAM_SHA_256,
+                ScramVerifier.from_password(secret.credentials.password),
+            )
+            for name, secret in runtime.users.items()
+        }
+        ctx = PgContext(
+            runtime,
+            users,
+            Classifier(
+                exclude_variable_sets=PinningFilter.EXCLUDE_VARIABLE_SETS in filters,
+                replay_settings=runtime.config.session_state is SessionState.REPLAY,
+            ),
+        )
+        return lambda: PgClient(ctx)
+
+    async def connect(
+        self,
+        target: Target,
+        credentials: Credentials,
+        database: str,
+        *,
+        init_query: str,
+        read_limit: bool,
+    ) -> ServerConnection:
+        return await open_server(
+            target.host,
+            target.port,
+            credentials,
+            database,
+            init_query=init_query,
+            read_limit=read_limit,
+            prepared_capacity=self.prepared_capacity,
+        )

@@ -1,0 +1,477 @@
+"""Client side of the PostgreSQL engine: the per-transaction relay and borrowing.
+
+Login (login.py), named statements (statements.py) and settings replay (settings.py) are
+mixins of the same PgClient, kept in their own modules.
+
+A client borrows a server connection when it sends a request and gives it back when the
+server reports ReadyForQuery with status idle and nothing the client sent is still unanswered;
+a session that gained state the proxy cannot carry is pinned to its connection instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from dbmux.engines.base import ClientSession, ServerError
+from dbmux.engines.postgres import wire
+from dbmux.engines.postgres.backend import PgServer, send_cancel
+from dbmux.engines.postgres.login import LoginMixin, borrow_hint
+from dbmux.engines.postgres.pinning import (
+    DISCARD,
+    PREPARED_STATEMENT,
+    UNCLASSIFIED,
+    Verdict,
+)
+from dbmux.engines.postgres.settings import SettingsMixin
+from dbmux.engines.postgres.statements import StatementsMixin
+from dbmux.framed import FramedProtocol
+from dbmux.pool import Borrower, BorrowTimeout, Pool
+
+if TYPE_CHECKING:
+    from dbmux.engines.postgres.engine import PgContext
+
+log = logging.getLogger("dbmux.postgres")
+
+NAMED_STATEMENT = "named_prepared_statement"
+UNREADABLE = Verdict(UNCLASSIFIED)
+
+
+class PgClient(LoginMixin, StatementsMixin, SettingsMixin, FramedProtocol, ClientSession, Borrower):
+    """One client connection."""
+
+    def __init__(self, ctx: PgContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.scanner = wire.FrontendScanner()
+        self.server: PgServer | None = None
+        self.pool: Pool | None = None
+        self.user = ""
+        self.outstanding = 0  # requests sent to the server and not yet answered by ReadyForQuery
+        self.tx_status = wire.IDLE
+        self.pin_reason: str | None = None
+        self.wanted: dict[str, str] = {}  # this session's settings that differ from defaults
+        self.pending: list[bytes] = []  # bytes waiting for a server connection
+        self.pending_syncs = 0
+        self.waiting = False  # queued in the pool, or bringing a server's settings to ours
+        self._held_for_wait = False  # reading paused because more came while waiting
+        self.server_params_changed = False
+        # Named prepared statements: once the client uses them, its messages are read whole
+        # and its statement names mapped to statements shared on each server connection.
+        self.rewriting = False
+        self.start_rewriting = False
+        self._whole = bytearray()  # an unfinished message, in rewriting mode
+        self.queue: list[tuple[int, bytes]] = []  # messages waiting for a server / prepare
+        self.queue_syncs = 0
+        self.preparing = False
+        self.forget_server_statements = False
+        self.expose_names = False  # pinned by SQL that names the client's statements
+        self.shared_seen: set[bytes] = set()  # shared statements this client ever parsed
+        self.refreshed: set[bytes] = set()  # ...created anew for the queue being relayed
+        self.statements: dict[bytes, tuple[bytes, bytes]] = {}  # name -> (proxy name, text)
+        # Settings each parsed statement changes when executed (b"" is the unnamed one).
+        self.parsed_settings: dict[bytes, frozenset[str]] = {}
+        self.touched: set[str] = set()  # settings this transaction SET or RESET (replay)
+        self.set_texts: list[bytes] = []  # the SET statements behind `touched`...
+        self.unmemoizable = False  # ...unless some came from elsewhere (see _memo_key)
+        self.errors_at_attach = 0
+        self.login_settings: dict[str, str] = {}
+        self.resets: set[str] = set()  # settings RESET in this transaction
+        self.transaction_lost = False  # the server died while the client sat in a transaction
+        # An error was sent (or is owed, when transaction_lost); ReadyForQuery follows at the
+        # next Sync.
+        self.refusing = False
+        self.lost_reason = ""
+        self.last_active = ctx.clock.now
+        self.logged_in = False
+        # Bound once: the relay reads them for every chunk.
+        self._clock = ctx.clock
+        self._requests = ctx.metrics.query_requests
+        self._classify = ctx.classifier.verdict
+        self.key = (0, 0)
+        self.pid_bytes = b"\0\0\0\0"  # the process id this client was given, as sent
+        self._task: asyncio.Task[None] | None = None
+        self._holding_server = False  # we paused the server because our buffer is full
+        self._held_by_server = False  # the server paused us because its buffer is full
+
+    # -- connection lifecycle ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        ctx = self.ctx
+        ctx.metrics.client_connections_received.value += 1
+        ctx.clients.add(self)
+        self._task = self.ctx.loop.create_task(self._login())
+
+    def on_closed(self, exc: Exception | None) -> None:
+        ctx = self.ctx
+        ctx.clients.discard(self)
+        ctx.cancel_keys.pop(self.key, None)
+        ctx.metrics.client_connections_closed.value += 1
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self.waiting and self.pool is not None:
+            self.pool.withdraw(self)
+        server = self.server
+        if server is None:
+            return
+        self._detach()
+        scanner = self.scanner
+        unsynced = scanner.last_kind not in wire.COMPLETE_TYPES  # Parse/Bind/... with no Sync
+        if self.outstanding > 0 or unsynced or scanner.mid_message or scanner.terminated_at < 0:
+            # Mid-request its state is unknown: close it, and cancel what it runs so the
+            # database does not finish work nobody waits for.
+            if self.outstanding > 0:
+                cancel_server(server)
+            server.close()
+            return
+        if self.tx_status != wire.IDLE or self.pin_reason is not None:
+            server.needs_reset = True  # roll back what is open...
+            server.discard_needed = self.pin_reason is not None  # ...and the session's state
+        server.pool.release(server) if server.pool else server.close()
+
+    def expire(self, reason: str) -> None:
+        self.fatal("57P01", f"terminating connection: {reason}")
+
+    def fatal(self, code: str, text: str, *, hint: str = "") -> None:
+        """Send FATAL and close: the client's own fault or a refusal."""
+        self.write(wire.error_response(code, text, severity="FATAL", hint=hint))
+        self.close_transport()
+
+    def _forward_cancel(self, process_id: int, secret_key: int) -> None:
+        """Cancel what the named client runs right now, on the server it runs on, only."""
+        target = self.ctx.cancel_keys.get((process_id, secret_key))
+        if target is not None and target.server is not None:
+            cancel_server(target.server)
+
+    # -- relay: client to server (hot path) --------------------------------------------
+
+    def relay(self, data: bytes) -> None:
+        if self.rewriting:
+            self._relay_messages(data)
+            return
+        scanner = self.scanner
+        was_mid_message = scanner.mid_message
+        try:
+            syncs = scanner.feed(data)
+        except wire.ProtocolViolation as error:
+            self.ctx.metrics.client_protocol_errors.value += 1
+            self.fatal("08P01", f"protocol violation: {error}")
+            return
+        self.last_active = self._clock.now
+        if scanner.statements:
+            self._inspect(scanner.statements)
+            scanner.statements.clear()
+            if self.start_rewriting:
+                self.start_rewriting = False
+                if not (was_mid_message or scanner.mid_message or scanner.terminated):
+                    # From now on this session's statement names are the proxy's to map;
+                    # this chunk (and what waited) is read again as whole messages.
+                    self.rewriting = True
+                    waited = b"".join(self.pending)
+                    self.pending.clear()
+                    self.pending_syncs = 0
+                    self._relay_messages(waited + data)
+                    return
+                self.pin(NAMED_STATEMENT)  # a partial message was relayed already
+        if scanner.terminated:
+            # Relay what came before Terminate; the server stays ours until on_closed.
+            data = data[: max(scanner.terminated_at, 0)]
+            self.close_transport()
+        if self.refusing:
+            self._continue_refusal(syncs)
+            return
+        if not data:
+            return
+        self._requests.value += syncs
+        server = self.server
+        if server is not None:
+            self.outstanding += syncs
+            server.transport.write(data)
+            return
+        if not self.pending and not self.waiting:
+            server = self.pool.try_borrow()  # type: ignore[union-attr]
+            if server is not None and server.applied == self.wanted:
+                self._attach(server)
+                self.outstanding += syncs
+                server.transport.write(data)
+                return
+        self.pending.append(data)
+        self.pending_syncs += syncs
+        if self.waiting:
+            # More arrives while we wait: stop reading until served. (Not before: one
+            # request and a wait is the common case, and pausing costs two syscalls.)
+            if not self._held_for_wait:
+                self._held_for_wait = True
+                self.hold_reading()
+            return
+        self.waiting = True
+        if server is None:
+            server = self.pool.request(self)  # type: ignore[union-attr]
+        if server is not None:
+            self.on_connection(server)
+
+    def _inspect(self, messages: list[tuple[int, bytes]]) -> None:
+        """Pin the session when a statement leaves state the proxy cannot carry; note the
+        settings it changes. A prepared statement changes them when it is executed (Bind),
+        not when it is parsed, so with named statements the note waits for the Bind."""
+        classify = self._classify
+        for kind, body in messages:
+            if kind == 66:  # Bind: portal, statement
+                _, at = wire.split_name(body)
+                name, _ = wire.split_name(body, at)
+                settings = self.parsed_settings.get(name)
+                if settings:
+                    self.touched |= settings
+                    self.unmemoizable = True
+                continue
+            if kind == 81:  # Query: text\0
+                verdict = classify(body)
+            else:  # Parse: name\0 text\0 ...
+                name_end = body.find(b"\0")
+                if name_end > 0 and not self.rewriting:
+                    self.start_rewriting = True  # the relay switches and reads it again
+                    continue
+                end = body.find(b"\0", name_end + 1)
+                verdict = classify(body[name_end + 1 : end]) if end > 0 else UNREADABLE
+                if self.rewriting and verdict.reason is None:
+                    self.parsed_settings[body[:name_end]] = verdict.settings
+                    continue
+            if verdict.reason is not None:
+                if verdict.reason in (PREPARED_STATEMENT, DISCARD) and self.rewriting:
+                    self._statements_dropped(body)
+                if self.pin_reason is None:
+                    self.pin(verdict.reason)
+            elif verdict.settings:
+                self.touched |= verdict.settings
+                if verdict.resets and self.login_settings:
+                    self.resets |= verdict.resets
+                    self.unmemoizable = True  # the outcome depends on this client's login
+                elif kind == 81 and verdict.memoizable and self.tx_status == wire.IDLE:
+                    self.set_texts.append(body)
+                else:
+                    self.unmemoizable = True
+
+    def pin(self, reason: str) -> None:
+        self.pin_reason = reason
+        self.ctx.metrics.count_pin(reason)
+        if self.ctx.config.debug_logging:
+            log.info("client %s pinned to its server connection: %s", self.user, reason)
+
+    def on_connection(self, server: PgServer) -> None:  # type: ignore[override]
+        """The pool lends us a server: bring its settings to ours if needed, then relay
+        what waited."""
+        if server.applied != self.wanted:
+            self._task = self.ctx.loop.create_task(self._apply_settings(server))
+            return
+        self.waiting = False
+        self._attach(server)
+        if self.rewriting:
+            self._send_queue()
+            self._stop_holding_for_wait()
+            return
+        self.outstanding += self.pending_syncs
+        data = b"".join(self.pending)
+        self.pending.clear()
+        self.pending_syncs = 0
+        server.transport.write(data)
+        self._stop_holding_for_wait()
+
+    def _stop_holding_for_wait(self) -> None:
+        if self._held_for_wait:
+            self._held_for_wait = False
+            self.release_reading()
+
+    def on_borrow_failed(self, error: Exception) -> None:
+        self.waiting = False
+        if isinstance(error, BorrowTimeout):
+            self.ctx.metrics.borrow_timeouts.value += 1
+            pool = self.pool
+            assert pool is not None
+            self._refuse_pending(
+                "53300", "timed out waiting for a database connection", borrow_hint(pool)
+            )
+        elif isinstance(error, ServerError):
+            self._refuse_pending(error.code or "08006", str(error))
+        else:
+            self._refuse_pending("08006", f"no database connection: {error}")
+
+    async def _apply_settings(self, server: PgServer) -> None:
+        pool = self.pool
+        assert pool is not None
+        try:
+            await server.apply_settings(self.wanted, pool.server_facts or {})
+        except ServerError as error:
+            pool.release(server)
+            self.on_borrow_failed(error)
+            return
+        except asyncio.CancelledError:
+            server.close()
+            raise
+        server.applied = dict(self.wanted)
+        self.on_connection(server)
+
+    @property
+    def _has_waiting_requests(self) -> bool:
+        return bool(self.pending or self.queue)
+
+    def _refuse_pending(self, code: str, text: str, hint: str = "") -> None:
+        """Answer the waiting request with an error; the client keeps its connection."""
+        syncs = self.pending_syncs + self.queue_syncs
+        self.pending.clear()
+        self.pending_syncs = 0
+        self.queue = []
+        self.queue_syncs = 0
+        self._refuse(code, text, hint, syncs)
+        self._stop_holding_for_wait()
+
+    def _refuse(self, code: str, text: str, hint: str, syncs: int, detail: str = "") -> None:
+        """ErrorResponse now, then ReadyForQuery for each Sync or Query as it arrives: the
+        server's own discard-until-Sync rule, so drivers stay in step."""
+        error = wire.error_response(code, text, detail=detail, hint=hint)
+        self.write(error + wire.ready_for_query() * syncs)
+        self.refusing = syncs == 0
+
+    def _continue_refusal(self, syncs: int) -> None:
+        if self.transaction_lost:
+            self.transaction_lost = False
+            self._refuse(
+                "08006",
+                "the server connection of this transaction was lost",
+                "the transaction was rolled back; run it again",
+                syncs,
+                detail=self.lost_reason,
+            )
+        elif syncs:
+            self.refusing = False
+            self.write(wire.ready_for_query() * syncs)
+
+    def _attach(self, server: PgServer) -> None:
+        self.server = server
+        server.client = self
+        self.errors_at_attach = server.scanner.errors
+        owners = self.ctx.session_ids
+        owners[server.pid_bytes] = self.pid_bytes
+        server.scanner.pid_map = owners
+
+    def _detach(self) -> PgServer | None:
+        server = self.server
+        if server is None:
+            return None
+        if self._holding_server:
+            self._holding_server = False
+            server.release_reading()
+        if self._held_by_server:
+            self._held_by_server = False
+            self.release_reading()
+        server.client = None
+        self.server = None
+        return server
+
+    # -- relay: server to client -----------------------------------------------------------
+
+    def server_ready(self, count: int, status: int) -> None:
+        """The server answered `count` requests; give it back at the end of a transaction."""
+        self.outstanding -= count
+        self.tx_status = status
+        if self.rewriting:
+            server = self.server
+            assert server is not None
+            if self.forget_server_statements:
+                self.forget_server_statements = False
+                server.prepared.clear()
+            if self.queue and self.outstanding == 0:
+                self._send_queue()  # it waited for the pipeline to drain
+                return
+        if self.outstanding > 0 or status != wire.IDLE or self.pin_reason is not None:
+            return
+        scanner = self.scanner
+        if scanner.mid_message or scanner.last_kind not in wire.COMPLETE_TYPES:
+            return  # more of the client's batch is on its way to this server
+        server = self._detach()
+        assert server is not None and server.pool is not None
+        if len(server.prepared) > server.prepared_capacity:
+            server.needs_reset = True  # the reset closes the least recently used
+        if self.touched or self.server_params_changed:
+            self._follow_settings(server)
+            return
+        server.pool.release(server)
+
+    def _flush_pending(self) -> None:
+        """Send what waited through the normal borrow path."""
+        if self._has_waiting_requests and not self.waiting:
+            self.waiting = True
+            server = self.pool.request(self)  # type: ignore[union-attr]
+            if server is not None:
+                self.on_connection(server)
+
+    def server_lost(self, server: PgServer) -> None:
+        """The server connection died under this client."""
+        self._detach()
+        self.ctx.metrics.database_connections_lost.value += 1
+        if self.is_closed:
+            return
+        if self.pin_reason is not None or self.scanner.mid_message:
+            why = f"session state ({self.pin_reason})" if self.pin_reason else "a partial message"
+            self.fatal("08006", f"the server connection was lost and {why} cannot be recovered")
+            return
+        # Messages after the last Sync (Parse/Describe/Flush, say) wait for an answer too.
+        unsynced = self.scanner.last_kind not in wire.COMPLETE_TYPES
+        if self.outstanding > 0 or unsynced:
+            self.write(
+                wire.error_response(
+                    "08006",
+                    "the server connection was lost during the request",
+                    detail=server.last_error,
+                    hint="the transaction was rolled back; run it again",
+                )
+                + wire.ready_for_query() * self.outstanding
+            )
+            self.refusing = unsynced
+        elif self.tx_status != wire.IDLE:
+            self.transaction_lost = self.refusing = True
+            self.lost_reason = server.last_error
+        self.outstanding = 0
+        self.tx_status = wire.IDLE
+
+    # -- backpressure -----------------------------------------------------------------------
+
+    def on_write_blocked(self, blocked: bool) -> None:
+        """Our client reads slowly: stop reading the server until it catches up."""
+        server = self.server
+        if server is None or blocked == self._holding_server:
+            return
+        self._holding_server = blocked
+        if blocked:
+            server.hold_reading()
+        else:
+            server.release_reading()
+
+    def peer_write_blocked(self, blocked: bool) -> None:
+        """The server reads slowly (COPY IN, big binds): stop reading the client."""
+        if blocked == self._held_by_server:
+            return
+        self._held_by_server = blocked
+        if blocked:
+            self.hold_reading()
+        else:
+            self.release_reading()
+
+
+def cancel_server(server: PgServer) -> None:
+    """Send a CancelRequest for whatever `server` runs. The connection is not lent again until
+    the database has acted on it (see Pool.release), so it cannot hit a later borrower."""
+    if server.process_id == 0:
+        return
+    server.begin_cancel()
+
+    async def deliver() -> None:
+        try:
+            await send_cancel(server.host, server.port, server.process_id, server.secret_key)
+        except OSError as error:
+            log.info("could not deliver a cancel request: %s", error)
+        finally:
+            server.end_cancel()
+
+    asyncio.get_running_loop().create_task(deliver())

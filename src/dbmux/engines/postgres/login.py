@@ -1,0 +1,253 @@
+"""Startup and authentication of a PostgreSQL client: protocol negotiation, SCRAM or MD5
+against the proxy's own credentials, and the session's startup settings in the server's
+spelling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import TYPE_CHECKING
+
+from dbmux.auth.md5 import md5_password_hash, verify_md5_response
+from dbmux.auth.scram import ScramAuthFailed, ScramError, ScramServer, ScramVerifier
+from dbmux.config import ClientPasswordAuthType
+from dbmux.engines.base import ServerError
+from dbmux.engines.postgres import wire
+from dbmux.framed import ConnectionClosed
+from dbmux.pool import BorrowTimeout, Pool
+
+if TYPE_CHECKING:
+    from dbmux.engines.postgres.backend import PgServer
+
+log = logging.getLogger("dbmux.postgres")
+
+# Startup parameters that describe the connection rather than session settings.
+_NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
+NAMEDATALEN = 64
+# Settings the server keeps as written (within NAMEDATALEN), so they need no round trip to
+# learn their spelling; every client may have its own.
+_VERBATIM = frozenset({"application_name"})
+
+
+class LoginRefused(Exception):
+    """Login ends with this FATAL error sent to the client."""
+
+    def __init__(self, code: str, text: str, hint: str = "") -> None:
+        super().__init__(text)
+        self.code, self.text, self.hint = code, text, hint
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """The `-c name=value` / `--name=value` settings of the startup `options` parameter."""
+    settings: dict[str, str] = {}
+    words = options.replace("\\ ", "\0").split()
+    i = 0
+    while i < len(words):
+        word = words[i].replace("\0", " ")
+        if word == "-c" and i + 1 < len(words):
+            word, i = "--" + words[i + 1].replace("\0", " "), i + 1
+        elif word.startswith("-c"):
+            word = "--" + word[2:]
+        if not word.startswith("--") or "=" not in word:
+            raise LoginRefused(
+                "08P01",
+                f"unsupported startup option {word!r}",
+                "only -c name=value settings are accepted by the proxy",
+            )
+        name, _, value = word[2:].partition("=")
+        settings[name.replace("-", "_")] = value
+        i += 1
+    return settings
+
+
+def borrow_hint(pool: Pool) -> str:
+    """What a borrow timeout's hint says: the setting and the pool it waited for."""
+    return (
+        f"connection_borrow_timeout is {pool.timeout:g} s; the pool holds "
+        f"{pool.budget.limit} connections (max_connections_percent "
+        f"{pool.budget.config.max_connections_percent})"
+    )
+
+
+class LoginMixin:
+    """PgClient's login conversation (runs once, before the relay starts)."""
+
+    async def _login(self) -> None:
+        ctx = self.ctx
+        try:
+            async with asyncio.timeout(ctx.config.client_login_timeout):
+                await self._startup()
+        except LoginRefused as refusal:
+            self.fatal(refusal.code, refusal.text, hint=refusal.hint)
+        except wire.ProtocolViolation as error:
+            ctx.metrics.client_protocol_errors.value += 1
+            self.fatal("08P01", f"invalid startup: {error}")
+        except TimeoutError:
+            self.fatal(
+                "08P01",
+                "login took too long",
+                hint=f"client_login_timeout is {ctx.config.client_login_timeout} s",
+            )
+        except ConnectionClosed:
+            self.close_transport()
+        except Exception:  # a bug must cost this client only, and say so
+            log.exception("login of a client failed unexpectedly")
+            self.fatal("XX000", "internal error in the proxy during login")
+
+    async def _startup(self) -> None:
+        ctx = self.ctx
+        while True:
+            packet = await self.read(wire.split_startup)
+            code, params = wire.parse_startup(packet)
+            if code in (wire.SSL_REQUEST, wire.GSSENC_REQUEST):
+                self.write(b"N")
+                continue
+            if code == wire.CANCEL_REQUEST:
+                self._forward_cancel(*wire.parse_cancel(packet))
+                self.close_transport()
+                return
+            if code >> 16 != 3:
+                raise wire.ProtocolViolation(
+                    f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}"
+                )
+            break
+        # Refused only now, after SSLRequest and so on, so the client can read the reason;
+        # cancel requests are still served when the proxy is full.
+        limit = ctx.config.max_client_connections
+        if len(ctx.clients) > limit:
+            ctx.metrics.client_connections_refused.value += 1
+            raise LoginRefused(
+                "53300",
+                "too many client connections to the proxy",
+                f"max_client_connections is {limit}",
+            )
+        unsupported = [name for name in params if name.startswith("_pq_.")]
+        if code != wire.PROTOCOL_3_0 or unsupported:
+            self.write(wire.negotiate_protocol_version(0, unsupported))
+        if "replication" in params and params["replication"] not in ("false", "0", "off", "no"):
+            raise LoginRefused("08P01", "replication connections are not supported by the proxy")
+        user = params.get("user", "")
+        if not user:
+            raise LoginRefused("28000", "no PostgreSQL user name specified in startup packet")
+        self.user = user
+        await self._authenticate(user)
+        database = params.get("database") or user
+        settings = {k: v for k, v in params.items() if k not in _NOT_SETTINGS and k[:5] != "_pq_."}
+        settings.update(parse_options(params.get("options", "")))
+        self.pool = ctx.pools.get(database, user)
+        defaults = await self._learn_defaults(self.pool, settings)
+        reported = {**defaults, **{k: v for k, v in self.wanted.items() if k in defaults}}
+        process_id, secret_key = ctx.new_cancel_key(self)
+        self.pid_bytes = process_id.to_bytes(4, "big", signed=True)
+        self.key = (process_id, secret_key)
+        self.write(
+            b"".join(wire.parameter_status(k, v) for k, v in reported.items())
+            + wire.backend_key_data(process_id, secret_key)
+            + wire.ready_for_query()
+        )
+        ctx.metrics.client_connections_setup_succeeded.value += 1
+        self.logged_in = True
+        self.last_active = ctx.clock.now
+        leftover = self.start_relaying()
+        if leftover:
+            self.relay(leftover)
+
+    async def _authenticate(self, user: str) -> None:
+        ctx = self.ctx
+        login = ctx.users.get(user)
+        method = login.auth_type if login else ClientPasswordAuthType.POSTGRES_SCRAM_SHA_256
+        ok = False
+        if method is ClientPasswordAuthType.POSTGRES_MD5:
+            salt = secrets.token_bytes(4)
+            self.write(wire.authentication(wire.AUTH_MD5, salt))
+            payload = await self.read(wire.split_password_message)
+            stored = md5_password_hash(user, login.credentials.password) if login else "md5"
+            ok = login is not None and verify_md5_response(stored, salt, payload.rstrip(b"\0"))
+        else:
+            # Unknown users go through the same exchange against a random verifier, so the
+            # reply does not tell who exists.
+            verifier = (
+                login.verifier
+                if login
+                else ScramVerifier.from_password(
+                    secrets.token_hex(16), salt=secrets.token_bytes(16)
+                )
+            )
+            ok = await self._scram(verifier)
+        if not ok:
+            ctx.metrics.client_connections_setup_failed_auth.value += 1
+            raise LoginRefused("28P01", f'password authentication failed for user "{user}"')
+        self.write(wire.authentication(wire.AUTH_OK))
+
+    async def _scram(self, verifier: ScramVerifier) -> bool:
+        self.write(wire.authentication(wire.AUTH_SASL, b"SCRAM-SHA-256\0\0"))
+        payload = await self.read(wire.split_password_message)
+        mechanism, data = wire.parse_sasl_initial(payload)
+        if mechanism != "SCRAM-SHA-256":
+            raise LoginRefused(
+                "28000",
+                f"unsupported SASL mechanism {mechanism!r}",
+                "the proxy offers SCRAM-SHA-256",
+            )
+        server = ScramServer(verifier)
+        try:
+            self.write(
+                wire.authentication(wire.AUTH_SASL_CONTINUE, server.handle_client_first(data))
+            )
+            payload = await self.read(wire.split_password_message)
+            final = server.handle_client_final(payload)
+        except ScramAuthFailed:
+            return False
+        except ScramError as error:
+            # Malformed whatever the user: says nothing about who exists.
+            raise wire.ProtocolViolation(f"malformed SCRAM message: {error}") from None
+        self.write(wire.authentication(wire.AUTH_SASL_FINAL, final))
+        return True
+
+    async def _learn_defaults(self, pool: Pool, settings: dict[str, str]) -> dict[str, str]:
+        """The server's reported parameters for this pool, and this session's own settings in
+        the server's spelling (utf-8 is UTF8, datestyle is DateStyle), minus those equal to
+        the defaults. A server connection is borrowed only for what is not yet known: the
+        first client of a pool, a setting value not seen before (which also checks that the
+        server accepts it, as it would at login)."""
+        canonical = self.ctx.canonical
+        server: PgServer | None = None
+        try:
+            if pool.server_facts is None:
+                server = await self._borrow_for_login(pool)
+                pool.server_facts = dict(server.params)
+            facts = pool.server_facts
+            names = {name.lower(): name for name in facts}
+            settings = {names.get(k.lower(), k.lower()): v for k, v in settings.items()}
+            if "application_name" in settings:  # the server truncates it so
+                name = settings["application_name"].encode()[: NAMEDATALEN - 1]
+                settings["application_name"] = name.decode(errors="ignore")
+            unknown = [
+                k for k, v in settings.items() if k not in _VERBATIM and (k, v) not in canonical
+            ]
+            if unknown:
+                server = server or await self._borrow_for_login(pool)
+                await server.apply_settings(settings, facts)
+                for name in unknown:
+                    value = settings[name]
+                    canonical[(name, value)] = server.params.get(name, value)
+            wanted = {k: canonical.get((k, v), v) for k, v in settings.items()}
+            self.wanted = {k: v for k, v in wanted.items() if facts.get(k) != v}
+            self.login_settings = dict(self.wanted)  # what RESET goes back to
+            if server is not None and unknown:
+                server.applied = dict(self.wanted)
+        except ServerError as error:
+            raise LoginRefused(error.code or "22023", str(error)) from None
+        finally:
+            if server is not None:
+                pool.release(server)
+        return facts
+
+    async def _borrow_for_login(self, pool: Pool) -> PgServer:
+        try:
+            return await pool.borrow()  # type: ignore[return-value]
+        except BorrowTimeout:
+            raise LoginRefused(
+                "53300", "timed out waiting for a database connection", borrow_hint(pool)
+            ) from None

@@ -1,0 +1,384 @@
+"""Which PostgreSQL statements leave state in the session (RDS Proxy's pinning conditions).
+
+A real lexer splits the text into statements and words, so keywords inside comments, string
+literals, quoted identifiers and dollar-quoted bodies never count. Text the lexer cannot
+follow pins: correct before fast.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# Pin reasons, used as the metric's `reason` label and in debug logs.
+SET_VARIABLE = "set_variable"
+PREPARED_STATEMENT = "prepared_statement"
+DISCARD = "discard"
+TEMPORARY_OBJECT = "temporary_object"
+CURSOR_WITH_HOLD = "cursor_with_hold"
+LISTEN = "listen"
+LOAD = "load"
+ADVISORY_LOCK = "advisory_lock"
+SEQUENCE_STATE = "sequence_state"
+SESSION_AUTHORIZATION = "session_authorization"
+UNCLASSIFIED = "unclassified"
+DO_BLOCK = "do_block"  # its body may change anything; the lexer does not read code
+
+# Fast path: most queries are cleared by a few C-level scans of the lower-cased text, and
+# only text that might create session state goes through the lexer. Function names and
+# modifiers may appear anywhere; statement keywords only first or after a semicolon.
+_ANYWHERE = re.compile(rb"\btemp|\bhold\b|advisory_lock|currval|lastval|set_config")
+_STATEMENT_WORDS = rb"set|reset|prepare|execute|deallocate|discard|listen|unlisten|load|do"
+_FIRST = (*_STATEMENT_WORDS.split(b"|"), b"/*", b"--")
+_AFTER_SEMICOLON = re.compile(
+    rb";(?:\s|/\*.*?\*/|--[^\n]*)*(?:" + _STATEMENT_WORDS + rb")\b", re.DOTALL
+)
+
+
+def might_pin(sql: bytes) -> bool:
+    """Cheap over-approximation of `Classifier.reason(sql) is not None`."""
+    low = sql.lower()
+    if _ANYWHERE.search(low) is not None:
+        return True
+    low = low.strip(b" \t\r\n\0;")  # a trailing semicolon starts no statement
+    return low.startswith(_FIRST) or (b";" in low and _AFTER_SEMICOLON.search(low) is not None)
+
+
+_TOKEN = re.compile(
+    r"""
+      (?P<space>\s+)
+    | (?P<line_comment>--[^\n]*)
+    | (?P<block_comment>/\*)
+    | (?P<dollar>\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$)
+    | (?P<estring>[eE]'(?:[^'\\]|\\.|'')*')
+    | (?P<string>'(?:[^']|'')*')
+    | (?P<quoted>"(?:[^"]|"")*")
+    | (?P<word>[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*)
+    | (?P<param>\$\d+)
+    | (?P<number>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)
+    | (?P<semicolon>;)
+    | (?P<other>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+_ADVISORY_SESSION_LOCKS = frozenset(
+    {
+        "PG_ADVISORY_LOCK",
+        "PG_ADVISORY_LOCK_SHARED",
+        "PG_TRY_ADVISORY_LOCK",
+        "PG_TRY_ADVISORY_LOCK_SHARED",
+    }
+)
+_SEQUENCE_SESSION_FUNCTIONS = frozenset({"CURRVAL", "LASTVAL"})
+
+
+ALL_SETTINGS = "*"  # RESET ALL
+Effect = tuple[str | None, frozenset[str] | None]
+
+
+class Unclassifiable(Exception):
+    """The lexer could not follow the text (an unterminated quote or comment)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    kind: str  # word, string, quoted, other, ...
+    text: str  # words upper-cased; other tokens as written
+
+
+def _skip_block_comment(sql: str, start: int) -> int:
+    """Block comments nest in PostgreSQL; return the index after the matching */."""
+    depth, pos = 1, start + 2
+    while depth:
+        opening = sql.find("/*", pos)
+        closing = sql.find("*/", pos)
+        if closing < 0:
+            raise Unclassifiable("unterminated block comment")
+        if 0 <= opening < closing:
+            depth, pos = depth + 1, opening + 2
+        else:
+            depth, pos = depth - 1, closing + 2
+    return pos
+
+
+def split_statements(sql: str) -> Iterator[list[Token]]:
+    """Yield each statement's meaningful tokens (no spaces or comments)."""
+    statement: list[Token] = []
+    pos, end = 0, len(sql)
+    while pos < end:
+        match = _TOKEN.match(sql, pos)
+        assert match is not None  # `other` matches any character
+        kind = match.lastgroup or "other"
+        text = match.group()
+        pos = match.end()
+        if kind in ("space", "line_comment"):
+            continue
+        if kind == "block_comment":
+            pos = _skip_block_comment(sql, match.start())
+            continue
+        if kind == "dollar":
+            close = sql.find(text, pos)
+            if close < 0:
+                raise Unclassifiable("unterminated dollar-quoted string")
+            pos = close + len(text)
+            statement.append(Token("string", ""))
+            continue
+        if kind == "other" and text in "'\"":
+            raise Unclassifiable("unterminated quoted string or identifier")
+        if kind == "semicolon":
+            if statement:
+                yield statement
+            statement = []
+            continue
+        statement.append(Token(kind, text.upper() if kind == "word" else text))
+    if statement:
+        yield statement
+
+
+def _words(tokens: list[Token]) -> list[str]:
+    return [t.text for t in tokens if t.kind == "word"]
+
+
+_TRUE_LITERALS = frozenset({"TRUE", "'T'", "'TRUE'", "'ON'", "'YES'", "'Y'", "'1'", "1"})
+
+
+def _set_config_is_session(tokens: list[Token], at: int) -> bool:
+    """set_config(name, value, is_local) is transaction-local only when is_local is a true
+    literal (optionally cast to boolean); any expression counts as session-level."""
+    depth, commas, third = 0, 0, []
+    for token in tokens[at + 1 :]:
+        text = token.text
+        if text == "(":
+            depth += 1
+            if depth == 1:
+                continue
+        elif text == ")":
+            depth -= 1
+            if depth == 0:
+                break
+        elif text == "," and depth == 1:
+            commas += 1
+            continue
+        if commas == 2:
+            third.append(text.upper())
+    if third[1:] in ([], [":", ":", "BOOL"], [":", ":", "BOOLEAN"]) and third:
+        return third[0] not in _TRUE_LITERALS
+    return True
+
+
+def _function_name(token: Token) -> str | None:
+    """The name a call token refers to, upper-cased; quoted names only if all lower case
+    (a quoted "PG_ADVISORY_LOCK" is another function)."""
+    if token.kind == "word":
+        return token.text
+    if token.kind == "quoted":
+        name = token.text[1:-1].replace('""', '"')
+        return name.upper() if name == name.lower() else None
+    return None
+
+
+def _function_effects(tokens: list[Token]) -> Iterator[Effect]:
+    for i, token in enumerate(tokens[:-1]):
+        if tokens[i + 1].text != "(":
+            continue
+        name = _function_name(token)
+        if name in _ADVISORY_SESSION_LOCKS:
+            yield ADVISORY_LOCK, None
+        elif name in _SEQUENCE_SESSION_FUNCTIONS:
+            yield SEQUENCE_STATE, None
+        elif name == "SET_CONFIG" and _set_config_is_session(tokens, i):
+            # set_config('name', ...): a literal name can be replayed; anything else cannot.
+            first = tokens[i + 2] if i + 2 < len(tokens) else None
+            literal = first is not None and first.kind == "string" and first.text[:1] == "'"
+            setting = first.text[1:-1].replace("''", "'").lower() if literal else None
+            yield SET_VARIABLE, frozenset({setting}) if setting else None
+
+
+# SET forms that name their setting with keywords, and what they set.
+_SPECIAL_SETS = {
+    ("TIME", "ZONE"): ("timezone",),
+    ("SCHEMA",): ("search_path",),
+    ("NAMES",): ("client_encoding",),
+    ("XML", "OPTION"): ("xmloption",),
+    ("SESSION", "CHARACTERISTICS"): (
+        "default_transaction_isolation",
+        "default_transaction_read_only",
+        "default_transaction_deferrable",
+    ),
+}
+
+
+def _set_settings(tokens: list[Token]) -> frozenset[str] | None:
+    """The settings a session-level SET or RESET changes (ALL_SETTINGS for RESET ALL), or
+    None when the statement's target cannot be read."""
+    words = _words(tokens)
+    if words[0] == "RESET":
+        if words[1:2] == ["ALL"]:
+            return frozenset({ALL_SETTINGS})
+        start = 1
+    else:
+        for keywords, names in _SPECIAL_SETS.items():
+            if tuple(words[1 : 1 + len(keywords)]) == keywords:
+                return frozenset(names)
+        start = 2 if words[1:2] == ["SESSION"] else 1
+    name = []
+    for token in tokens[start:]:
+        if token.text in ("=", "TO") and token.kind in ("other", "word") and name:
+            break
+        if token.kind == "word":
+            name.append(token.text.lower())
+        elif token.kind == "quoted":
+            name.append(token.text[1:-1].replace('""', '"').lower())
+        elif token.text == ".":
+            name.append(".")
+        else:
+            return None
+    return frozenset({"".join(name)}) if name else None
+
+
+def _is_reset(tokens: list[Token]) -> bool:
+    """RESET x, RESET ALL, SET x TO DEFAULT, SET x = DEFAULT."""
+    words = _words(tokens)
+    if words[0] == "RESET":
+        return True
+    for i, token in enumerate(tokens[:-1]):
+        if token.text in ("=", "TO") and token.kind in ("other", "word"):
+            rest = tokens[i + 1 :]
+            return len(rest) == 1 and rest[0].kind == "word" and rest[0].text == "DEFAULT"
+    return False
+
+
+_TEMP = ("TEMP", "TEMPORARY")
+_CREATED_KINDS = ("TABLE", "SEQUENCE", "VIEW", "RECURSIVE")
+
+
+def _creates_temporary(words: list[str]) -> bool:
+    """CREATE [OR REPLACE] [GLOBAL|LOCAL] TEMP[ORARY] TABLE|SEQUENCE|VIEW ..., and
+    SELECT ... INTO [LOCAL] TEMP[ORARY] ... (not a table that happens to be called temp)."""
+    first = words[0]
+    if first == "CREATE":
+        kind = next((i for i, w in enumerate(words) if w in _CREATED_KINDS), len(words))
+        return any(w in _TEMP for w in words[1:kind])
+    if first in ("SELECT", "WITH") and "INTO" in words:
+        after = words[words.index("INTO") + 1 :]
+        if after[:1] in (["LOCAL"], ["GLOBAL"]):
+            after = after[1:]
+        return after[:1] in (["TEMP"], ["TEMPORARY"])
+    return False
+
+
+def _statement_effect(tokens: list[Token]) -> Effect:
+    """(pin reason, settings changed) of one statement; settings only for SET_VARIABLE."""
+    words = _words(tokens)
+    if not words:
+        return None, None
+    first = words[0]
+    second = words[1] if len(words) > 1 else ""
+    if first == "SET":
+        if second in ("LOCAL", "TRANSACTION", "CONSTRAINTS"):
+            return None, None
+        if second == "ROLE" or (
+            second == "SESSION" and words[2:3] in (["AUTHORIZATION"], ["ROLE"])
+        ):
+            return SESSION_AUTHORIZATION, None
+        return SET_VARIABLE, _set_settings(tokens)
+    if first == "RESET":
+        if second in ("ROLE", "SESSION"):
+            return SESSION_AUTHORIZATION, None
+        return SET_VARIABLE, _set_settings(tokens)
+    return _statement_reason(first, second, words, tokens), None
+
+
+def _statement_reason(first: str, second: str, words: list[str], tokens: list[Token]) -> str | None:
+    if first == "PREPARE":
+        return None if second == "TRANSACTION" else PREPARED_STATEMENT
+    if first in ("EXECUTE", "DEALLOCATE"):
+        return PREPARED_STATEMENT
+    if first == "DISCARD":
+        return DISCARD
+    if first in ("LISTEN", "UNLISTEN"):
+        return LISTEN
+    if first == "LOAD":
+        return LOAD
+    if first == "DO":
+        return DO_BLOCK
+    if first == "DECLARE" and "HOLD" in words:
+        idx = words.index("HOLD")
+        if words[idx - 1] == "WITH":
+            return CURSOR_WITH_HOLD
+    if _creates_temporary(words):
+        return TEMPORARY_OBJECT
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a query text does to its session: the reason it must pin (None: it need not),
+    and the settings it changes that replay can carry instead of pinning."""
+
+    reason: str | None
+    settings: frozenset[str] = frozenset()
+    # The settings come only from SET/RESET of literal values: the same text always leaves
+    # the same values when it succeeds (set_config and RESET ALL may not).
+    memoizable: bool = False
+    # Of `settings`, those put back to their session default (RESET, SET ... TO DEFAULT).
+    resets: frozenset[str] = frozenset()
+
+
+HARMLESS = Verdict(None)
+
+
+@dataclass(frozen=True, slots=True)
+class Classifier:
+    """Decides, per query text, whether it pins the session and why.
+
+    With `replay_settings`, session SET/RESET/set_config of a setting the text names are not
+    pin reasons but settings for the proxy to carry to other server connections."""
+
+    exclude_variable_sets: bool = False
+    replay_settings: bool = False
+
+    def verdict(self, sql: bytes) -> Verdict:
+        if not might_pin(sql):
+            return HARMLESS
+        try:
+            text = sql.rstrip(b"\0").decode()  # a Query message's text ends with its NUL
+        except UnicodeDecodeError:
+            return Verdict(UNCLASSIFIED)
+        settings: set[str] = set()
+        resets: set[str] = set()
+        memoizable = True
+        try:
+            for statement in split_statements(text):
+                functions = list(_function_effects(statement))
+                if any(reason is not None for reason, _ in functions):
+                    memoizable = False
+                effects = [_statement_effect(statement), *functions]
+                for reason, names in effects:
+                    if reason is None:
+                        continue
+                    if reason == SET_VARIABLE:
+                        if self.exclude_variable_sets:
+                            continue
+                        if self.replay_settings and names is not None:
+                            settings |= names
+                            if _is_reset(statement):
+                                resets |= names
+                            continue
+                    return Verdict(reason)
+        except Unclassifiable:
+            return Verdict(UNCLASSIFIED)
+        if not settings:
+            return HARMLESS
+        return Verdict(
+            None,
+            frozenset(settings),
+            memoizable and ALL_SETTINGS not in settings,
+            frozenset(resets),
+        )
+
+    def reason(self, sql: bytes) -> str | None:
+        """The pin reason of a query text, or None when it leaves no session state."""
+        return self.verdict(sql).reason

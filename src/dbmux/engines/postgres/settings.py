@@ -1,0 +1,143 @@
+"""Session settings replay for a PostgreSQL client: after a transaction that changed
+settings, learn their values and carry them to every server connection borrowed later."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from dbmux.engines.base import ServerError
+from dbmux.engines.postgres import wire
+from dbmux.engines.postgres.pinning import ALL_SETTINGS
+from dbmux.pool import PoolKey
+
+if TYPE_CHECKING:
+    from dbmux.engines.postgres.backend import PgServer
+
+log = logging.getLogger("dbmux.postgres")
+
+SET_RESULTS_CAPACITY = 10_000  # remembered SET statement outcomes per proxy
+
+
+class SettingsMixin:
+    """PgClient's part that follows session settings (session_state: replay or pin)."""
+
+    def _follow_settings(self, server: PgServer) -> None:
+        """The transaction changed session settings. Replay: learn their values and carry
+        them from now on (the server stays with us meanwhile; requests wait). Pin mode: a
+        changed setting pins the session to this connection."""
+        self.server_params_changed = False
+        if not self.ctx.classifier.replay_settings:
+            if self._settings_drifted(server):
+                self._attach(server)
+                self.pin("set_variable")
+                return
+            server.pool.release(server)  # type: ignore[union-attr]
+            return
+        pool = self.pool
+        assert pool is not None and pool.server_facts is not None
+        names = {name.lower() for name in self.touched}
+        if ALL_SETTINGS in names:
+            names.discard(ALL_SETTINGS)
+            names |= {name.lower() for name in self.wanted}
+        names -= {name.lower() for name in pool.server_facts}  # reported by the server itself
+        memo_key = self._memo_key(server)
+        restore = self._login_values_to_restore()
+        self.touched.clear()
+        self.set_texts.clear()
+        self.unmemoizable = False
+        known = self.ctx.set_results.get(memo_key) if memo_key else None
+        if not restore and (not names or known is not None):
+            self._settle_settings(server, known or {})
+        else:
+            self.waiting = True
+            self._task = self.ctx.loop.create_task(
+                self._learn_settings(server, names, memo_key, restore)
+            )
+
+    def _login_values_to_restore(self) -> dict[str, str]:
+        """RESET goes back to the session's default, which for a setting given at login is
+        the login value; the server connection never saw the login, so the proxy puts it
+        back itself."""
+        resets, login = self.resets, self.login_settings
+        self.resets = set()
+        if ALL_SETTINGS in resets:
+            return dict(login)
+        return {name: value for name, value in login.items() if name.lower() in resets}
+
+    def _memo_key(self, server: PgServer) -> tuple[PoolKey, bytes] | None:
+        """A SET statement's outcome is the same every time it succeeds on its own (outside a
+        transaction block) for the same database and user, so one read of its result
+        serves every later run of that text."""
+        if self.unmemoizable or len(self.set_texts) != 1 or self.pool is None:
+            return None
+        if server.scanner.errors != self.errors_at_attach:
+            return None
+        return self.pool.key, self.set_texts[0]
+
+    async def _learn_settings(
+        self,
+        server: PgServer,
+        names: set[str],
+        memo_key: tuple[PoolKey, bytes] | None,
+        restore: dict[str, str],
+    ) -> None:
+        try:
+            if restore:
+                await server.apply_settings(restore, {}, force=True)
+                reported = [n for n in restore if n in server.params]
+                self.write(b"".join(wire.parameter_status(n, server.params[n]) for n in reported))
+            values = await server.read_settings(names) if names else {}
+        except ServerError as error:
+            log.warning("could not read back session settings; closing that connection: %s", error)
+            server.close()
+            self.waiting = False
+            self._flush_pending()
+            return
+        except asyncio.CancelledError:
+            server.close()
+            raise
+        if memo_key is not None:
+            results = self.ctx.set_results
+            if len(results) >= SET_RESULTS_CAPACITY:
+                results.clear()
+            results[memo_key] = values
+        self._settle_settings(server, values)
+
+    def _settle_settings(self, server: PgServer, values: dict[str, str | None]) -> None:
+        """Take the session's settings from the server's reports and `values`, then carry
+        on: relay what waited, or give the server back."""
+        pool = self.pool
+        assert pool is not None and pool.server_facts is not None
+        facts = pool.server_facts
+        wanted = self.wanted
+        for name, value in server.params.items():
+            if name in facts:
+                if value != facts[name]:
+                    wanted[name] = value
+                else:
+                    wanted.pop(name, None)
+        # Values equal to the default stay listed: knowing the default would cost a read of
+        # pg_settings, while an entry too many costs at most a set_config on a borrow.
+        for name, value in values.items():
+            if value is None:
+                wanted.pop(name, None)
+            else:
+                wanted[name] = value
+        server.applied = dict(wanted)
+        if self._has_waiting_requests:
+            self.on_connection(server)  # what the client sent meanwhile runs right here
+        else:
+            self.waiting = False
+            pool.release(server)
+
+    def _settings_drifted(self, server: PgServer) -> bool:
+        """A reported setting changed by something the classifier did not see (a function's
+        SET, say): the session now has state, and only pinning keeps it."""
+        defaults = self.pool.server_facts or {} if self.pool else {}
+        for name, value in server.params.items():
+            expected = self.wanted.get(name, defaults.get(name))
+            if expected is not None and expected != value:
+                return True
+        return False

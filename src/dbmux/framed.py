@@ -1,0 +1,144 @@
+"""Engine-agnostic asyncio Protocol base with two modes.
+
+Handshakes, resets and other rare conversations read whole messages with `await read(...)`;
+once a connection relays, every chunk goes straight to `relay(data)` with no buffering or
+futures in between. Backpressure is tracked per side so the relay can pause the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection while we waited for a message."""
+
+
+class FramedProtocol(asyncio.Protocol):
+    """Transport plumbing shared by client- and server-side protocols of every engine."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.inbox = bytearray()
+        self.relaying = False
+        self.is_closed = False
+        self.write_blocked = False  # our transport's buffer is above its high-water mark
+        self._waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._read_holds = 0
+
+    # -- asyncio callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=256 * 1024)
+
+    def data_received(self, data: bytes) -> None:
+        if self.relaying:
+            self.relay(data)
+            return
+        self.inbox += data
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_closed = True
+        self._wake()
+        self.on_closed(exc)
+
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+        self.on_write_blocked(True)
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        self.on_write_blocked(False)
+
+    # -- for subclasses ---------------------------------------------------------------------
+
+    def relay(self, data: bytes) -> None:
+        """Handle one chunk in relay mode."""
+        raise NotImplementedError
+
+    def on_closed(self, exc: Exception | None) -> None:
+        """The transport is gone."""
+
+    def on_write_blocked(self, blocked: bool) -> None:
+        """Our outgoing buffer crossed a water mark: pause or resume whoever feeds it."""
+
+    # -- reading whole messages (not the hot path) --------------------------------------------
+
+    async def read(self, split: Callable[[bytearray], T | None]) -> T:
+        """Wait until `split` can take one message off the inbox."""
+        while True:
+            item = split(self.inbox)
+            if item is not None:
+                return item
+            if self.is_closed:
+                raise ConnectionClosed("connection closed by peer")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def start_relaying(self) -> bytes:
+        """Switch to relay mode; return bytes that arrived before and were not yet read.
+
+        `relay` becomes data_received itself, saving a call per chunk; uvloop caches the
+        bound method, so the transport is told again with set_protocol."""
+        self.relaying = True
+        self.data_received = self.relay  # type: ignore[method-assign]
+        if self.transport is not None:
+            self.transport.set_protocol(self)
+        leftover = bytes(self.inbox)
+        self.inbox.clear()
+        return leftover
+
+    def stop_relaying(self) -> None:
+        self.relaying = False
+        self.__dict__.pop("data_received", None)
+        if self.transport is not None:
+            self.transport.set_protocol(self)
+
+    # -- flow control -----------------------------------------------------------------------
+
+    def hold_reading(self) -> None:
+        """Stop reading until every hold is released (waits for a server, full peer buffer)."""
+        self._read_holds += 1
+        if not self._reading_paused and self.transport is not None and not self.is_closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._reading_paused
+
+    def release_reading(self) -> None:
+        self._read_holds -= 1
+        if self._read_holds <= 0:
+            self._read_holds = 0
+            if self._reading_paused and self.transport is not None and not self.is_closed:
+                self._reading_paused = False
+                self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.is_closed:
+            self.transport.write(data)
+
+    def close_transport(self, *, abort: bool = False) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()

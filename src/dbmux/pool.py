@@ -1,0 +1,354 @@
+"""Engine-agnostic connection pool: borrow/release, limits, borrow timeout, idle reaping.
+
+Every server connection is in exactly one container of its pool (`idle`, `lent`), or is
+being opened (`opening`); metrics and limits read those containers. A connection goes back
+in exactly one place, `Pool.release`, which resets it only when the borrower dirtied it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from dbmux.config import ConnectionPoolConfig
+from dbmux.engines.base import ServerConnection
+from dbmux.metrics import ProxyMetrics
+
+log = logging.getLogger("dbmux.pool")
+
+IDLE_GRACE = 5.0  # seconds a connection must sit idle before it counts towards the idle cap
+
+
+class BorrowTimeout(Exception):
+    """No server connection became free within connection_borrow_timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    database: str
+    user: str
+
+
+Opener = Callable[[PoolKey, bool], Awaitable[ServerConnection]]
+
+
+class TargetBudget:
+    """The connections one database instance may have from this proxy, shared by its pools.
+
+    The limit is a percentage of the database's own max_connections, which is only known
+    after the first connection has asked; until then one connection at a time is opened.
+    """
+
+    def __init__(self, config: ConnectionPoolConfig) -> None:
+        self.config = config
+        self.limit: int | None = None
+        self.max_idle = 0
+        self.open = 0
+        self.pools: list[Pool] = []
+        self._wake_scheduled = False
+
+    def learn_server_limit(self, max_connections: int, reserved: int) -> None:
+        """Size the budget as a percentage of the database's max_connections, never more than
+        the connections it leaves to non-superusers."""
+        usable = max(1, max_connections - reserved)
+        percent = self.config.max_connections_percent
+        self.limit = max(1, min(usable, math.floor(max_connections * percent / 100)))
+        idle_percent = self.config.max_idle_connections_percent or 0
+        self.max_idle = min(self.limit, math.floor(max_connections * idle_percent / 100))
+
+    def try_reserve(self, requester: Pool) -> bool:
+        """Take a slot for a new connection, closing another pool's idle one if that frees one."""
+        if self.limit is None:
+            if self.open == 0:
+                self.open += 1
+                return True
+            return False
+        if self.open < self.limit:
+            self.open += 1
+            return True
+        for pool in self.pools:
+            if pool is not requester and pool.idle:
+                pool.idle.popleft().close(graceful=True)  # frees a slot through Pool.forget
+                self.open += 1
+                return True
+        return False
+
+    def give_back(self) -> None:
+        """A slot became free: let pools with waiting clients use it, on the next loop pass
+        so that a close inside `try_reserve` never re-enters `Pool.grow`."""
+        self.open -= 1
+        if not self._wake_scheduled and any(p.waiters for p in self.pools):
+            self._wake_scheduled = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_scheduled = False
+        for pool in self.pools:
+            if pool.waiters:
+                pool.grow()
+
+    @property
+    def idle_count(self) -> int:
+        return sum(len(p.idle) for p in self.pools)
+
+
+class Borrower(ABC):
+    """A client waiting for a connection. It is called back rather than awaiting a future, so
+    a transaction that has to queue costs no task, future or timer of its own."""
+
+    @abstractmethod
+    def on_connection(self, conn: ServerConnection) -> None:
+        """Here is the connection asked for; it is lent to you now."""
+
+    @abstractmethod
+    def on_borrow_failed(self, error: Exception) -> None:
+        """No connection: BorrowTimeout, or why opening one failed."""
+
+
+class _FutureBorrower(Borrower):
+    """Adapts the callbacks to an awaitable, for the rare places that wait (logins)."""
+
+    def __init__(self, pool: Pool, future: asyncio.Future[ServerConnection]) -> None:
+        self.pool = pool
+        self.future = future
+
+    def on_connection(self, conn: ServerConnection) -> None:
+        if self.future.done():
+            self.pool.release(conn)
+        else:
+            self.future.set_result(conn)
+
+    def on_borrow_failed(self, error: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class Pool:
+    """The server connections of one (database, user) on one target."""
+
+    def __init__(
+        self, key: PoolKey, budget: TargetBudget, opener: Opener, metrics: ProxyMetrics
+    ) -> None:
+        self.key = key
+        self.budget = budget
+        self.opener = opener
+        self.metrics = metrics
+        self.idle: deque[ServerConnection] = deque()  # oldest on the left; borrow from the right
+        self.lent: set[ServerConnection] = set()
+        self.opening = 0
+        # FIFO of (deadline, borrower); one timer, armed for the oldest, expires them all.
+        self.waiters: deque[tuple[float, Borrower]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()
+        # ParameterStatus-like facts of the server (engine-defined), learned at first connect.
+        self.server_facts: dict[str, str] | None = None
+        budget.pools.append(self)
+
+    @property
+    def timeout(self) -> float:
+        return self.budget.config.connection_borrow_timeout
+
+    def try_borrow(self) -> ServerConnection | None:
+        """The hot path: an idle connection right now, or None."""
+        if self.idle and not self.waiters:
+            conn = self.idle.pop()
+            self.lent.add(conn)
+            self.metrics.database_connection_requests.value += 1
+            return conn
+        return None
+
+    def request(self, borrower: Borrower) -> ServerConnection | None:
+        """A connection now, or None and `borrower` is called back later (FIFO), at the latest
+        after connection_borrow_timeout."""
+        conn = self.try_borrow()
+        if conn is not None:
+            return conn
+        self.metrics.database_connection_requests.value += 1
+        self.waiters.append((self.loop.time() + self.timeout, borrower))
+        if self._timer is None:
+            self._timer = self.loop.call_at(self.waiters[0][0], self._expire)
+        self.grow()
+        return None
+
+    def withdraw(self, borrower: Borrower) -> None:
+        """The borrower left before it was served."""
+        for entry in self.waiters:
+            if entry[1] is borrower:
+                self.waiters.remove(entry)
+                return
+
+    def _expire(self) -> None:
+        loop = self.loop
+        self._timer = None
+        now = loop.time()
+        while self.waiters and self.waiters[0][0] <= now:
+            self.waiters.popleft()[1].on_borrow_failed(BorrowTimeout())
+        if self.waiters:
+            self._timer = loop.call_at(self.waiters[0][0], self._expire)
+
+    def _next_waiter(self) -> Borrower | None:
+        if not self.waiters:
+            return None
+        borrower = self.waiters.popleft()[1]
+        if not self.waiters and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return borrower
+
+    async def borrow(self) -> ServerConnection:
+        """Wait for a connection, up to connection_borrow_timeout."""
+        future: asyncio.Future[ServerConnection] = self.loop.create_future()
+        borrower = _FutureBorrower(self, future)
+        conn = self.request(borrower)
+        if conn is not None:
+            return conn
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.withdraw(borrower)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())
+            raise
+
+    def grow(self) -> None:
+        """Open connections for waiters that no connection being opened will serve."""
+        wanted = len(self.waiters) - self.opening
+        while wanted > 0 and self.budget.try_reserve(self):
+            self.opening += 1
+            wanted -= 1
+            self.loop.create_task(self._open())
+
+    async def _open(self) -> None:
+        read_limit = self.budget.limit is None
+        try:
+            conn = await self.opener(self.key, read_limit)
+        except Exception as error:
+            self.opening -= 1
+            self.metrics.database_connections_setup_failed.value += 1
+            log.warning("cannot open a server connection for %s: %s", self._label, error)
+            borrower = self._next_waiter()
+            if borrower is not None:
+                borrower.on_borrow_failed(error)
+            self.budget.give_back()
+            return
+        self.opening -= 1
+        self.metrics.database_connections_setup_succeeded.value += 1
+        conn.pool = self
+        if read_limit and conn.server_limit is not None:
+            self.budget.learn_server_limit(*conn.server_limit)
+        self._hand_over(conn)
+        self.grow()  # the limit may just have become known: open for the rest
+
+    def _hand_over(self, conn: ServerConnection) -> None:
+        borrower = self._next_waiter()
+        if borrower is not None:
+            self.lent.add(conn)
+            borrower.on_connection(conn)
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def release(self, conn: ServerConnection) -> None:
+        """The one place a lent connection comes back: reset if dirty, then reuse."""
+        self.lent.discard(conn)
+        if conn.closed:
+            return
+        if conn.needs_reset or conn.cancels_in_flight:
+            self.loop.create_task(self._clean_then_hand_over(conn))
+            return
+        self._hand_over(conn)
+
+    async def _clean_then_hand_over(self, conn: ServerConnection) -> None:
+        self.lent.add(conn)  # still counted as in use while being cleaned
+        try:
+            if conn.cancels_done is not None:
+                await conn.cancels_done.wait()
+            if conn.needs_reset:
+                await conn.reset()
+                conn.needs_reset = False
+        except Exception as error:
+            log.info("closing a server connection that failed its reset: %s", error)
+            conn.close()
+            return
+        finally:
+            self.lent.discard(conn)
+        if not conn.closed:
+            self._hand_over(conn)
+
+    def forget(self, conn: ServerConnection) -> None:
+        """Called once by a closing connection: drop it from every container."""
+        self.lent.discard(conn)
+        with contextlib.suppress(ValueError):  # not idle
+            self.idle.remove(conn)
+        self.budget.give_back()
+
+    def reap_idle(self, now: float) -> None:
+        """Close connections idle past idle_server_timeout (oldest first)."""
+        limit = self.budget.config.idle_server_timeout
+        while self.idle and now - self.idle[0].idle_since > limit:
+            self.idle.popleft().close(graceful=True)
+
+    @property
+    def _label(self) -> str:
+        return f"database={self.key.database} user={self.key.user}"
+
+    def close_all(self) -> None:
+        for conn in [*self.idle, *self.lent]:
+            conn.close(graceful=conn in self.idle)
+        while self.waiters:
+            self.waiters.popleft()[1].on_borrow_failed(
+                ConnectionAbortedError("the proxy is shutting down")
+            )
+
+
+class PoolSet:
+    """All pools of one proxy's target, keyed by (database, user), sharing one budget."""
+
+    def __init__(self, config: ConnectionPoolConfig, opener: Opener, metrics: ProxyMetrics) -> None:
+        self.budget = TargetBudget(config)
+        self.opener = opener
+        self.metrics = metrics
+        self.pools: dict[PoolKey, Pool] = {}
+
+    def get(self, database: str, user: str) -> Pool:
+        key = PoolKey(database, user)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = Pool(key, self.budget, self.opener, self.metrics)
+        return pool
+
+    def sweep(self) -> None:
+        """Janitor pass: idle timeout per pool, then the idle cap across the target. Only
+        connections unused for IDLE_GRACE count as surplus, so a busy pool does not churn
+        connections that happened to be idle at the moment of the sweep."""
+        now = time.monotonic()
+        for pool in self.pools.values():
+            pool.reap_idle(now)
+        excess = self.budget.idle_count - self.budget.max_idle
+        while excess > 0 and self.budget.limit is not None:
+            oldest = min(
+                (p for p in self.pools.values() if p.idle), key=lambda p: p.idle[0].idle_since
+            )
+            if now - oldest.idle[0].idle_since < IDLE_GRACE:
+                break
+            oldest.idle.popleft().close(graceful=True)
+            excess -= 1
+
+    @property
+    def lent_count(self) -> int:
+        return sum(len(p.lent) for p in self.pools.values())
+
+    @property
+    def idle_count(self) -> int:
+        return self.budget.idle_count
+
+    def close_all(self) -> None:
+        for pool in self.pools.values():
+            pool.close_all()

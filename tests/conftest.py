@@ -1,0 +1,175 @@
+"""Shared fixtures: one throwaway PostgreSQL per test session, a fresh dbmux per test."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dbmux.embedded import EmbeddedDbmux
+from dbmux.metrics import ProxyMetrics
+from dbmux.pool import PoolSet
+from dbmux.testing import PostgresCluster
+
+APP_USER, APP_PASSWORD, APP_DB = "app", "app-secret", "app"
+# 20% (the tests' max_connections_percent) of 50 is a pool of 10.
+PG_MAX_CONNECTIONS = 50
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresCluster]:
+    """PostgreSQL 15 with SCRAM auth and a small max_connections."""
+    with PostgresCluster(max_connections=PG_MAX_CONNECTIONS, auth_method="scram-sha-256") as c:
+        c.create_user(APP_USER, APP_PASSWORD)
+        c.create_database(APP_DB, owner=APP_USER)
+        c.psql(
+            "CREATE TABLE items (id serial PRIMARY KEY, client int, note text);"
+            f"ALTER TABLE items OWNER TO {APP_USER}",
+            dbname=APP_DB,
+        )
+        yield c
+
+
+@pytest.fixture
+def pg_role(pg: PostgresCluster) -> Iterator[str]:
+    """A fresh role name on the session's PostgreSQL, dropped afterwards."""
+    name = f"role_{secrets.token_hex(6)}"
+    yield name
+    pg.psql(f'DROP ROLE IF EXISTS "{name}"')
+
+
+@dataclass
+class RunningProxy:
+    """A dbmux in front of the session's PostgreSQL, as a test sees it."""
+
+    embedded: EmbeddedDbmux
+    host: str
+    port: int
+
+    def url(self, user: str = APP_USER, password: str = APP_PASSWORD, db: str = APP_DB) -> str:
+        return f"postgresql://{user}:{password}@{self.host}:{self.port}/{db}"
+
+    @property
+    def metrics(self) -> ProxyMetrics:
+        return self.embedded.proxy().metrics
+
+    @property
+    def pools(self) -> PoolSet:
+        return self.embedded.proxy().pools
+
+
+def proxy_config(
+    pg: PostgresCluster,
+    secrets_dir: Path,
+    pool: dict[str, Any],
+    auth: list[dict[str, Any]],
+    **proxy: Any,
+) -> dict[str, Any]:
+    secret = secrets_dir / "app.json"
+    secret.write_text(json.dumps({"username": APP_USER, "password": APP_PASSWORD}))
+    return {
+        "proxies": [
+            {
+                "name": "test",
+                "engine_family": "POSTGRESQL",
+                "listen": "127.0.0.1:0",
+                "auth": auth or [{"secret": f"file:{secret}"}],
+                "target_group": {
+                    "connection_pool_config": {"max_connections_percent": 20, **pool},
+                    "targets": [{"host": pg.host, "port": pg.port}],
+                },
+                **proxy,
+            }
+        ]
+    }
+
+
+@pytest.fixture
+def start_proxy(pg: PostgresCluster, tmp_path: Path) -> Iterator[Callable[..., RunningProxy]]:
+    """Start a dbmux for this test: start_proxy(pool={...}, auth=[...], **proxy_settings)."""
+    started: list[EmbeddedDbmux] = []
+
+    def start(
+        pool: dict[str, Any] | None = None,
+        auth: list[dict[str, Any]] | None = None,
+        **proxy: Any,
+    ) -> RunningProxy:
+        config = proxy_config(pg, tmp_path, pool or {}, auth or [], **proxy)
+        embedded = EmbeddedDbmux(config).start()
+        started.append(embedded)
+        host, port = embedded.address()
+        return RunningProxy(embedded, host, port)
+
+    yield start
+    for embedded in started:
+        embedded.stop()
+
+
+@dataclass
+class ProxyProcess:
+    """`dbmux serve` in a child process: for drivers that block the interpreter, and to run
+    the real command line."""
+
+    host: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def url(self, user: str = APP_USER, password: str = APP_PASSWORD, db: str = APP_DB) -> str:
+        return f"postgresql://{user}:{password}@{self.host}:{self.port}/{db}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def proxy_process(pg: PostgresCluster, tmp_path: Path) -> Iterator[ProxyProcess]:
+    port = _free_port()
+    config = proxy_config(pg, tmp_path, {}, [])
+    config["proxies"][0]["listen"] = f"127.0.0.1:{port}"
+    path = tmp_path / "dbmux.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = tmp_path / "dbmux.log"
+    dbmux = Path(sys.executable).with_name("dbmux")
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(dbmux), "serve", "--config", str(path)], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"dbmux serve did not start:\n{log.read_text()}") from None
+                time.sleep(0.05)
+        yield ProxyProcess("127.0.0.1", port, process, log)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture
+def proxy(start_proxy: Callable[..., RunningProxy]) -> RunningProxy:
+    """dbmux with a pool of 10 server connections."""
+    return start_proxy()
+
+
+def server_connections(pg: PostgresCluster, user: str = APP_USER) -> int:
+    """Connections the database currently has for `user` (as pg_stat_activity shows)."""
+    return int(pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"))

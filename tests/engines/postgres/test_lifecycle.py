@@ -1,0 +1,375 @@
+"""Borrowing, giving back, pinning, failures on either side, cancel, COPY, and limits."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.conftest import APP_PASSWORD, APP_USER
+
+POOL_OF_ONE = {"max_connections_percent": 2}  # 2% of max_connections 50
+
+
+async def connect(proxy, **kwargs):
+    return await asyncpg.connect(proxy.url(), statement_cache_size=0, **kwargs)
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    """Poll for a condition the proxy reaches asynchronously (never a timing assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.02)
+
+
+async def test_borrow_timeout_gives_53300_naming_the_setting_and_keeps_the_client(start_proxy):
+    proxy = start_proxy(pool={**POOL_OF_ONE, "connection_borrow_timeout": 0.5})
+    holder = await connect(proxy)
+    waiter = await connect(proxy)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1")
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await waiter.fetchval("SELECT 2")
+        assert caught.value.sqlstate == "53300"
+        assert "connection_borrow_timeout" in caught.value.hint
+        assert proxy.metrics.borrow_timeouts.value == 1
+        await tx.commit()
+        assert await waiter.fetchval("SELECT 3") == 3  # same client connection, now served
+    finally:
+        await holder.close()
+        await waiter.close()
+
+
+async def test_waiting_clients_are_served_in_turn_by_a_pool_of_one(start_proxy):
+    proxy = start_proxy(pool=POOL_OF_ONE)
+
+    async def client(n: int) -> int:
+        conn = await connect(proxy)
+        try:
+            async with conn.transaction():
+                return await conn.fetchval("SELECT $1::int", n)
+        finally:
+            await conn.close()
+
+    assert await asyncio.gather(*(client(n) for n in range(30))) == list(range(30))
+    assert proxy.pools.budget.open == 1
+
+
+async def test_client_gone_mid_transaction_rolls_back_and_frees_the_connection(start_proxy):
+    proxy = start_proxy(pool=POOL_OF_ONE)
+    leaver = await connect(proxy)
+    await leaver.execute("BEGIN")
+    await leaver.execute("INSERT INTO items (client, note) VALUES (-1, 'never committed')")
+    leaver.terminate()  # drop the socket without a word
+
+    other = await connect(proxy)
+    try:
+        assert await other.fetchval("SELECT count(*) FROM items WHERE client = -1") == 0
+        assert await other.fetchval("SELECT pg_current_xact_id_if_assigned()") is None
+        assert proxy.pools.budget.open == 1
+    finally:
+        await other.close()
+
+
+async def test_client_gone_during_a_running_query_cancels_it(pg, start_proxy):
+    proxy = start_proxy(pool=POOL_OF_ONE)
+    leaver = await connect(proxy)
+    task = asyncio.ensure_future(leaver.execute("SELECT pg_sleep(30) -- leaver"))
+    await wait_until(lambda: proxy.pools.lent_count == 1)
+    leaver.terminate()
+    task.cancel()
+    other = await connect(proxy)
+    try:
+        assert await other.fetchval("SELECT 42") == 42
+        await wait_until(
+            lambda: (
+                pg.psql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%-- leaver'"
+                    " AND state = 'active'"
+                )
+                == "0"
+            )
+        )
+    finally:
+        await other.close()
+
+
+async def test_server_connection_killed_mid_transaction(pg, proxy):
+    conn = await connect(proxy)
+    try:
+        await conn.execute("BEGIN")
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        await asyncio.to_thread(pg.psql, f"SELECT pg_terminate_backend({pid})")
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await conn.fetchval("SELECT 1")
+        assert caught.value.sqlstate == "08006"
+        assert "administrator command" in caught.value.detail  # the server's own reason
+        # The client keeps its connection; its next transaction runs on a fresh server.
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SELECT pg_backend_pid()") != pid
+        assert proxy.metrics.database_connections_lost.value == 1
+    finally:
+        await conn.close()
+
+
+async def test_server_connection_killed_while_client_idle_in_transaction(pg, proxy):
+    conn = await connect(proxy)
+    try:
+        await conn.execute("BEGIN")
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        await asyncio.to_thread(pg.psql, f"SELECT pg_terminate_backend({pid})")
+        await wait_until(lambda: proxy.metrics.database_connections_lost.value == 1)
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await conn.fetchval("SELECT 1")
+        assert caught.value.sqlstate == "08006"
+        assert await conn.fetchval("SELECT 2") == 2
+    finally:
+        await conn.close()
+
+
+async def test_cancel_reaches_only_the_cancelling_clients_query(proxy):
+    victim = await connect(proxy)
+    bystander = await connect(proxy)
+    try:
+        slow = asyncio.ensure_future(bystander.fetchval("SELECT 1 FROM pg_sleep(1.5)"))
+        with pytest.raises(asyncio.TimeoutError):
+            # On timeout asyncpg sends a CancelRequest with the key dbmux gave it.
+            await victim.execute("SELECT pg_sleep(30) -- victim", timeout=0.5)
+        assert await victim.fetchval("SELECT 7") == 7  # served, so the sleep was cancelled
+        assert await slow == 1  # the other client's query ran to its end
+        running = await victim.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30) -- victim'"
+            " AND state = 'active'"
+        )
+        assert running == 0
+    finally:
+        await victim.close()
+        await bystander.close()
+
+
+def test_psycopg_cancel(proxy_process):
+    """libpq's cancel holds the GIL while it waits, so this proxy runs in its own process."""
+    with psycopg.connect(proxy_process.url()) as conn:
+        timer = threading.Timer(0.5, conn.cancel)
+        timer.start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(30)")
+        conn.rollback()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_copy_in_and_out(proxy):
+    rows = [(9000 + i, f"copied {i}") for i in range(5000)]
+    with psycopg.connect(proxy.url(), autocommit=True) as conn:
+        with conn.cursor() as cur:
+            with cur.copy("COPY items (client, note) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            out = io.BytesIO()
+            with cur.copy(
+                "COPY (SELECT client, note FROM items WHERE client >= 9000 ORDER BY client)"
+                " TO STDOUT"
+            ) as copy:
+                for chunk in copy:
+                    out.write(chunk)
+            lines = out.getvalue().decode().splitlines()
+            assert lines == [f"{c}\t{n}" for c, n in rows]
+            cur.execute("DELETE FROM items WHERE client >= 9000")
+
+
+def test_copy_failure_is_reported_and_connection_stays_usable(proxy):
+    with psycopg.connect(proxy.url(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            with conn.cursor().copy("COPY items (client, note) FROM STDIN") as copy:
+                copy.write(b"not-a-number\tx\n")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+async def test_in_pin_mode_session_set_pins_and_does_not_leak_to_other_clients(start_proxy):
+    proxy = start_proxy(session_state="pin")
+    setter = await connect(proxy)
+    try:
+        await setter.execute("SET statement_timeout = '42s'")
+        assert proxy.metrics.pins("set_variable") == 1
+        pid = await setter.fetchval("SELECT pg_backend_pid()")
+        for _ in range(3):
+            assert await setter.fetchval("SHOW statement_timeout") == "42s"
+            assert await setter.fetchval("SELECT pg_backend_pid()") == pid
+
+        others = [await connect(proxy) for _ in range(12)]
+        try:
+            for other in others:
+                assert await other.fetchval("SHOW statement_timeout") == "0"
+        finally:
+            for other in others:
+                await other.close()
+    finally:
+        await setter.close()
+
+
+async def test_pinned_connection_is_reset_before_reuse(start_proxy):
+    proxy = start_proxy(pool=POOL_OF_ONE)
+    first = await connect(proxy)
+    await first.execute("CREATE TEMP TABLE scratch (x int)")
+    await first.execute("SET search_path = pg_temp, public")  # pinned: kept on this connection
+    assert proxy.metrics.pins("temporary_object") == 1
+    await first.close()
+
+    second = await connect(proxy)
+    try:
+        assert await second.fetchval("SELECT to_regclass('pg_temp.scratch') IS NULL") is True
+        assert await second.fetchval("SHOW search_path") == '"$user", public'
+        assert proxy.pools.budget.open == 1
+    finally:
+        await second.close()
+
+
+async def test_wrong_password_is_28P01_and_counted(proxy):
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(proxy.url(password="wrong"))
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(proxy.url(user="nobody"))
+    assert proxy.metrics.client_connections_setup_failed_auth.value == 2
+
+
+async def test_md5_client_auth_when_the_auth_entry_asks_for_it(start_proxy, tmp_path):
+    secret = tmp_path / "md5.json"
+    secret.write_text(json.dumps({"username": APP_USER, "password": APP_PASSWORD}))
+    proxy = start_proxy(
+        auth=[{"secret": f"file:{secret}", "client_password_auth_type": "POSTGRES_MD5"}]
+    )
+    with psycopg.connect(proxy.url()) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (APP_USER,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(proxy.url(password="wrong"))
+
+
+async def test_unknown_database_is_reported_by_the_server(proxy):
+    with pytest.raises(asyncpg.InvalidCatalogNameError):
+        await asyncpg.connect(proxy.url(db="no_such_db"))
+
+
+async def test_max_client_connections(start_proxy):
+    proxy = start_proxy(max_client_connections=2)
+    a, b = await connect(proxy), await connect(proxy)
+    try:
+        with pytest.raises(asyncpg.TooManyConnectionsError) as caught:
+            await connect(proxy)
+        assert "max_client_connections" in caught.value.hint
+        assert proxy.metrics.client_connections_refused.value == 1
+    finally:
+        await a.close()
+        await b.close()
+    c = await connect(proxy)
+    await c.close()
+
+
+async def test_idle_client_timeout_ends_the_session_with_57P01(start_proxy):
+    proxy = start_proxy(idle_client_timeout=1)
+    conn = await connect(proxy)
+    await wait_until(conn.is_closed, timeout=10)
+    assert len(proxy.embedded.proxy().runtime.clients) == 0
+
+
+async def test_init_query_runs_on_every_new_server_connection(start_proxy):
+    proxy = start_proxy(pool={"init_query": "SET statement_timeout = '17s'"})
+    conns = [await connect(proxy) for _ in range(3)]
+    try:
+        txs = [c.transaction() for c in conns]
+        for c, tx in zip(conns, txs, strict=True):
+            await tx.start()
+            assert await c.fetchval("SHOW statement_timeout") == "17s"
+        for tx in txs:
+            await tx.commit()
+        assert proxy.pools.budget.open == 3
+        assert proxy.metrics.pins() == 0
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_startup_settings_follow_the_client_across_connections(proxy):
+    """A client's startup parameters (application_name, DateStyle...) hold in every
+    transaction, whichever server connection runs it, without pinning."""
+    a = await connect(proxy, server_settings={"application_name": "alpha", "DateStyle": "SQL, DMY"})
+    b = await connect(proxy, server_settings={"application_name": "beta"})
+    try:
+        for _ in range(5):
+            assert await a.fetchval("SHOW application_name") == "alpha"
+            assert await a.fetchval("SHOW DateStyle") == "SQL, DMY"
+            assert await b.fetchval("SHOW application_name") == "beta"
+            assert await b.fetchval("SHOW DateStyle") == "ISO, MDY"
+        assert proxy.metrics.pins() == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_connection_goes_back_after_copy_while_the_client_stays(start_proxy):
+    proxy = start_proxy(pool={**POOL_OF_ONE, "connection_borrow_timeout": 5})
+    with psycopg.connect(proxy.url(), autocommit=True) as copier:
+        with copier.cursor().copy("COPY items (client, note) FROM STDIN") as copy:
+            copy.write_row((-7, "copied"))
+        with psycopg.connect(proxy.url(), autocommit=True) as other:
+            assert other.execute("SELECT count(*) FROM items WHERE client = -7").fetchone() == (1,)
+            other.execute("DELETE FROM items WHERE client = -7")
+
+
+async def test_startup_setting_names_are_case_insensitive_and_need_no_pin(proxy):
+    conns = [
+        await connect(proxy, server_settings={"datestyle": "German", "application_name": f"c{n}"})
+        for n in range(12)
+    ]
+    try:
+        for n, conn in enumerate(conns):
+            assert await conn.fetchval("SHOW DateStyle") == "German, DMY"
+            assert await conn.fetchval("SHOW application_name") == f"c{n}"
+        assert proxy.metrics.pins() == 0
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+async def test_a_startup_setting_the_server_rejects_fails_the_login(proxy):
+    with pytest.raises(asyncpg.PostgresError) as caught:
+        await connect(proxy, server_settings={"DateStyle": "no such style"})
+    assert caught.value.sqlstate == "22023"
+    with pytest.raises(asyncpg.PostgresError) as caught:
+        await connect(proxy, server_settings={"no_such_setting": "1"})
+    assert caught.value.sqlstate == "42704"
+
+
+async def test_notifications_name_the_clients_own_process_id(proxy):
+    """A client recognises its own NOTIFY by the process id dbmux gave it."""
+    conn = await connect(proxy)
+    received: asyncio.Queue = asyncio.Queue()
+    try:
+        await conn.add_listener("news", lambda c, pid, ch, payload: received.put_nowait(pid))
+        await conn.execute("NOTIFY news, 'hello'")
+        pid = await asyncio.wait_for(received.get(), 10)
+        assert pid == conn.get_server_pid()
+        assert proxy.metrics.pins("listen") == 1
+    finally:
+        await conn.close()
+
+
+async def test_a_notification_names_the_notifying_clients_process_id(proxy):
+    listener, notifier = await connect(proxy), await connect(proxy)
+    received: asyncio.Queue = asyncio.Queue()
+    try:
+        await listener.add_listener("jobs", lambda c, pid, ch, payload: received.put_nowait(pid))
+        await notifier.execute("NOTIFY jobs, 'go'")
+        assert await asyncio.wait_for(received.get(), 10) == notifier.get_server_pid()
+    finally:
+        await listener.close()
+        await notifier.close()

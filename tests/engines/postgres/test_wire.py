@@ -1,0 +1,818 @@
+"""PostgreSQL wire framing on byte fixtures: the relay scanners must report the same facts
+however TCP happens to cut the stream, and the whole-message parsers must refuse malformed
+packets with ProtocolViolation rather than crash or guess."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dbmux.engines.postgres.wire import (
+    AUTH_MD5,
+    AUTH_SASL,
+    CANCEL_REQUEST,
+    MAX_MESSAGE,
+    MAX_SMALL_MESSAGE,
+    MAX_STARTUP,
+    PROTOCOL_3_0,
+    SSL_REQUEST,
+    TERMINATE,
+    BackendScanner,
+    FrontendScanner,
+    ProtocolViolation,
+    authentication,
+    backend_key_data,
+    cancel_request,
+    cstr,
+    error_response,
+    message,
+    negotiate_protocol_version,
+    parameter_status,
+    parse_auth,
+    parse_cancel,
+    parse_data_row,
+    parse_fields,
+    parse_parameter_status,
+    parse_sasl_initial,
+    parse_startup,
+    password_message,
+    query,
+    read_cstr,
+    ready_for_query,
+    sasl_initial_response,
+    split_message,
+    split_startup,
+    startup_message,
+)
+
+SPLITS = settings(max_examples=150, deadline=None)
+
+# ---------------------------------------------------------------------------------------------
+# Message fixtures, built field by field as the protocol documentation lays them out
+
+
+def i16(value: int) -> bytes:
+    return struct.pack("!h", value)
+
+
+def i32(value: int) -> bytes:
+    return struct.pack("!i", value)
+
+
+def raw(kind: bytes, payload: bytes) -> bytes:
+    """A typed message with its length word computed by hand (not by wire.message)."""
+    return kind + struct.pack("!I", len(payload) + 4) + payload
+
+
+def row_description(*names: str) -> bytes:
+    fields = b"".join(
+        cstr(name) + i32(16384) + i16(i + 1) + i32(25) + i16(-1) + i32(-1) + i16(0)
+        for i, name in enumerate(names)
+    )
+    return raw(b"T", i16(len(names)) + fields)
+
+
+def data_row(*values: bytes | None) -> bytes:
+    cols = b"".join(i32(-1) if v is None else i32(len(v)) + v for v in values)
+    return raw(b"D", i16(len(values)) + cols)
+
+
+def command_complete(tag: str) -> bytes:
+    return raw(b"C", cstr(tag))
+
+
+def notice(text: str) -> bytes:
+    return raw(b"N", b"SNOTICE\0VNOTICE\0C00000\0M" + cstr(text) + b"\0")
+
+
+def fatal_payload(code: str = "57P01", text: str = "terminating connection") -> bytes:
+    return error_response(code, text, severity="FATAL")[5:]
+
+
+def parse(name: str, sql: str, *oids: int) -> bytes:
+    return raw(b"P", cstr(name) + cstr(sql) + i16(len(oids)) + b"".join(i32(o) for o in oids))
+
+
+def bind(portal: str, statement: str, *params: bytes | None) -> bytes:
+    values = b"".join(i32(-1) if p is None else i32(len(p)) + p for p in params)
+    return raw(b"B", cstr(portal) + cstr(statement) + i16(0) + i16(len(params)) + values + i16(0))
+
+
+def describe(what: bytes, name: str) -> bytes:
+    return raw(b"D", what + cstr(name))
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return raw(b"E", cstr(portal) + i32(max_rows))
+
+
+def function_call(oid: int, *args: bytes) -> bytes:
+    values = b"".join(i32(len(a)) + a for a in args)
+    return raw(b"F", i32(oid) + i16(0) + i16(len(args)) + values + i16(0))
+
+
+SYNC = raw(b"S", b"")
+FLUSH = raw(b"H", b"")
+COPY_DONE = raw(b"c", b"")
+X = raw(b"X", b"")
+
+
+def copy_data(data: bytes) -> bytes:
+    return raw(b"d", data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feeding a stream in chunks and collecting what the scanners report
+
+
+def cut(data: bytes, points: Iterable[int]) -> list[bytes]:
+    """Split `data` at the given offsets (duplicates give empty chunks)."""
+    chunks, start = [], 0
+    for point in sorted(points):
+        chunks.append(data[start:point])
+        start = point
+    chunks.append(data[start:])
+    return chunks
+
+
+@dataclass
+class BackendFacts:
+    ready: int
+    status: int
+    params: list[bytes]
+    relayed: bytes
+    fatal: bytes | None
+
+
+def scan_backend(chunks: Iterable[bytes]) -> BackendFacts:
+    scanner = BackendScanner()
+    ready, params, relayed = 0, [], []
+    for chunk in chunks:
+        relayed.append(scanner.feed(chunk))
+        ready += scanner.ready
+        params += scanner.params
+        scanner.params.clear()  # as the backend does after applying them
+    return BackendFacts(ready, scanner.status, params, b"".join(relayed), scanner.fatal)
+
+
+@dataclass
+class FrontendFacts:
+    syncs: int
+    statements: list[tuple[int, bytes]]
+    terminate_offset: int | None  # absolute offset of Terminate in the stream
+
+
+def scan_frontend(chunks: Iterable[bytes]) -> FrontendFacts:
+    scanner = FrontendScanner()
+    syncs, start = 0, 0
+    for chunk in chunks:
+        syncs += scanner.feed(chunk)
+        if scanner.terminated:
+            return FrontendFacts(syncs, scanner.statements, start + scanner.terminated_at)
+        start += len(chunk)
+    return FrontendFacts(syncs, scanner.statements, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixture streams
+
+# A server's answer to a mixed workload: a small result set with NULLs and empty values,
+# a notice, a failed statement inside a transaction, parameter changes, and a closing FATAL.
+BACKEND_SMALL = [
+    row_description("id", "note"),
+    data_row(b"1", b"first"),
+    data_row(b"2", None),
+    data_row(b"", b"x" * 300),
+    command_complete("SELECT 3"),
+    ready_for_query(b"I"),
+    raw(b"1", b""),  # ParseComplete
+    raw(b"2", b""),  # BindComplete
+    notice("there is no transaction in progress"),
+    parameter_status("application_name", "worker"),
+    command_complete("SET"),
+    ready_for_query(b"T"),
+    error_response("22012", "division by zero"),
+    ready_for_query(b"E"),
+    parameter_status("TimeZone", "Europe/Berlin"),
+    raw(b"I", b""),  # EmptyQueryResponse
+    ready_for_query(b"I"),
+    error_response(
+        "57P01", "terminating connection due to administrator command", severity="FATAL"
+    ),
+]
+BACKEND_SMALL_STREAM = b"".join(BACKEND_SMALL)
+BACKEND_SMALL_FACTS = BackendFacts(
+    ready=4,
+    status=ord("I"),
+    params=[b"application_name\0worker\0", b"TimeZone\0Europe/Berlin\0"],
+    relayed=b"".join(BACKEND_SMALL[:-1]),
+    fatal=BACKEND_SMALL[-1][5:],
+)
+
+# Rows larger than 64 KiB, to catch any 16-bit length or buffer-size assumption.
+BIG_ROWS = [data_row(b"a" * 65_531), data_row(b"b" * 65_536), data_row(b"c" * 200_000, None)]
+BACKEND_BIG = [
+    parameter_status("client_encoding", "UTF8"),
+    row_description("payload", "extra"),
+    BIG_ROWS[0],
+    data_row(b"small", b""),
+    BIG_ROWS[1],
+    BIG_ROWS[2],
+    command_complete("SELECT 4"),
+    ready_for_query(b"T"),
+    notice("big result"),
+    command_complete("COMMIT"),
+    ready_for_query(b"I"),
+]
+BACKEND_BIG_STREAM = b"".join(BACKEND_BIG)
+
+
+def boundaries_near_headers(parts: Sequence[bytes], reach: int = 7) -> list[int]:
+    """Every offset within `reach` bytes of a message start, plus a few inside long bodies."""
+    points, start = set(), 0
+    for part in parts:
+        points.update(range(max(1, start - reach), start + reach))
+        points.update(range(start + 5, start + len(part), 9973))
+        start += len(part)
+    return sorted(p for p in points if 0 < p < start)
+
+
+FRONTEND = [
+    raw(b"Q", cstr("SELECT 1; SET search_path TO app")),
+    parse("", "SELECT $1::int", 23),
+    bind("", "", b"42"),
+    describe(b"P", ""),
+    execute(),
+    SYNC,
+    parse("stmt_orders", "SELECT * FROM orders WHERE id = $1", 23),
+    describe(b"S", "stmt_orders"),
+    FLUSH,
+    bind("portal_1", "stmt_orders", None),
+    execute("portal_1", 100),
+    raw(b"C", b"Pportal_1\0"),  # Close portal
+    SYNC,
+    function_call(1598, b"x" * 10),
+    raw(b"Q", cstr("COPY items FROM STDIN")),
+    copy_data(b"1\tfirst\n"),
+    copy_data(b"2\t" + b"z" * 300 + b"\n"),
+    COPY_DONE,
+    raw(b"Q", cstr("")),  # empty query: still answered with ReadyForQuery
+    X,
+]
+FRONTEND_STREAM = b"".join(FRONTEND)
+FRONTEND_TERMINATE_AT = len(FRONTEND_STREAM) - len(X)
+FRONTEND_FACTS = FrontendFacts(
+    syncs=6,  # Q, S, S, F, Q, Q
+    statements=[
+        (ord("Q"), cstr("SELECT 1; SET search_path TO app")),
+        (ord("P"), FRONTEND[1][5:]),
+        (ord("P"), FRONTEND[6][5:]),
+        (ord("Q"), cstr("COPY items FROM STDIN")),
+        (ord("Q"), b"\0"),
+    ],
+    terminate_offset=FRONTEND_TERMINATE_AT,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders: literal byte fixtures anchor them, the parsers read them back
+
+
+def test_message_frames_type_length_and_payload() -> None:
+    assert message(b"Z", b"I") == b"Z\x00\x00\x00\x05I"
+    assert message(b"S") == b"S\x00\x00\x00\x04"
+    assert TERMINATE == b"X\x00\x00\x00\x04"
+    assert ready_for_query(b"T") == raw(b"Z", b"T")
+    assert query("SELECT 1") == b"Q\x00\x00\x00\x0dSELECT 1\x00"
+
+
+def test_error_response_round_trips_through_parse_fields() -> None:
+    built = error_response("53300", "too many clients", detail="pool is full", hint="wait")
+    kind, payload = split_message(bytearray(built))
+    assert kind == ord("E")
+    assert payload.endswith(b"\0\0")
+    assert parse_fields(payload) == {
+        "S": "ERROR",
+        "V": "ERROR",
+        "C": "53300",
+        "M": "too many clients",
+        "D": "pool is full",
+        "H": "wait",
+    }
+
+
+def test_error_response_omits_empty_detail_and_hint_and_keeps_non_ascii() -> None:
+    fields = parse_fields(
+        error_response("28P01", "Passwort falsch für „bob“", severity="FATAL")[5:]
+    )
+    assert fields == {"S": "FATAL", "V": "FATAL", "C": "28P01", "M": "Passwort falsch für „bob“"}
+
+
+def test_parameter_status_round_trips() -> None:
+    kind, payload = split_message(bytearray(parameter_status("TimeZone", "Europe/Berlin")))
+    assert kind == ord("S")
+    assert parse_parameter_status(payload) == ("TimeZone", "Europe/Berlin")
+
+
+def test_startup_message_round_trips_through_split_and_parse() -> None:
+    params = {"user": "app", "database": "orders", "application_name": "café"}
+    buf = bytearray(startup_message(params) + b"tail")
+    packet = split_startup(buf)
+    assert buf == b"tail"
+    assert packet is not None
+    assert parse_startup(packet) == (PROTOCOL_3_0, params)
+
+
+def test_cancel_request_round_trips() -> None:
+    buf = bytearray(cancel_request(4242, -7))
+    packet = split_startup(buf)
+    assert packet is not None and buf == b""
+    assert struct.unpack_from("!i", packet)[0] == CANCEL_REQUEST
+    assert parse_cancel(packet) == (4242, -7)
+
+
+def test_authentication_and_key_data_round_trip() -> None:
+    kind, payload = split_message(bytearray(authentication(AUTH_MD5, b"salt")))
+    assert (kind, parse_auth(payload)) == (ord("R"), (AUTH_MD5, b"salt"))
+    kind, payload = split_message(bytearray(backend_key_data(123, -456)))
+    assert kind == ord("K")
+    assert struct.unpack("!ii", payload) == (123, -456)
+
+
+def test_sasl_initial_response_round_trips() -> None:
+    data = b"n,,n=,r=abc"
+    kind, payload = split_message(bytearray(sasl_initial_response("SCRAM-SHA-256", data)))
+    assert kind == ord("p")
+    assert parse_sasl_initial(payload) == ("SCRAM-SHA-256", data)
+
+
+def test_sasl_initial_response_with_wrong_length_word_is_refused() -> None:
+    payload = cstr("SCRAM-SHA-256") + i32(99) + b"short"
+    with pytest.raises(ProtocolViolation):
+        parse_sasl_initial(payload)
+
+
+def test_password_message_and_negotiate_version_frames() -> None:
+    assert split_message(bytearray(password_message(b"md5abc\0"))) == (ord("p"), b"md5abc\0")
+    kind, payload = split_message(bytearray(negotiate_protocol_version(0, ["_pq_.x", "_pq_.y"])))
+    assert kind == ord("v")
+    assert payload == i32(0) + i32(2) + b"_pq_.x\0_pq_.y\0"
+
+
+def test_authentication_sasl_lists_mechanisms() -> None:
+    _, payload = split_message(bytearray(authentication(AUTH_SASL, cstr("SCRAM-SHA-256") + b"\0")))
+    code, rest = parse_auth(payload)
+    assert code == AUTH_SASL
+    assert read_cstr(rest) == ("SCRAM-SHA-256", len("SCRAM-SHA-256") + 1)
+
+
+def test_parse_data_row_reads_values_and_nulls() -> None:
+    payload = data_row(b"42", None, b"", "ü".encode())[5:]
+    assert parse_data_row(payload) == ["42", None, "", "ü"]
+
+
+# ---------------------------------------------------------------------------------------------
+# split_startup / split_message / parse_startup / parse_cancel edge cases
+
+
+@pytest.mark.parametrize("prefix", [b"", b"\x00", b"\x00\x00\x00"])
+def test_split_startup_waits_for_the_length_word(prefix: bytes) -> None:
+    buf = bytearray(prefix)
+    assert split_startup(buf) is None
+    assert buf == prefix
+
+
+def test_split_startup_waits_for_the_whole_packet_and_leaves_the_buffer_alone() -> None:
+    packet = startup_message({"user": "app"})
+    buf = bytearray(packet[:-1])
+    assert split_startup(buf) is None
+    assert buf == packet[:-1]
+
+
+@pytest.mark.parametrize("length", [-1, 0, 4, 7, MAX_STARTUP + 1, 2**31 - 1])
+def test_split_startup_refuses_impossible_lengths(length: int) -> None:
+    with pytest.raises(ProtocolViolation):
+        split_startup(bytearray(i32(length) + b"\0" * 8))
+
+
+def test_split_startup_accepts_the_extreme_lengths() -> None:
+    assert split_startup(bytearray(i32(8) + i32(SSL_REQUEST))) == i32(SSL_REQUEST)
+    longest = i32(MAX_STARTUP) + b"\0" * (MAX_STARTUP - 4)
+    assert split_startup(bytearray(longest)) == b"\0" * (MAX_STARTUP - 4)
+
+
+@pytest.mark.parametrize("prefix", [b"", b"Q", b"Q\x00\x00\x00"])
+def test_split_message_waits_for_a_whole_header(prefix: bytes) -> None:
+    assert split_message(bytearray(prefix)) is None
+
+
+def test_split_message_waits_for_the_whole_payload() -> None:
+    whole = query("SELECT 1")
+    buf = bytearray(whole[:-1])
+    assert split_message(buf) is None
+    assert buf == whole[:-1]
+    buf += whole[-1:] + b"Z"
+    assert split_message(buf) == (ord("Q"), b"SELECT 1\0")
+    assert buf == b"Z"
+
+
+@pytest.mark.parametrize("length", [0, 3, MAX_MESSAGE + 1, 2**32 - 1])
+def test_split_message_refuses_impossible_lengths(length: int) -> None:
+    with pytest.raises(ProtocolViolation):
+        split_message(bytearray(b"Q" + struct.pack("!I", length) + b"\0" * 8))
+
+
+def test_parse_startup_of_a_non_3_0_request_returns_no_parameters() -> None:
+    assert parse_startup(i32(SSL_REQUEST)) == (SSL_REQUEST, {})
+
+
+def test_parse_startup_accepts_protocol_3_2_and_empty_parameter_lists() -> None:
+    assert parse_startup(i32(196610) + b"user\0app\0\0") == (196610, {"user": "app"})
+    assert parse_startup(i32(PROTOCOL_3_0) + b"\0") == (PROTOCOL_3_0, {})
+    assert parse_startup(i32(PROTOCOL_3_0) + b"options\0\0\0") == (PROTOCOL_3_0, {"options": ""})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"", id="no-terminator-at-all"),
+        pytest.param(b"user\0app", id="value-not-nul-terminated"),
+        pytest.param(b"user\0app\0", id="list-not-terminated"),
+        pytest.param(b"user\0\0", id="name-without-value"),
+        pytest.param(b"user\0app\0database\0\0", id="odd-parameter-count"),
+        pytest.param(b"user\0app\0\0database\0x\0\0", id="pairs-after-the-terminator"),
+        pytest.param(b"user\0\xff\xfe\0\0", id="non-utf8-value"),
+        pytest.param(b"\xc3\0app\0\0", id="non-utf8-name"),
+    ],
+)
+def test_parse_startup_refuses_malformed_parameter_lists(body: bytes) -> None:
+    with pytest.raises(ProtocolViolation):
+        parse_startup(i32(PROTOCOL_3_0) + body)
+
+
+@pytest.mark.parametrize("size", [0, 4, 8, 11, 13, 16])
+def test_parse_cancel_refuses_any_length_but_12(size: int) -> None:
+    with pytest.raises(ProtocolViolation):
+        parse_cancel(b"\0" * size)
+
+
+# ---------------------------------------------------------------------------------------------
+# BackendScanner
+
+
+def test_backend_whole_stream_facts() -> None:
+    assert scan_backend([BACKEND_SMALL_STREAM]) == BACKEND_SMALL_FACTS
+
+
+def test_backend_facts_do_not_depend_on_any_single_split() -> None:
+    stream = BACKEND_SMALL_STREAM
+    for point in range(len(stream) + 1):
+        assert scan_backend(cut(stream, [point])) == BACKEND_SMALL_FACTS, point
+
+
+def test_backend_facts_do_not_depend_on_feeding_byte_by_byte() -> None:
+    stream = BACKEND_SMALL_STREAM
+    assert scan_backend(stream[i : i + 1] for i in range(len(stream))) == BACKEND_SMALL_FACTS
+
+
+BACKEND_BIG_FACTS = BackendFacts(
+    ready=2,
+    status=ord("I"),
+    params=[b"client_encoding\0UTF8\0"],
+    relayed=BACKEND_BIG_STREAM,
+    fatal=None,
+)
+
+
+def test_backend_rows_over_64_kib_whole_and_split_near_every_header() -> None:
+    assert scan_backend([BACKEND_BIG_STREAM]) == BACKEND_BIG_FACTS
+    for point in boundaries_near_headers(BACKEND_BIG):
+        assert scan_backend(cut(BACKEND_BIG_STREAM, [point])) == BACKEND_BIG_FACTS, point
+
+
+@SPLITS
+@given(st.lists(st.integers(0, len(BACKEND_BIG_STREAM)), max_size=30))
+def test_backend_facts_survive_random_multi_way_splits(points: list[int]) -> None:
+    assert scan_backend(cut(BACKEND_BIG_STREAM, points)) == BACKEND_BIG_FACTS
+
+
+def test_backend_relays_row_data_as_it_arrives() -> None:
+    """Only message headers may be held back: a big row goes out chunk by chunk, so a slow
+    client never makes the proxy buffer a result set."""
+    stream = BIG_ROWS[2]
+    scanner = BackendScanner()
+    for start in range(0, len(stream), 4096):
+        chunk = stream[start : start + 4096]
+        assert scanner.feed(chunk) == chunk
+
+
+def test_backend_holds_back_only_a_split_header() -> None:
+    scanner = BackendScanner()
+    row = data_row(b"v" * 100)
+    assert scanner.feed(row[:3]) == b""
+    assert scanner.feed(row[3:50]) == row[:50]
+    assert scanner.feed(row[50:]) == row[50:]
+
+
+def test_backend_holds_back_a_split_ready_for_query_until_its_status_arrives() -> None:
+    scanner = BackendScanner()
+    z = ready_for_query(b"T")
+    assert scanner.feed(z[:5]) == b""
+    assert (scanner.ready, scanner.status) == (0, ord("I"))
+    assert scanner.feed(z[5:]) == z
+    assert (scanner.ready, scanner.status) == (1, ord("T"))
+
+
+def test_backend_ready_counts_only_the_last_chunk() -> None:
+    scanner = BackendScanner()
+    scanner.feed(ready_for_query(b"I") + ready_for_query(b"T"))
+    assert (scanner.ready, scanner.status) == (2, ord("T"))
+    scanner.feed(data_row(b"1"))
+    assert (scanner.ready, scanner.status) == (0, ord("T"))
+    scanner.feed(ready_for_query(b"E"))
+    assert (scanner.ready, scanner.status) == (1, ord("E"))
+
+
+def test_backend_relays_ordinary_errors_and_notices() -> None:
+    stream = error_response("42P01", "relation does not exist") + notice("hi")
+    facts = scan_backend([stream])
+    assert facts.relayed == stream
+    assert facts.fatal is None
+
+
+@pytest.mark.parametrize("severity", ["FATAL", "PANIC"])
+def test_backend_keeps_back_a_connection_ending_error(severity: str) -> None:
+    dying = error_response("XX000", "server crashed", severity=severity)
+    before, after = command_complete("SELECT 0"), ready_for_query(b"I")
+    facts = scan_backend([before + dying + after])
+    assert facts.relayed == before + after
+    assert facts.fatal == dying[5:]
+    assert parse_fields(facts.fatal)["S"] == severity
+
+
+def test_backend_empty_chunks_change_nothing() -> None:
+    chunks = cut(BACKEND_SMALL_STREAM, [0, 0, 7, 7, 7, 100, len(BACKEND_SMALL_STREAM)])
+    assert b"" in chunks
+    assert scan_backend(chunks) == BACKEND_SMALL_FACTS
+
+
+@pytest.mark.parametrize("length", [0, 1, 3])
+def test_backend_message_length_below_4_is_a_violation(length: int) -> None:
+    bad = ready_for_query(b"I") + b"D" + struct.pack("!I", length) + b"\0\0\0\0"
+    with pytest.raises(ProtocolViolation):
+        BackendScanner().feed(bad)
+    scanner = BackendScanner()
+    with pytest.raises(ProtocolViolation):  # wherever the header is cut
+        for i in range(len(bad)):
+            scanner.feed(bad[i : i + 1])
+
+
+# Random well-formed server streams, with the expected facts derived from how they were built.
+
+_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=12)
+_BACKEND_PLAIN = st.one_of(
+    st.builds(lambda n: data_row(b"r" * n), st.integers(0, 400)),
+    st.builds(lambda n: data_row(b"R" * n, None), st.sampled_from([65_535, 65_536, 70_001])),
+    st.builds(row_description, _TEXT, _TEXT),
+    st.builds(command_complete, _TEXT),
+    st.builds(notice, _TEXT),
+    st.builds(lambda code, text: error_response(code, text), st.just("23505"), _TEXT),
+    st.sampled_from([raw(b"1", b""), raw(b"2", b""), raw(b"n", b""), raw(b"I", b"")]),
+    st.builds(lambda d: raw(b"d", d), st.binary(max_size=50)),
+)
+_BACKEND_MESSAGE = st.one_of(
+    st.tuples(st.just("plain"), _BACKEND_PLAIN),
+    st.tuples(st.just("ready"), st.sampled_from(b"ITE")),
+    st.tuples(st.just("param"), st.tuples(_TEXT, _TEXT)),
+)
+
+
+@SPLITS
+@given(
+    messages=st.lists(_BACKEND_MESSAGE, max_size=25),
+    closing_fatal=st.booleans(),
+    data=st.data(),
+)
+def test_backend_scanner_on_random_streams(
+    messages: list[tuple[str, object]], closing_fatal: bool, data: st.DataObject
+) -> None:
+    parts, expected = [], BackendFacts(0, ord("I"), [], b"", None)
+    for kind, value in messages:
+        if kind == "ready":
+            part = ready_for_query(bytes([value]))  # type: ignore[list-item]
+            expected.ready += 1
+            expected.status = value  # type: ignore[assignment]
+        elif kind == "param":
+            part = parameter_status(*value)  # type: ignore[misc]
+            expected.params.append(part[5:])
+        else:
+            part = value  # type: ignore[assignment]
+        parts.append(part)
+    expected.relayed = b"".join(parts)
+    if closing_fatal:
+        parts.append(error_response("57P01", "bye", severity="FATAL"))
+        expected.fatal = parts[-1][5:]
+    stream = b"".join(parts)
+    points = data.draw(st.lists(st.integers(0, len(stream)), max_size=20))
+    assert scan_backend([stream]) == expected
+    assert scan_backend(cut(stream, points)) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# FrontendScanner
+
+
+def test_frontend_whole_stream_facts() -> None:
+    assert scan_frontend([FRONTEND_STREAM]) == FRONTEND_FACTS
+
+
+def test_frontend_facts_do_not_depend_on_any_single_split() -> None:
+    for point in range(len(FRONTEND_STREAM) + 1):
+        assert scan_frontend(cut(FRONTEND_STREAM, [point])) == FRONTEND_FACTS, point
+
+
+def test_frontend_facts_do_not_depend_on_feeding_byte_by_byte() -> None:
+    stream = FRONTEND_STREAM
+    assert scan_frontend(stream[i : i + 1] for i in range(len(stream))) == FRONTEND_FACTS
+
+
+# The same session with a CopyData row over 64 KiB in the middle of the COPY.
+FRONTEND_BIG = [*FRONTEND[:16], copy_data(b"3\t" + b"z" * 70_000 + b"\n"), *FRONTEND[16:]]
+FRONTEND_BIG_STREAM = b"".join(FRONTEND_BIG)
+FRONTEND_BIG_FACTS = FrontendFacts(
+    FRONTEND_FACTS.syncs, FRONTEND_FACTS.statements, len(FRONTEND_BIG_STREAM) - len(X)
+)
+
+
+def test_frontend_messages_over_64_kib_whole_and_split_near_every_header() -> None:
+    assert scan_frontend([FRONTEND_BIG_STREAM]) == FRONTEND_BIG_FACTS
+    for point in boundaries_near_headers(FRONTEND_BIG):
+        assert scan_frontend(cut(FRONTEND_BIG_STREAM, [point])) == FRONTEND_BIG_FACTS, point
+
+
+@SPLITS
+@given(st.lists(st.integers(0, len(FRONTEND_BIG_STREAM)), max_size=30))
+def test_frontend_facts_survive_random_multi_way_splits(points: list[int]) -> None:
+    assert scan_frontend(cut(FRONTEND_BIG_STREAM, points)) == FRONTEND_BIG_FACTS
+
+
+def test_frontend_counts_query_sync_and_function_call_as_syncing() -> None:
+    scanner = FrontendScanner()
+    assert scanner.feed(query("SELECT 1")) == 1
+    assert scanner.feed(parse("", "SELECT 1") + bind("", "") + execute() + FLUSH) == 0
+    assert scanner.feed(SYNC + function_call(1, b"a") + SYNC) == 3
+    assert scanner.feed(copy_data(b"row") + COPY_DONE) == 0
+
+
+def test_frontend_terminate_in_the_middle_of_a_chunk() -> None:
+    before, after = query("SELECT 1") + SYNC, b"garbage that is never scanned"
+    scanner = FrontendScanner()
+    assert scanner.feed(before + X + after) == 2
+    assert scanner.terminated
+    assert scanner.terminated_at == len(before)
+
+
+def test_frontend_terminate_at_the_start_of_a_chunk_is_offset_zero() -> None:
+    scanner = FrontendScanner()
+    scanner.feed(query("SELECT 1"))
+    assert not scanner.terminated
+    assert scanner.feed(X) == 0
+    assert (scanner.terminated, scanner.terminated_at) == (True, 0)
+
+
+@pytest.mark.parametrize("already_sent", [1, 2, 3, 4])
+def test_frontend_terminate_split_across_chunks_has_a_negative_offset(already_sent: int) -> None:
+    """Bytes of the Terminate header in an earlier chunk were relayed already; the offset says
+    how many, so the caller knows how far back the message began."""
+    scanner = FrontendScanner()
+    prefix = execute()
+    scanner.feed(prefix + X[:already_sent])
+    assert not scanner.terminated
+    scanner.feed(X[already_sent:])
+    assert scanner.terminated
+    assert scanner.terminated_at == -already_sent
+
+
+def test_frontend_terminate_after_a_carried_query_is_offset_into_the_new_chunk() -> None:
+    q = query("SELECT 'a long enough statement'")
+    scanner = FrontendScanner()
+    scanner.feed(q[:10])
+    assert scanner.mid_message
+    assert scanner.feed(q[10:] + X) == 1
+    assert scanner.terminated_at == len(q) - 10
+
+
+def test_frontend_statements_are_query_and_parse_bodies_only() -> None:
+    scanner = FrontendScanner()
+    scanner.feed(
+        query("SET a = 1")
+        + parse("named", "SELECT $1", 25)
+        + parse("", "LISTEN x")
+        + bind("named", "named", b"v")
+        + describe(b"S", "named")
+        + execute("named")
+        + copy_data(b"Q\0\0\0\x09SET b\0")  # a Query inside CopyData is just data
+        + SYNC
+    )
+    assert scanner.statements == [
+        (ord("Q"), b"SET a = 1\0"),
+        (ord("P"), b"named\0SELECT $1\0" + i16(1) + i32(25)),
+        (ord("P"), b"\0LISTEN x\0" + i16(0)),
+    ]
+
+
+def test_frontend_mid_message_tracks_partial_messages() -> None:
+    scanner = FrontendScanner()
+    assert not scanner.mid_message
+    big = copy_data(b"x" * 1000)
+    scanner.feed(big[:3])
+    assert scanner.mid_message  # a split header
+    scanner.feed(big[3:500])
+    assert scanner.mid_message  # a body still to come
+    scanner.feed(big[500:])
+    assert not scanner.mid_message
+
+
+@pytest.mark.parametrize("kind", [b"Z", b"T", b"A", b"\0", b"q", b"x", b"\xff", b"p"])
+def test_frontend_unknown_message_type_is_a_violation(kind: bytes) -> None:
+    """Includes server-only types and PasswordMessage, which has no place after login."""
+    scanner = FrontendScanner()
+    scanner.feed(SYNC)
+    with pytest.raises(ProtocolViolation):
+        scanner.feed(kind + i32(4))
+
+
+@pytest.mark.parametrize("length", [0, 1, 3, MAX_MESSAGE + 1, 2**32 - 1])
+def test_frontend_impossible_length_is_a_violation(length: int) -> None:
+    bad = b"d" + struct.pack("!I", length) + b"\0" * 8
+    with pytest.raises(ProtocolViolation):
+        FrontendScanner().feed(SYNC + bad)
+    scanner = FrontendScanner()
+    with pytest.raises(ProtocolViolation):  # wherever the header is cut
+        for i in range(len(bad)):
+            scanner.feed(bad[i : i + 1])
+
+
+@pytest.mark.parametrize("kind", [b"S", b"H", b"X", b"E", b"D", b"C", b"c"])
+def test_frontend_messages_without_user_data_are_capped(kind: bytes) -> None:
+    """Sync, Flush, Execute, Describe... never need more than a few kilobytes; a huge length
+    on one of them is garbage, refused before the proxy waits for its body."""
+    with pytest.raises(ProtocolViolation):
+        FrontendScanner().feed(kind + struct.pack("!I", MAX_SMALL_MESSAGE + 1))
+    assert FrontendScanner().feed(b"d" + struct.pack("!I", MAX_SMALL_MESSAGE + 1)) == 0
+
+
+def test_frontend_largest_allowed_message_is_accepted() -> None:
+    header = b"d" + struct.pack("!I", MAX_MESSAGE)
+    scanner = FrontendScanner()
+    assert scanner.feed(header + b"\0" * 100) == 0
+    assert scanner.mid_message
+
+
+_FRONTEND_MESSAGE = st.one_of(
+    st.builds(lambda t: raw(b"Q", cstr(t)), _TEXT),
+    st.builds(parse, _TEXT, _TEXT),
+    st.builds(lambda p, s, v: bind(p, s, v), _TEXT, _TEXT, st.binary(max_size=20)),
+    st.builds(describe, st.sampled_from([b"S", b"P"]), _TEXT),
+    st.builds(execute, _TEXT, st.integers(0, 1000)),
+    st.builds(lambda n: copy_data(b"c" * n), st.sampled_from([0, 1, 100, 70_000])),
+    st.sampled_from([SYNC, FLUSH, COPY_DONE, function_call(42, b"arg")]),
+)
+
+
+@SPLITS
+@given(
+    messages=st.lists(_FRONTEND_MESSAGE, max_size=25),
+    terminate=st.booleans(),
+    data=st.data(),
+)
+def test_frontend_scanner_on_random_streams(
+    messages: list[bytes], terminate: bool, data: st.DataObject
+) -> None:
+    stream = b"".join(messages)
+    expected = FrontendFacts(
+        syncs=sum(m[:1] in (b"Q", b"S", b"F") for m in messages),
+        statements=[(m[0], m[5:]) for m in messages if m[:1] in (b"Q", b"P")],
+        terminate_offset=len(stream) if terminate else None,
+    )
+    if terminate:
+        stream += X + query("SET never = 'seen'")
+    points = data.draw(st.lists(st.integers(0, len(stream)), max_size=20))
+    assert scan_frontend([stream]) == expected
+    assert scan_frontend(cut(stream, points)) == expected
+
+
+def test_fatal_is_recognised_in_any_server_language():
+    """The S field is translated (lc_messages); the V field, which is not, decides."""
+    localized = b"S\xd0\x92\xd0\x90\xd0\x96\xd0\x9d\xd0\x9e\0VFATAL\0C57P01\0M...\0\0"
+    fatal = message(b"E", localized)
+    scanner = BackendScanner()
+    assert scanner.feed(fatal + message(b"N", b"SNOTICE\0VNOTICE\0\0")) == message(
+        b"N", b"SNOTICE\0VNOTICE\0\0"
+    )
+    assert scanner.fatal == localized

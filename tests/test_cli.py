@@ -1,0 +1,125 @@
+"""The installed `dbmux` command, run as a user runs it: help for every command, and
+`check-config` telling a good file from a bad one with a one-line reason, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DBMUX = Path(sys.executable).with_name("dbmux")
+
+GOOD_YAML = """\
+proxies:
+  - name: orders
+    engine_family: POSTGRESQL
+    listen: 127.0.0.1:6432
+    auth:
+      - secret: file:secrets/app.json
+        client_password_auth_type: POSTGRES_SCRAM_SHA_256
+    target_group:
+      targets:
+        - {host: 127.0.0.1, port: 5432}
+    endpoints:
+      - {name: orders-ro, listen: 127.0.0.1:6433, target_role: READ_ONLY}
+"""
+
+
+def dbmux(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(DBMUX), *args], capture_output=True, text=True, cwd=cwd, timeout=60, check=False
+    )
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    """A folder with a good config and the secret it names, relative to the config."""
+    (tmp_path / "secrets").mkdir()
+    secret = {"username": "app", "password": "app-secret", "engine": "postgres"}
+    (tmp_path / "secrets" / "app.json").write_text(json.dumps(secret))
+    (tmp_path / "dbmux.yaml").write_text(GOOD_YAML)
+    return tmp_path
+
+
+def test_the_script_is_installed_next_to_the_interpreter() -> None:
+    assert DBMUX.exists()
+
+
+def test_top_level_help_lists_every_command() -> None:
+    result = dbmux("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("serve", "check-config", "demo"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "mentions"),
+    [("serve", ["--config", "--log-level"]), ("check-config", ["FILE"])],
+)
+def test_command_help(command: str, mentions: list[str]) -> None:
+    result = dbmux(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"dbmux {command}" in result.stdout
+    for word in mentions:
+        assert word in result.stdout
+
+
+def test_no_command_is_a_usage_error() -> None:
+    result = dbmux()
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+
+
+def test_check_config_on_a_good_file_prints_a_summary_and_ok(config_dir: Path) -> None:
+    path = config_dir / "dbmux.yaml"
+    result = dbmux("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    summary, ok = result.stdout.strip().splitlines()
+    assert "orders" in summary
+    assert "POSTGRESQL" in summary
+    assert "127.0.0.1:6432" in summary
+    assert "127.0.0.1:5432" in summary
+    assert "app" in summary
+    assert ok == f"{path}: OK"
+
+
+def test_check_config_resolves_secrets_against_the_config_folder(
+    config_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    result = dbmux("check-config", str(config_dir / "dbmux.yaml"), cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_config_on_a_bad_file_names_the_field_without_a_traceback(
+    config_dir: Path,
+) -> None:
+    path = config_dir / "dbmux.yaml"
+    path.write_text(GOOD_YAML.replace("POSTGRESQL", "POSTGRES").replace("6433", "none"))
+    result = dbmux("check-config", str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert str(path) in result.stderr
+    assert "proxies.0.engine_family" in result.stderr
+    assert "proxies.0.endpoints.0.listen" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_with_a_missing_secret_names_the_secret(config_dir: Path) -> None:
+    (config_dir / "secrets" / "app.json").unlink()
+    result = dbmux("check-config", str(config_dir / "dbmux.yaml"))
+    assert result.returncode == 1
+    assert "file:secrets/app.json" in result.stderr
+    assert "OK" not in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_on_a_missing_file_exits_1(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    result = dbmux("check-config", str(path))
+    assert result.returncode == 1
+    assert str(path) in result.stderr
+    assert "Traceback" not in result.stderr

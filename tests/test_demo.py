@@ -1,0 +1,149 @@
+"""`dbmux demo`: a small storm against a real throwaway PostgreSQL, checked by its report data."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import pytest
+
+from dbmux.demo import (
+    TOO_MANY_CLIENTS,
+    DemoReport,
+    PhaseResult,
+    conclusion,
+    format_report,
+    progress_line,
+    run_demo,
+    storm_report,
+)
+
+CLIENTS, MAX_CONNECTIONS = 120, 30
+
+
+@pytest.fixture(scope="module")
+def demo() -> tuple[DemoReport, str]:
+    out = io.StringIO()
+    report = storm_report(clients=CLIENTS, max_connections=MAX_CONNECTIONS, out=out)
+    return report, out.getvalue()
+
+
+def test_direct_storm_is_refused_with_too_many_clients(demo: tuple[DemoReport, str]) -> None:
+    report, _ = demo
+    direct = report.direct
+    assert direct.done == direct.invocations == CLIENTS * 5
+    assert direct.failures[TOO_MANY_CLIENTS] > 0
+    assert direct.succeeded + direct.failed == direct.invocations
+    assert direct.peak_server_connections <= MAX_CONNECTIONS
+
+
+def test_dbmux_storm_has_no_failures(demo: tuple[DemoReport, str]) -> None:
+    report, _ = demo
+    through = report.dbmux
+    assert through.done == through.invocations == CLIENTS * 5
+    assert through.failed == 0, (through.failures, through.examples)
+    assert through.succeeded == through.invocations
+    assert len(through.latencies) == through.succeeded
+    assert report.exit_code == 0
+    assert report.dbmux_counters["client_logins"] >= through.invocations
+
+
+def test_rows_committed_equal_successful_invocations(demo: tuple[DemoReport, str]) -> None:
+    report, _ = demo
+    for phase in report.phases:
+        assert phase.rows_committed == phase.committed == phase.succeeded, phase.name
+
+
+def test_dbmux_stays_within_its_pool(demo: tuple[DemoReport, str]) -> None:
+    report, _ = demo
+    assert report.pool_size is not None
+    assert 1 <= report.pool_size < MAX_CONNECTIONS
+    assert 1 <= report.dbmux.peak_server_connections <= report.pool_size
+    assert 1 <= report.dbmux.peak_pool_open <= report.pool_size
+
+
+def test_output_shows_progress_and_the_comparison(demo: tuple[DemoReport, str]) -> None:
+    report, progress = demo
+    assert "direct " in progress and "dbmux  " in progress
+    assert "\r" not in progress  # not a terminal: plain lines
+    text = format_report(report)
+    assert "straight at PostgreSQL" in text and "through dbmux" in text
+    assert f"too many clients ({TOO_MANY_CLIENTS})" in text
+    assert f"{report.dbmux.peak_server_connections} of {MAX_CONNECTIONS}" in text
+    assert "DOES NOT match" not in text
+    assert f"through dbmux all {report.invocations} succeeded" in " ".join(text.split())
+
+
+# ------------------------------------------------------------ report logic, no database
+
+
+def _phase(name: str, succeeded: int, failures: dict[str, int]) -> PhaseResult:
+    phase = PhaseResult(name, invocations=100, clients=50)
+    phase.done = succeeded + sum(failures.values())
+    phase.succeeded = phase.committed = phase.rows_committed = succeeded
+    phase.failures = Counter(failures)
+    phase.latencies = [0.01 * (i + 1) for i in range(succeeded)]
+    phase.elapsed = 2.0
+    phase.finished = True
+    return phase
+
+
+def _report(direct: PhaseResult, through: PhaseResult) -> DemoReport:
+    return DemoReport(
+        clients=50,
+        invocations=100,
+        max_connections=20,
+        reserved_connections=3,
+        server_version="15",
+        direct=direct,
+        dbmux=through,
+        pool_size=4,
+    )
+
+
+def test_failures_through_dbmux_make_exit_code_1_and_are_named() -> None:
+    report = _report(
+        _phase("direct", 40, {TOO_MANY_CLIENTS: 60}),
+        _phase("dbmux", 97, {"08006": 2, "timeout": 1}),
+    )
+    report.dbmux.examples["08006"] = "ConnectionFailureError: server lost"
+    assert report.exit_code == 1
+    text = format_report(report)
+    assert "60 of 100 invocations (60%)" in " ".join(text.split())
+    assert "through dbmux 3 of 100 failed" in " ".join(text.split())
+    assert "ConnectionFailureError: server lost" in text
+
+
+def test_conclusion_when_the_database_coped() -> None:
+    report = _report(_phase("direct", 100, {}), _phase("dbmux", 100, {}))
+    assert report.exit_code == 0
+    assert "all 100 invocations succeeded this time" in conclusion(report)
+
+
+def test_unfinished_storm_is_reported_as_partial() -> None:
+    through = _phase("dbmux", 50, {})
+    through.stopped = "did not finish within 120 s"
+    report = _report(_phase("direct", 40, {TOO_MANY_CLIENTS: 60}), through)
+    assert report.exit_code == 1
+    assert "partial" in conclusion(report)
+
+
+def test_latency_quantiles_and_progress_line() -> None:
+    phase = _phase("direct", 100, {})
+    assert phase.latency(0.5) == pytest.approx(0.50)
+    assert phase.latency(0.99) == pytest.approx(0.99)
+    assert PhaseResult("dbmux", 10, 5).latency(0.5) is None
+    phase = _phase("direct", 30, {TOO_MANY_CLIENTS: 20})
+    phase.finished = False
+    line = progress_line(phase, server_now=17, max_connections=20)
+    assert "50/100" in line and "failed 20 (too many clients)" in line
+    assert line.endswith("db connections 17/20")
+    narrow = progress_line(phase, server_now=17, max_connections=20, width=70)
+    assert "(" not in narrow and narrow.endswith("db connections 17/20")
+    phase.failures["timeout"] = 2
+    assert "(20 too many clients, 2 timed out)" in progress_line(phase, 0, 20)
+
+
+def test_run_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_demo(clients=10, max_connections=3) == 1
+    assert "--max-connections must be at least 10" in capsys.readouterr().out
