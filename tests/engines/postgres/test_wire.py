@@ -669,6 +669,18 @@ def test_frontend_counts_query_sync_and_function_call_as_syncing() -> None:
     assert scanner.feed(copy_data(b"row") + COPY_DONE) == 0
 
 
+def test_frontend_copy_messages_keep_the_kind_of_the_message_that_began_the_copy() -> None:
+    """After a Query, COPY data ends what ReadyForQuery answers; after an Execute, or a stray
+    CopyFail outside any COPY, the server still waits for a Sync."""
+    scanner = FrontendScanner()
+    scanner.feed(query("COPY t FROM STDIN") + copy_data(b"row") + COPY_DONE)
+    assert scanner.last_kind == ord("Q")
+    scanner.feed(execute() + raw(b"f", b"oops\0") + copy_data(b"row"))
+    assert scanner.last_kind == ord("E")
+    scanner.feed(SYNC)
+    assert scanner.last_kind == ord("S")
+
+
 def test_frontend_terminate_in_the_middle_of_a_chunk() -> None:
     before, after = query("SELECT 1") + SYNC, b"garbage that is never scanned"
     scanner = FrontendScanner()

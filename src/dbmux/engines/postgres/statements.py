@@ -76,7 +76,9 @@ class StatementsMixin:
             return
         out = self._map_names(server, failed)
         self.refreshed.clear()
-        self.scanner.last_kind = self.queue[-1][0]
+        for kind, _ in self.queue:
+            if kind not in wire.COPY_TYPES:
+                self.scanner.last_kind = kind
         self.outstanding += self.queue_syncs
         self.queue = []
         self.queue_syncs = 0

@@ -36,9 +36,13 @@ IDLE = 73  # ReadyForQuery status b"I": no transaction open
 
 # Frontend messages after which the server sends ReadyForQuery.
 SYNCING_TYPES = frozenset(b"QSF")
-# A client whose last message is one of these has nothing waiting at the server beyond what
-# ReadyForQuery answers (CopyDone and CopyFail end the COPY of a Query already counted).
-COMPLETE_TYPES = frozenset(b"QSFcf")
+# A client whose last message (COPY data aside) is one of these has nothing waiting at the
+# server beyond what ReadyForQuery answers.
+COMPLETE_TYPES = frozenset(b"QSF")
+# CopyData, CopyDone and CopyFail belong to the COPY that the message before them started
+# (a Query, or an Execute still waiting for its Sync), so they leave `last_kind` alone: an
+# Execute followed by a stray CopyFail still owes the server a Sync.
+COPY_TYPES = frozenset(b"dcf")
 
 
 class ProtocolViolation(Exception):
@@ -397,9 +401,11 @@ class FrontendScanner:
                 self.terminated_at = pos - carried
                 self._skip = 0
                 return syncs
-            self.last_kind = kind
             if kind in SYNCING_TYPES:
                 syncs += 1
+                self.last_kind = kind
+            elif kind not in COPY_TYPES:
+                self.last_kind = kind
             if end >= n:
                 self._skip = end - n
                 return syncs
