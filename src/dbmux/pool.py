@@ -34,6 +34,9 @@ class BorrowTimeout(Exception):
 class PoolKey:
     database: str
     user: str
+    # Engine-defined: what else must match for clients to share server connections (MySQL:
+    # the capabilities and character set the connection was opened with).
+    variant: int = 0
 
 
 Opener = Callable[[PoolKey, bool], Awaitable[ServerConnection]]
@@ -317,8 +320,8 @@ class PoolSet:
         self.metrics = metrics
         self.pools: dict[PoolKey, Pool] = {}
 
-    def get(self, database: str, user: str) -> Pool:
-        key = PoolKey(database, user)
+    def get(self, database: str, user: str, variant: int = 0) -> Pool:
+        key = PoolKey(database, user, variant)
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool(key, self.budget, self.opener, self.metrics)

@@ -56,7 +56,9 @@ def engine_for(family: EngineFamily) -> Engine:
         from dbmux.engines.postgres.engine import PostgresEngine
 
         return PostgresEngine()
-    raise ConfigError(f"engine_family {family.value} is not available yet")
+    from dbmux.engines.mysql.engine import MysqlEngine
+
+    return MysqlEngine()
 
 
 def load_users(config: ProxyConfig, base_dir: Path) -> dict[str, UserSecret]:
@@ -96,7 +98,7 @@ class Proxy:
         return await self.engine.connect(
             self.target,
             secret.credentials,
-            key.database,
+            key,
             init_query=self.config.target_group.connection_pool_config.init_query,
             read_limit=read_limit,
         )

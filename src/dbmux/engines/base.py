@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dbmux.auth.secrets import Credentials
     from dbmux.config import Target
-    from dbmux.pool import Pool
+    from dbmux.pool import Pool, PoolKey
     from dbmux.proxy import ProxyRuntime
 
 
@@ -89,12 +89,13 @@ class Engine(ABC):
         self,
         target: Target,
         credentials: Credentials,
-        database: str,
+        key: PoolKey,
         *,
         init_query: str,
         read_limit: bool,
     ) -> ServerConnection:
-        """Open and authenticate a server connection; with `read_limit`, set server_limit."""
+        """Open and authenticate a server connection for the pool `key`; with `read_limit`,
+        set server_limit."""
 
 
 class ClientSession(ABC):

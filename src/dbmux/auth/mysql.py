@@ -1,0 +1,169 @@
+"""Password algorithms of MySQL's authentication plugins, for both sides of the proxy.
+
+dbmux holds each login's plaintext password (from a secret), so it can check what a MySQL
+client sends and answer a MySQL/MariaDB server's challenge itself; the wire handling lives in
+the MySQL engine, this module only does the arithmetic of mysql_native_password and
+caching_sha2_password (fast authentication, and RSA full authentication without TLS).
+
+Passwords go over the wire as UTF-8, as utf8mb4 clients send them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+__all__ = [
+    "NONCE_LENGTH",
+    "RsaKey",
+    "encrypt_password",
+    "native_scramble",
+    "new_nonce",
+    "sha2_scramble",
+    "verify_native",
+    "verify_sha2",
+]
+
+NONCE_LENGTH = 20  # MySQL's SCRAMBLE_LENGTH
+
+# What MySQL servers put in a nonce: printable ASCII, never NUL (part 2 of the greeting is
+# NUL-terminated) nor '$' (the separator of stored caching_sha2_password hashes).
+_NONCE_ALPHABET = bytes(c for c in range(0x21, 0x7F) if c != ord("$"))
+_PUBLIC_EXPONENT = 65537
+
+
+def _oaep() -> padding.OAEP:
+    """RSA-OAEP with SHA-1, as MySQL 8.0.5+ servers and their clients use it."""
+    return padding.OAEP(
+        mgf=padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None
+    )
+
+
+def _sha1(data: bytes) -> bytes:
+    return hashlib.sha1(data).digest()
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
+def _xor_cyclic(data: bytes, nonce: bytes) -> bytes:
+    """data XOR the nonce's first NONCE_LENGTH bytes, repeated as needed (self-inverse)."""
+    key = nonce[:NONCE_LENGTH]
+    if not key:
+        raise ValueError("empty nonce")
+    return bytes(byte ^ key[i % len(key)] for i, byte in enumerate(data))
+
+
+def new_nonce() -> bytes:
+    """NONCE_LENGTH random bytes for a server greeting's auth-plugin-data, as MySQL makes them.
+
+    Printable ASCII without NUL or '$': MySQL servers send such bytes, and part 2 of the
+    greeting's nonce is NUL-terminated, so a NUL inside would cut it short.
+    """
+    return bytes(secrets.choice(_NONCE_ALPHABET) for _ in range(NONCE_LENGTH))
+
+
+def native_scramble(password: str, nonce: bytes) -> bytes:
+    """mysql_native_password client response: SHA1(pw) XOR SHA1(nonce + SHA1(SHA1(pw))).
+
+    b"" for an empty password. Only the first NONCE_LENGTH bytes of nonce count: servers
+    sometimes send a trailing NUL after them.
+    """
+    if not password:
+        return b""
+    stage1 = _sha1(password.encode("utf-8"))
+    return _xor(stage1, _sha1(nonce[:NONCE_LENGTH] + _sha1(stage1)))
+
+
+def verify_native(password: str, nonce: bytes, response: bytes) -> bool:
+    """Check a client's mysql_native_password response in constant time.
+
+    For an empty password only an empty response matches.
+    """
+    return hmac.compare_digest(native_scramble(password, nonce), bytes(response))
+
+
+def sha2_scramble(password: str, nonce: bytes) -> bytes:
+    """caching_sha2_password fast-auth response: SHA256(pw) XOR SHA256(SHA256(SHA256(pw)) + nonce).
+
+    b"" for an empty password. Like native_scramble, only the first NONCE_LENGTH bytes of nonce
+    count (libmysqlclient and the server use exactly SCRAMBLE_LENGTH bytes).
+    """
+    if not password:
+        return b""
+    stage1 = _sha256(password.encode("utf-8"))
+    return _xor(stage1, _sha256(_sha256(stage1) + nonce[:NONCE_LENGTH]))
+
+
+def verify_sha2(password: str, nonce: bytes, response: bytes) -> bool:
+    """Check a client's caching_sha2_password fast-auth response in constant time.
+
+    For an empty password only an empty response matches.
+    """
+    return hmac.compare_digest(sha2_scramble(password, nonce), bytes(response))
+
+
+class RsaKey:
+    """The proxy's RSA key pair for caching_sha2_password full authentication without TLS.
+
+    The client asks for the public key, then sends RSA-OAEP(password + NUL XOR nonce).
+    """
+
+    def __init__(self, private_key: rsa.RSAPrivateKey) -> None:
+        self._private_key = private_key
+        self._public_pem = private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    @classmethod
+    def generate(cls, bits: int = 2048) -> RsaKey:
+        """A fresh key pair (2048 bits, like MySQL's auto-generated keys)."""
+        return cls(rsa.generate_private_key(public_exponent=_PUBLIC_EXPONENT, key_size=bits))
+
+    @property
+    def public_pem(self) -> bytes:
+        """The public key as PEM SubjectPublicKeyInfo ("BEGIN PUBLIC KEY"), as MySQL sends it."""
+        return self._public_pem
+
+    def decrypt_password(self, ciphertext: bytes, nonce: bytes) -> str | None:
+        """The client's password, or None when the ciphertext does not decrypt to one.
+
+        None covers a wrong key or garbage (OAEP fails), a plaintext without the trailing NUL,
+        and a password that is not UTF-8.
+        """
+        try:
+            plaintext = self._private_key.decrypt(bytes(ciphertext), _oaep())
+        except ValueError:
+            return None
+        password = _xor_cyclic(plaintext, nonce)
+        if not password.endswith(b"\0"):
+            return None
+        try:
+            return password[:-1].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+
+def encrypt_password(password: str, nonce: bytes, public_pem: bytes) -> bytes:
+    """What a client sends in full authentication: RSA-OAEP-SHA1((password + NUL) XOR nonce).
+
+    The nonce repeats cyclically; public_pem is the server's key. Raise ValueError if public_pem
+    is not a usable RSA public key (or the password is too long for it).
+    """
+    try:
+        public_key = serialization.load_pem_public_key(bytes(public_pem))
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"not a PEM public key: {exc}") from None
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise ValueError(f"not an RSA public key: {type(public_key).__name__}")
+    return public_key.encrypt(_xor_cyclic(password.encode("utf-8") + b"\0", nonce), _oaep())

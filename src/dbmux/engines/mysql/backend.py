@@ -1,0 +1,325 @@
+"""Server side of the MySQL engine: connect and authenticate to MySQL/MariaDB, run the proxy's
+own commands (state replay, prepares, resets), and relay a lent connection's replies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dbmux.auth import mysql as auth
+from dbmux.auth.secrets import Credentials
+from dbmux.engines.base import ServerConnection, ServerError
+from dbmux.engines.mysql import state, wire
+from dbmux.framed import ConnectionClosed, FramedProtocol
+
+if TYPE_CHECKING:
+    from dbmux.engines.mysql.frontend import MyClient
+
+log = logging.getLogger("dbmux.mysql")
+
+CONNECT_TIMEOUT = 10.0
+NATIVE = "mysql_native_password"
+SHA2 = "caching_sha2_password"
+
+
+@dataclass(slots=True)
+class ServerStatement:
+    """A statement prepared on one server connection, shared by every client that prepares
+    the same text there."""
+
+    statement_id: int
+    params: int
+    # The prepare reply (parameter and column definitions), for clients preparing it later.
+    reply: list[bytes]
+    # Parameter types the server holds from the last execute that sent them.
+    types: bytes | None = None
+
+
+def split_raw(buf: bytearray) -> bytes | None:
+    """One physical packet, header included."""
+    if len(buf) < 4:
+        return None
+    end = 4 + (buf[0] | buf[1] << 8 | buf[2] << 16)
+    if len(buf) < end:
+        return None
+    raw = bytes(buf[:end])
+    del buf[:end]
+    return raw
+
+
+def server_error(payload: bytes) -> ServerError:
+    err = wire.parse_err(payload)
+    return ServerError(err.message, code=str(err.code), fields={"state": err.state})
+
+
+class MyServer(FramedProtocol, ServerConnection):
+    """One connection to a MySQL or MariaDB server."""
+
+    def __init__(self, host: str, port: int, capabilities: int, prepared_capacity: int) -> None:
+        FramedProtocol.__init__(self)
+        ServerConnection.__init__(self)
+        self.host = host
+        self.port = port
+        self.capabilities = capabilities
+        self.deprecate_eof = bool(capabilities & wire.CLIENT_DEPRECATE_EOF)
+        self.scanner = wire.ResponseScanner(self.deprecate_eof)
+        self.client: MyClient | None = None
+        self.greeting: wire.Greeting | None = None
+        self.thread_id = 0
+        # Session state the proxy put here for borrowers: variables (`name` for system
+        # variables, `@name` for user variables) as SQL literals, and the current schema.
+        self.applied: dict[str, str] = {}
+        self.schema = ""
+        self.insert_id = 0  # what LAST_INSERT_ID() returns here, as far as OK packets tell
+        self.prepared: OrderedDict[bytes, ServerStatement] = OrderedDict()
+        self.prepared_capacity = prepared_capacity
+        self.discard_needed = False  # a pinned session left state COM_RESET_CONNECTION clears
+        self.last_error = ""
+
+    # -- login --------------------------------------------------------------------------------
+
+    async def login(self, credentials: Credentials, database: str, charset: int) -> None:
+        seq, payload = await self.read(wire.split_packet)
+        self.greeting = greeting = wire.parse_greeting(payload)
+        self.thread_id = greeting.thread_id
+        self.capabilities &= greeting.capabilities
+        plugin = greeting.plugin if greeting.plugin in (NATIVE, SHA2) else NATIVE
+        nonce = greeting.nonce
+        response = wire.build_handshake_response(
+            capabilities=self.capabilities,
+            charset=charset,
+            user=credentials.username,
+            auth_response=_scramble(plugin, credentials.password, nonce),
+            database=database,
+            plugin=plugin,
+        )
+        self.write(wire.packet(seq + 1, response))
+        self.schema = database
+        password = credentials.password
+        while True:
+            seq, payload = await self.read(wire.split_packet)
+            first = payload[:1]
+            if first == b"\0":
+                return
+            if first == b"\xff":
+                raise server_error(payload)
+            if first == b"\xfe":  # auth switch: another plugin, maybe a new nonce
+                name, pos = wire.read_nul_str(payload, 1)
+                plugin = name.decode(errors="replace")
+                nonce = payload[pos:].rstrip(b"\0") or nonce
+                if plugin not in (NATIVE, SHA2):
+                    raise ServerError(f"the server asks for unsupported auth plugin {plugin}")
+                self.write(wire.packet(seq + 1, _scramble(plugin, password, nonce)))
+            elif first == b"\x01" and plugin == SHA2:  # caching_sha2_password's more data
+                if payload[1:2] == b"\x03":  # fast authentication succeeded; OK follows
+                    continue
+                if payload[1:2] == b"\x04":  # full authentication: ask for the RSA key
+                    self.write(wire.packet(seq + 1, b"\x02"))
+                    continue
+                key = payload[1:]
+                try:
+                    encrypted = auth.encrypt_password(password, nonce, key)
+                except ValueError as error:
+                    raise ServerError(f"unusable RSA key from the server: {error}") from None
+                self.write(wire.packet(seq + 1, encrypted))
+            else:
+                raise ServerError(f"unexpected packet 0x{payload[0]:02x} during login")
+
+    # -- the proxy's own commands -------------------------------------------------------------
+
+    async def exchange(self, payload: bytes, kind: int) -> list[bytes]:
+        """Send one command and read its whole response (logical payloads); an ERR raises
+        ServerError. Not for large results: the proxy's own queries are small."""
+        self.stop_relaying()
+        try:
+            self.write(wire.packet(0, payload))
+            scanner = self.scanner
+            scanner.expect(kind)
+            raw = bytearray()
+            while scanner.busy:
+                packet = await self.read(split_raw)
+                raw += packet
+                scanner.feed(packet)
+        finally:
+            self.resume_relaying()
+        reader = wire.PacketReader()
+        payloads = []
+        while (item := reader.take(raw)) is not None:
+            payloads.append(item)
+        if scanner.insert_id:
+            self.insert_id = scanner.insert_id
+        if scanner.failed:
+            raise server_error(payloads[-1])
+        return payloads
+
+    def resume_relaying(self) -> None:
+        leftover = self.start_relaying()
+        if leftover:
+            self.relay(leftover)
+
+    async def query(self, sql: str) -> tuple[list[wire.Column], list[list[bytes | None]]]:
+        payloads = await self.exchange(
+            bytes((wire.COM_QUERY,)) + sql.encode(), wire.RESPONSE_RESULT
+        )
+        return wire.parse_text_result(payloads, self.deprecate_eof)
+
+    async def read_server_limit(self) -> None:
+        _, rows = await self.query("SELECT @@max_connections")
+        # Accounts without SUPER get max_connections; one more is kept for SUPER.
+        self.server_limit = (int(rows[0][0] or 1), 0)
+
+    async def prepare(self, text: bytes) -> ServerStatement:
+        """This connection's statement for `text`, prepared now if it has none; raises the
+        server's error when the text cannot be prepared."""
+        statement = self.prepared.get(text)
+        if statement is not None:
+            self.prepared.move_to_end(text)
+            return statement
+        payloads = await self.exchange(
+            bytes((wire.COM_STMT_PREPARE,)) + text, wire.RESPONSE_PREPARE
+        )
+        ok = wire.parse_prepare_ok(payloads[0])
+        statement = ServerStatement(ok.statement_id, ok.params, payloads)
+        self.prepared[text] = statement
+        while len(self.prepared) > self.prepared_capacity:
+            _, evicted = self.prepared.popitem(last=False)
+            self.write(
+                wire.packet(0, wire.with_statement_id(b"\x19\0\0\0\0", evicted.statement_id))
+            )
+        return statement
+
+    async def apply_state(self, wanted: dict[str, str], schema: str) -> None:
+        """Bring this session's variables and schema to a client's. Only differences are
+        sent; a system variable the client does not have is reset with
+        COM_RESET_CONNECTION, which also clears the statements prepared here."""
+        applied = self.applied
+        if any(name not in wanted and name[0] != "@" for name in applied):
+            await self.exchange(bytes((wire.COM_RESET_CONNECTION,)), wire.RESPONSE_SIMPLE)
+            self.forget_session()
+            applied = self.applied
+        changes = {key: value for key, value in wanted.items() if applied.get(key) != value}
+        changes.update((key, "NULL") for key in applied if key not in wanted)
+        if changes:
+            await self.query(state.set_statement(changes))
+        self.applied = dict(wanted)
+        if schema != self.schema and schema:
+            await self.exchange(bytes((wire.COM_INIT_DB,)) + schema.encode(), wire.RESPONSE_SIMPLE)
+            self.schema = schema
+
+    def forget_session(self) -> None:
+        """After COM_RESET_CONNECTION: the session is as new (the schema stays)."""
+        self.applied = {}
+        self.prepared.clear()
+        self.insert_id = 0
+
+    async def reset(self) -> None:
+        """Before the next borrower: roll back what is open; clear a pinned session's state."""
+        if self.discard_needed:
+            await self.exchange(bytes((wire.COM_RESET_CONNECTION,)), wire.RESPONSE_SIMPLE)
+            # Releases table locks and named locks too; a global read lock needs its own.
+            await self.query("UNLOCK TABLES")
+            self.forget_session()
+            self.discard_needed = False
+        elif self.scanner.status & wire.SERVER_STATUS_IN_TRANS:
+            await self.query("ROLLBACK")
+
+    def disconnect(self, graceful: bool) -> None:
+        if graceful:
+            self.write(wire.packet(0, bytes((wire.COM_QUIT,))))
+        self.close_transport(abort=not graceful)
+
+    # -- relay --------------------------------------------------------------------------------
+
+    def relay(self, data: bytes) -> None:
+        scanner = self.scanner
+        try:
+            done = scanner.feed(data)
+        except wire.ProtocolViolation as error:
+            log.error("server %s:%s broke the protocol: %s", self.host, self.port, error)
+            self.close()
+            return
+        if scanner.unsolicited is not None:
+            self._note_goodbye(scanner.unsolicited)
+            scanner.unsolicited = None
+            return
+        client = self.client
+        if client is None:
+            return
+        client.transport.write(data)  # type: ignore[union-attr]
+        if done:
+            client.response_done(done)
+
+    def _note_goodbye(self, payload: bytes) -> None:
+        err = wire.parse_err(payload)
+        self.last_error = f"{err.code} {err.message}"
+        log.info("server connection %s:%s ends: %s", self.host, self.port, self.last_error)
+
+    def on_write_blocked(self, blocked: bool) -> None:
+        if self.client is not None:
+            self.client.peer_write_blocked(blocked)
+
+    def on_closed(self, exc: Exception | None) -> None:
+        client = self.client
+        ServerConnection.close(self)
+        if client is not None:
+            client.server_lost(self)
+
+
+def _scramble(plugin: str, password: str, nonce: bytes) -> bytes:
+    if plugin == SHA2:
+        return auth.sha2_scramble(password, nonce)
+    return auth.native_scramble(password, nonce)
+
+
+async def read_greeting(host: str, port: int) -> wire.Greeting:
+    """The server's greeting, without logging in: what the proxy shows its own clients."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+    try:
+        header = await asyncio.wait_for(reader.readexactly(4), CONNECT_TIMEOUT)
+        length = int.from_bytes(header[:3], "little")
+        return wire.parse_greeting(await reader.readexactly(length))
+    finally:
+        writer.close()
+
+
+async def open_server(
+    host: str,
+    port: int,
+    credentials: Credentials,
+    database: str,
+    *,
+    capabilities: int,
+    charset: int,
+    init_query: str,
+    read_limit: bool,
+    prepared_capacity: int,
+) -> MyServer:
+    """Connect, authenticate, run init_query (and read the server's limit when asked)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            _, server = await loop.create_connection(
+                lambda: MyServer(host, port, capabilities, prepared_capacity), host, port
+            )
+            try:
+                await server.login(credentials, database, charset)
+                server.resume_relaying()
+                if read_limit:
+                    await server.read_server_limit()
+                if init_query:
+                    await server.query(init_query)
+            except BaseException:
+                server.disconnect(graceful=False)
+                raise
+    except TimeoutError:
+        raise ServerError(f"timed out connecting to {host}:{port}", code="2013") from None
+    except (ConnectionClosed, wire.ProtocolViolation) as error:
+        raise ServerError(f"{host}:{port} failed during login: {error}", code="2013") from None
+    except OSError as error:
+        raise ServerError(
+            f"cannot connect to {host}:{port}: {error.strerror or error}", code="2003"
+        ) from None
+    return server

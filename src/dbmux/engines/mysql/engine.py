@@ -1,0 +1,130 @@
+"""The MySQL engine: what one MySQL/MariaDB proxy shares among its client connections."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dbmux.auth.mysql import RsaKey
+from dbmux.auth.secrets import Credentials
+from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
+from dbmux.engines.base import Engine, ServerConnection
+from dbmux.engines.mysql import wire
+from dbmux.engines.mysql.backend import NATIVE, SHA2, open_server, read_greeting
+from dbmux.engines.mysql.classify import Classifier
+from dbmux.engines.mysql.frontend import MyClient
+from dbmux.pool import PoolKey
+
+if TYPE_CHECKING:
+    from dbmux.proxy import ProxyRuntime
+
+SET_RESULTS_CAPACITY = 10_000  # remembered outcomes of SET statements per proxy
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    credentials: Credentials
+    auth_type: ClientPasswordAuthType | None
+
+
+@dataclass
+class MyContext:
+    """State shared by the client connections of one MySQL proxy."""
+
+    runtime: ProxyRuntime
+    users: dict[str, Login]
+    classifier: Classifier
+    target: Target
+    rsa_key: RsaKey = field(default_factory=RsaKey.generate)
+    # SET statement text (per pool variant) -> the values it leaves, for SETs whose outcome
+    # does not depend on the session (literal values only).
+    set_results: OrderedDict[tuple[int, bytes], dict[str, str | None]] = field(
+        default_factory=OrderedDict
+    )
+    _greeting: wire.Greeting | None = None
+    _greeting_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def __post_init__(self) -> None:
+        self.config = self.runtime.config
+        self.pools = self.runtime.pools
+        self.metrics = self.runtime.metrics
+        self.clock = self.runtime.clock
+        self.clients = self.runtime.clients
+        self.loop = asyncio.get_running_loop()
+        types = {login.auth_type for login in self.users.values()}
+        self.default_plugin = (
+            SHA2 if types == {ClientPasswordAuthType.MYSQL_CACHING_SHA2_PASSWORD} else NATIVE
+        )
+
+    @staticmethod
+    def plugin_for(auth_type: ClientPasswordAuthType | None) -> str:
+        return SHA2 if auth_type is ClientPasswordAuthType.MYSQL_CACHING_SHA2_PASSWORD else NATIVE
+
+    async def server_greeting(self) -> wire.Greeting:
+        """The database's greeting (version, capabilities, charset), read once without
+        logging in: clients see the server they would see directly."""
+        if self._greeting is None:
+            async with self._greeting_lock:
+                if self._greeting is None:
+                    self._greeting = await read_greeting(self.target.host, self.target.port)
+        return self._greeting
+
+    def new_connection_id(self) -> int:
+        return next(self._ids) & 0xFFFFFFFF
+
+    def remember_set(self, key: tuple[int, bytes], values: dict[str, str | None]) -> None:
+        self.set_results[key] = values
+        if len(self.set_results) > SET_RESULTS_CAPACITY:
+            self.set_results.popitem(last=False)
+
+
+class MysqlEngine(Engine):
+    """MySQL client/server protocol 4.1+, for MySQL 5.7+/8 and MariaDB 10.2+."""
+
+    prepared_capacity = 500
+
+    def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
+        pool_config = runtime.config.target_group.connection_pool_config
+        self.prepared_capacity = pool_config.max_prepared_statements
+        users = {
+            name: Login(secret.credentials, secret.auth_type)
+            for name, secret in runtime.users.items()
+        }
+        ctx = MyContext(
+            runtime,
+            users,
+            Classifier(
+                exclude_variable_sets=PinningFilter.EXCLUDE_VARIABLE_SETS
+                in pool_config.session_pinning_filters,
+                replay_settings=runtime.config.session_state is SessionState.REPLAY,
+            ),
+            runtime.config.target_group.targets[0],
+        )
+        return lambda: MyClient(ctx)
+
+    async def connect(
+        self,
+        target: Target,
+        credentials: Credentials,
+        key: PoolKey,
+        *,
+        init_query: str,
+        read_limit: bool,
+    ) -> ServerConnection:
+        capabilities = (key.variant & wire.SESSION_CAPABILITIES) | wire.SERVER_BASE_CAPABILITIES
+        return await open_server(
+            target.host,
+            target.port,
+            credentials,
+            key.database,
+            capabilities=capabilities,
+            charset=(key.variant >> 48) & 0xFF,
+            init_query=init_query,
+            read_limit=read_limit,
+            prepared_capacity=self.prepared_capacity,
+        )
