@@ -444,6 +444,8 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         except CommandFailed as failure:
             self.reply_error(failure.error, failure.message)
             self._end_command()
+        except wire.ProtocolViolation as error:
+            self._violation(wire.ER_NET_READ_ERROR, str(error))
         except (ConnectionClosed, OSError) as error:
             self.reply_error(wire.CR_SERVER_LOST, f"lost the server connection: {error}")
             self._end_command()

@@ -1,0 +1,144 @@
+"""What happens around a MySQL client's transactions: borrow timeouts, pins and the reset
+after them, clients that leave mid-transaction, server connections that die, idle clients."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+import pymysql
+import pytest
+
+from tests.engines.mysql.conftest import MyProxy, server_connections
+
+WAIT = 15.0
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {WAIT} s: {what}")
+        time.sleep(0.02)
+
+
+def one(conn, sql: str, args: tuple = ()):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()
+
+
+@pytest.fixture
+def single(start_my_proxy: Callable[..., MyProxy]) -> MyProxy:
+    """One server connection; a borrow waits at most half a second."""
+    return start_my_proxy(pool={"max_connections_percent": 2, "connection_borrow_timeout": 0.5})
+
+
+def test_a_borrow_timeout_is_error_1040_naming_the_setting_and_the_client_goes_on(single):
+    with single.connect(autocommit=False) as holder, single.connect() as waiter:
+        one(holder, "SELECT COUNT(*) FROM items")  # opens a transaction on the only connection
+        with pytest.raises(pymysql.err.OperationalError) as caught:
+            one(waiter, "SELECT 2")
+        assert caught.value.args[0] == 1040
+        assert "connection_borrow_timeout" in caught.value.args[1]
+        holder.commit()
+        assert one(waiter, "SELECT 3") == (3,)
+    assert single.metrics.borrow_timeouts.value == 1
+
+
+@pytest.mark.parametrize(
+    ("statement", "reason"),
+    [
+        ("CREATE TEMPORARY TABLE tmp_pin (x INT)", "temporary_table"),
+        ("SELECT GET_LOCK('dbmux-test', 1)", "user_lock"),
+        ("LOCK TABLES items READ", "lock_tables"),
+        ("SELECT SQL_CALC_FOUND_ROWS * FROM items LIMIT 1", "found_rows"),
+        ("PREPARE s FROM 'SELECT 1'", "prepared_statement"),
+        ("HANDLER items OPEN", "handler"),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", "set_transaction"),
+        ("FLUSH TABLES items WITH READ LOCK", "global_read_lock"),
+    ],
+)
+def test_state_that_cannot_be_carried_pins_and_is_reset_afterwards(
+    single: MyProxy, mariadb, statement: str, reason: str
+) -> None:
+    mariadb.sql("GRANT RELOAD, LOCK TABLES ON *.* TO 'app'@'%'")
+    with single.connect() as pinned:
+        one(pinned, statement)
+        assert one(pinned, "SELECT 1") == (1,)
+    assert single.metrics.pins(reason) == 1
+    wait_until(lambda: single.pools.lent_count == 0, "the pinned connection came back")
+    with single.connect() as after:
+        # The same server connection, reset: no temporary table, no lock, no statement.
+        assert one(after, "SELECT IS_USED_LOCK('dbmux-test')") == (None,)
+        with pytest.raises(pymysql.err.ProgrammingError):
+            one(after, "SELECT * FROM tmp_pin")
+        assert one(after, "SELECT COUNT(*) >= 0 FROM items") == (1,)  # no table lock left
+
+
+def test_a_client_that_leaves_mid_transaction_has_it_rolled_back(single: MyProxy) -> None:
+    leaver = single.connect(autocommit=False)
+    one(leaver, "INSERT INTO items (client, note) VALUES (40, 'never committed')")
+    leaver._sock.shutdown(socket.SHUT_RDWR)  # gone without COM_QUIT
+    with single.connect() as other:
+        assert one(other, "SELECT COUNT(*) FROM items WHERE client = 40") == (0,)
+    assert single.pools.budget.open == 1
+
+
+def test_a_killed_server_connection_fails_the_transaction_and_the_next_one_works(
+    single: MyProxy, mariadb
+) -> None:
+    with single.connect(autocommit=False) as client:
+        one(client, "INSERT INTO items (client, note) VALUES (41, 'lost')")
+        (thread,) = one(client, "SELECT CONNECTION_ID()")
+        mariadb.sql(f"KILL CONNECTION {thread}")
+        wait_until(lambda: single.pools.budget.open == 0, "the proxy noticed the loss")
+        with pytest.raises(pymysql.err.OperationalError) as caught:
+            one(client, "SELECT 1")
+        assert caught.value.args[0] == 2013
+        assert "rolled back" in caught.value.args[1]
+        assert one(client, "SELECT COUNT(*) FROM items WHERE client = 41") == (0,)
+    assert single.metrics.database_connections_lost.value == 1
+
+
+def test_a_server_connection_killed_during_a_query_is_an_error_not_a_hang(
+    single: MyProxy, mariadb
+) -> None:
+    import threading
+
+    with single.connect() as client:
+        (thread,) = one(client, "SELECT CONNECTION_ID()")
+        killer = threading.Timer(0.5, mariadb.sql, args=(f"KILL CONNECTION {thread}",))
+        killer.start()
+        with pytest.raises(pymysql.err.OperationalError) as caught:
+            one(client, "SELECT SLEEP(10)")
+        killer.join()
+        assert caught.value.args[0] in (1927, 2013)
+        assert one(client, "SELECT 5") == (5,)
+
+
+def test_an_idle_client_is_disconnected_after_idle_client_timeout(start_my_proxy) -> None:
+    proxy = start_my_proxy(idle_client_timeout=1)
+    with proxy.connect() as client:
+        one(client, "SELECT 1")
+        time.sleep(2.5)
+        with pytest.raises(pymysql.err.OperationalError):
+            one(client, "SELECT 1")
+
+
+def test_the_pool_never_exceeds_its_size_in_the_database(my_proxy: MyProxy, mariadb) -> None:
+    clients = [my_proxy.connect(autocommit=False) for _ in range(10)]
+    try:
+        for c in clients:
+            one(c, "SELECT COUNT(*) FROM items")  # each holds a transaction open
+        assert server_connections(mariadb) == 10
+        for c in clients:
+            c.commit()
+        for _ in range(30):
+            with my_proxy.connect() as c:
+                one(c, "SELECT COUNT(*) FROM items")
+        assert server_connections(mariadb) <= 10
+    finally:
+        for c in clients:
+            c.close()
