@@ -466,6 +466,11 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         """Send a command to this session's server connection, borrowing one if needed."""
         self.busy = True
         server = self.server
+        if server is not None and self.want_insert_id and server.insert_id != self.insert_id:
+            # Mid-transaction on a connection whose LAST_INSERT_ID() is another client's.
+            self.waiting = (payload, kind)
+            self._task = self.ctx.loop.create_task(self._step_then_send(server))
+            return
         if server is None:
             pool = self.pool
             assert pool is not None
@@ -500,7 +505,8 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         try:
             await self._bring_in_step(server)
         except ServerError as error:
-            server.pool.release(server) if server.pool else server.close()
+            if server is not self.server:
+                server.pool.release(server) if server.pool else server.close()
             self.on_borrow_failed(error)
             return
         except (ConnectionClosed, OSError) as error:

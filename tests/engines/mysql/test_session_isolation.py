@@ -1,0 +1,151 @@
+"""Session isolation under random interleavings: through a pool of two server connections,
+every MySQL client sees exactly its own session state and never another client's, whatever
+the clients do and in whatever order.
+
+A model keeps each client's session as MySQL defines it (system variables, user variables,
+the current schema, LAST_INSERT_ID(); SET is not transactional, so a SET inside a rolled-back
+transaction still counts) and every step compares it with what the client reads through the
+proxy. Values are client-specific, so a leak shows up as a value naming another client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import aiomysql
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from pymysql.constants import CLIENT
+
+from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER
+
+N_CLIENTS = 4
+POOL_OF_TWO = {"max_connections_percent": 4, "connection_borrow_timeout": 5}
+STEP_TIMEOUT = 20.0
+SCHEMAS = (MY_DB, "other")
+
+
+@dataclass
+class Model:
+    time_zone: str = "SYSTEM"
+    sql_mode: str | None = None  # None: the server's default
+    user_var: str | None = None
+    schema: str = MY_DB
+    insert_id: int = 0
+    in_transaction: bool = False
+    values: list[str] = field(default_factory=list)
+
+
+actions = st.one_of(
+    # Quarter hours: MariaDB itself reads some other offsets back wrongly ('-04:04' as
+    # '-01:56'), directly as through the proxy.
+    st.tuples(st.just("time_zone"), st.sampled_from([0, 15, 30, 45])),
+    st.tuples(st.just("sql_mode"), st.sampled_from(["ANSI_QUOTES", "NO_ZERO_DATE", ""])),
+    st.tuples(st.just("user_var"), st.integers(0, 999)),
+    st.tuples(st.just("clear_user_var"), st.just(0)),
+    st.tuples(st.just("use"), st.sampled_from(SCHEMAS)),
+    st.tuples(st.just("insert"), st.just(0)),
+    st.tuples(st.just("begin"), st.just(0)),
+    st.tuples(st.just("end"), st.booleans()),
+    st.tuples(st.just("multi_statement"), st.sampled_from([0, 15, 30, 45])),
+)
+steps = st.lists(st.tuples(st.integers(0, N_CLIENTS - 1), actions), min_size=5, max_size=30)
+
+
+async def fetch(conn, sql: str, args=None):
+    async with conn.cursor() as cur:
+        await cur.execute(sql, args)
+        return await cur.fetchall()
+
+
+async def check(i: int, conn, model: Model) -> None:
+    ((tz, mode, var, schema, last),) = await fetch(
+        conn, "SELECT @@time_zone, @@sql_mode, @v, DATABASE(), LAST_INSERT_ID()"
+    )
+    assert tz == model.time_zone, f"client {i}: time_zone {tz!r}"
+    if model.sql_mode is not None:
+        assert mode == model.sql_mode, f"client {i}: sql_mode {mode!r}"
+    assert var == model.user_var, f"client {i}: @v {var!r}"
+    assert schema == model.schema, f"client {i}: schema {schema!r}"
+    assert last == model.insert_id, f"client {i}: LAST_INSERT_ID() {last}"
+
+
+async def act(i: int, conn, model: Model, action: tuple[str, object]) -> None:
+    kind, arg = action
+    if kind == "time_zone":
+        model.time_zone = f"+{i:02d}:{arg:02d}"
+        await fetch(conn, f"SET time_zone = '{model.time_zone}'")
+    elif kind == "sql_mode":
+        model.sql_mode = str(arg)
+        await fetch(conn, f"SET SESSION sql_mode = '{arg}'")
+    elif kind == "user_var":
+        model.user_var = f"client{i}-{arg}"
+        await fetch(conn, "SET @v = %s", (model.user_var,))
+    elif kind == "clear_user_var":
+        model.user_var = None
+        await fetch(conn, "SET @v = NULL")
+    elif kind == "use":
+        model.schema = str(arg)
+        await conn.select_db(model.schema)
+    elif kind == "insert":
+        async with conn.cursor() as cur:
+            await cur.execute(f"INSERT INTO {MY_DB}.items (client, note) VALUES (%s, 'iso')", (i,))
+            model.insert_id = cur.lastrowid
+    elif kind == "begin" and not model.in_transaction:
+        await conn.begin()
+        await fetch(conn, f"SELECT COUNT(*) FROM {MY_DB}.items")
+        model.in_transaction = True
+    elif kind == "end" and model.in_transaction:
+        await (conn.commit() if arg else conn.rollback())
+        model.in_transaction = False
+    elif kind == "multi_statement":
+        model.time_zone = f"-{i + 1:02d}:{arg:02d}"
+        async with conn.cursor() as cur:
+            await cur.execute(f"SET time_zone = '{model.time_zone}'; SELECT 1")
+            while await cur.nextset():
+                pass
+
+
+@pytest.fixture
+def isolation_proxy(start_my_proxy, mariadb):
+    mariadb.sql("CREATE DATABASE IF NOT EXISTS other; GRANT ALL ON other.* TO 'app'@'%'")
+    return start_my_proxy(pool=POOL_OF_TWO)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(plan=steps)
+async def test_every_client_sees_only_its_own_session(isolation_proxy, plan) -> None:
+    proxy = isolation_proxy
+    conns = [
+        await aiomysql.connect(
+            host=proxy.host,
+            port=proxy.port,
+            user=MY_USER,
+            password=MY_PASSWORD,
+            db=MY_DB,
+            autocommit=True,
+            client_flag=CLIENT.MULTI_STATEMENTS,
+        )
+        for _ in range(N_CLIENTS)
+    ]
+    models = [Model() for _ in range(N_CLIENTS)]
+    try:
+        for i, action in plan:
+            # At most one open transaction at a time: the pool has two connections.
+            if action[0] == "begin" and any(m.in_transaction for m in models):
+                continue
+            note(f"client {i}: {action}")
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await act(i, conns[i], models[i], action)
+                await check(i, conns[i], models[i])
+        for i, conn in enumerate(conns):
+            if models[i].in_transaction:
+                await conn.rollback()
+                models[i].in_transaction = False
+            await check(i, conn, models[i])
+    finally:
+        for conn in conns:
+            conn.close()
+    assert proxy.metrics.pins() == 0
