@@ -142,3 +142,33 @@ def test_the_pool_never_exceeds_its_size_in_the_database(my_proxy: MyProxy, mari
     finally:
         for c in clients:
             c.close()
+
+
+def test_kill_query_with_the_proxys_connection_id_stops_that_clients_query_only(
+    my_proxy: MyProxy,
+) -> None:
+    """KILL QUERY names the id a client got in its greeting (what drivers use to cancel):
+    the proxy stops the query on whichever server connection that client uses now."""
+    import threading
+
+    with my_proxy.connect() as victim, my_proxy.connect() as killer:
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                one(victim, "SELECT SLEEP(20)")
+            except BaseException as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        wait_until(lambda: my_proxy.pools.lent_count == 1, "the victim's query runs")
+        one(killer, f"KILL QUERY {victim.thread_id()}")
+        thread.join(10)
+        assert not thread.is_alive(), "the query was not stopped"
+        # SLEEP() interrupted returns 1 on MariaDB; other queries fail with 1317.
+        assert errors == [] or errors[0].args[0] == 1317
+        assert one(victim, "SELECT 'alive'") == ("alive",)
+        with pytest.raises(pymysql.err.OperationalError) as caught:
+            one(killer, "KILL QUERY 999999")
+        assert caught.value.args[0] == 1094

@@ -45,6 +45,8 @@ class MyContext:
     set_results: OrderedDict[tuple[int, bytes], dict[str, str | None]] = field(
         default_factory=OrderedDict
     )
+    # The connection id each client was given in its greeting -> that client (for KILL).
+    sessions: dict[int, MyClient] = field(default_factory=dict)
     _greeting: wire.Greeting | None = None
     _greeting_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -74,8 +76,10 @@ class MyContext:
                     self._greeting = await read_greeting(self.target.host, self.target.port)
         return self._greeting
 
-    def new_connection_id(self) -> int:
-        return next(self._ids) & 0xFFFFFFFF
+    def new_connection_id(self, client: MyClient) -> int:
+        connection_id = next(self._ids) & 0xFFFFFFFF
+        self.sessions[connection_id] = client
+        return connection_id
 
     def remember_set(self, key: tuple[int, bytes], values: dict[str, str | None]) -> None:
         self.set_results[key] = values

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ CURSOR = "cursor"  # COM_STMT_EXECUTE that opens a server-side cursor
 SET_OPTION = "set_option"  # COM_SET_OPTION changes how the server connection parses
 INBOX_LIMIT = 1 << 20  # stop reading a client that sends this much ahead of its replies
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+_KILL = re.compile(rb"\s*kill\s+(?:(query|connection)\s+)?(\d{1,10})\s*;?\s*", re.IGNORECASE)
 
 
 class LoginRefused(Exception):
@@ -104,6 +106,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         self.busy = False  # a command is being answered
         self.waiting: tuple[bytes, int] | None = None  # command waiting for a server
         self.transaction_lost = ""  # why, when the server died under an open transaction
+        self.cancelling: MyServer | None = None  # whose query our KILL QUERY stops
         self.last_active = ctx.clock.now
         self.logged_in = False
         self._task: asyncio.Task[None] | None = None
@@ -125,6 +128,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
     def on_closed(self, exc: Exception | None) -> None:
         ctx = self.ctx
         ctx.clients.discard(self)
+        ctx.sessions.pop(self.connection_id, None)
         ctx.metrics.client_connections_closed.value += 1
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -210,7 +214,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         except (OSError, TimeoutError, wire.ProtocolViolation) as error:
             raise LoginRefused(0, (2003, "HY000"), f"cannot reach the database: {error}") from None
         self.nonce = auth.new_nonce()
-        self.connection_id = ctx.new_connection_id()
+        self.connection_id = ctx.new_connection_id(self)
         offered = greeting.capabilities & wire.PROXY_CAPABILITIES
         self.write(
             wire.packet(
@@ -395,6 +399,8 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
             self.ok()
         elif command == wire.COM_CHANGE_USER:
             self._start(self._change_user(payload))
+        elif command == wire.COM_PROCESS_KILL and len(payload) >= 5:
+            self._kill(int.from_bytes(payload[1:5], "little"), query=False)
         elif command == wire.COM_SET_OPTION:
             if self.pin_reason is None:
                 self.pin(SET_OPTION)
@@ -403,6 +409,11 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
             self.reply_error(wire.ER_UNKNOWN_COM_ERROR, f"Unknown command 0x{command:02x}")
 
     def _query(self, payload: bytes) -> None:
+        if payload[1:].lstrip()[:4].lower() == b"kill":
+            kill = _KILL.fullmatch(payload, 1)
+            if kill is not None:
+                self._kill(int(kill[2]), query=(kill[1] or b"").lower() == b"query")
+                return
         verdict = self._verdict(payload[1:])
         if verdict is not classify.NO_STATE:
             self._note(verdict, payload[1:])
@@ -619,6 +630,9 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         self._end_command()
 
     def _end_command(self) -> None:
+        if self.cancelling is not None:
+            self.cancelling.end_cancel()
+            self.cancelling = None
         self.busy = False
         self.want_insert_id = False
         if self.inbox and not self.is_closed:
@@ -866,6 +880,35 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
             return
         self.reply(wire.ok_packet(), seq=seq + 1)
         self._end_command()
+
+    def _kill(self, connection_id: int, *, query: bool) -> None:
+        """KILL [QUERY] names the connection id the proxy gave a client: stop what that
+        client runs now, on the server connection it runs on, and never another's."""
+        target = self.ctx.sessions.get(connection_id)
+        if target is None:
+            self.reply_error(wire.ER_NO_SUCH_THREAD, f"Unknown thread id: {connection_id}")
+            return
+        if target.user != self.user:
+            self.reply_error(wire.ER_KILL_DENIED, f"You are not owner of thread {connection_id}")
+            return
+        server = target.server
+        running = server is not None and server.scanner.busy
+        if not query and target is not self:
+            target.write(
+                wire.packet(0, wire.err_packet(wire.ER_CONNECTION_KILLED, "Connection was killed"))
+            )
+            target.close_transport()
+        if running:
+            # The target's connection is not lent again until the KILL is done, so it
+            # cannot stop the query of whoever would borrow it next.
+            assert server is not None
+            server.begin_cancel()
+            self.cancelling = server
+            self._forward(b"\x03KILL QUERY %d" % server.thread_id, wire.RESPONSE_SIMPLE)
+        elif target is self and not query:
+            self.close_transport()
+        else:
+            self.ok()
 
     # -- failures and backpressure ------------------------------------------------------------
 
