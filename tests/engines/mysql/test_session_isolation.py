@@ -91,7 +91,9 @@ async def act(i: int, conn, model: Model, action: tuple[str, object]) -> None:
         await conn.select_db(model.schema)
     elif kind == "insert":
         async with conn.cursor() as cur:
-            await cur.execute(f"INSERT INTO {MY_DB}.items (client, note) VALUES (%s, 'iso')", (i,))
+            await cur.execute(
+                f"INSERT INTO {MY_DB}.items (client, note) VALUES (%s, 'iso')", (70_000 + i,)
+            )
             model.insert_id = cur.lastrowid
     elif kind == "begin" and not model.in_transaction:
         await conn.begin()

@@ -75,10 +75,10 @@ def test_last_insert_id_is_the_clients_own(shared: MyProxy) -> None:
 
 def test_autocommit_off_keeps_the_transaction_on_one_connection(shared: MyProxy) -> None:
     with shared.connect(autocommit=False) as a, shared.connect() as b:
-        one(a, "INSERT INTO items (client, note) VALUES (3, 'uncommitted')")
+        one(a, "INSERT INTO items (client, note) VALUES (60003, 'uncommitted')")
         # b waits for the pool's only connection, which a's open transaction holds.
         a.rollback()
-        assert one(b, "SELECT COUNT(*) FROM items WHERE client = 3") == (0,)
+        assert one(b, "SELECT COUNT(*) FROM items WHERE client = 60003") == (0,)
         assert one(a, "SELECT @@autocommit") == (0,)
         assert one(b, "SELECT @@autocommit") == (1,)
 
