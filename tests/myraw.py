@@ -37,12 +37,14 @@ class RawMy:
         length = int.from_bytes(header[:3], "little")
         return header[3], await asyncio.wait_for(self.reader.readexactly(length), WAIT)
 
-    async def login(self, user: str, password: str, database: str) -> tuple[int, bytes]:
+    async def login(
+        self, user: str, password: str, database: str, capabilities: int = CLIENT_CAPABILITIES
+    ) -> tuple[int, bytes]:
         """Greeting, handshake response, and the server's answer (OK or ERR)."""
         _, payload = await self.packet()
         self.greeting = wire.parse_greeting(payload)
         response = wire.build_handshake_response(
-            capabilities=CLIENT_CAPABILITIES,
+            capabilities=capabilities,
             charset=45,
             user=user,
             auth_response=native_scramble(password, self.greeting.nonce),

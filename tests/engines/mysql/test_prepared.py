@@ -124,3 +124,49 @@ def test_a_statement_that_cannot_be_prepared_reports_the_servers_error(my_proxy:
         assert caught.value.errno == 1146
     finally:
         conn.close()
+
+
+async def test_mariadb_bulk_execute_gets_its_types_on_another_connection_too(
+    start_my_proxy: Callable[..., MyProxy],
+) -> None:
+    """COM_STMT_BULK_EXECUTE (MariaDB): many rows in one command, types sent once."""
+    proxy = start_my_proxy(pool={"max_connections_percent": 4})
+    bulk_caps = (
+        (wire.SERVER_BASE_CAPABILITIES & ~wire.CLIENT_LONG_PASSWORD)
+        | wire.MARIADB_CLIENT_STMT_BULK_OPERATIONS
+        | wire.CLIENT_MULTI_RESULTS
+    )
+    async with (
+        await RawMy.connect(proxy.host, proxy.port) as raw,
+        await RawMy.connect(proxy.host, proxy.port) as other,
+    ):
+        # Both clients ask for bulk operations: they share one pool of two connections.
+        assert (await raw.login(MY_USER, MY_PASSWORD, MY_DB, bulk_caps))[1][:1] == b"\0"
+        assert raw.greeting is not None
+        assert raw.greeting.capabilities & wire.MARIADB_CLIENT_STMT_BULK_OPERATIONS
+        assert (await other.login(MY_USER, MY_PASSWORD, MY_DB, bulk_caps))[1][:1] == b"\0"
+        raw.command(b"\x16INSERT INTO items (client, note) VALUES (?, ?)")
+        statement = wire.parse_prepare_ok((await raw.response(wire.RESPONSE_PREPARE))[0])
+
+        def rows(*values: tuple[int, bytes]) -> bytes:
+            return b"".join(
+                b"\0" + n.to_bytes(8, "little") + b"\0" + wire.lenenc_str(note)
+                for n, note in values
+            )
+
+        head = b"\xfa" + statement.statement_id.to_bytes(4, "little")
+        types = b"\x08\x00\xfd\x00"  # LONGLONG, VAR_STRING
+        raw.command(
+            head + (128).to_bytes(2, "little") + types + rows((61_000, b"a"), (61_000, b"b"))
+        )
+        assert (await raw.response())[0][:1] == b"\0"
+        await other.query("BEGIN")  # holds the connection that has the statement
+        await other.query("SELECT COUNT(*) FROM items")
+        raw.command(head + b"\0\0" + rows((61_000, b"c")))  # no types this time
+        assert (await raw.response())[0][:1] == b"\0"
+        await other.query("COMMIT")
+        reply = await raw.query(
+            "SELECT GROUP_CONCAT(note ORDER BY note) FROM items WHERE client = 61000"
+        )
+    assert b"a,b,c" in reply[-2]
+    assert proxy.pools.budget.open == 2  # the second bulk ran on the other connection
