@@ -123,7 +123,8 @@ def test_load_data_local_is_refused_clearly_and_the_client_goes_on(my_proxy: MyP
 def test_a_stored_procedure_with_several_result_sets(my_proxy: MyProxy) -> None:
     with my_proxy.connect() as conn, conn.cursor() as cur:
         cur.execute(
-            "CREATE PROCEDURE IF NOT EXISTS two_results() BEGIN SELECT 1; SET @p = 1; SELECT 2, 3; END"
+            "CREATE PROCEDURE IF NOT EXISTS two_results()"
+            " BEGIN SELECT 1; SET @p = 1; SELECT 2, 3; END"
         )
         cur.execute("CALL two_results()")
         assert cur.fetchall() == ((1,),)
