@@ -1,9 +1,10 @@
 """Cheap measurements taken around and during a run: server connections and CPU time.
 
-Server connections are counted from pg_stat_activity over one persistent superuser
-connection (opened before any storm, so it never competes for a slot; superusers also have
-reserved slots), sampled by a background thread. CPU comes from /proc: the proxy process's
-user + system time, and the whole machine's busy time.
+Server connections are counted from pg_stat_activity (PostgreSQL) or
+information_schema.PROCESSLIST (MariaDB) over one persistent superuser connection (opened
+before any storm, so it never competes for a slot; superusers also have slots of their own),
+sampled by a background thread. CPU comes from /proc: the proxy process's user + system
+time, and the whole machine's busy time.
 """
 
 from __future__ import annotations
@@ -15,11 +16,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _TICK = os.sysconf("SC_CLK_TCK")
-_COUNT_SQL = (
+_PG_COUNT_SQL = (
     "SELECT count(*), count(*) FILTER (WHERE state = 'active')"
     " FROM pg_stat_activity WHERE usename = %s"
+)
+_MY_COUNT_SQL = (
+    "SELECT COUNT(*), COALESCE(SUM(COMMAND <> 'Sleep'), 0)"
+    " FROM information_schema.PROCESSLIST WHERE USER = %s"
+)
+# Connections counts every attempt, Aborted_connects the refused and failed ones.
+_MY_LOGINS_SQL = (
+    "SELECT SUM(IF(VARIABLE_NAME = 'CONNECTIONS', 1, -1) * VARIABLE_VALUE)"
+    " FROM information_schema.GLOBAL_STATUS"
+    " WHERE VARIABLE_NAME IN ('CONNECTIONS', 'ABORTED_CONNECTS')"
 )
 
 
@@ -95,20 +107,20 @@ class Snapshot:
     time: float
     proxy: tuple[float, float] | None  # user, system
     proxy_sched: tuple[float, float] | None  # on a CPU, waiting for one
-    postgres: float | None
+    server: float | None  # the database server's processes
     busy: float
     irq: float
     total: float
     context_switches: int
 
     @classmethod
-    def take(cls, proxy_pid: int | None, postmaster_pid: int | None) -> Snapshot:
+    def take(cls, proxy_pid: int | None, server_pid: int | None) -> Snapshot:
         busy, irq, total = machine_cpu()
         return cls(
             time=time.monotonic(),
             proxy=process_cpu_seconds(proxy_pid),
             proxy_sched=process_schedstat(proxy_pid),
-            postgres=tree_cpu_seconds(postmaster_pid),
+            server=tree_cpu_seconds(server_pid),
             busy=busy,
             irq=irq,
             total=total,
@@ -123,44 +135,110 @@ class Window:
     samples: int = 0
 
 
-class ConnectionSampler:
-    """Samples the number of server connections of one user every `interval` seconds."""
+class Admin:
+    """The sampler's superuser connection: the queries it makes, one at a time."""
 
-    def __init__(
-        self, dsn: str, user: str, psql: Callable[[str], str], interval: float = 0.25
-    ) -> None:
-        self.user = user
+    min_interval = 0.0  # seconds; a slow connection samples less often
+
+    def connections(self, user: str) -> tuple[int, int]:
+        """(all, active) server connections of user now."""
+        raise NotImplementedError
+
+    def logins(self) -> int | None:
+        """Sessions the server has established so far; None if it cannot tell."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class PostgresAdmin(Admin):
+    """psycopg (it comes with dbmux[demo]), else psql, the slow fallback."""
+
+    def __init__(self, dsn: str, psql: Callable[[str], str]) -> None:
         self._psql = psql
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._window = Window()
-        self._stop = threading.Event()
-        self._query: Callable[[], tuple[int, int]]
         self._conn = None
         try:
             import psycopg
 
             self._conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
-            self._query = self._query_psycopg
-        except ImportError:  # psycopg comes with dbmux[demo]; psql is the slow fallback
-            self._query = self._query_psql
-            self.interval = max(interval, 1.0)
-        self._thread = threading.Thread(target=self._run, name="conn-sampler", daemon=True)
+        except ImportError:
+            self.min_interval = 1.0
 
-    def _query_psycopg(self) -> tuple[int, int]:
-        assert self._conn is not None
-        row = self._conn.execute(_COUNT_SQL, (self.user,)).fetchone()
+    def connections(self, user: str) -> tuple[int, int]:
+        if self._conn is None:
+            sql = _PG_COUNT_SQL.replace("%s", "'" + user.replace("'", "''") + "'")
+            total, active = self._psql(sql).split("|")
+            return int(total), int(active)
+        row = self._conn.execute(_PG_COUNT_SQL, (user,)).fetchone()
         assert row is not None
         return int(row[0]), int(row[1])
 
-    def _query_psql(self) -> tuple[int, int]:
-        sql = _COUNT_SQL.replace("%s", "'" + self.user.replace("'", "''") + "'")
-        total, active = self._psql(sql).split("|")
+    def logins(self) -> int | None:
+        """pg_stat_database.sessions (PostgreSQL 14+)."""
+        sql = "SELECT sum(sessions)::bigint FROM pg_stat_database"
+        if self._conn is None:
+            return int(self._psql(sql))
+        row = self._conn.execute(sql).fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+
+
+class MariaDBAdmin(Admin):
+    """PyMySQL as root (TLS off: the throwaway server has none)."""
+
+    def __init__(self, host: str, port: int, password: str) -> None:
+        import pymysql
+
+        self._conn = pymysql.connect(
+            host=host,
+            port=port,
+            user="root",
+            password=password,
+            autocommit=True,
+            ssl_disabled=True,
+            connect_timeout=10,
+        )
+
+    def _row(self, sql: str, *args: str) -> tuple[Any, ...]:
+        with self._conn.cursor() as cursor:
+            cursor.execute(sql, args or None)
+            row = cursor.fetchone()
+        assert row is not None
+        return tuple(row)
+
+    def connections(self, user: str) -> tuple[int, int]:
+        total, active = self._row(_MY_COUNT_SQL, user)
         return int(total), int(active)
+
+    def logins(self) -> int | None:
+        (value,) = self._row(_MY_LOGINS_SQL)
+        return None if value is None else int(value)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.close()
+
+
+class ConnectionSampler:
+    """Samples the number of server connections of one user every `interval` seconds."""
+
+    def __init__(self, admin: Admin, user: str, interval: float = 0.25) -> None:
+        self.admin = admin
+        self.user = user
+        self.interval = max(interval, admin.min_interval)
+        self._lock = threading.Lock()
+        self._window = Window()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="conn-sampler", daemon=True)
 
     def current(self) -> tuple[int, int]:
         with self._lock:
-            return self._query()
+            return self.admin.connections(self.user)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -187,14 +265,10 @@ class ConnectionSampler:
         return window
 
     def logins(self) -> int | None:
-        """Sessions ever established on the cluster (pg_stat_database.sessions, PG 14+)."""
-        sql = "SELECT sum(sessions)::bigint FROM pg_stat_database"
+        """Sessions the server has established so far (see Admin.logins)."""
         try:
             with self._lock:
-                if self._conn is not None:
-                    row = self._conn.execute(sql).fetchone()
-                    return int(row[0]) if row and row[0] is not None else None
-                return int(self._psql(sql))
+                return self.admin.logins()
         except Exception:
             return None
 
@@ -214,6 +288,4 @@ class ConnectionSampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
+        self.admin.close()

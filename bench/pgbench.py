@@ -2,8 +2,7 @@
 
 pgbench prints its summary on stdout and every error on stderr. A run whose clients were
 aborted exits with status 2 and still prints a (partial) summary; that is a result, not a
-crash of the benchmark. Output goes to files, not pipes: a storm of 300 failing clients
-writes more to stderr than a pipe holds.
+crash of the benchmark.
 """
 
 from __future__ import annotations
@@ -11,14 +10,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bench import client
+from bench.client import ClientResult
 
 _TPS = re.compile(r"^tps = ([\d.]+) \((.+)\)$", re.MULTILINE)
 _LATENCY = re.compile(r"^latency average = ([\d.]+) ms", re.MULTILINE)
@@ -72,39 +72,20 @@ def client_env(password: str) -> dict[str, str]:
 
 
 @dataclass
-class PgbenchResult:
-    command: list[str]
-    returncode: int | None  # None: killed after the timeout (the target hung)
-    wall_seconds: float
-    cpu_seconds: float  # pgbench's own user + system time
-    tps: float | None = None
+class PgbenchResult(ClientResult):
+    """clients: -c, as pgbench reports it; errors: distinct stderr errors."""
+
+    tool = "pgbench"
+
     tps_basis: str = ""  # "without initial connection time" / "including reconnection times"
-    latency_ms: float | None = None
     latency_stddev_ms: float | None = None
-    transactions: int | None = None
     failed_transactions: int | None = None
-    clients: int | None = None  # -c, as pgbench reports it
-    aborted_clients: int = 0
     connection_ms: float | None = None  # initial (or, with -C, average) connection time
-    errors: dict[str, int] = field(default_factory=dict)  # distinct stderr errors -> count
-    stderr_tail: str = ""
-    timed_out: bool = False
 
     @property
     def failures(self) -> int:
         """Failed transactions plus clients pgbench aborted (e.g. could not connect)."""
         return (self.failed_transactions or 0) + self.aborted_clients
-
-    @property
-    def all_aborted(self) -> bool:
-        """Every client was aborted: the run ended early, tps covers only what ran before."""
-        return bool(self.clients) and self.aborted_clients >= (self.clients or 0)
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["failures"] = self.failures
-        data["all_aborted"] = self.all_aborted
-        return data
 
 
 def _float(pattern: re.Pattern[str], text: str) -> float | None:
@@ -149,17 +130,6 @@ def parse(stdout: str, stderr: str) -> dict[str, Any]:
     }
 
 
-def _wait(pid: int, deadline: float) -> tuple[int | None, float]:
-    """Reap pid by deadline: (exit code or None if still running, its CPU seconds)."""
-    while True:
-        waited, status, usage = os.wait4(pid, os.WNOHANG)
-        if waited == pid:
-            return os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
-        if time.monotonic() >= deadline:
-            return None, 0.0
-        time.sleep(0.05)
-
-
 def run(
     pgbench: str,
     *,
@@ -186,33 +156,5 @@ def run(
             script_path.write_text(script)
             cmd += ["-f", str(script_path)]
         cmd += ["-T", str(duration), dbname]
-        out_path, err_path = Path(tmp, "stdout"), Path(tmp, "stderr")
-        with out_path.open("wb") as out, err_path.open("wb") as err:
-            started = time.monotonic()
-            proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=client_env(password)
-            )
-        # Popen.wait() cannot report rusage, so reap it ourselves and tell Popen.
-        try:
-            code, cpu = _wait(proc.pid, started + duration + grace)
-        except BaseException:  # Ctrl-C, SIGTERM: pgbench must not outlive us
-            proc.kill()
-            proc.wait()
-            raise
-        timed_out = code is None
-        if timed_out:
-            proc.send_signal(signal.SIGKILL)
-            code, cpu = _wait(proc.pid, time.monotonic() + 10)
-        proc.returncode = code
-        wall = time.monotonic() - started
-        stdout = out_path.read_text(errors="replace")
-        stderr = err_path.read_text(errors="replace")
-    return PgbenchResult(
-        command=cmd,
-        returncode=None if timed_out else code,
-        wall_seconds=round(wall, 3),
-        cpu_seconds=round(cpu, 3),
-        stderr_tail="\n".join(stderr.splitlines()[-10:]),
-        timed_out=timed_out,
-        **parse(stdout, stderr),
-    )
+        done = client.run(cmd, env=client_env(password), limit=duration + grace)
+    return PgbenchResult(**done.common(), **parse(done.stdout, done.stderr))

@@ -6,41 +6,62 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.pgbench import PgbenchResult
+from bench.client import ClientResult
 
 TARGETS = ("direct", "pgbouncer", "dbmux", "dbmux-pin")
-DEFAULT_TARGETS = ("direct", "pgbouncer", "dbmux")  # and each workload's extra_targets
+# The targets each database's workloads can run, and those they run unless --targets names
+# them (besides each workload's extra_targets).
+ENGINE_TARGETS = {"postgresql": TARGETS, "mysql": ("direct", "dbmux")}
+DEFAULT_TARGETS = {"postgresql": ("direct", "pgbouncer", "dbmux"), "mysql": ("direct", "dbmux")}
 # The proxy settings each dbmux target adds to its config.
 DBMUX_TARGETS: dict[str, dict[str, Any]] = {"dbmux": {}, "dbmux-pin": {"session_state": "pin"}}
 _LETTERS = {"direct": "d", "pgbouncer": "p", "dbmux": "x", "dbmux-pin": "pin"}
+_NAMES = {"direct": "direct", "pgbouncer": "PgBouncer"}
 NOISY = 10.0  # per cent of all cores used by processes outside the benchmark
+
+
+@dataclass(frozen=True)
+class RatioTarget:
+    """A steady-state throughput target: dbmux's tps at least `minimum` times the baseline
+    target's, ideally `aim` times."""
+
+    baseline: str
+    minimum: float
+    aim: float
 
 
 @dataclass(frozen=True)
 class Workload:
     key: str  # what --only takes
     title: str
-    args: tuple[str, ...]
-    steady: bool  # a steady-state throughput run (target: >= 0.8x PgBouncer)
+    args: tuple[str, ...]  # the client's arguments
+    engine: str = "postgresql"  # or "mysql"
+    tool: str = "pgbench"  # the client: pgbench, sysbench or storm
+    ratio_target: RatioTarget | None = None
+    storm: bool = False  # more clients than max_connections: direct fails, dbmux must not
     script: str = ""  # a custom transaction script, run with -f
-    extra_targets: tuple[str, ...] = ()  # run besides DEFAULT_TARGETS unless --targets
+    extra_targets: tuple[str, ...] = ()  # run besides the default targets unless --targets
     # dbmux's connection_pool_config.connection_borrow_timeout for this workload (all dbmux
     # targets), instead of the default 120 s; None: the default.
     borrow_timeout: float | None = None
     note: str = ""  # printed under the results table
+
+    @property
+    def command(self) -> str:
+        return " ".join((self.tool, *self.args)) + (" -f SCRIPT" if self.script else "")
 
 
 @dataclass
 class RunResult:
     workload: str
     target: str
-    pgbench: PgbenchResult | None = None
+    client: ClientResult | None = None
     peak_server_connections: int | None = None
     peak_active_connections: int | None = None
     proxy_cpu_seconds: float | None = None  # user + system
     proxy_system_seconds: float | None = None  # in the kernel: syscalls, TCP on loopback
     proxy_runqueue_seconds: float | None = None  # runnable but waiting for a CPU
-    postgres_cpu_seconds: float | None = None
+    server_cpu_seconds: float | None = None  # the database server's processes
     machine_busy_seconds: float | None = None
     machine_total_seconds: float | None = None
     machine_irq_seconds: float | None = None
@@ -59,52 +80,52 @@ class RunResult:
 
     @property
     def tps(self) -> float | None:
-        return self.pgbench.tps if self.pgbench else None
+        return self.client.tps if self.client else None
 
     @property
     def latency(self) -> float | None:
-        return self.pgbench.latency_ms if self.pgbench else None
+        return self.client.latency_ms if self.client else None
 
     @property
     def failures(self) -> int | None:
-        return self.pgbench.failures if self.pgbench else None
+        return self.client.failures if self.client else None
 
     @property
     def aborted(self) -> bool:
-        """pgbench aborted clients: tps is of the clients that kept running."""
-        return bool(self.pgbench and self.pgbench.aborted_clients)
+        """The client aborted clients: tps is of the clients that kept running."""
+        return bool(self.client and self.client.aborted_clients)
 
     def cpu_shares(self) -> dict[str, float] | None:
-        """Per cent of all cores: whole machine, proxy, pgbench, PostgreSQL, interrupts, and
-        other processes on the machine (a high share means a noisy run)."""
-        if not self.pgbench or not self.machine_total_seconds:
+        """Per cent of all cores: whole machine, proxy, client, database server, interrupts,
+        and other processes on the machine (a high share means a noisy run)."""
+        if not self.client or not self.machine_total_seconds:
             return None
         total = self.machine_total_seconds
         busy = self.machine_busy_seconds or 0.0
         proxy = self.proxy_cpu_seconds or 0.0
-        bench = self.pgbench.cpu_seconds
-        postgres = self.postgres_cpu_seconds or 0.0
+        bench = self.client.cpu_seconds
+        server = self.server_cpu_seconds or 0.0
         irq = self.machine_irq_seconds or 0.0
         return {
             "machine": 100 * busy / total,
             "proxy": 100 * proxy / total,
-            "pgbench": 100 * bench / total,
-            "postgres": 100 * postgres / total,
+            "client": 100 * bench / total,
+            "server": 100 * server / total,
             "irq": 100 * irq / total,
-            "other": 100 * max(busy - irq - proxy - bench - postgres, 0.0) / total,
+            "other": 100 * max(busy - irq - proxy - bench - server, 0.0) / total,
         }
 
     def to_json(self) -> dict[str, Any]:
         return {
             "workload": self.workload,
             "target": self.target,
-            "pgbench": self.pgbench.to_json() if self.pgbench else None,
+            "client": self.client.to_json() if self.client else None,
             "peak_server_connections": self.peak_server_connections,
             "peak_active_connections": self.peak_active_connections,
             "proxy_cpu_seconds": self.proxy_cpu_seconds,
             "proxy_system_seconds": self.proxy_system_seconds,
             "proxy_runqueue_seconds": self.proxy_runqueue_seconds,
-            "postgres_cpu_seconds": self.postgres_cpu_seconds,
+            "server_cpu_seconds": self.server_cpu_seconds,
             "machine_busy_seconds": self.machine_busy_seconds,
             "machine_total_seconds": self.machine_total_seconds,
             "machine_irq_seconds": self.machine_irq_seconds,
@@ -134,12 +155,16 @@ def progress_prefix(i: int, n: int, target: str, workload: Workload) -> str:
 
 
 def progress_result(r: RunResult) -> str:
-    if r.pgbench is None:
+    if r.client is None:
         return "not run: " + (r.problems[0].splitlines()[0] if r.problems else "?")
-    p = r.pgbench
+    p = r.client
     parts = [f"{fmt_tps(p.tps):>8} tps"]
+    if p.qps is not None:
+        parts.append(f"{fmt_tps(p.qps)} qps")
     parts.append(f"lat {p.latency_ms:.2f} ms" if p.latency_ms is not None else "lat -")
     parts.append(f"failures {p.failures}")
+    if p.reconnects is not None:
+        parts.append(f"reconnects {p.reconnects}")
     if r.peak_server_connections is not None:
         parts.append(f"peak conns {r.peak_server_connections}")
     if r.proxy_cpu_seconds is not None and r.window_seconds:
@@ -152,7 +177,7 @@ def progress_result(r: RunResult) -> str:
     if p.timed_out:
         parts.append("TIMED OUT (killed)")
     elif p.returncode not in (0, None):
-        parts.append(f"pgbench exit {p.returncode}")
+        parts.append(f"{p.tool} exit {p.returncode}")
     if r.problems:
         parts.append(f"{len(r.problems)} problem(s), see below")
     return "  ".join(parts)
@@ -162,8 +187,20 @@ def _cell(results: dict[tuple[str, str], RunResult], wl: str, targets: Sequence[
     values = []
     for t in targets:
         r = results.get((wl, t))
-        values.append(fn(r) if r is not None and r.pgbench is not None else "-")
+        values.append(fn(r) if r is not None and r.client is not None else "-")
     return " / ".join(values)
+
+
+def _reported(
+    results: dict[tuple[str, str], RunResult], workloads: Sequence[Workload], attr: str
+) -> bool:
+    """Some client of these workloads reports this number (sysbench's qps and reconnects)."""
+    keys = {w.key for w in workloads}
+    return any(
+        r.client is not None and getattr(r.client, attr) is not None
+        for (wl, _), r in results.items()
+        if wl in keys
+    )
 
 
 def table(
@@ -171,16 +208,22 @@ def table(
     results: dict[tuple[str, str], RunResult],
     targets: Sequence[str],
 ) -> str:
+    """One database's workloads (the default targets' tps columns are that database's)."""
     order = " / ".join(_LETTERS[t] for t in targets)
-    tps_columns = [*DEFAULT_TARGETS, *(t for t in targets if t not in DEFAULT_TARGETS)]
+    defaults = DEFAULT_TARGETS[workloads[0].engine]
+    tps_columns = [*defaults, *(t for t in targets if t not in defaults)]
+    pgbouncer = "pgbouncer" in tps_columns
+    qps, reconnects = (_reported(results, workloads, a) for a in ("qps", "reconnects"))
     head = [
         "workload",
         *(f"{t} tps" for t in tps_columns),
-        "dbmux/pgbouncer",
+        *(["dbmux/pgbouncer"] if pgbouncer else []),
         "dbmux/direct",
+        *([f"qps ({order})"] if qps else []),
         f"latency avg ms ({order})",
-        "latency dbmux/pgbouncer",
+        *(["latency dbmux/pgbouncer"] if pgbouncer else []),
         f"failures ({order})",
+        *([f"reconnects ({order})"] if reconnects else []),
         f"peak server conns ({order})",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -197,29 +240,41 @@ def table(
             mark += "*" if get(target, "noisy") else ""
             return fmt_tps(get(target, "tps")) + mark
 
+        def cell(fn, w: Workload = w) -> str:
+            return _cell(results, w.key, targets, fn)
+
         row = [
             w.title,
             *(tps(t) for t in tps_columns),
-            fmt_ratio(get("dbmux", "tps"), get("pgbouncer", "tps")),
+            *([fmt_ratio(get("dbmux", "tps"), get("pgbouncer", "tps"))] if pgbouncer else []),
             fmt_ratio(get("dbmux", "tps"), get("direct", "tps")),
-            _cell(results, w.key, targets, lambda r: f"{r.latency:.2f}" if r.latency else "-"),
-            fmt_ratio(get("dbmux", "latency"), get("pgbouncer", "latency")),
-            _cell(results, w.key, targets, lambda r: str(r.failures)),
-            _cell(
-                results,
-                w.key,
-                targets,
-                lambda r: (
-                    "?" if r.peak_server_connections is None else str(r.peak_server_connections)
-                ),
+            *([cell(lambda r: fmt_tps(r.client.qps))] if qps else []),
+            cell(lambda r: f"{r.latency:.2f}" if r.latency else "-"),
+            *(
+                [fmt_ratio(get("dbmux", "latency"), get("pgbouncer", "latency"))]
+                if pgbouncer
+                else []
             ),
+            cell(lambda r: str(r.failures)),
+            *([cell(lambda r: _reported_count(r.client.reconnects))] if reconnects else []),
+            cell(lambda r: _count(r.peak_server_connections)),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
+def _count(n: int | None) -> str:
+    """A number that was measured, or "?" if the measurement failed."""
+    return "?" if n is None else str(n)
+
+
+def _reported_count(n: int | None) -> str:
+    """A number some clients report, or "-" for a client that does not."""
+    return "-" if n is None else str(n)
+
+
 def _per_tx(seconds: float | None, r: RunResult) -> float | None:
-    tx = r.pgbench.transactions if r.pgbench else None
+    tx = r.client.transactions if r.client else None
     return 1e6 * seconds / tx if seconds is not None and tx else None
 
 
@@ -227,14 +282,17 @@ def cpu_table(
     workloads: Sequence[Workload],
     results: dict[tuple[str, str], RunResult],
     targets: Sequence[str],
+    client: str,
+    server: str,
 ) -> str:
+    """client, server: what the client and the database server columns are called."""
     head = [
         "workload",
         "target",
         "machine busy",
         "proxy",
-        "pgbench",
-        "postgres",
+        client,
+        server,
         "irq",
         "other",
         "proxy CPU µs/tx (user + sys)",
@@ -247,7 +305,7 @@ def cpu_table(
         for t in targets:
             r = results.get((w.key, t))
             shares = r.cpu_shares() if r else None
-            if r is None or r.pgbench is None or not shares:
+            if r is None or r.client is None or not shares:
                 continue
             proxy = per_tx = waiting = "-"
             if t != "direct":
@@ -258,7 +316,7 @@ def cpu_table(
                     per_tx = f"{total:,.1f} ({total - system:,.1f} + {system:,.1f})"
                 if r.proxy_runqueue_seconds is not None and r.window_seconds:
                     waiting = f"{100 * r.proxy_runqueue_seconds / r.window_seconds:.0f}%"
-            tx = r.pgbench.transactions
+            tx = r.client.transactions
             ctx = f"{r.context_switches / tx:.1f}" if r.context_switches and tx else "-"
             logins = "?" if r.server_logins is None else f"{r.server_logins:,}"
             cells = [
@@ -266,7 +324,7 @@ def cpu_table(
                 t,
                 f"{shares['machine']:.0f}%",
                 proxy,
-                *(f"{shares[k]:.0f}%" for k in ("pgbench", "postgres", "irq", "other")),
+                *(f"{shares[k]:.0f}%" for k in ("client", "server", "irq", "other")),
                 per_tx,
                 waiting,
                 ctx,
@@ -276,8 +334,19 @@ def cpu_table(
     return "\n".join(lines)
 
 
-def _peak(r: RunResult) -> str:
-    return "?" if r.peak_server_connections is None else str(r.peak_server_connections)
+def _ratio_verdict(w: Workload, dbmux: RunResult, base: RunResult) -> str:
+    assert w.ratio_target is not None and dbmux.tps and base.tps
+    goal = w.ratio_target
+    ratio = dbmux.tps / base.tps
+    ok = ratio >= goal.minimum and dbmux.failures == 0
+    aim = f" (aim {goal.aim}x reached)" if ratio >= goal.aim else f" (aim {goal.aim}x)"
+    failed = f", but {dbmux.failures} failures" if dbmux.failures else ""
+    noisy = " (noisy run, see CPU table)" if dbmux.noisy or base.noisy else ""
+    name = _NAMES.get(goal.baseline, goal.baseline)
+    return (
+        f"{'PASS' if ok else 'FAIL'}  {w.title}: dbmux {ratio:.2f}x {name}, "
+        f"target >= {goal.minimum:.2f}x{aim}{failed}{noisy}"
+    )
 
 
 def verdict(
@@ -285,59 +354,56 @@ def verdict(
 ) -> list[str]:
     lines = []
     for w in workloads:
-        dbmux, pgb = results.get((w.key, "dbmux")), results.get((w.key, "pgbouncer"))
-        if w.steady and dbmux and pgb and dbmux.tps and pgb.tps:
-            ratio = dbmux.tps / pgb.tps
-            mark = "PASS" if ratio >= 0.8 else "FAIL"
-            aim = " (aim 1.0x reached)" if ratio >= 1.0 else ""
-            noisy = " (noisy run, see CPU table)" if dbmux.noisy or pgb.noisy else ""
-            lines.append(
-                f"{mark}  {w.title}: dbmux {ratio:.2f}x PgBouncer, target >= 0.80x{aim}{noisy}"
-            )
-        if w.key == "storm-300":
+        dbmux = results.get((w.key, "dbmux"))
+        base = results.get((w.key, w.ratio_target.baseline)) if w.ratio_target else None
+        if dbmux and base and dbmux.tps and base.tps:
+            lines.append(_ratio_verdict(w, dbmux, base))
+        if w.storm:
             direct = results.get((w.key, "direct"))
-            if dbmux and dbmux.pgbench:
-                mark = "PASS" if dbmux.failures == 0 and not dbmux.pgbench.timed_out else "FAIL"
+            if dbmux and dbmux.client:
+                mark = "PASS" if dbmux.failures == 0 and not dbmux.client.timed_out else "FAIL"
                 lines.append(f"{mark}  {w.title}: dbmux failures {dbmux.failures} (target 0)")
-            if direct and direct.pgbench:
+            if direct and direct.client:
                 how = "fails, as expected" if direct.failures else "did NOT fail (unexpected)"
                 lines.append(f"      {w.title}: direct {how}: {direct.failures} failures")
         if w.key == "set-heavy":
-            if dbmux and dbmux.pgbench:
+            if dbmux and dbmux.client:
                 peak = dbmux.peak_server_connections
                 ok = (
                     peak is not None
                     and peak <= pool_size
                     and dbmux.failures == 0
-                    and not dbmux.pgbench.timed_out
+                    and not dbmux.client.timed_out
                 )
                 lines.append(
                     f"{'PASS' if ok else 'FAIL'}  set-heavy: dbmux (replay) keeps multiplexing: "
                     f"peak server connections <= pool size ({pool_size}), zero failures: "
-                    f"peak {_peak(dbmux)}, failures {dbmux.failures}"
+                    f"peak {_count(dbmux.peak_server_connections)}, failures {dbmux.failures}"
                 )
             for name, how in (("dbmux-pin", "pins each session"), ("pgbouncer", "ignores SET")):
                 r = results.get((w.key, name))
-                if r and r.pgbench:
+                if r and r.client:
                     lines.append(
-                        f"      set-heavy: {name} ({how}): peak server connections {_peak(r)}, "
-                        f"failures {r.failures}, {fmt_tps(r.tps)} tps"
+                        f"      set-heavy: {name} ({how}): peak server connections "
+                        f"{_count(r.peak_server_connections)}, failures {r.failures}, "
+                        f"{fmt_tps(r.tps)} tps"
                         + (f" (dbmux/{name}: {fmt_ratio(dbmux.tps, r.tps)})" if dbmux else "")
                     )
     return lines
 
 
 def problems(results: dict[tuple[str, str], RunResult]) -> list[str]:
-    """Errors pgbench saw and anything the proxies logged or did wrong, per run."""
+    """Errors the clients saw and anything the proxies logged or did wrong, per run."""
     lines = []
     for (wl, target), r in results.items():
         notes = list(r.problems)
-        if r.pgbench is not None:
-            notes += [f"pgbench: {n}x {msg}" for msg, n in r.pgbench.errors.items()]
-            if r.pgbench.aborted_clients:
-                notes.append(f"pgbench: {r.pgbench.aborted_clients} clients aborted")
-            if r.pgbench.timed_out:
-                notes.append("pgbench: still running after the grace period; killed")
+        c = r.client
+        if c is not None:
+            notes += [f"{c.tool}: {n}x {msg}" for msg, n in c.errors.items()]
+            if c.aborted_clients:
+                notes.append(f"{c.tool}: {c.aborted_clients} clients aborted")
+            if c.timed_out:
+                notes.append(f"{c.tool}: still running after the grace period; killed")
         if not r.proxy_alive_after:
             notes.append(f"{target} was not running after the run")
         if notes:

@@ -1,4 +1,4 @@
-"""What pgbench talks to: the cluster directly, PgBouncer, or dbmux (each a separate process).
+"""What the clients talk to: the server directly, PgBouncer, or dbmux (each a separate process).
 
 Every proxy gets a fresh temp dir, a free loopback port and a fresh process per run, so a run
 never inherits another run's warm server connections (each run's peak server connection count
@@ -116,7 +116,7 @@ class Target:
         return []
 
 
-class _ProcessTarget(Target):
+class ProcessTarget(Target):
     """A proxy run as a child process with its config in a temp dir."""
 
     log_name = "proxy.log"
@@ -213,7 +213,7 @@ class _ProcessTarget(Target):
         return found[:20]
 
 
-class PgBouncer(_ProcessTarget):
+class PgBouncer(ProcessTarget):
     """Debian's PgBouncer in transaction mode with one pool of pool_size server connections."""
 
     name = "pgbouncer"
@@ -271,11 +271,12 @@ ignore_startup_parameters = extra_float_digits,options
         return [self.binary, *user, str(self.workdir / "pgbouncer.ini")]
 
 
-class Dbmux(_ProcessTarget):
+class Dbmux(ProcessTarget):
     """`dbmux serve` from this venv, one proxy with a pool of max_connections_percent.
 
-    name: the target's name ("dbmux", or a variant such as "dbmux-pin"); proxy_settings and
-    pool_settings: extra keys for the proxy and its connection_pool_config.
+    name: the target's name ("dbmux", or a variant such as "dbmux-pin"); engine_family:
+    POSTGRESQL or MYSQL; proxy_settings and pool_settings: extra keys for the proxy and its
+    connection_pool_config.
     """
 
     name = "dbmux"
@@ -286,12 +287,14 @@ class Dbmux(_ProcessTarget):
         *args: object,
         max_connections_percent: int,
         name: str = "dbmux",
+        engine_family: str = "POSTGRESQL",
         proxy_settings: dict[str, object] | None = None,
         pool_settings: dict[str, object] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.name = name
+        self.engine_family = engine_family
         self.percent = max_connections_percent
         self.proxy_settings = dict(proxy_settings or {})
         self.pool_settings = dict(pool_settings or {})
@@ -301,14 +304,15 @@ class Dbmux(_ProcessTarget):
 
     def _write_config(self) -> None:
         assert self.workdir is not None
-        secret = {"username": self.user, "password": self.password, "engine": "postgres"}
+        engine = "postgres" if self.engine_family == "POSTGRESQL" else "mysql"
+        secret = {"username": self.user, "password": self.password, "engine": engine}
         (self.workdir / "app.json").write_text(json.dumps(secret))
         config = {
             "admin": {"listen": f"{HOST}:{free_port()}"},  # never the default 9187
             "proxies": [
                 {
                     "name": "bench",
-                    "engine_family": "POSTGRESQL",
+                    "engine_family": self.engine_family,
                     "listen": f"{HOST}:{self.port}",
                     "max_client_connections": 10000,
                     "auth": [{"secret": "file:app.json"}],

@@ -1,4 +1,5 @@
-"""`dbmux demo`: a small storm against a real throwaway PostgreSQL, checked by its report data."""
+"""`dbmux demo`: small storms against a real throwaway PostgreSQL and MariaDB, checked by their
+report data."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from dbmux.demo import (
     TOO_MANY_CLIENTS,
+    TOO_MANY_CONNECTIONS,
     DemoReport,
     PhaseResult,
     conclusion,
@@ -21,18 +23,25 @@ from dbmux.demo import (
 CLIENTS, MAX_CONNECTIONS = 120, 30
 
 
-@pytest.fixture(scope="module")
-def demo() -> tuple[DemoReport, str]:
+# The database each storm runs against, and how it refuses logins beyond max_connections.
+REFUSED = {"postgresql": TOO_MANY_CLIENTS, "mysql": TOO_MANY_CONNECTIONS}
+
+
+@pytest.fixture(scope="module", params=["postgresql", "mysql"])
+def demo(request: pytest.FixtureRequest) -> tuple[DemoReport, str]:
     out = io.StringIO()
-    report = storm_report(clients=CLIENTS, max_connections=MAX_CONNECTIONS, out=out)
+    report = storm_report(
+        clients=CLIENTS, max_connections=MAX_CONNECTIONS, out=out, database=request.param
+    )
+    assert report.refused == REFUSED[request.param]
     return report, out.getvalue()
 
 
-def test_direct_storm_is_refused_with_too_many_clients(demo: tuple[DemoReport, str]) -> None:
+def test_direct_storm_is_refused_for_want_of_slots(demo: tuple[DemoReport, str]) -> None:
     report, _ = demo
     direct = report.direct
     assert direct.done == direct.invocations == CLIENTS * 5
-    assert direct.failures[TOO_MANY_CLIENTS] > 0
+    assert direct.failures[report.refused] > 0
     assert direct.succeeded + direct.failed == direct.invocations
     assert direct.peak_server_connections <= MAX_CONNECTIONS
 
@@ -67,8 +76,9 @@ def test_output_shows_progress_and_the_comparison(demo: tuple[DemoReport, str]) 
     assert "direct " in progress and "dbmux  " in progress
     assert "\r" not in progress  # not a terminal: plain lines
     text = format_report(report)
-    assert "straight at PostgreSQL" in text and "through dbmux" in text
-    assert f"too many clients ({TOO_MANY_CLIENTS})" in text
+    assert f"straight at {report.database}" in text and "through dbmux" in text
+    name = "too many clients" if report.refused == TOO_MANY_CLIENTS else "too many connections"
+    assert f"{name} ({report.refused})" in text
     assert f"{report.dbmux.peak_server_connections} of {MAX_CONNECTIONS}" in text
     assert "DOES NOT match" not in text
     assert f"through dbmux all {report.invocations} succeeded" in " ".join(text.split())
@@ -112,6 +122,15 @@ def test_failures_through_dbmux_make_exit_code_1_and_are_named() -> None:
     assert "60 of 100 invocations (60%)" in " ".join(text.split())
     assert "through dbmux 3 of 100 failed" in " ".join(text.split())
     assert "ConnectionFailureError: server lost" in text
+
+
+def test_conclusion_counts_other_direct_failures_besides_refusals() -> None:
+    report = _report(
+        _phase("direct", 40, {TOO_MANY_CLIENTS: 50, "timeout": 10}), _phase("dbmux", 100, {})
+    )
+    text = " ".join(conclusion(report).split())
+    assert '50 of 100 invocations (50%) were refused with "too many clients"' in text
+    assert "and 10 more failed (10 timed out)" in text
 
 
 def test_conclusion_when_the_database_coped() -> None:

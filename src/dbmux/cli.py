@@ -83,7 +83,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging("warning")
     from dbmux.demo import run_demo
 
-    return run_demo(clients=args.clients, max_connections=args.max_connections)
+    return run_demo(
+        clients=args.clients, max_connections=args.max_connections, mysql=not args.skip_mysql
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="storm a throwaway database, directly and through dbmux",
         description="Start a throwaway PostgreSQL, run a serverless-style "
-        "connection storm straight at it and then through dbmux, and report.",
+        "connection storm straight at it and then through dbmux, and report; then the same "
+        "against a throwaway MariaDB.",
     )
     demo.add_argument(
         "--clients",
@@ -141,7 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=int,
         default=100,
-        help="max_connections of the throwaway database (default: 100)",
+        help="max_connections of the throwaway databases (default: 100)",
+    )
+    demo.add_argument(
+        "--skip-mysql",
+        action="store_true",
+        help="storm only PostgreSQL, not MariaDB after it",
     )
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -1,23 +1,25 @@
-"""``dbmux demo``: a serverless-style connection storm, straight at PostgreSQL and through dbmux.
+"""``dbmux demo``: serverless-style connection storms, straight at a database and through dbmux.
 
-A throwaway PostgreSQL cluster with a small max_connections gets hit by many short-lived
-clients at once, each doing what a serverless function invocation does: connect, run one short
+A throwaway database with a small max_connections gets hit by many short-lived clients at
+once, each doing what a serverless function invocation does: connect, run one short
 transaction, disconnect. First the clients go straight to the database, which refuses those
-beyond its connection slots ("sorry, too many clients already", SQLSTATE 53300); then the same
-workload goes through dbmux, which accepts every client and multiplexes their transactions over
-a small pool of server connections. A report compares the two runs.
+beyond its connection slots (PostgreSQL: "sorry, too many clients already", SQLSTATE 53300;
+MariaDB: "Too many connections", error 1040); then the same workload goes through dbmux, which
+accepts every client and multiplexes their transactions over a small pool of server
+connections. A report compares the two runs. ``dbmux demo`` storms PostgreSQL with asyncpg
+clients, then MariaDB with PyMySQL clients, each blocking on a thread of its own as a Lambda
+function would.
 
-`storm_report()` does the work and returns a `DemoReport` (the test inspects it);
-`run_demo()` is what ``dbmux demo`` calls: it prints the report and returns the exit code.
+`storm_report()` does the work for one database and returns a `DemoReport` (the tests inspect
+it); `run_demo()` is what ``dbmux demo`` calls: it prints the reports and returns the exit code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import importlib.util
 import json
-import math
 import secrets
 import shutil
 import signal
@@ -27,27 +29,40 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from dbmux.storm import (
+    CONNECT_TIMEOUT,
+    TIMEOUT,
+    Invocation,
+    PhaseResult,
+    pymysql_invocations,
+    run_clients,
+)
 
 APP_USER = "app"
 APP_DB = "app"
 POOL_PERCENT = 20  # dbmux's max_connections_percent in the demo
 INVOCATIONS_PER_CLIENT = 5
-CONNECT_TIMEOUT = 20.0  # seconds asyncpg may take to connect and log in
-INVOCATION_TIMEOUT = 30.0  # seconds for a whole invocation (connect + transaction + close)
 PHASE_TIMEOUT = 120.0  # seconds for one storm, so that a hang cannot make the demo hang
-SAMPLE_INTERVAL = 0.1  # seconds between pg_stat_activity samples
+SAMPLE_INTERVAL = 0.1  # seconds between samples of the app's server connections
 REPORT_WIDTH = 92
 
-TOO_MANY_CLIENTS = "53300"
-TIMEOUT = "timeout"
+TOO_MANY_CLIENTS = "53300"  # PostgreSQL's SQLSTATE for a login beyond max_connections
+TOO_MANY_CONNECTIONS = "1040"  # MySQL's error code (ER_CON_COUNT_ERROR) for the same
 # How a failure cause reads in the progress line and the report.
-CAUSE_NAMES = {TOO_MANY_CLIENTS: "too many clients", TIMEOUT: "timed out"}
-
-PHASES = {"direct": "straight at PostgreSQL", "dbmux": "through dbmux"}
+CAUSE_NAMES = {
+    TOO_MANY_CLIENTS: "too many clients",
+    TOO_MANY_CONNECTIONS: "too many connections",
+    TIMEOUT: "timed out",
+    "2003": "could not connect",
+    "2013": "lost connection",
+}
 
 
 class UsageError(Exception):
@@ -55,48 +70,6 @@ class UsageError(Exception):
 
 
 # ----------------------------------------------------------------------------- results
-
-
-@dataclass
-class PhaseResult:
-    """One storm: the same workload either straight at the database or through dbmux."""
-
-    name: str  # "direct" or "dbmux"
-    invocations: int  # planned
-    clients: int  # invocations in flight at once
-    started: float = 0.0  # time.monotonic()
-    elapsed: float = 0.0  # seconds, first connect to last disconnect
-    done: int = 0  # invocations that finished, one way or the other
-    succeeded: int = 0  # committed and disconnected cleanly
-    committed: int = 0  # COMMIT acknowledged (a failed disconnect after it still counts here)
-    failures: Counter[str] = field(default_factory=Counter)  # cause -> invocations
-    examples: dict[str, str] = field(default_factory=dict)  # cause -> first error message
-    latencies: list[float] = field(default_factory=list)  # seconds, successful invocations
-    peak_server_connections: int = 0  # the app's backends, sampled from pg_stat_activity
-    peak_pool_open: int = 0  # dbmux phase: server connections dbmux had open, sampled
-    rows_committed: int = 0  # rows of this phase in the table afterwards
-    finished: bool = False  # the storm is over, completed or not
-    stopped: str | None = None  # why it ended before all invocations ran
-
-    @property
-    def label(self) -> str:
-        return PHASES[self.name]
-
-    @property
-    def failed(self) -> int:
-        return sum(self.failures.values())
-
-    @property
-    def throughput(self) -> float:
-        """Successful invocations per second."""
-        return self.succeeded / self.elapsed if self.elapsed > 0 else 0.0
-
-    def latency(self, quantile: float) -> float | None:
-        """Latency quantile (0..1) of successful invocations in seconds, None without any."""
-        if not self.latencies:
-            return None
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, math.ceil(quantile * len(ordered)) - 1)]
 
 
 @dataclass
@@ -111,10 +84,15 @@ class DemoReport:
     pool_size: int | None = None  # dbmux's server-connection limit, known after first use
     dbmux_counters: dict[str, int] = field(default_factory=dict)
     pin_reasons: Counter[str] = field(default_factory=Counter)
+    database: str = "PostgreSQL"
+    refused: str = TOO_MANY_CLIENTS  # the cause of a login refused for want of slots
 
     @property
     def phases(self) -> tuple[PhaseResult, PhaseResult]:
         return self.direct, self.dbmux
+
+    def label(self, phase: PhaseResult) -> str:
+        return f"straight at {self.database}" if phase.name == "direct" else "through dbmux"
 
     @property
     def complete(self) -> bool:
@@ -224,8 +202,8 @@ def format_report(report: DemoReport) -> str:
         rows.append(("failed", "0", "0"))
     for cause in causes:
         name = cause_name(cause)
-        if cause == TOO_MANY_CLIENTS:
-            name += f" ({TOO_MANY_CLIENTS})"
+        if cause == report.refused:
+            name += f" ({cause})"
         rows.append((f"failed: {name}", str(d.failures[cause]), str(p.failures[cause])))
     rows += [
         (
@@ -243,13 +221,13 @@ def format_report(report: DemoReport) -> str:
         ("rows committed", str(d.rows_committed), str(p.rows_committed)),
     ]
     w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(d.label), *(len(r[1]) for r in rows))
-    w2 = max(len(p.label), *(len(r[2]) for r in rows))
+    w1 = max(len(report.label(d)), *(len(r[1]) for r in rows))
+    w2 = max(len(report.label(p)), *(len(r[2]) for r in rows))
     lines = [
         f"Results: {report.invocations} invocations, {report.clients} at a time, "
         f"against max_connections = {report.max_connections}",
         "",
-        f"  {'':<{w0}}   {d.label:>{w1}}   {p.label:>{w2}}",
+        f"  {'':<{w0}}   {report.label(d):>{w1}}   {report.label(p):>{w2}}",
     ]
     lines += [f"  {a:<{w0}}   {b:>{w1}}   {c:>{w2}}" for a, b, c in rows]
     lines.append("")
@@ -276,8 +254,8 @@ def notes(report: DemoReport) -> list[str]:
     else:
         out.append(
             f"Rows committed DO NOT match the acknowledged COMMITs: {d.rows_committed} rows for "
-            f"{d.committed} commits {d.label}, {p.rows_committed} rows for {p.committed} "
-            f"commits {p.label}."
+            f"{d.committed} commits {report.label(d)}, {p.rows_committed} rows for "
+            f"{p.committed} commits {report.label(p)}."
         )
     if report.pool_size is not None:
         out.append(
@@ -300,29 +278,34 @@ def notes(report: DemoReport) -> list[str]:
         )
     for phase in report.phases:
         for cause, message in phase.examples.items():
-            if cause != TOO_MANY_CLIENTS:
-                out.append(f"{phase.label}, {cause_name(cause)}, for example: {message}")
+            if cause != report.refused:
+                out.append(f"{report.label(phase)}, {cause_name(cause)}, for example: {message}")
     return out
 
 
 def conclusion(report: DemoReport) -> str:
     d, p = report.direct, report.dbmux
     if not report.complete:
-        why = "; ".join(f"{ph.label}: {ph.stopped}" for ph in report.phases if ph.stopped)
+        why = "; ".join(f"{report.label(ph)}: {ph.stopped}" for ph in report.phases if ph.stopped)
         return (
             f"The storms did not both finish ({why or 'interrupted'}); these numbers are partial."
         )
-    refused = d.failures[TOO_MANY_CLIENTS]
+    refused = d.failures[report.refused]
+    straight = f"Straight at {report.database}"
     if refused:
         direct_part = (
-            f"Straight at PostgreSQL, {refused} of {d.invocations} invocations "
-            f'({100 * refused / d.invocations:.0f}%) were refused with "too many clients"'
+            f"{straight}, {refused} of {d.invocations} invocations "
+            f"({100 * refused / d.invocations:.0f}%) were refused with "
+            f'"{cause_name(report.refused)}"'
         )
+        others = Counter({c: n for c, n in d.failures.items() if c != report.refused})
+        if others:
+            direct_part += f" and {others.total()} more failed ({_failure_summary(others)})"
     elif d.failed:
-        direct_part = f"Straight at PostgreSQL, {d.failed} of {d.invocations} invocations failed"
+        direct_part = f"{straight}, {d.failed} of {d.invocations} invocations failed"
     else:
         direct_part = (
-            f"Straight at PostgreSQL, all {d.invocations} invocations succeeded this time "
+            f"{straight}, all {d.invocations} invocations succeeded this time "
             "(try more --clients for a bigger storm)"
         )
     if p.failed == 0:
@@ -341,34 +324,21 @@ def conclusion(report: DemoReport) -> str:
 # ----------------------------------------------------------------------------- the storm
 
 
-def _classify(error: BaseException) -> str:
-    """The failure cause: a SQLSTATE for server errors, "timeout", or the exception's class."""
-    sqlstate = getattr(error, "sqlstate", None)
-    if isinstance(sqlstate, str) and sqlstate:
-        return sqlstate
-    if isinstance(error, TimeoutError | asyncio.TimeoutError):
-        return TIMEOUT
-    return type(error).__name__
-
-
 class Sampler:
-    """Counts the app's server connections via a superuser connection made before the storm.
+    """Counts the app's server connections over an admin connection made before the storm.
 
-    Superusers have connection slots of their own (superuser_reserved_connections), so the
-    sampler never takes one of the slots the storm competes for.
+    The admin is a superuser, and superusers have connection slots of their own (PostgreSQL's
+    superuser_reserved_connections, MariaDB's one connection beyond max_connections for
+    SUPER), so the sampler never takes one of the slots the storm competes for.
     """
 
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
+    def __init__(self, count: Callable[[], Awaitable[int]]) -> None:
+        self.count = count
         self.now = 0
         self.peak = 0
 
     async def sample(self) -> int:
-        self.now = int(
-            await self.conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", APP_USER
-            )
-        )
+        self.now = await self.count()
         self.peak = max(self.peak, self.now)
         return self.now
 
@@ -379,67 +349,21 @@ class Sampler:
             await asyncio.sleep(SAMPLE_INTERVAL)
 
     async def wait_for_zero(self, timeout: float = 15.0) -> None:
-        """Let the previous storm's backends exit before the next one is measured."""
+        """Let the previous storm's server connections end before the next one is measured."""
         deadline = time.monotonic() + timeout
         while await self.sample() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
 
-async def _invoke(
-    asyncpg: Any, phase: PhaseResult, number: int, host: str, port: int, password: str
-) -> None:
-    """One serverless-style invocation: connect, one short transaction, disconnect."""
-    started = time.perf_counter()
-    conn = None
-    try:
-        async with asyncio.timeout(INVOCATION_TIMEOUT):
-            conn = await asyncpg.connect(
-                host=host,
-                port=port,
-                user=APP_USER,
-                password=password,
-                database=APP_DB,
-                timeout=CONNECT_TIMEOUT,
-            )
-            async with conn.transaction():
-                await conn.execute(
-                    "INSERT INTO orders (phase, invocation) VALUES ($1, $2)", phase.name, number
-                )
-                await conn.fetchval("SELECT count(*) FROM orders WHERE phase = $1", phase.name)
-            phase.committed += 1
-            await conn.close()
-            conn = None
-    except Exception as error:  # every failure is counted by its cause
-        cause = _classify(error)
-        phase.failures[cause] += 1
-        phase.examples.setdefault(cause, f"{type(error).__name__}: {error}".strip())
-        phase.done += 1
-    else:
-        phase.succeeded += 1
-        phase.latencies.append(time.perf_counter() - started)
-        phase.done += 1
-    finally:  # also on cancellation (Ctrl-C), which is not counted as an outcome
-        if conn is not None:
-            conn.terminate()
-
-
 async def _storm(
-    asyncpg: Any,
     phase: PhaseResult,
-    host: str,
-    port: int,
-    password: str,
+    invocation: Invocation,
     sampler: Sampler,
     show: Callable[[], None],
     console: Console,
     pool_open: Callable[[], int] | None,
 ) -> None:
-    """Keep `phase.clients` invocations in flight until `phase.invocations` have run."""
-    numbers = itertools.count()
-
-    async def client() -> None:
-        while (number := next(numbers)) < phase.invocations:
-            await _invoke(asyncpg, phase, number, host, port, password)
+    """Run the phase's invocations, `phase.clients` at a time, with progress on the console."""
 
     async def display() -> None:
         interval = 0.1 if console.tty else 3.0
@@ -458,9 +382,8 @@ async def _storm(
     displaying = asyncio.create_task(display())
     phase.started = time.monotonic()
     try:
-        async with asyncio.timeout(PHASE_TIMEOUT), asyncio.TaskGroup() as group:
-            for _ in range(phase.clients):
-                group.create_task(client())
+        async with asyncio.timeout(PHASE_TIMEOUT):
+            await run_clients(phase, invocation)
     except TimeoutError:
         phase.stopped = f"did not finish within {PHASE_TIMEOUT:.0f} s"
     except BaseException:
@@ -482,6 +405,224 @@ async def _storm(
         phase.finished = True
         show()
         console.end_line()
+
+
+# ------------------------------------------------------------------------- the databases
+
+
+class _Database:
+    """A throwaway database to storm: how to start it, how its clients run the storm's
+    invocation, and an admin connection that counts the app's connections and rows."""
+
+    name: str  # as the report names it
+    family: str  # dbmux's engine_family
+    refused: str  # the failure cause of a login refused for want of connection slots
+    client: str  # how the storm's clients connect, for the storm's description
+    host: str
+    port: int
+    version: str
+    reserved = 0  # connections of max_connections only superusers may use
+    slots_note = ""  # what the setup line says about the connection slots
+
+    def start(self, resources: contextlib.ExitStack, max_connections: int, password: str) -> None:
+        """Start the server (cleaned up by `resources`) with the app's user, database and an
+        orders table."""
+        raise NotImplementedError
+
+    def invocations(
+        self, host: str, port: int, password: str, clients: int
+    ) -> AbstractContextManager[Invocation]:
+        raise NotImplementedError
+
+    async def open_admin(self) -> None:
+        raise NotImplementedError
+
+    async def connections(self) -> int:
+        """The app user's server connections now."""
+        raise NotImplementedError
+
+    async def rows(self, phase: str) -> int:
+        """Rows the phase left in the orders table."""
+        raise NotImplementedError
+
+    async def close_admin(self) -> None:
+        raise NotImplementedError
+
+
+class _Postgres(_Database):
+    name = "PostgreSQL"
+    family = "POSTGRESQL"
+    refused = TOO_MANY_CLIENTS
+    client = "asyncpg with its default settings"
+
+    def start(self, resources: contextlib.ExitStack, max_connections: int, password: str) -> None:
+        from dbmux.testing import PostgresCluster
+
+        self._superuser_password = secrets.token_urlsafe(16)
+        cluster = resources.enter_context(
+            PostgresCluster(
+                max_connections=max_connections,
+                auth_method="scram-sha-256",
+                password=self._superuser_password,
+            )
+        )
+        cluster.create_user(APP_USER, password)
+        cluster.create_database(APP_DB, owner=APP_USER)
+        cluster.psql(
+            "CREATE TABLE orders (id bigserial PRIMARY KEY, phase text NOT NULL,"
+            " invocation int NOT NULL, created_at timestamptz NOT NULL DEFAULT now());"
+            f"ALTER TABLE orders OWNER TO {APP_USER}",
+            dbname=APP_DB,
+        )
+        self.cluster = cluster
+        self.host, self.port = cluster.host, cluster.port
+        self.version = cluster.psql("SHOW server_version").split()[0]
+        self.reserved = int(cluster.psql("SHOW superuser_reserved_connections"))
+        self.slots_note = (
+            f"; {self.reserved} of its {max_connections} connections are reserved for superusers"
+        )
+
+    @contextlib.contextmanager
+    def invocations(
+        self, host: str, port: int, password: str, clients: int
+    ) -> Iterator[Invocation]:
+        import asyncpg
+
+        async def invocation(phase: PhaseResult, number: int) -> None:
+            conn = await asyncpg.connect(
+                host=host,
+                port=port,
+                user=APP_USER,
+                password=password,
+                database=APP_DB,
+                timeout=CONNECT_TIMEOUT,
+            )
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        "INSERT INTO orders (phase, invocation) VALUES ($1, $2)", phase.name, number
+                    )
+                    await conn.fetchval("SELECT count(*) FROM orders WHERE phase = $1", phase.name)
+                phase.committed += 1
+                await conn.close()
+            except BaseException:  # also on cancellation (Ctrl-C)
+                conn.terminate()
+                raise
+
+        yield invocation
+
+    async def open_admin(self) -> None:
+        import asyncpg
+
+        self._admin = await asyncpg.connect(
+            host=self.host,
+            port=self.port,
+            user=self.cluster.superuser,
+            password=self._superuser_password,
+            database=APP_DB,
+            timeout=CONNECT_TIMEOUT,
+        )
+
+    async def connections(self) -> int:
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE usename = $1"
+        return int(await self._admin.fetchval(sql, APP_USER))
+
+    async def rows(self, phase: str) -> int:
+        return int(
+            await self._admin.fetchval("SELECT count(*) FROM orders WHERE phase = $1", phase)
+        )
+
+    async def close_admin(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._admin.close(timeout=5)
+
+
+def _orders_transaction(cursor: Any, phase: str, number: int) -> None:
+    """The storm's transaction for PyMySQL (between its BEGIN and COMMIT)."""
+    cursor.execute("INSERT INTO orders (phase, invocation) VALUES (%s, %s)", (phase, number))
+    cursor.execute("SELECT count(*) FROM orders WHERE phase = %s", (phase,))
+    cursor.fetchone()
+
+
+class _MariaDB(_Database):
+    name = "MariaDB"
+    family = "MYSQL"
+    refused = TOO_MANY_CONNECTIONS
+    client = (
+        "PyMySQL with its default settings but TLS, which these servers do not offer, each "
+        "client blocking on a thread of its own as a Lambda function would"
+    )
+    slots_note = "; one more connection is kept for a user with SUPER"
+
+    def start(self, resources: contextlib.ExitStack, max_connections: int, password: str) -> None:
+        from dbmux.testing import MariaDBServer
+
+        self._root_password = secrets.token_urlsafe(16)
+        server = resources.enter_context(
+            MariaDBServer(max_connections=max_connections, root_password=self._root_password)
+        )
+        server.create_user(APP_USER, password)
+        server.create_database(APP_DB, owner=APP_USER)
+        server.sql(
+            "CREATE TABLE orders (id bigint AUTO_INCREMENT PRIMARY KEY,"
+            " phase varchar(16) NOT NULL, invocation int NOT NULL,"
+            " created_at timestamp(6) NOT NULL DEFAULT current_timestamp(6), KEY (phase))",
+            APP_DB,
+        )
+        self.host, self.port = server.host, server.port
+        self.version = server.sql("SELECT VERSION()").split("-")[0]
+        # One thread for the admin connection: PyMySQL connections are not thread-safe, and
+        # a sample cancelled by the end of a storm may still be running when the next starts.
+        self._admin_thread = resources.enter_context(ThreadPoolExecutor(max_workers=1))
+
+    def invocations(
+        self, host: str, port: int, password: str, clients: int
+    ) -> AbstractContextManager[Invocation]:
+        connect = {"host": host, "port": port, "user": APP_USER, "password": password}
+        connect["database"] = APP_DB
+        return pymysql_invocations(connect, _orders_transaction, clients)
+
+    async def _admin_call(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._admin_thread, fn)
+
+    async def _count(self, sql: str, arg: str) -> int:
+        def run() -> int:
+            with self._admin.cursor() as cursor:
+                cursor.execute(sql, (arg,))
+                return int(cursor.fetchone()[0])
+
+        return int(await self._admin_call(run))
+
+    async def open_admin(self) -> None:
+        import pymysql
+
+        self._admin = await self._admin_call(
+            lambda: pymysql.connect(
+                host=self.host,
+                port=self.port,
+                user="root",
+                password=self._root_password,
+                database=APP_DB,
+                autocommit=True,  # every count sees the rows committed so far
+                connect_timeout=CONNECT_TIMEOUT,
+            )
+        )
+
+    async def connections(self) -> int:
+        sql = "SELECT count(*) FROM information_schema.PROCESSLIST WHERE USER = %s"
+        return await self._count(sql, APP_USER)
+
+    async def rows(self, phase: str) -> int:
+        return await self._count("SELECT count(*) FROM orders WHERE phase = %s", phase)
+
+    async def close_admin(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._admin_call(self._admin.close)
+
+
+DATABASES: dict[str, type[_Database]] = {"postgresql": _Postgres, "mysql": _MariaDB}
+# The client driver each database's storm needs (all come with dbmux[demo]).
+DRIVERS = {"postgresql": "asyncpg", "mysql": "pymysql"}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -534,60 +675,44 @@ def storm_report(
     *,
     invocations: int | None = None,
     out: TextIO | None = None,
+    database: str = "postgresql",
 ) -> DemoReport:
-    """Start a cluster and dbmux, run both storms with progress on `out`, clean up, report.
+    """Start the database ("postgresql" or "mysql") and dbmux, run both storms with progress
+    on `out`, clean up, report.
 
     KeyboardInterrupt propagates (after cleanup); setup problems raise ServerError and friends.
     """
-    import asyncpg
-
     from dbmux.embedded import EmbeddedDbmux
-    from dbmux.testing import PostgresCluster
 
+    if database not in DATABASES:
+        raise UsageError(f"unknown database {database!r}; choose from {', '.join(DATABASES)}")
     if clients < 1:
         raise UsageError("--clients must be at least 1")
     if max_connections < 10:
         raise UsageError("--max-connections must be at least 10")
+    db = DATABASES[database]()
     invocations = invocations or clients * INVOCATIONS_PER_CLIENT
     console = Console(out if out is not None else sys.stdout)
     _raise_fd_limit(2 * clients + max_connections + 200, console)
 
     app_password = secrets.token_urlsafe(16)
-    superuser_password = secrets.token_urlsafe(16)
     resources = contextlib.ExitStack()
     try:
         t0 = time.monotonic()
         console.say(
             _paragraph(
-                "dbmux demo: a serverless-style connection storm against a small PostgreSQL, "
+                f"dbmux demo: a serverless-style connection storm against a small {db.name}, "
                 "first straight at the database, then through dbmux.",
                 indent="",
             )
         )
         console.say()
-        console.say(f"Starting a throwaway PostgreSQL (max_connections = {max_connections}) ...")
-        cluster = resources.enter_context(
-            PostgresCluster(
-                max_connections=max_connections,
-                auth_method="scram-sha-256",
-                password=superuser_password,
-            )
-        )
-        cluster.create_user(APP_USER, app_password)
-        cluster.create_database(APP_DB, owner=APP_USER)
-        cluster.psql(
-            "CREATE TABLE orders (id bigserial PRIMARY KEY, phase text NOT NULL,"
-            " invocation int NOT NULL, created_at timestamptz NOT NULL DEFAULT now());"
-            f"ALTER TABLE orders OWNER TO {APP_USER}",
-            dbname=APP_DB,
-        )
-        version = cluster.psql("SHOW server_version").split()[0]
-        reserved = int(cluster.psql("SHOW superuser_reserved_connections"))
+        console.say(f"Starting a throwaway {db.name} (max_connections = {max_connections}) ...")
+        db.start(resources, max_connections, app_password)
         console.say(
             _paragraph(
-                f"PostgreSQL {version} on {cluster.host}:{cluster.port}, ready in "
-                f"{time.monotonic() - t0:.1f} s; {reserved} of its {max_connections} "
-                "connections are reserved for superusers",
+                f"{db.name} {db.version} on {db.host}:{db.port}, ready in "
+                f"{time.monotonic() - t0:.1f} s{db.slots_note}",
                 indent="  ",
             )
         )
@@ -602,12 +727,12 @@ def storm_report(
             "proxies": [
                 {
                     "name": "demo",
-                    "engine_family": "POSTGRESQL",
+                    "engine_family": db.family,
                     "listen": "127.0.0.1:0",
                     "auth": [{"secret": f"file:{secret}"}],
                     "target_group": {
                         "connection_pool_config": {"max_connections_percent": POOL_PERCENT},
-                        "targets": [{"host": cluster.host, "port": cluster.port}],
+                        "targets": [{"host": db.host, "port": db.port}],
                     },
                 }
             ]
@@ -624,7 +749,7 @@ def storm_report(
             _paragraph(
                 f"The storm: {invocations} invocations, {clients} at a time. Each one, like a "
                 "serverless function, connects, runs BEGIN; INSERT one row; SELECT count(*); "
-                "COMMIT, and disconnects (asyncpg with its default settings).",
+                f"COMMIT, and disconnects ({db.client}).",
                 indent="",
             )
         )
@@ -634,25 +759,20 @@ def storm_report(
             clients=clients,
             invocations=invocations,
             max_connections=max_connections,
-            reserved_connections=reserved,
-            server_version=version,
+            reserved_connections=db.reserved,
+            server_version=db.version,
             direct=PhaseResult("direct", invocations, clients),
             dbmux=PhaseResult("dbmux", invocations, clients),
+            database=db.name,
+            refused=db.refused,
         )
 
         async def main() -> None:
-            sampler_conn = await asyncpg.connect(
-                host=cluster.host,
-                port=cluster.port,
-                user=cluster.superuser,
-                password=superuser_password,
-                database=APP_DB,
-                timeout=CONNECT_TIMEOUT,
-            )
-            sampler = Sampler(sampler_conn)
+            await db.open_admin()
+            sampler = Sampler(db.connections)
             try:
                 targets = [
-                    (report.direct, cluster.host, cluster.port, None),
+                    (report.direct, db.host, db.port, None),
                     (report.dbmux, proxy_host, proxy_port, lambda: budget.open),
                 ]
                 for phase, host, port, pool_open in targets:
@@ -662,25 +782,11 @@ def storm_report(
                             progress_line(phase, sampler.now, max_connections, console.width)
                         )
 
-                    await _storm(
-                        asyncpg,
-                        phase,
-                        host,
-                        port,
-                        app_password,
-                        sampler,
-                        show,
-                        console,
-                        pool_open,
-                    )
-                    phase.rows_committed = int(
-                        await sampler_conn.fetchval(
-                            "SELECT count(*) FROM orders WHERE phase = $1", phase.name
-                        )
-                    )
+                    with db.invocations(host, port, app_password, clients) as invocation:
+                        await _storm(phase, invocation, sampler, show, console, pool_open)
+                    phase.rows_committed = await db.rows(phase.name)
             finally:
-                with contextlib.suppress(Exception):
-                    await sampler_conn.close(timeout=5)
+                await db.close_admin()
 
         try:
             _run_async(main())
@@ -708,33 +814,44 @@ def storm_report(
             resources.close()
 
 
-def run_demo(clients: int = 400, max_connections: int = 100) -> int:
-    """``dbmux demo``: run both storms, print the comparison; 0 if dbmux failed no client."""
+def run_demo(clients: int = 400, max_connections: int = 100, *, mysql: bool = True) -> int:
+    """``dbmux demo``: storm PostgreSQL, then MariaDB unless `mysql` is False, and print each
+    comparison; 0 if dbmux failed no client."""
     console = Console(sys.stdout)
-    try:
-        import asyncpg  # noqa: F401
-    except ImportError:
+    databases = ["postgresql", "mysql"] if mysql else ["postgresql"]
+    missing = [DRIVERS[d] for d in databases if importlib.util.find_spec(DRIVERS[d]) is None]
+    if missing:
         console.say(
-            "dbmux demo drives the asyncpg client driver, which is not installed: "
+            f"dbmux demo drives client drivers that are not installed ({', '.join(missing)}): "
             "pip install 'dbmux[demo]' (make demo does this for you)."
         )
         return 1
     from dbmux.testing import CommandError, ServerError
 
     started = time.monotonic()
-    try:
-        report = storm_report(clients, max_connections)
-    except KeyboardInterrupt:
-        console.say("Interrupted; the throwaway database and dbmux have been shut down.")
-        return 130
-    except (ServerError, CommandError) as error:
-        console.say(f"dbmux demo: could not set up the throwaway database:\n{error}")
-        return 1
-    except UsageError as error:
-        console.say(f"dbmux demo: {error}")
-        return 1
-    console.say()
-    console.say(format_report(report))
+    code = 0
+    for database in databases:
+        if database != databases[0]:
+            console.say()
+            console.say("-" * REPORT_WIDTH)
+            console.say()
+        try:
+            report = storm_report(clients, max_connections, database=database)
+        except KeyboardInterrupt:
+            console.say("Interrupted; the throwaway database and dbmux have been shut down.")
+            return 130
+        except (ServerError, CommandError) as error:
+            name = DATABASES[database].name
+            skip = " (dbmux demo --skip-mysql leaves it out)" if database == "mysql" else ""
+            console.say(f"dbmux demo: could not set up the throwaway {name}{skip}:\n{error}")
+            code = 1
+            continue
+        except UsageError as error:
+            console.say(f"dbmux demo: {error}")
+            return 1
+        console.say()
+        console.say(format_report(report))
+        code = max(code, report.exit_code)
     console.say()
     console.say(f"(demo took {time.monotonic() - started:.0f} s; everything it started is gone)")
-    return report.exit_code
+    return code

@@ -1,0 +1,204 @@
+"""The PostgreSQL section: pgbench straight at PostgreSQL, through PgBouncer and through dbmux,
+on one throwaway cluster (max_connections 100, SCRAM, pgbench scale 10). See bench/README.md."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from typing import Any
+
+from bench import pgbench
+from bench.client import ClientResult
+from bench.monitor import ConnectionSampler, PostgresAdmin
+from bench.report import NOISY, RatioTarget, Workload
+from bench.runner import MAX_CONNECTIONS, POOL_SIZE, Bench, out, proxy_versions
+from bench.targets import PgBouncer, Target
+from dbmux.testing import PostgresCluster
+
+SCALE = 10
+# dbmux's connection_borrow_timeout where sessions pin (default 120 s), at most half of
+# --duration: the clients that find the pool held by pinned sessions then fail within the run
+# instead of keeping pgbench waiting for up to 120 s after -T ends.
+PINNED_BORROW_TIMEOUT = 5.0
+STEADY = RatioTarget("pgbouncer", minimum=0.8, aim=1.0)
+
+# Every transaction sets session state, then reads with it; application_name differs per
+# client, so a server connection always carries the previous client's value. pgbench's
+# :scale is 1 in custom scripts, hence the literal scale.
+SET_HEAVY_SCRIPT = f"""\\set aid random(1, 100000 * {SCALE})
+SET statement_timeout = '5s';
+SET application_name = 'client-:client_id';
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+"""
+
+WORKLOADS = (
+    Workload(
+        "select-simple",
+        "select-only simple",
+        ("-S", "-c", "50", "-j", "2"),
+        ratio_target=STEADY,
+    ),
+    Workload(
+        "select-extended",
+        "select-only extended",
+        ("-S", "-M", "extended", "-c", "50", "-j", "2"),
+        ratio_target=STEADY,
+    ),
+    Workload("tpcb", "tpcb-like", ("-c", "10", "-j", "2"), ratio_target=STEADY),
+    Workload("storm-50", "storm -S -C, 50 clients", ("-S", "-C", "-c", "50", "-j", "2")),
+    Workload(
+        "storm-300",
+        "storm -S -C, 300 clients",
+        ("-S", "-C", "-c", "300", "-j", "2"),
+        storm=True,
+    ),
+    Workload(
+        "select-prepared",
+        "select-only prepared",
+        ("-S", "-M", "prepared", "-c", "50", "-j", "2"),
+        borrow_timeout=PINNED_BORROW_TIMEOUT,
+        note="select-only prepared: every pgbench client prepares its statement under the same "
+        "name (P_0). PgBouncer 1.18 in transaction mode does not carry protocol-level prepared "
+        "statements between server connections: its clients fail with 'prepared statement "
+        "... does not exist' or '... already exists' until every server connection has a P_0 "
+        "(all clients prepare the same text, so the survivors, if any, then run on whichever "
+        "P_0 they find: their tps is not comparable). A proxy that pins such a session (RDS "
+        "Proxy; dbmux before it carried named statements) lets 20 clients hold the pool while "
+        "the others wait for a server connection, and pgbench prepares with a blocking "
+        "PQprepare(), so one waiting client stalls its whole pgbench thread, pinned clients "
+        "included. dbmux runs with connection_borrow_timeout {borrow_timeout:g} s (default "
+        "120 s) in this workload, so a client that waits fails within the run instead of "
+        "holding pgbench up to 120 s past -T.",
+    ),
+    Workload(
+        "set-heavy",
+        "set-heavy (SET per tx)",
+        ("-c", "50", "-j", "2"),
+        script=SET_HEAVY_SCRIPT,
+        extra_targets=("dbmux-pin",),
+        borrow_timeout=PINNED_BORROW_TIMEOUT,
+        note="set-heavy: every transaction runs SET statement_timeout (the same for all "
+        "clients), SET application_name (a different value per client), then a select, with "
+        "the simple protocol. dbmux (session_state: replay, the default) carries each client's "
+        "settings to whichever server connection it borrows; dbmux-pin (session_state: pin, "
+        "what RDS Proxy does) pins each session at its first SET, so 20 clients hold the pool "
+        "and the other 30 fail after connection_borrow_timeout "
+        "({borrow_timeout:g} s here, both dbmux targets). PgBouncer multiplexes but "
+        "ignores SET: each client's settings stay on the server connection and leak to the "
+        "clients that use it next (not measured here).",
+    ),
+)
+
+
+class PostgresBench(Bench):
+    engine = "postgresql"
+    workloads = WORKLOADS
+    cpu_columns = ("pgbench", "postgres")
+    user = dbname = "bench"
+    family = "POSTGRESQL"
+
+    def start(self) -> None:
+        self.cluster = PostgresCluster(
+            max_connections=MAX_CONNECTIONS, auth_method="scram-sha-256", password=self.password
+        )
+        c = self.cluster.start()
+        self.host, self.port = c.host, c.port
+        server_version = c.psql("SHOW server_version")
+        out(f"PostgreSQL {server_version} on 127.0.0.1:{c.port}, max_connections 100")
+        self.pgbench = pgbench.find_pgbench()
+        c.create_user(self.user, self.password)
+        c.create_database(self.dbname, self.user)
+        started = time.monotonic()
+        cmd = [self.pgbench, "-i", "-s", str(SCALE), "-q", "-h", c.host, "-p", str(c.port)]
+        init = subprocess.run(
+            [*cmd, "-U", self.user, self.dbname],
+            capture_output=True,
+            text=True,
+            env=pgbench.client_env(self.password),
+            timeout=600,
+        )
+        if init.returncode != 0:
+            raise RuntimeError(f"pgbench -i failed:\n{init.stderr}")
+        out(f"pgbench -i -s {SCALE}: {time.monotonic() - started:.1f}s")
+        self.sampler = ConnectionSampler(PostgresAdmin(c.dsn(), c.psql), self.user)
+        self.sampler.start()
+        self.versions = {
+            "postgres": server_version,
+            "pgbench": pgbench.pgbench_version(self.pgbench),
+            **proxy_versions(),
+        }
+        v = self.versions
+        out(
+            f"{v['pgbench']}; {v['pgbouncer']}; {v['dbmux']} ({v['dbmux_git']}); "
+            f"pool {POOL_SIZE} server connections per proxy"
+        )
+        out()
+
+    def close(self) -> None:
+        super().close()
+        if hasattr(self, "cluster"):
+            self.cluster.cleanup()
+
+    def reset(self) -> None:
+        """What pgbench does before a run unless -n, done directly so no proxy relays it."""
+        self.cluster.psql(
+            "VACUUM pgbench_branches; VACUUM pgbench_tellers; TRUNCATE pgbench_history; "
+            "CHECKPOINT;",
+            self.dbname,
+        )
+
+    def server_pid(self) -> int | None:
+        try:
+            return int((self.cluster.data_dir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def make_target(self, name: str, workload: Workload) -> Target:
+        if name != "pgbouncer":
+            return super().make_target(name, workload)
+        secret = None
+        if self.args.pgbouncer_auth == "scram":
+            secret = self.cluster.psql(
+                f"SELECT rolpassword FROM pg_authid WHERE rolname = '{self.user}'"
+            )
+        return PgBouncer(
+            upstream_port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname=self.dbname,
+            pool_size=POOL_SIZE,
+            auth_file_secret=secret,
+        )
+
+    def run_client(self, workload: Workload, target: Target) -> ClientResult:
+        return pgbench.run(
+            self.pgbench,
+            host=target.host,
+            port=target.port,
+            user=self.user,
+            password=self.password,
+            dbname=self.dbname,
+            args=list(workload.args),
+            duration=self.args.duration,
+            script=workload.script,
+        )
+
+    def heading(self, machine: dict[str, Any]) -> str:
+        return (
+            f"## PostgreSQL: dbmux vs PgBouncer vs direct ({self.args.duration}s per run, "
+            f"pool {POOL_SIZE}, "
+            f"max_connections {MAX_CONNECTIONS}, pgbench -s {SCALE}, {machine['cpus']} CPUs)"
+        )
+
+    def legend(self) -> str:
+        return (
+            "tps excludes initial connection time, except for the -C storms, where pgbench "
+            "counts reconnection time in (each transaction is a new connection). failures = "
+            "failed transactions + clients pgbench aborted. * = noisy run: other processes on "
+            f"the machine took {NOISY:.0f}% of the CPU or more. ! = pgbench aborted clients: "
+            "tps is that of the clients that kept running (if none did, of the moment before "
+            "the run ended)."
+        )
+
+    def settings(self) -> dict[str, Any]:
+        return {"pgbench_scale": SCALE, "pgbouncer_auth": self.args.pgbouncer_auth}
