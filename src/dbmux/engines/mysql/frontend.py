@@ -549,28 +549,29 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         self._end_command()
 
     async def _borrow(self) -> MyServer:
-        """This session's server connection, borrowed and brought in step if it has none."""
-        if self.server is not None:
-            return self.server
-        pool = self.pool
-        assert pool is not None
-        try:
-            server: MyServer = await pool.borrow()  # type: ignore[assignment]
-        except BorrowTimeout:
-            self.ctx.metrics.borrow_timeouts.value += 1
-            raise CommandFailed(wire.ER_CON_COUNT_ERROR, borrow_hint(pool)) from None
-        except ServerError as error:
-            raise CommandFailed(error_of(error), str(error)) from None
-        try:
-            if not self._in_step(server):
+        """This session's server connection (borrowed now if it has none), in step."""
+        server = self.server
+        fresh = server is None
+        if server is None:
+            pool = self.pool
+            assert pool is not None
+            try:
+                server = await pool.borrow()  # type: ignore[assignment]
+            except BorrowTimeout:
+                self.ctx.metrics.borrow_timeouts.value += 1
+                raise CommandFailed(wire.ER_CON_COUNT_ERROR, borrow_hint(pool)) from None
+            except ServerError as error:
+                raise CommandFailed(error_of(error), str(error)) from None
+            self._attach(server)  # from here on_closed gives it back whatever happens
+        assert server is not None
+        if not self._in_step(server):
+            try:
                 await self._bring_in_step(server)
-        except ServerError as error:
-            pool.release(server)
-            raise CommandFailed(error_of(error), str(error)) from None
-        except BaseException:
-            server.close()
-            raise
-        self._attach(server)
+            except ServerError as error:
+                if fresh:
+                    self._detach()
+                    server.pool.release(server)  # type: ignore[union-attr]
+                raise CommandFailed(error_of(error), str(error)) from None
         return server
 
     def _attach(self, server: MyServer) -> None:
@@ -755,13 +756,21 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         if opens_cursor and self.pin_reason is None:
             self.pin(CURSOR)  # COM_STMT_FETCH must reach the same connection
         server = self.server
-        if server is not None and statement.text in server.prepared:
+        if server is None:
+            # The hot path: an idle connection, no waiting (brought in step if need be).
+            server = self.pool.try_borrow()  # type: ignore[union-attr]
+            if server is not None:
+                self._attach(server)
+        if server is not None and statement.text in server.prepared and self._in_step(server):
             self._send_statement(server, payload, statement, wire.RESPONSE_RESULT)
         else:
             self._start(self._prepare_then_send(payload, statement, wire.RESPONSE_RESULT))
 
     async def _prepare_then_send(
-        self, payload: bytes, statement: ClientStatement, kind: int
+        self,
+        payload: bytes,
+        statement: ClientStatement,
+        kind: int | None,
     ) -> None:
         server = await self._borrow()
         try:
@@ -816,7 +825,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         if server is not None and statement.text in server.prepared:
             self._send_statement(server, payload, statement, None)
         else:
-            self._start(self._prepare_then_send(payload, statement, None))  # type: ignore[arg-type]
+            self._start(self._prepare_then_send(payload, statement, None))
 
     def _reset_statement(self, payload: bytes) -> None:
         try:
