@@ -62,6 +62,10 @@ class ClientStatement:
     types: bytes | None = None  # the parameter types its last execute sent
 
 
+# A command on its way to a server: payload, reply shape, statement, packet as sent.
+Request = tuple[bytes, "int | None", "ClientStatement | None", "bytes | None"]
+
+
 def borrow_hint(pool: Pool) -> str:
     return (
         f"timed out waiting for a database connection: connection_borrow_timeout is "
@@ -104,7 +108,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         self.last_prepared = 0
         self.long_data = False  # a statement's long data sits on the server connection
         self.busy = False  # a command is being answered
-        self.waiting: tuple[bytes, int] | None = None  # command waiting for a server
+        self.waiting: Request | None = None  # command waiting for a server
         self.transaction_lost = ""  # why, when the server died under an open transaction
         self.cancelling: MyServer | None = None  # whose query our KILL QUERY stops
         self.last_active = ctx.clock.now
@@ -318,8 +322,22 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
     # -- commands -----------------------------------------------------------------------------
 
     def relay(self, data: bytes) -> None:
-        self.inbox += data
         self.last_active = self._clock.now
+        if not self.busy and not self.inbox and not self.reader.partial:
+            # The common case: one whole command, sequence id 0, in one chunk.
+            n = len(data)
+            if (
+                n > 4
+                and data[3] == 0
+                and data[0] | data[1] << 8 | data[2] << 16 == n - 4 < 0xFFFFFF
+            ):
+                self._requests.value += 1
+                try:
+                    self._command(data[4:], data)
+                except wire.ProtocolViolation as error:
+                    self._violation(wire.ER_NET_READ_ERROR, str(error))
+                return
+        self.inbox += data
         if not self.busy:
             self._next_commands()
         elif len(self.inbox) > INBOX_LIMIT and not self._held:
@@ -342,6 +360,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
                     f"{self.reader.first_seq})",
                 )
                 return
+            self._requests.value += 1
             try:
                 self._command(payload)
             except wire.ProtocolViolation as error:
@@ -356,11 +375,11 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         self.reply_error(error, message)
         self.close_transport()
 
-    def _command(self, payload: bytes) -> None:
+    def _command(self, payload: bytes, frame: bytes | None = None) -> None:
+        """Serve one command; `frame` is its packet as received, when it was one packet."""
         if not payload:
             raise wire.ProtocolViolation("empty command packet")
         command = payload[0]
-        self._requests.value += 1
         if self.transaction_lost and command not in (wire.COM_QUIT, wire.COM_PING):
             reason, self.transaction_lost = self.transaction_lost, ""
             self.reply_error(
@@ -370,7 +389,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
             )
             return
         if command == wire.COM_QUERY:
-            self._query(payload)
+            self._query(payload, frame)
         elif command in (wire.COM_STMT_EXECUTE, wire.COM_STMT_BULK_EXECUTE):
             self._execute(payload)
         elif command == wire.COM_STMT_PREPARE:
@@ -408,7 +427,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         else:
             self.reply_error(wire.ER_UNKNOWN_COM_ERROR, f"Unknown command 0x{command:02x}")
 
-    def _query(self, payload: bytes) -> None:
+    def _query(self, payload: bytes, frame: bytes | None = None) -> None:
         if payload[1:].lstrip()[:4].lower() == b"kill":
             kill = _KILL.fullmatch(payload, 1)
             if kill is not None:
@@ -417,7 +436,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         verdict = self._verdict(payload[1:])
         if verdict is not classify.NO_STATE:
             self._note(verdict, payload[1:])
-        self._forward(payload, wire.RESPONSE_RESULT)
+        self._forward(payload, wire.RESPONSE_RESULT, frame=frame)
 
     def _note(self, verdict: classify.Verdict, text: bytes | None) -> None:
         """What a statement about to run does to the session."""
@@ -473,13 +492,22 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
             and (not self.want_insert_id or server.insert_id == self.insert_id)
         )
 
-    def _forward(self, payload: bytes, kind: int) -> None:
-        """Send a command to this session's server connection, borrowing one if needed."""
+    def _forward(
+        self,
+        payload: bytes,
+        kind: int | None,
+        statement: ClientStatement | None = None,
+        frame: bytes | None = None,
+    ) -> None:
+        """Send a command to this session's server connection, borrowing one if needed.
+        `kind` is the shape of its reply (None: it has none); a statement command is
+        rewritten for the server's statement; `frame` is the packet as the client sent it."""
         self.busy = True
+        request = (payload, kind, statement, frame)
         server = self.server
         if server is not None and self.want_insert_id and server.insert_id != self.insert_id:
             # Mid-transaction on a connection whose LAST_INSERT_ID() is another client's.
-            self.waiting = (payload, kind)
+            self.waiting = request
             self._task = self.ctx.loop.create_task(self._step_then_send(server))
             return
         if server is None:
@@ -487,20 +515,31 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
             assert pool is not None
             server = pool.try_borrow()
             if server is None or not self._in_step(server):
-                self.waiting = (payload, kind)
+                self.waiting = request
                 if server is None:
                     server = pool.request(self)
                 if server is not None:
                     self.on_connection(server)
                 return
             self._attach(server)
-        server.scanner.expect(kind)
-        server.transport.write(wire.packet(0, payload))  # type: ignore[union-attr]
+        self._send(server, request)
+
+    def _send(self, server: MyServer, request: Request) -> None:
+        payload, kind, statement, frame = request
+        if statement is not None:
+            if statement.text in server.prepared:
+                self._send_statement(server, payload, statement, kind)
+            else:
+                self._start(self._prepare_then_send(payload, statement, kind))
+            return
+        if kind is not None:
+            server.scanner.expect(kind)
+        server.transport.write(frame or wire.packet(0, payload))  # type: ignore[union-attr]
 
     def on_connection(self, conn: MyServer) -> None:  # type: ignore[override]
         """The pool lends us a server: bring it to this session's state, then send."""
-        waiting = self.waiting
-        if waiting is None:  # the client left meanwhile
+        request = self.waiting
+        if request is None:  # the client left meanwhile
             conn.pool.release(conn) if conn.pool else conn.close()
             return
         if not self._in_step(conn):
@@ -508,9 +547,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
             return
         self.waiting = None
         self._attach(conn)
-        payload, kind = waiting
-        conn.scanner.expect(kind)
-        conn.transport.write(wire.packet(0, payload))  # type: ignore[union-attr]
+        self._send(conn, request)
 
     async def _step_then_send(self, server: MyServer) -> None:
         try:
@@ -755,16 +792,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         opens_cursor = payload[0] == wire.COM_STMT_EXECUTE and payload[5:6] not in (b"", b"\0")
         if opens_cursor and self.pin_reason is None:
             self.pin(CURSOR)  # COM_STMT_FETCH must reach the same connection
-        server = self.server
-        if server is None:
-            # The hot path: an idle connection, no waiting (brought in step if need be).
-            server = self.pool.try_borrow()  # type: ignore[union-attr]
-            if server is not None:
-                self._attach(server)
-        if server is not None and statement.text in server.prepared and self._in_step(server):
-            self._send_statement(server, payload, statement, wire.RESPONSE_RESULT)
-        else:
-            self._start(self._prepare_then_send(payload, statement, wire.RESPONSE_RESULT))
+        self._forward(payload, wire.RESPONSE_RESULT, statement)
 
     async def _prepare_then_send(
         self,
@@ -821,11 +849,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         except CommandFailed:
             return  # the server would ignore it too; the execute reports the error
         self.long_data = True
-        server = self.server
-        if server is not None and statement.text in server.prepared:
-            self._send_statement(server, payload, statement, None)
-        else:
-            self._start(self._prepare_then_send(payload, statement, None))
+        self._forward(payload, None, statement)
 
     def _reset_statement(self, payload: bytes) -> None:
         try:
