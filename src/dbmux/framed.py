@@ -142,3 +142,61 @@ class FramedProtocol(asyncio.Protocol):
                 self.transport.abort()
             else:
                 self.transport.close()
+
+
+class ServerEnd(FramedProtocol):
+    """The server half of a relay pair: `client` is whoever the connection is lent to."""
+
+    client: ClientEnd | None
+
+    def resume_relaying(self) -> None:
+        """Back to relaying after the proxy's own conversation; what came meanwhile too."""
+        leftover = self.start_relaying()
+        if leftover:
+            self.relay(leftover)
+
+    def on_write_blocked(self, blocked: bool) -> None:
+        if self.client is not None:
+            self.client.peer_write_blocked(blocked)
+
+
+class ClientEnd(FramedProtocol):
+    """The client half of a relay pair: flow control with the server it is attached to, so a
+    slow reader on either side pauses the other instead of filling the proxy's memory."""
+
+    server: ServerEnd | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._holding_server = False  # we paused the server because our buffer is full
+        self._held_by_server = False  # the server paused us because its buffer is full
+
+    def on_write_blocked(self, blocked: bool) -> None:
+        """Our client reads slowly: stop reading the server until it catches up."""
+        server = self.server
+        if server is None or blocked == self._holding_server:
+            return
+        self._holding_server = blocked
+        if blocked:
+            server.hold_reading()
+        else:
+            server.release_reading()
+
+    def peer_write_blocked(self, blocked: bool) -> None:
+        """The server reads slowly (COPY IN, big commands): stop reading the client."""
+        if blocked == self._held_by_server:
+            return
+        self._held_by_server = blocked
+        if blocked:
+            self.hold_reading()
+        else:
+            self.release_reading()
+
+    def drop_holds(self, server: ServerEnd) -> None:
+        """The pair parts: undo the pauses either side put on the other."""
+        if self._holding_server:
+            self._holding_server = False
+            server.release_reading()
+        if self._held_by_server:
+            self._held_by_server = False
+            self.release_reading()

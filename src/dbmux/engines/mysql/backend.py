@@ -13,7 +13,7 @@ from dbmux.auth import mysql as auth
 from dbmux.auth.secrets import Credentials
 from dbmux.engines.base import ServerConnection, ServerError
 from dbmux.engines.mysql import state, wire
-from dbmux.framed import ConnectionClosed, FramedProtocol
+from dbmux.framed import ConnectionClosed, ServerEnd
 
 if TYPE_CHECKING:
     from dbmux.engines.mysql.frontend import MyClient
@@ -55,11 +55,11 @@ def server_error(payload: bytes) -> ServerError:
     return ServerError(err.message, code=str(err.code), fields={"state": err.state})
 
 
-class MyServer(FramedProtocol, ServerConnection):
+class MyServer(ServerEnd, ServerConnection):
     """One connection to a MySQL or MariaDB server."""
 
     def __init__(self, host: str, port: int, capabilities: int, prepared_capacity: int) -> None:
-        FramedProtocol.__init__(self)
+        ServerEnd.__init__(self)
         ServerConnection.__init__(self)
         self.host = host
         self.port = port
@@ -154,11 +154,6 @@ class MyServer(FramedProtocol, ServerConnection):
         if scanner.failed:
             raise server_error(payloads[-1])
         return payloads
-
-    def resume_relaying(self) -> None:
-        leftover = self.start_relaying()
-        if leftover:
-            self.relay(leftover)
 
     async def query(self, sql: str) -> tuple[list[wire.Column], list[list[bytes | None]]]:
         payloads = await self.exchange(
@@ -256,10 +251,6 @@ class MyServer(FramedProtocol, ServerConnection):
         err = wire.parse_err(payload)
         self.last_error = f"{err.code} {err.message}"
         log.info("server connection %s:%s ends: %s", self.host, self.port, self.last_error)
-
-    def on_write_blocked(self, blocked: bool) -> None:
-        if self.client is not None:
-            self.client.peer_write_blocked(blocked)
 
     def on_closed(self, exc: Exception | None) -> None:
         client = self.client

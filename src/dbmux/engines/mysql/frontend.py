@@ -21,7 +21,7 @@ from dbmux.auth import mysql as auth
 from dbmux.engines.base import ClientSession, ServerError
 from dbmux.engines.mysql import classify, state, wire
 from dbmux.engines.mysql.backend import NATIVE, MyServer
-from dbmux.framed import ConnectionClosed, FramedProtocol
+from dbmux.framed import ClientEnd, ConnectionClosed
 from dbmux.pool import Borrower, BorrowTimeout, Pool
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def error_of(error: ServerError) -> tuple[int, str]:
     return code, str(error.fields.get("state", "HY000"))
 
 
-class MyClient(FramedProtocol, ClientSession, Borrower):
+class MyClient(ClientEnd, ClientSession, Borrower):
     """One MySQL client connection."""
 
     def __init__(self, ctx: MyContext) -> None:
@@ -115,8 +115,6 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         self.logged_in = False
         self._task: asyncio.Task[None] | None = None
         self._held = False  # reading paused: too much sent ahead of the replies
-        self._holding_server = False
-        self._held_by_server = False
         self._clock = ctx.clock
         self._requests = ctx.metrics.query_requests
         self._verdict = ctx.classifier.verdict
@@ -619,12 +617,7 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
         server = self.server
         if server is None:
             return None
-        if self._holding_server:
-            self._holding_server = False
-            server.release_reading()
-        if self._held_by_server:
-            self._held_by_server = False
-            self.release_reading()
+        self.drop_holds(server)
         server.client = None
         self.server = None
         return server
@@ -967,24 +960,3 @@ class MyClient(FramedProtocol, ClientSession, Borrower):
             self._end_command()
         elif server.scanner.status & wire.SERVER_STATUS_IN_TRANS:
             self.transaction_lost = reason
-
-    def on_write_blocked(self, blocked: bool) -> None:
-        """Our client reads slowly: stop reading the server until it catches up."""
-        server = self.server
-        if server is None or blocked == self._holding_server:
-            return
-        self._holding_server = blocked
-        if blocked:
-            server.hold_reading()
-        else:
-            server.release_reading()
-
-    def peer_write_blocked(self, blocked: bool) -> None:
-        """The server reads slowly (a big command): stop reading the client."""
-        if blocked == self._held_by_server:
-            return
-        self._held_by_server = blocked
-        if blocked:
-            self.hold_reading()
-        else:
-            self.release_reading()

@@ -13,7 +13,7 @@ from dbmux.auth.scram import ScramClient, ScramError
 from dbmux.auth.secrets import Credentials
 from dbmux.engines.base import ServerConnection, ServerError
 from dbmux.engines.postgres import wire
-from dbmux.framed import ConnectionClosed, FramedProtocol
+from dbmux.framed import ConnectionClosed, ServerEnd
 
 if TYPE_CHECKING:
     from dbmux.engines.postgres.frontend import PgClient
@@ -35,11 +35,11 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-class PgServer(FramedProtocol, ServerConnection):
+class PgServer(ServerEnd, ServerConnection):
     """One connection to a PostgreSQL server."""
 
     def __init__(self, host: str, port: int, prepared_capacity: int = 500) -> None:
-        FramedProtocol.__init__(self)
+        ServerEnd.__init__(self)
         ServerConnection.__init__(self)
         self.host = host
         self.port = port
@@ -136,11 +136,6 @@ class PgServer(FramedProtocol, ServerConnection):
                     return rows
         finally:
             self.resume_relaying()
-
-    def resume_relaying(self) -> None:
-        leftover = self.start_relaying()
-        if leftover:
-            self.relay(leftover)
 
     async def read_server_limit(self) -> None:
         rows = await self.run(
@@ -266,10 +261,6 @@ class PgServer(FramedProtocol, ServerConnection):
         self.scanner.params.clear()
         if self.client is not None:
             self.client.server_params_changed = True
-
-    def on_write_blocked(self, blocked: bool) -> None:
-        if self.client is not None:
-            self.client.peer_write_blocked(blocked)
 
     def on_closed(self, exc: Exception | None) -> None:
         client = self.client

@@ -26,7 +26,7 @@ from dbmux.engines.postgres.pinning import (
 )
 from dbmux.engines.postgres.settings import SettingsMixin
 from dbmux.engines.postgres.statements import StatementsMixin
-from dbmux.framed import FramedProtocol
+from dbmux.framed import ClientEnd
 from dbmux.pool import Borrower, BorrowTimeout, Pool
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ NAMED_STATEMENT = "named_prepared_statement"
 UNREADABLE = Verdict(UNCLASSIFIED)
 
 
-class PgClient(LoginMixin, StatementsMixin, SettingsMixin, FramedProtocol, ClientSession, Borrower):
+class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSession, Borrower):
     """One client connection."""
 
     def __init__(self, ctx: PgContext) -> None:
@@ -92,8 +92,6 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, FramedProtocol, Clien
         self.key = (0, 0)
         self.pid_bytes = b"\0\0\0\0"  # the process id this client was given, as sent
         self._task: asyncio.Task[None] | None = None
-        self._holding_server = False  # we paused the server because our buffer is full
-        self._held_by_server = False  # the server paused us because its buffer is full
 
     # -- connection lifecycle ---------------------------------------------------------------
 
@@ -359,12 +357,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, FramedProtocol, Clien
         server = self.server
         if server is None:
             return None
-        if self._holding_server:
-            self._holding_server = False
-            server.release_reading()
-        if self._held_by_server:
-            self._held_by_server = False
-            self.release_reading()
+        self.drop_holds(server)
         server.client = None
         self.server = None
         return server
@@ -436,27 +429,6 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, FramedProtocol, Clien
         self.tx_status = wire.IDLE
 
     # -- backpressure -----------------------------------------------------------------------
-
-    def on_write_blocked(self, blocked: bool) -> None:
-        """Our client reads slowly: stop reading the server until it catches up."""
-        server = self.server
-        if server is None or blocked == self._holding_server:
-            return
-        self._holding_server = blocked
-        if blocked:
-            server.hold_reading()
-        else:
-            server.release_reading()
-
-    def peer_write_blocked(self, blocked: bool) -> None:
-        """The server reads slowly (COPY IN, big binds): stop reading the client."""
-        if blocked == self._held_by_server:
-            return
-        self._held_by_server = blocked
-        if blocked:
-            self.hold_reading()
-        else:
-            self.release_reading()
 
 
 def cancel_server(server: PgServer) -> None:
