@@ -109,3 +109,11 @@ def test_session_state_pin_mode_pins_on_set_as_rds_proxy_does(
         one(a, "SET time_zone = '+05:00'")
         assert one(a, "SELECT @@time_zone") == ("+05:00",)
     assert proxy.metrics.pins("set_variable") == 1
+
+
+def test_the_session_isolation_level_is_carried(shared: MyProxy) -> None:
+    with shared.connect() as a, shared.connect() as b:
+        one(a, "SET SESSION TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        assert one(b, "SELECT @@tx_isolation") == ("REPEATABLE-READ",)
+        assert one(a, "SELECT @@tx_isolation") == ("SERIALIZABLE",)
+    assert shared.metrics.pins() == 0

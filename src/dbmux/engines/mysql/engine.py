@@ -22,7 +22,13 @@ from dbmux.pool import PoolKey
 if TYPE_CHECKING:
     from dbmux.proxy import ProxyRuntime
 
-SET_RESULTS_CAPACITY = 10_000  # remembered outcomes of SET statements per proxy
+SET_RESULTS_CAPACITY = 10_000
+# MySQL (5.7.20 and later, and 8, which dropped the old names) spells the transaction
+# characteristics that MariaDB still calls tx_isolation and tx_read_only like this.
+MYSQL_ALIASES = {
+    "tx_isolation": "transaction_isolation",
+    "tx_read_only": "transaction_read_only",
+}  # remembered outcomes of SET statements per proxy
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,8 @@ class MyContext:
     )
     # The connection id each client was given in its greeting -> that client (for KILL).
     sessions: dict[int, MyClient] = field(default_factory=dict)
+    # The classifier's names of variables that this server spells otherwise.
+    aliases: dict[str, str] = field(default_factory=dict)
     _greeting: wire.Greeting | None = None
     _greeting_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -74,6 +82,8 @@ class MyContext:
             async with self._greeting_lock:
                 if self._greeting is None:
                     self._greeting = await read_greeting(self.target.host, self.target.port)
+                    if "mariadb" not in self._greeting.version.lower():
+                        self.aliases = MYSQL_ALIASES
         return self._greeting
 
     def new_connection_id(self, client: MyClient) -> int:

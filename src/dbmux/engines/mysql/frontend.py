@@ -442,8 +442,10 @@ class MyClient(ClientEnd, ClientSession, Borrower):
             if self.pin_reason is None:
                 self.pin(verdict.reason)
             return
-        names = verdict.system_vars | {"@" + name for name in verdict.user_vars}
-        if any(not set(name.lstrip("@")) <= _NAME_CHARS for name in verdict.system_vars):
+        aliases = self.ctx.aliases
+        system_vars = {aliases.get(name, name) for name in verdict.system_vars}
+        names = system_vars | {"@" + name for name in verdict.user_vars}
+        if any(not set(name) <= _NAME_CHARS for name in system_vars):
             if self.pin_reason is None:
                 self.pin(classify.UNCLASSIFIED)  # a name the proxy will not put in SQL
             return
