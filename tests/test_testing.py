@@ -125,6 +125,21 @@ class TestPostgresCluster:
         assert "automatic recovery in progress" in pg.log_file.read_text()
 
 
+def test_postgres_replica_streams_and_takes_over_when_promoted() -> None:
+    with PostgresCluster() as primary:
+        primary.psql(
+            "SET synchronous_commit = on; CREATE TABLE r (v int); INSERT INTO r VALUES (1)"
+        )
+        with primary.replica() as replica:
+            assert replica.psql("SELECT pg_is_in_recovery()") == "t"
+            with pytest.raises(CommandError, match="read-only"):
+                replica.psql("INSERT INTO r VALUES (2)")
+            primary.stop()
+            replica.promote()
+            replica.psql("INSERT INTO r VALUES (2)")
+            assert replica.psql("SELECT pg_is_in_recovery(), count(*) FROM r") == "f|2"
+
+
 def _occupy(port: int) -> socket.socket:
     s = socket.socket()
     s.bind(("127.0.0.1", port))

@@ -393,6 +393,7 @@ class PostgresCluster(_Server):
         password: str = "postgres",
         settings: dict[str, str] | None = None,
         port: int | None = None,
+        replica_of: PostgresCluster | None = None,
     ) -> None:
         if "\n" in password or "\r" in password:
             raise ValueError("password must be a single line (initdb reads it from a file)")
@@ -416,6 +417,7 @@ class PostgresCluster(_Server):
         self.superuser = superuser
         self.password = password
         self.settings = dict(settings or {})
+        self.replica_of = replica_of
         self.data_dir = self.base_dir / "data"
         self.log_file = self.base_dir / "postgres.log"
         self._stale_shm: list[tuple[int, int]] = []  # (key, shmid) of crashed postmasters
@@ -447,7 +449,10 @@ class PostgresCluster(_Server):
                 return self
             if not (self.data_dir / "PG_VERSION").exists():
                 shutil.rmtree(self.data_dir, ignore_errors=True)  # an interrupted initdb
-                self._initdb()
+                if self.replica_of is not None:
+                    self._base_backup(self.replica_of)
+                else:
+                    self._initdb()
             self._clear_stale_lockfiles()
             self._start_with_port_retry(self._start_once, self.log_file)
             return self
@@ -474,6 +479,46 @@ class PostgresCluster(_Server):
             if pid is not None and self.running:
                 _kill_tree(pid)
             self._clear_stale_lockfiles()
+
+    def replica(self, **kwargs: object) -> PostgresCluster:
+        """A streaming replica of this (running) cluster, same accounts: pg_basebackup -R."""
+        return PostgresCluster(
+            max_connections=self.max_connections,
+            auth_method=self.auth_method,
+            superuser=self.superuser,
+            password=self.password,
+            replica_of=self,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def promote(self) -> None:
+        """End recovery: the replica becomes a primary (pg_ctl promote -w)."""
+        cmd = [self._tool("pg_ctl"), "promote", "-D", str(self.data_dir), "-w", "-s"]
+        self._run_tool(cmd, "pg_ctl promote")
+
+    def _base_backup(self, primary: PostgresCluster) -> None:
+        self.data_dir.mkdir(mode=0o700)
+        self._give_to_postgres(self.data_dir)
+        cmd = [
+            self._tool("pg_basebackup"),
+            "-h",
+            primary.host,
+            "-p",
+            str(primary.port),
+            "-U",
+            primary.superuser,
+            "-D",
+            str(self.data_dir),
+            "-R",  # standby.signal and primary_conninfo
+            "-X",
+            "stream",
+            "--no-sync",
+        ]
+        env = _clean_env(("PG", "LC_"), LANG="C", LC_ALL="C", PGPASSWORD=primary.password)
+        try:
+            _run([*self._runuser, *cmd], "pg_basebackup", env=env, cwd=self.base_dir)
+        except CommandError as exc:
+            raise ServerError(str(exc)) from exc
 
     def _shutdown_for_cleanup(self) -> None:
         try:
