@@ -144,6 +144,8 @@ class Target(_Model):
 class TargetGroup(_Model):
     connection_pool_config: ConnectionPoolConfig = ConnectionPoolConfig()
     targets: list[Target] = Field(min_length=1)
+    # Seconds between probes of each target's role and health (sub-second allowed).
+    probe_interval: float = Field(1.0, gt=0, le=3600)
 
 
 class Endpoint(_Model):

@@ -56,10 +56,17 @@ class TargetBudget:
         self.open = 0
         self.pools: list[Pool] = []
         self._wake_scheduled = False
+        # Connections of an older generation (another writer) are closed, never lent again.
+        self.generation = 0
+        self.relearn = False  # the next connection reads the (new) writer's max_connections
+        # Called when a connection cannot be opened or closes while lent: the instance may
+        # have failed over, so its role is probed at once.
+        self.on_trouble: Callable[[], None] = lambda: None
 
     def learn_server_limit(self, max_connections: int, reserved: int) -> None:
         """Size the budget as a percentage of the database's max_connections, never more than
         the connections it leaves to non-superusers."""
+        self.relearn = False
         usable = max(1, max_connections - reserved)
         percent = self.config.max_connections_percent
         self.limit = max(1, min(usable, math.floor(max_connections * percent / 100)))
@@ -229,13 +236,14 @@ class Pool:
             self.loop.create_task(self._open())
 
     async def _open(self) -> None:
-        read_limit = self.budget.limit is None
+        read_limit = self.budget.limit is None or self.budget.relearn
         try:
             conn = await self.opener(self.key, read_limit)
         except Exception as error:
             self.opening -= 1
             self.metrics.database_connections_setup_failed.value += 1
             log.warning("cannot open a server connection for %s: %s", self._label, error)
+            self.budget.on_trouble()
             borrower = self._next_waiter()
             if borrower is not None:
                 borrower.on_borrow_failed(error)
@@ -244,7 +252,7 @@ class Pool:
         self.opening -= 1
         self.metrics.database_connections_setup_succeeded.value += 1
         conn.pool = self
-        if read_limit and conn.server_limit is not None:
+        if conn.server_limit is not None:
             self.budget.learn_server_limit(*conn.server_limit)
         self._hand_over(conn)
         self.grow()  # the limit may just have become known: open for the rest
@@ -262,6 +270,9 @@ class Pool:
         """The one place a lent connection comes back: reset if dirty, then reuse."""
         self.lent.discard(conn)
         if conn.closed:
+            return
+        if conn.generation != self.budget.generation:
+            conn.close(graceful=True)  # opened to a writer that is no longer the writer
             return
         if conn.needs_reset or conn.cancels_in_flight:
             self.loop.create_task(self._clean_then_hand_over(conn))
@@ -287,6 +298,8 @@ class Pool:
 
     def forget(self, conn: ServerConnection) -> None:
         """Called once by a closing connection: drop it from every container."""
+        if conn in self.lent:
+            self.budget.on_trouble()
         self.lent.discard(conn)
         with contextlib.suppress(ValueError):  # not idle
             self.idle.remove(conn)
@@ -343,6 +356,15 @@ class PoolSet:
                 break
             oldest.idle.popleft().close(graceful=True)
             excess -= 1
+
+    def retire(self, generation: int) -> None:
+        """The writer changed: idle connections to the old one close now, lent ones when
+        they come back; the pool size is learned again from the new writer."""
+        self.budget.generation = generation
+        self.budget.relearn = True
+        for pool in self.pools.values():
+            while pool.idle:
+                pool.idle.popleft().close(graceful=True)
 
     @property
     def lent_count(self) -> int:

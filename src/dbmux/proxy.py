@@ -15,11 +15,13 @@ from dbmux.config import (
     ConfigError,
     EngineFamily,
     ProxyConfig,
+    Target,
     TargetRole,
 )
 from dbmux.engines.base import ClientSession, Engine, ServerConnection
 from dbmux.metrics import ProxyMetrics, Registry
 from dbmux.pool import PoolKey, PoolSet
+from dbmux.targets import Instance, TargetGroup
 
 log = logging.getLogger("dbmux.proxy")
 
@@ -48,6 +50,7 @@ class ProxyRuntime:
     users: dict[str, UserSecret]
     metrics: ProxyMetrics
     clock: Clock
+    targets: TargetGroup
     clients: set[ClientSession] = field(default_factory=set)
 
 
@@ -78,9 +81,17 @@ class Proxy:
         self.metrics = ProxyMetrics(registry, config.name)
         self.users = load_users(config, base_dir)
         pool_config = config.target_group.connection_pool_config
-        self.target = config.target_group.targets[0]
         self.pools = PoolSet(pool_config, self._open, self.metrics)
-        self.runtime = ProxyRuntime(config, self.pools, self.users, self.metrics, Clock())
+        self.targets = TargetGroup(
+            list(config.target_group.targets),
+            self._probe,
+            interval=config.target_group.probe_interval,
+            on_writer_change=self._writer_changed,
+        )
+        self.pools.budget.on_trouble = self.targets.suspect
+        self.runtime = ProxyRuntime(
+            config, self.pools, self.users, self.metrics, Clock(), self.targets
+        )
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
         self._janitor: asyncio.Task[None] | None = None
@@ -94,14 +105,38 @@ class Proxy:
         m.max_database_connections.observe_with(lambda: self.pools.budget.limit or 0, proxy=proxy)
 
     async def _open(self, key: PoolKey, read_limit: bool) -> ServerConnection:
+        """A connection to the writer; during a failover, wait for the next one."""
+        pool_config = self.config.target_group.connection_pool_config
         secret = self.users[key.user]
-        return await self.engine.connect(
-            self.target,
-            secret.credentials,
-            key,
-            init_query=self.config.target_group.connection_pool_config.init_query,
-            read_limit=read_limit,
-        )
+        while True:
+            writer = await self.targets.wait_for_writer(pool_config.connection_borrow_timeout)
+            generation = self.targets.generation
+            conn = await self.engine.connect(
+                writer.target,
+                secret.credentials,
+                key,
+                init_query=pool_config.init_query,
+                read_limit=read_limit,
+            )
+            if generation == self.targets.generation:
+                conn.generation = generation
+                return conn
+            conn.close()  # the writer changed while we logged in: go to the new one
+
+    async def _probe(self, target: Target) -> bool:
+        credentials = next(iter(self.users.values())).credentials
+        return await self.engine.probe(target, credentials)
+
+    def _writer_changed(self, old: Instance | None, new: Instance | None) -> None:
+        if old is not None:
+            log.warning(
+                "proxy %s: writer %s -> %s; connections to %s are retired",
+                self.config.name,
+                old.name,
+                new.name if new is not None else "(none yet)",
+                old.name,
+            )
+        self.pools.retire(self.targets.generation)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -121,13 +156,13 @@ class Proxy:
             self.servers.append(server)
             self.addresses.append(server.sockets[0].getsockname()[:2])
         self._janitor = loop.create_task(self._run_janitor())
+        self.targets.start()
         log.info(
-            "proxy %s (%s) listening on %s, target %s:%s",
+            "proxy %s (%s) listening on %s, targets %s",
             self.config.name,
             self.config.engine_family.value,
             ", ".join(f"{h}:{p}" for h, p in self.addresses),
-            self.target.host,
-            self.target.port,
+            ", ".join(i.name for i in self.targets.instances),
         )
 
     async def _run_janitor(self) -> None:
@@ -148,6 +183,7 @@ class Proxy:
     async def stop(self) -> None:
         if self._janitor is not None:
             self._janitor.cancel()
+        self.targets.stop()
         for server in self.servers:
             server.close()
         for client in list(self.runtime.clients):

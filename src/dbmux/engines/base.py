@@ -47,6 +47,8 @@ class ServerConnection(ABC):
         # The database's max_connections and the part of it reserved for superusers, when the
         # engine read them at connect.
         self.server_limit: tuple[int, int] | None = None
+        # Which writer it was opened to (TargetGroup.generation): older ones are retired.
+        self.generation = 0
 
     @abstractmethod
     async def reset(self) -> None:
@@ -96,6 +98,11 @@ class Engine(ABC):
     ) -> ServerConnection:
         """Open and authenticate a server connection for the pool `key`; with `read_limit`,
         set server_limit."""
+
+    @abstractmethod
+    async def probe(self, target: Target, credentials: Credentials) -> bool:
+        """Log in to `target` and tell whether it accepts writes (raise if it cannot be
+        reached or refuses the login)."""
 
 
 class ClientSession(ABC):

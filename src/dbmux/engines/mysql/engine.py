@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from dbmux.proxy import ProxyRuntime
 
 SET_RESULTS_CAPACITY = 10_000
+PROBE_WAIT = 10.0  # seconds the first client waits for a writer to show to it
+BINARY_CHARSET = 63
 # MySQL (5.7.20 and later, and 8, which dropped the old names) spells the transaction
 # characteristics that MariaDB still calls tx_isolation and tx_read_only like this.
 MYSQL_ALIASES = {
@@ -44,7 +46,6 @@ class MyContext:
     runtime: ProxyRuntime
     users: dict[str, Login]
     classifier: Classifier
-    target: Target
     rsa_key: RsaKey = field(default_factory=RsaKey.generate)
     # SET statement text (per pool variant) -> the values it leaves, for SETs whose outcome
     # does not depend on the session (literal values only).
@@ -81,7 +82,9 @@ class MyContext:
         if self._greeting is None:
             async with self._greeting_lock:
                 if self._greeting is None:
-                    self._greeting = await read_greeting(self.target.host, self.target.port)
+                    writer = await self.runtime.targets.wait_for_writer(PROBE_WAIT)
+                    target = writer.target
+                    self._greeting = await read_greeting(target.host, target.port)
                     if "mariadb" not in self._greeting.version.lower():
                         self.aliases = MYSQL_ALIASES
         return self._greeting
@@ -117,7 +120,6 @@ class MysqlEngine(Engine):
                 in pool_config.session_pinning_filters,
                 replay_settings=runtime.config.session_state is SessionState.REPLAY,
             ),
-            runtime.config.target_group.targets[0],
         )
         return lambda: MyClient(ctx)
 
@@ -142,3 +144,21 @@ class MysqlEngine(Engine):
             read_limit=read_limit,
             prepared_capacity=self.prepared_capacity,
         )
+
+    async def probe(self, target: Target, credentials: Credentials) -> bool:
+        server = await open_server(
+            target.host,
+            target.port,
+            credentials,
+            "",
+            capabilities=wire.SERVER_BASE_CAPABILITIES,
+            charset=BINARY_CHARSET,
+            init_query="",
+            read_limit=False,
+            prepared_capacity=1,
+        )
+        try:
+            _, rows = await server.query("SELECT @@read_only OR @@innodb_read_only")
+        finally:
+            server.disconnect(graceful=True)
+        return rows[0][0] == b"0"

@@ -213,7 +213,7 @@ class MyClient(ClientEnd, ClientSession, Borrower):
             )
         try:
             greeting = await ctx.server_greeting()
-        except (OSError, TimeoutError, wire.ProtocolViolation) as error:
+        except (OSError, TimeoutError, ServerError, wire.ProtocolViolation) as error:
             raise LoginRefused(0, (2003, "HY000"), f"cannot reach the database: {error}") from None
         self.nonce = auth.new_nonce()
         self.connection_id = ctx.new_connection_id(self)

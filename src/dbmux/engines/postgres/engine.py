@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from dbmux.proxy import ProxyRuntime
 
 
+PROBE_DATABASE = "postgres"  # every cluster has it, and PUBLIC may connect to it
+
+
 class StatementNames:
     """Statement text (query and parameter types) -> the name it has on every server
     connection. Bounded: a text forgotten here gets a new, never reused, name next time,
@@ -133,3 +136,19 @@ class PostgresEngine(Engine):
             read_limit=read_limit,
             prepared_capacity=self.prepared_capacity,
         )
+
+    async def probe(self, target: Target, credentials: Credentials) -> bool:
+        server = await open_server(
+            target.host,
+            target.port,
+            credentials,
+            PROBE_DATABASE,
+            init_query="",
+            read_limit=False,
+            prepared_capacity=1,
+        )
+        try:
+            rows = await server.run("SELECT pg_is_in_recovery()")
+        finally:
+            server.disconnect(graceful=True)
+        return rows[0][0] == "f"

@@ -1,0 +1,200 @@
+"""Target groups: the database instances behind a proxy, their roles and health, and which
+one is the writer.
+
+Every instance is probed on its own schedule (`probe_interval`) with a fresh login and the
+engine's role query (PostgreSQL pg_is_in_recovery(), MySQL @@read_only). Trouble seen on the
+hot path (a server connection that could not be opened or was lost) asks for a probe at once
+instead of waiting for the next tick. When the writer changes, the proxy's pools are retired
+(`on_writer_change`) and new transactions go to the new writer; while there is none they
+wait for one, up to connection_borrow_timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from dbmux.config import Target, TargetRole
+from dbmux.engines.base import ServerError
+
+log = logging.getLogger("dbmux.targets")
+
+PROBE_TIMEOUT = 5.0
+
+
+class TargetHealth(StrEnum):
+    """As RDS Proxy's describe-db-proxy-targets reports them."""
+
+    REGISTERING = "REGISTERING"
+    AVAILABLE = "AVAILABLE"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+class HealthReason(StrEnum):
+    CONNECTION_FAILED = "CONNECTION_FAILED"
+    AUTH_FAILURE = "AUTH_FAILURE"
+    UNREACHABLE = "UNREACHABLE"
+    INVALID_REPLICATION_STATE = "INVALID_REPLICATION_STATE"
+
+
+# Error codes that mean the login itself was refused (PostgreSQL SQLSTATE, MySQL errno).
+AUTH_ERRORS = frozenset({"28P01", "28000", "1045", "1044"})
+# ...and that it has no connection slot left (the pool may use them all).
+BUSY_ERRORS = frozenset({"53300", "1040"})
+
+# Probe one instance: True if it accepts writes; raises ServerError/OSError when it cannot.
+Probe = Callable[[Target], Awaitable[bool]]
+
+
+@dataclass
+class Instance:
+    """One database instance of the group, as the last probe found it."""
+
+    target: Target
+    health: TargetHealth = TargetHealth.REGISTERING
+    reason: HealthReason | None = None
+    description: str = ""
+    role: TargetRole | None = None
+    probed_at: float = 0.0
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return f"{self.target.host}:{self.target.port}"
+
+    @property
+    def is_writer(self) -> bool:
+        return self.health is TargetHealth.AVAILABLE and self.role is TargetRole.READ_WRITE
+
+
+class TargetGroup:
+    """The instances of one proxy and the writer among them."""
+
+    def __init__(
+        self,
+        targets: list[Target],
+        probe: Probe,
+        *,
+        interval: float,
+        on_writer_change: Callable[[Instance | None, Instance | None], None],
+    ) -> None:
+        self.instances = [Instance(t) for t in targets]
+        self.probe = probe
+        self.interval = interval
+        self.on_writer_change = on_writer_change
+        self.writer: Instance | None = None
+        self.generation = 0  # grows at every writer change
+        self._writer_known = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch(i)) for i in self.instances]
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    def suspect(self) -> None:
+        """Something on the hot path went wrong: probe every instance now."""
+        for instance in self.instances:
+            instance._wake.set()
+
+    async def wait_for_writer(self, timeout: float) -> Instance:
+        """The writer, waiting for one (a failover in progress) up to `timeout` seconds."""
+        if self.writer is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._writer_known.wait(), timeout)
+        if self.writer is None:
+            raise ServerError(
+                "no writer among the proxy's targets: "
+                + "; ".join(f"{i.name} {i.health.value} {i.description}" for i in self.instances),
+                code="08001",
+            )
+        return self.writer
+
+    async def _watch(self, instance: Instance) -> None:
+        """Probe every interval; a lone target that is a healthy writer has nothing to fail
+        over to, so it is probed again only when trouble is seen (no login a second)."""
+        while True:
+            await self._probe(instance)
+            instance._wake.clear()
+            lone_writer = len(self.instances) == 1 and instance.is_writer
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    instance._wake.wait(), None if lone_writer else self.interval
+                )
+
+    async def _probe(self, instance: Instance) -> None:
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                writable = await self.probe(instance.target)
+        except ServerError as error:
+            if error.code in BUSY_ERRORS and instance.health is TargetHealth.AVAILABLE:
+                return  # full, so alive: its role has not changed by refusing a login
+            auth = error.code in AUTH_ERRORS
+            self._mark(
+                instance,
+                TargetHealth.UNAVAILABLE,
+                HealthReason.AUTH_FAILURE if auth else HealthReason.CONNECTION_FAILED,
+                str(error),
+            )
+        except (OSError, TimeoutError) as error:
+            reason = HealthReason.UNREACHABLE
+            self._mark(instance, TargetHealth.UNAVAILABLE, reason, str(error) or "timed out")
+        else:
+            instance.role = TargetRole.READ_WRITE if writable else TargetRole.READ_ONLY
+            self._mark(instance, TargetHealth.AVAILABLE, None, "")
+        instance.probed_at = time.monotonic()
+        self._choose_writer()
+
+    def _mark(
+        self,
+        instance: Instance,
+        health: TargetHealth,
+        reason: HealthReason | None,
+        description: str,
+    ) -> None:
+        if (instance.health, instance.reason) != (health, reason):
+            log.info(
+                "target %s: %s%s%s",
+                instance.name,
+                health.value,
+                f" ({reason.value})" if reason else "",
+                f": {description}" if description else "",
+            )
+        instance.health, instance.reason, instance.description = health, reason, description
+
+    def _choose_writer(self) -> None:
+        """Exactly one writer serves the default endpoint. A second instance that also
+        accepts writes (a split brain) is not followed: the current writer stays, and the
+        other is reported INVALID_REPLICATION_STATE."""
+        writers = [i for i in self.instances if i.is_writer]
+        current = self.writer
+        if current is not None and current in writers:
+            for other in writers:
+                if other is not current:
+                    self._mark(
+                        other,
+                        TargetHealth.UNAVAILABLE,
+                        HealthReason.INVALID_REPLICATION_STATE,
+                        f"accepts writes while {current.name} is the writer",
+                    )
+            return
+        chosen = writers[0] if writers else None
+        if chosen is current:
+            return
+        self.writer = chosen
+        self.generation += 1
+        if chosen is None:
+            self._writer_known.clear()
+            log.warning("no writer among the targets; new transactions wait for one")
+        else:
+            self._writer_known.set()
+            log.info("writer is now %s", chosen.name)
+        self.on_writer_change(current, chosen)
