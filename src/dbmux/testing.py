@@ -510,6 +510,7 @@ class PostgresCluster(_Server):
             "-D",
             str(self.data_dir),
             "-R",  # standby.signal and primary_conninfo
+            "--checkpoint=fast",  # not a spread checkpoint: minutes on an idle cluster
             "-X",
             "stream",
             "--no-sync",

@@ -1,0 +1,127 @@
+"""Target groups against a real PostgreSQL primary and streaming replica: roles and health
+as probes find them, and a failover that clients live through without reconnecting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from dbmux.config import TargetRole
+from dbmux.embedded import EmbeddedDbmux
+from dbmux.targets import TargetHealth
+from dbmux.testing import PostgresCluster
+from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
+
+WAIT = 30.0
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple[PostgresCluster, PostgresCluster]]:
+    """A primary (committing synchronously, so a clean stop loses nothing) and its replica."""
+    with PostgresCluster(settings={"synchronous_commit": "on"}) as primary:
+        primary.create_user(APP_USER, APP_PASSWORD)
+        primary.create_database(APP_DB, owner=APP_USER)
+        primary.psql(
+            f"CREATE TABLE writes (n int PRIMARY KEY); ALTER TABLE writes OWNER TO {APP_USER}",
+            dbname=APP_DB,
+        )
+        with primary.replica(settings={"synchronous_commit": "on"}) as replica:
+            yield primary, replica
+
+
+@pytest.fixture
+def dbmux(cluster, tmp_path: Path) -> Iterator[EmbeddedDbmux]:
+    primary, replica = cluster
+    secret = tmp_path / "app.json"
+    secret.write_text(json.dumps({"username": APP_USER, "password": APP_PASSWORD}))
+    config = {
+        "proxies": [
+            {
+                "name": "failover",
+                "engine_family": "POSTGRESQL",
+                "listen": "127.0.0.1:0",
+                "auth": [{"secret": f"file:{secret}"}],
+                "target_group": {
+                    "probe_interval": 0.2,
+                    "connection_pool_config": {
+                        "max_connections_percent": 20,
+                        "connection_borrow_timeout": WAIT,
+                    },
+                    "targets": [
+                        {"host": primary.host, "port": primary.port},
+                        {"host": replica.host, "port": replica.port},
+                    ],
+                },
+            }
+        ]
+    }
+    with EmbeddedDbmux(config) as running:
+        yield running
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {WAIT} s: {what}")
+        time.sleep(0.05)
+
+
+def url(dbmux: EmbeddedDbmux) -> str:
+    host, port = dbmux.address()
+    return f"postgresql://{APP_USER}:{APP_PASSWORD}@{host}:{port}/{APP_DB}"
+
+
+def test_probes_find_the_writer_and_the_replica(dbmux: EmbeddedDbmux, cluster) -> None:
+    primary, replica = cluster
+    targets = dbmux.proxy().targets
+    wait_until(lambda: all(i.health is TargetHealth.AVAILABLE for i in targets.instances), "probed")
+    roles = {i.target.port: i.role for i in targets.instances}
+    assert roles == {primary.port: TargetRole.READ_WRITE, replica.port: TargetRole.READ_ONLY}
+    assert targets.writer is not None and targets.writer.target.port == primary.port
+
+
+async def test_clients_live_through_a_failover_without_reconnecting(dbmux, cluster) -> None:
+    """Idle clients notice nothing; a client inside a transaction gets an error and goes on;
+    new transactions wait for the new writer; no acknowledged commit is lost or doubled."""
+    primary, replica = cluster
+    targets = dbmux.proxy().targets
+    await asyncio.to_thread(wait_until, lambda: targets.writer is not None, "a writer")
+    idle = await asyncpg.connect(url(dbmux), statement_cache_size=0)
+    in_tx = await asyncpg.connect(url(dbmux), statement_cache_size=0)
+    acknowledged: list[int] = []
+    try:
+        await idle.execute("INSERT INTO writes VALUES (0)")
+        acknowledged.append(0)
+        tx = in_tx.transaction()
+        await tx.start()
+        await in_tx.execute("INSERT INTO writes VALUES (-1)")  # never committed
+
+        await asyncio.to_thread(primary.stop)
+        await asyncio.to_thread(replica.promote)
+
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await in_tx.execute("INSERT INTO writes VALUES (-2)")
+        assert caught.value.sqlstate in ("08006", "57P01")
+        await tx.rollback()
+        for n in range(1, 21):  # the idle client's next transactions run on the new writer
+            await idle.execute("INSERT INTO writes VALUES ($1)", n)
+            acknowledged.append(n)
+        assert await in_tx.fetchval("SELECT 1") == 1
+        assert await idle.fetchval("SELECT pg_is_in_recovery()") is False
+    finally:
+        await idle.close()
+        await in_tx.close()
+    committed = replica.psql(
+        "SELECT string_agg(n::text, ',' ORDER BY n) FROM writes", dbname=APP_DB
+    )
+    assert committed == ",".join(map(str, acknowledged))
+    assert targets.writer is not None and targets.writer.target.port == replica.port
+    old = next(i for i in targets.instances if i.target.port == primary.port)
+    assert old.health is TargetHealth.UNAVAILABLE
