@@ -18,10 +18,10 @@ from dbmux.config import (
     Target,
     TargetRole,
 )
-from dbmux.engines.base import ClientSession, Engine, ServerConnection
+from dbmux.engines.base import ClientSession, Engine, ServerConnection, ServerError
 from dbmux.metrics import ProxyMetrics, Registry
 from dbmux.pool import PoolKey, PoolSet
-from dbmux.targets import Instance, TargetGroup
+from dbmux.targets import GONE_ERRORS, Instance, TargetGroup
 
 log = logging.getLogger("dbmux.proxy")
 
@@ -108,16 +108,27 @@ class Proxy:
         """A connection to the writer; during a failover, wait for the next one."""
         pool_config = self.config.target_group.connection_pool_config
         secret = self.users[key.user]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + pool_config.connection_borrow_timeout
         while True:
-            writer = await self.targets.wait_for_writer(pool_config.connection_borrow_timeout)
+            writer = await self.targets.wait_for_writer(max(0.0, deadline - loop.time()))
             generation = self.targets.generation
-            conn = await self.engine.connect(
-                writer.target,
-                secret.credentials,
-                key,
-                init_query=pool_config.init_query,
-                read_limit=read_limit,
-            )
+            try:
+                conn = await self.engine.connect(
+                    writer.target,
+                    secret.credentials,
+                    key,
+                    init_query=pool_config.init_query,
+                    read_limit=read_limit,
+                )
+            except ServerError as error:
+                # Nothing was sent for the client yet, so trying the next writer is safe.
+                remaining = deadline - loop.time()
+                if error.code not in GONE_ERRORS or remaining <= 0:
+                    raise
+                if await self.targets.still_writer(writer, remaining):
+                    raise
+                continue
             if generation == self.targets.generation:
                 conn.generation = generation
                 return conn

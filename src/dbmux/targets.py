@@ -44,8 +44,10 @@ class HealthReason(StrEnum):
 
 # Error codes that mean the login itself was refused (PostgreSQL SQLSTATE, MySQL errno).
 AUTH_ERRORS = frozenset({"28P01", "28000", "1045", "1044"})
-# ...and that it has no connection slot left (the pool may use them all).
+# ...that it has no connection slot left (the pool may use them all).
 BUSY_ERRORS = frozenset({"53300", "1040"})
+# ...and that the instance is unreachable, shutting down or starting: it may have failed over.
+GONE_ERRORS = frozenset({"08001", "08006", "57P01", "57P03", "2003", "2013"})
 
 # Probe one instance: True if it accepts writes; raises ServerError/OSError when it cannot.
 Probe = Callable[[Target], Awaitable[bool]]
@@ -117,6 +119,16 @@ class TargetGroup:
                 code="08001",
             )
         return self.writer
+
+    async def still_writer(self, instance: Instance, timeout: float) -> bool:
+        """Probe `instance` now and tell whether it is still the writer (what to do when a
+        connection to it failed: wait for the next writer, or report the failure)."""
+        asked = time.monotonic()
+        instance._wake.set()
+        deadline = asked + min(timeout, PROBE_TIMEOUT + self.interval)
+        while instance.probed_at < asked and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self.writer is instance
 
     async def _watch(self, instance: Instance) -> None:
         """Probe every interval; a lone target that is a healthy writer has nothing to fail

@@ -792,6 +792,51 @@ class MariaDBServer(_Server):
                 proc.wait()
             self._proc = None
 
+    # -- replication
+
+    def replica(self, **kwargs: object) -> MariaDBServer:
+        """A server to replicate this one (start it, then `replicate_from(self)`). The primary
+        must have been created with `primary_settings()` so that it writes a binlog."""
+        settings = {**self.primary_settings(2), "read_only": "1"}
+        return MariaDBServer(
+            max_connections=self.max_connections,
+            root_password=self.root_password,
+            settings=settings,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    @staticmethod
+    def primary_settings(server_id: int = 1) -> dict[str, str]:
+        """Settings of a server that takes part in GTID replication."""
+        return {
+            "server_id": str(server_id),
+            "log_bin": "mariadb-bin",
+            "log_slave_updates": "1",
+            "binlog_format": "ROW",
+        }
+
+    def replicate_from(self, primary: MariaDBServer) -> None:
+        """Start GTID replication of what the primary writes from now on (both servers
+        start from the same fresh install, so earlier writes are only their own setup)."""
+        position = primary.sql("SELECT @@gtid_binlog_pos")
+        self.sql(
+            f"SET GLOBAL gtid_slave_pos = {_my_literal(position)}; CHANGE MASTER TO"
+            f" MASTER_HOST={_my_literal(primary.host)}, MASTER_PORT={primary.port},"
+            f" MASTER_USER='root', MASTER_PASSWORD={_my_literal(primary.root_password)},"
+            " MASTER_USE_GTID=slave_pos; START SLAVE"
+        )
+
+    def wait_caught_up(self, primary: MariaDBServer, timeout: float = 30) -> None:
+        """Wait until this replica has applied everything the primary has written."""
+        position = primary.sql("SELECT @@gtid_binlog_pos")
+        result = self.sql(f"SELECT MASTER_GTID_WAIT({_my_literal(position)}, {timeout})")
+        if result.strip() != "0":
+            raise ServerError(f"replica did not reach {position} within {timeout}s")
+
+    def promote(self) -> None:
+        """Make this replica the primary: stop replicating and accept writes."""
+        self.sql("STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0")
+
     def _shutdown_for_cleanup(self) -> None:
         self.kill()  # the data is about to be deleted; no need for a clean shutdown
 

@@ -1,0 +1,97 @@
+"""The MySQL engine follows a MariaDB failover (GTID replication, the replica promoted):
+clients keep their connections and their next transactions run on the new writer."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pymysql
+import pytest
+
+from dbmux.config import TargetRole
+from dbmux.embedded import EmbeddedDbmux
+from dbmux.targets import TargetHealth
+from dbmux.testing import MariaDBServer
+from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER
+
+WAIT = 30.0
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[MariaDBServer, MariaDBServer]]:
+    with MariaDBServer(settings=MariaDBServer.primary_settings()) as primary:
+        with primary.replica() as replica:
+            replica.replicate_from(primary)
+            primary.create_user(MY_USER, MY_PASSWORD)
+            primary.create_database(MY_DB, owner=MY_USER)
+            primary.sql("CREATE TABLE writes (n INT PRIMARY KEY)", MY_DB)
+            replica.wait_caught_up(primary)
+            yield primary, replica
+
+
+@pytest.fixture
+def dbmux(pair, tmp_path: Path) -> Iterator[EmbeddedDbmux]:
+    primary, replica = pair
+    secret = tmp_path / "app.json"
+    secret.write_text(json.dumps({"username": MY_USER, "password": MY_PASSWORD}))
+    config = {
+        "proxies": [
+            {
+                "name": "my-failover",
+                "engine_family": "MYSQL",
+                "listen": "127.0.0.1:0",
+                "auth": [{"secret": f"file:{secret}"}],
+                "target_group": {
+                    "probe_interval": 0.2,
+                    "connection_pool_config": {
+                        "max_connections_percent": 20,
+                        "connection_borrow_timeout": WAIT,
+                    },
+                    "targets": [
+                        {"host": primary.host, "port": primary.port},
+                        {"host": replica.host, "port": replica.port},
+                    ],
+                },
+            }
+        ]
+    }
+    with EmbeddedDbmux(config) as running:
+        yield running
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {WAIT} s: {what}")
+        time.sleep(0.05)
+
+
+def test_a_client_lives_through_a_switchover(dbmux: EmbeddedDbmux, pair) -> None:
+    primary, replica = pair
+    targets = dbmux.proxy().targets
+    wait_until(lambda: all(i.health is TargetHealth.AVAILABLE for i in targets.instances), "probed")
+    roles = {i.target.port: i.role for i in targets.instances}
+    assert roles == {primary.port: TargetRole.READ_WRITE, replica.port: TargetRole.READ_ONLY}
+    host, port = dbmux.address()
+    conn = pymysql.connect(
+        host=host, port=port, user=MY_USER, password=MY_PASSWORD, database=MY_DB, autocommit=True
+    )
+    acknowledged = []
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO writes VALUES (0)")
+        acknowledged.append(0)
+        replica.wait_caught_up(primary)
+        primary.stop()
+        replica.promote()
+        for n in range(1, 11):  # no reconnect: the proxy found the new writer
+            cur.execute("INSERT INTO writes VALUES (%s)", (n,))
+            acknowledged.append(n)
+        cur.execute("SELECT @@port")
+        assert cur.fetchone() == (replica.port,)
+    rows = replica.sql("SELECT GROUP_CONCAT(n ORDER BY n) FROM writes", MY_DB)
+    assert rows == ",".join(map(str, acknowledged))
+    assert targets.writer is not None and targets.writer.target.port == replica.port
