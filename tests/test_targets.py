@@ -125,3 +125,22 @@ async def test_clients_live_through_a_failover_without_reconnecting(dbmux, clust
     assert targets.writer is not None and targets.writer.target.port == replica.port
     old = next(i for i in targets.instances if i.target.port == primary.port)
     assert old.health is TargetHealth.UNAVAILABLE
+
+
+def test_server_connections_ask_the_kernel_to_watch_them(dbmux: EmbeddedDbmux) -> None:
+    import socket
+
+    async def check() -> tuple[int, int]:
+        pool = dbmux.proxy().pools.get(APP_DB, APP_USER)
+        conn = await pool.borrow()
+        try:
+            sock = conn.transport.get_extra_info("socket")
+            return (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            )
+        finally:
+            pool.release(conn)
+
+    assert dbmux.call(check()) == (1, 30)
+

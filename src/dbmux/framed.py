@@ -8,10 +8,33 @@ futures in between. Backpressure is tracked per side so the relay can pause the 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+
+KEEPALIVE_IDLE = 30  # seconds of silence before the kernel probes a server connection
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+
+
+def enable_keepalive(transport: asyncio.BaseTransport) -> None:
+    """Let the kernel find server connections whose peer vanished (a host that died, a
+    network partition): pooled connections idle for long are never lent dead, and the
+    check costs the proxy nothing."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 class ConnectionClosed(Exception):
@@ -148,6 +171,10 @@ class ServerEnd(FramedProtocol):
     """The server half of a relay pair: `client` is whoever the connection is lent to."""
 
     client: ClientEnd | None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        enable_keepalive(transport)
 
     def resume_relaying(self) -> None:
         """Back to relaying after the proxy's own conversation; what came meanwhile too."""
