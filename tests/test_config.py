@@ -258,6 +258,11 @@ BAD: list[tuple[str, Mutation, str]] = [
         "proxies.0.target_group.connection_pool_config.connection_borrow_timeout",
     ),
     (
+        "probe interval of 0",
+        lambda d: _proxy(d)["target_group"].update(probe_interval=0),
+        "proxies.0.target_group.probe_interval",
+    ),
+    (
         "unknown pinning filter",
         lambda d: _pool(d).update(session_pinning_filters=["EXCLUDE_EVERYTHING"]),
         "proxies.0.target_group.connection_pool_config.session_pinning_filters.0",

@@ -373,3 +373,28 @@ async def test_a_notification_names_the_notifying_clients_process_id(proxy):
     finally:
         await listener.close()
         await notifier.close()
+
+
+async def test_server_lost_after_answering_a_flushed_batch_is_told_at_the_next_sync(pg, proxy):
+    """asyncpg prepares with Parse/Describe/Flush, reads the answer, then sends Bind/Execute/
+    Sync. If the server dies in between, the client must hear of it in answer to that Sync
+    (ErrorResponse, ReadyForQuery), not as a message nobody asked for."""
+    from tests.pgraw import ProtocolFailure, RawClient, i32, msg
+
+    async with await RawClient.connect(proxy.host, proxy.port) as raw:
+        await raw.login(APP_USER, APP_PASSWORD, "app")
+        await raw.simple_query("BEGIN")
+        (row,) = [m for m in await raw.simple_query("SELECT pg_backend_pid()") if m.kind == b"D"]
+        pid = int(row.payload[6:])
+        await raw.send(msg(b"P", b"\0SELECT 1\0\0\0") + msg(b"D", b"S\0") + msg(b"H"))
+        answered = [(await raw.read_message()).kind for _ in range(3)]
+        assert answered == [b"1", b"t", b"T"]
+        await asyncio.to_thread(pg.psql, f"SELECT pg_terminate_backend({pid})")
+        await wait_until(lambda: proxy.metrics.database_connections_lost.value == 1)
+        with pytest.raises(ProtocolFailure, match="no reply"):
+            await raw.read_message(timeout=0.3)  # nothing unasked for
+        await raw.send(msg(b"B", b"\0\0" + bytes(6)) + msg(b"E", b"\0" + i32(0)) + msg(b"S"))
+        replies = await raw.read_until_ready()
+        assert [m.kind for m in replies] == [b"E", b"Z"]
+        assert replies[0].fields["C"] == "08006"
+        assert [m.kind for m in await raw.simple_query("SELECT 1")][-1] == b"Z"

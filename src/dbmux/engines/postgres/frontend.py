@@ -49,6 +49,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         self.pool: Pool | None = None
         self.user = ""
         self.outstanding = 0  # requests sent to the server and not yet answered by ReadyForQuery
+        self.answered = False  # the server sent something since the client last sent
         self.tx_status = wire.IDLE
         self.pin_reason: str | None = None
         self.wanted: dict[str, str] = {}  # this session's settings that differ from defaults
@@ -186,6 +187,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         server = self.server
         if server is not None:
             self.outstanding += syncs
+            self.answered = False
             server.transport.write(data)
             return
         if not self.pending and not self.waiting:
@@ -193,6 +195,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             if server is not None and server.applied == self.wanted:
                 self._attach(server)
                 self.outstanding += syncs
+                self.answered = False
                 server.transport.write(data)
                 return
         self.pending.append(data)
@@ -273,6 +276,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         data = b"".join(self.pending)
         self.pending.clear()
         self.pending_syncs = 0
+        self.answered = False
         server.transport.write(data)
         self._stop_holding_for_wait()
 
@@ -409,9 +413,14 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             why = f"session state ({self.pin_reason})" if self.pin_reason else "a partial message"
             self.fatal("08006", f"the server connection was lost and {why} cannot be recovered")
             return
-        # Messages after the last Sync (Parse/Describe/Flush, say) wait for an answer too.
+        # Messages after the last Sync (Parse/Describe/Flush, say) wait for an answer too,
+        # unless the server had answered them: then the client goes on with its batch and
+        # hears of the loss at its next Sync, as it would from the server itself.
         unsynced = self.scanner.last_kind not in wire.COMPLETE_TYPES
-        if self.outstanding > 0 or unsynced:
+        if unsynced and self.outstanding == 0 and self.answered:
+            self.transaction_lost = self.refusing = True
+            self.lost_reason = server.last_error
+        elif self.outstanding > 0 or unsynced:
             self.write(
                 wire.error_response(
                     "08006",

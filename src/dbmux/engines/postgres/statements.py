@@ -82,6 +82,7 @@ class StatementsMixin:
         self.outstanding += self.queue_syncs
         self.queue = []
         self.queue_syncs = 0
+        self.answered = False
         server.transport.write(out)
 
     def _refuse_taken_name(self) -> bool:
