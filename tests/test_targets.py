@@ -143,4 +143,3 @@ def test_server_connections_ask_the_kernel_to_watch_them(dbmux: EmbeddedDbmux) -
             pool.release(conn)
 
     assert dbmux.call(check()) == (1, 30)
-
