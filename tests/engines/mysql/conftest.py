@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mysql.connector
 import pymysql
 import pytest
 
@@ -63,6 +64,14 @@ class MyProxy:
         kwargs.setdefault("autocommit", True)
         return pymysql.connect(
             host=self.host, port=self.port, user=user, password=password, **kwargs
+        )
+
+    def connector(self, **kwargs: Any) -> Any:
+        """mysql-connector-python in its pure-Python mode (the wheel has no C extension)."""
+        kwargs.setdefault("database", MY_DB)
+        kwargs.setdefault("use_pure", True)
+        return mysql.connector.connect(
+            host=self.host, port=self.port, user=MY_USER, password=MY_PASSWORD, **kwargs
         )
 
     @property

@@ -49,15 +49,7 @@ def test_caching_sha2_fast_path_with_pymysql_and_connector(sha2_proxy: MyProxy) 
     with sha2_proxy.connect() as conn, conn.cursor() as cur:
         cur.execute("SELECT 2")
         assert cur.fetchone() == (2,)
-    conn = mysql.connector.connect(
-        host=sha2_proxy.host,
-        port=sha2_proxy.port,
-        user=MY_USER,
-        password=MY_PASSWORD,
-        database=MY_DB,
-        use_pure=True,
-        auth_plugin="caching_sha2_password",
-    )
+    conn = sha2_proxy.connector(auth_plugin="caching_sha2_password")
     conn.close()
 
 
@@ -93,15 +85,7 @@ async def test_caching_sha2_full_authentication_accepts_the_right_password(sha2_
 
 
 def test_a_client_starting_with_another_plugin_is_switched(sha2_proxy: MyProxy) -> None:
-    conn = mysql.connector.connect(
-        host=sha2_proxy.host,
-        port=sha2_proxy.port,
-        user=MY_USER,
-        password=MY_PASSWORD,
-        database=MY_DB,
-        use_pure=True,
-        auth_plugin="mysql_native_password",
-    )
+    conn = sha2_proxy.connector(auth_plugin="mysql_native_password")
     conn.close()
 
 
@@ -112,14 +96,7 @@ def test_an_unknown_database_is_refused_at_login(my_proxy: MyProxy) -> None:
 
 
 def test_change_user_logs_in_again_and_starts_a_new_session(my_proxy: MyProxy) -> None:
-    conn = mysql.connector.connect(
-        host=my_proxy.host,
-        port=my_proxy.port,
-        user=MY_USER,
-        password=MY_PASSWORD,
-        database=MY_DB,
-        use_pure=True,
-    )
+    conn = my_proxy.connector()
     try:
         cur = conn.cursor()
         cur.execute("SET @x = 1")

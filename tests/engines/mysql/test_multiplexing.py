@@ -7,7 +7,6 @@ import asyncio
 import threading
 
 import aiomysql
-import mysql.connector
 import pymysql
 import pytest
 
@@ -100,14 +99,7 @@ def test_no_statement_of_another_client_lands_inside_a_transaction(my_proxy: MyP
 
 @pytest.mark.parametrize("use_pure", [True])
 def test_mysql_connector_runs_transactions_through_the_proxy(my_proxy: MyProxy, use_pure):
-    conn = mysql.connector.connect(
-        host=my_proxy.host,
-        port=my_proxy.port,
-        user=MY_USER,
-        password=MY_PASSWORD,
-        database=MY_DB,
-        use_pure=use_pure,
-    )
+    conn = my_proxy.connector(use_pure=use_pure)
     try:
         cur = conn.cursor()
         cur.execute("INSERT INTO items (client, note) VALUES (%s, %s)", (30_000, "connector"))

@@ -15,18 +15,6 @@ from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 from tests.myraw import RawMy
 
 
-def connector(proxy: MyProxy):
-    return mysql.connector.connect(
-        host=proxy.host,
-        port=proxy.port,
-        user=MY_USER,
-        password=MY_PASSWORD,
-        database=MY_DB,
-        use_pure=True,
-        autocommit=True,
-    )
-
-
 @pytest.fixture
 def small(start_my_proxy: Callable[..., MyProxy]) -> MyProxy:
     """A pool of two connections, prepared-statement cache of 3 per connection."""
@@ -38,7 +26,7 @@ def test_many_clients_prepare_and_execute_through_two_connections(small: MyProxy
 
     def worker(n: int) -> None:
         try:
-            conn = connector(small)
+            conn = small.connector(autocommit=True)
             try:
                 cur = conn.cursor(prepared=True)
                 for i in range(15):
@@ -60,7 +48,7 @@ def test_many_clients_prepare_and_execute_through_two_connections(small: MyProxy
 
 
 def test_the_servers_statements_stay_within_the_cache(small: MyProxy, mariadb) -> None:
-    conn = connector(small)
+    conn = small.connector(autocommit=True)
     try:
         cur = conn.cursor(prepared=True)
         for i in range(10):
@@ -103,7 +91,7 @@ async def test_an_execute_that_does_not_resend_types_works_on_another_connection
 
 
 def test_an_unknown_statement_id_is_an_error_and_the_client_goes_on(my_proxy: MyProxy) -> None:
-    conn = connector(my_proxy)
+    conn = my_proxy.connector(autocommit=True)
     try:
         with pytest.raises(mysql.connector.Error) as caught:
             conn.cmd_stmt_execute(12345, (), ())
@@ -116,7 +104,7 @@ def test_an_unknown_statement_id_is_an_error_and_the_client_goes_on(my_proxy: My
 
 
 def test_a_statement_that_cannot_be_prepared_reports_the_servers_error(my_proxy: MyProxy):
-    conn = connector(my_proxy)
+    conn = my_proxy.connector(autocommit=True)
     try:
         cur = conn.cursor(prepared=True)
         with pytest.raises(mysql.connector.Error) as caught:

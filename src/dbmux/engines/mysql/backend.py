@@ -38,18 +38,6 @@ class ServerStatement:
     types: bytes | None = None
 
 
-def split_raw(buf: bytearray) -> bytes | None:
-    """One physical packet, header included."""
-    if len(buf) < 4:
-        return None
-    end = 4 + (buf[0] | buf[1] << 8 | buf[2] << 16)
-    if len(buf) < end:
-        return None
-    raw = bytes(buf[:end])
-    del buf[:end]
-    return raw
-
-
 def server_error(payload: bytes) -> ServerError:
     err = wire.parse_err(payload)
     return ServerError(err.message, code=str(err.code), fields={"state": err.state})
@@ -140,7 +128,7 @@ class MyServer(ServerEnd, ServerConnection):
             scanner.expect(kind)
             raw = bytearray()
             while scanner.busy:
-                packet = await self.read(split_raw)
+                packet = await self.read(wire.split_raw)
                 raw += packet
                 scanner.feed(packet)
         finally:

@@ -606,8 +606,7 @@ class MyClient(ClientEnd, ClientSession, Borrower):
                 await self._bring_in_step(server)
             except ServerError as error:
                 if fresh:
-                    self._detach()
-                    server.pool.release(server)  # type: ignore[union-attr]
+                    self._give_back(server)
                 raise CommandFailed(error_of(error), str(error)) from None
         return server
 
@@ -643,12 +642,21 @@ class MyClient(ClientEnd, ClientSession, Borrower):
             self.pending_schema = None
         self._release_if_idle(server)
 
-    def _release_if_idle(self, server: MyServer) -> None:
-        if (
+    def _holds(self, server: MyServer) -> bool:
+        """The session must keep this server connection: an open transaction, a pin, or a
+        statement's long data waiting there for its execute."""
+        return bool(
             server.scanner.status & wire.SERVER_STATUS_IN_TRANS
             or self.pin_reason is not None
             or self.long_data
-        ):
+        )
+
+    def _give_back(self, server: MyServer) -> None:
+        self._detach()
+        server.pool.release(server)  # type: ignore[union-attr]
+
+    def _release_if_idle(self, server: MyServer) -> None:
+        if self._holds(server):
             self._end_command()
             return
         if self.touched or self.schema_touched:
@@ -658,8 +666,7 @@ class MyClient(ClientEnd, ClientSession, Borrower):
                 return
             self._task = self.ctx.loop.create_task(self._learn_state(server))
             return
-        self._detach()
-        server.pool.release(server)  # type: ignore[union-attr]
+        self._give_back(server)
         self._end_command()
 
     def _end_command(self) -> None:
@@ -728,8 +735,7 @@ class MyClient(ClientEnd, ClientSession, Borrower):
         self.schema_touched = False
         self.memo_text = None
         server.applied = dict(self.wanted)
-        self._detach()
-        server.pool.release(server)  # type: ignore[union-attr]
+        self._give_back(server)
         self._end_command()
 
     # -- prepared statements ------------------------------------------------------------------
@@ -755,14 +761,8 @@ class MyClient(ClientEnd, ClientSession, Borrower):
 
     def _release_if_idle_quietly(self, server: MyServer) -> None:
         """Give back a connection borrowed only for the proxy's own work."""
-        if not (
-            server.scanner.status & wire.SERVER_STATUS_IN_TRANS
-            or self.pin_reason is not None
-            or self.long_data
-            or self.touched
-        ):
-            self._detach()
-            server.pool.release(server)  # type: ignore[union-attr]
+        if not (self._holds(server) or self.touched):
+            self._give_back(server)
 
     def _statement(self, payload: bytes) -> ClientStatement:
         statement_id = wire.statement_id(payload)

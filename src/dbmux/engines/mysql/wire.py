@@ -197,6 +197,18 @@ def split_packet(buf: bytearray) -> tuple[int, bytes] | None:
     return seq, payload
 
 
+def split_raw(buf: bytearray) -> bytes | None:
+    """One physical packet, header included."""
+    if len(buf) < 4:
+        return None
+    end = 4 + (buf[0] | buf[1] << 8 | buf[2] << 16)
+    if len(buf) < end:
+        return None
+    raw = bytes(buf[:end])
+    del buf[:end]
+    return raw
+
+
 class PacketReader:
     """Reassembles logical packets (payloads of 16 MiB and more) from physical ones."""
 
