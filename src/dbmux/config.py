@@ -152,8 +152,22 @@ class Endpoint(_Model):
     name: str
     listen: Address
     target_role: TargetRole = TargetRole.READ_WRITE
+    # READ_ONLY only: seconds of replication lag above which a replica is skipped (none:
+    # no limit), and whether the writer serves the endpoint (its sessions read-only by
+    # default) while no replica can.
+    max_replica_lag: float | None = Field(None, gt=0)
+    fallback_to_writer: bool = False
 
     _listen = field_validator("listen", mode="before")(_address)
+
+    @model_validator(mode="after")
+    def _replica_settings_need_replicas(self) -> Endpoint:
+        if self.target_role is TargetRole.READ_WRITE:
+            if self.max_replica_lag is not None:
+                raise FieldError("max_replica_lag", "applies to READ_ONLY endpoints only")
+            if self.fallback_to_writer:
+                raise FieldError("fallback_to_writer", "applies to READ_ONLY endpoints only")
+        return self
 
 
 class ProxyConfig(_Model):

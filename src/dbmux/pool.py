@@ -122,10 +122,68 @@ class Borrower(ABC):
         """No connection: BorrowTimeout, or why opening one failed."""
 
 
+class Lender(ABC):
+    """What client sessions borrow from: one Pool, or a read-only endpoint's choice among
+    its replicas' pools (readers.ReplicaPool)."""
+
+    key: PoolKey
+    # ParameterStatus-like facts of the server (engine-defined), learned at first connect.
+    server_facts: dict[str, str] | None
+
+    @property
+    @abstractmethod
+    def budget(self) -> TargetBudget:
+        """The budget connections come from (the one last borrowed from), for messages."""
+
+    @property
+    def timeout(self) -> float:
+        return self.budget.config.connection_borrow_timeout
+
+    def borrow_hint(self) -> str:
+        """What a borrow timeout tells the client: the setting and the pool it waited for."""
+        return (
+            f"connection_borrow_timeout is {self.timeout:g} s; the pool holds "
+            f"{self.budget.limit} connections (max_connections_percent "
+            f"{self.budget.config.max_connections_percent})"
+        )
+
+    @abstractmethod
+    def try_borrow(self) -> ServerConnection | None:
+        """The hot path: an idle connection right now, or None."""
+
+    @abstractmethod
+    def request(self, borrower: Borrower) -> ServerConnection | None:
+        """A connection now, or None and `borrower` is called back later (FIFO), at the
+        latest after connection_borrow_timeout."""
+
+    @abstractmethod
+    def withdraw(self, borrower: Borrower) -> None:
+        """The borrower left before it was served."""
+
+    def release(self, conn: ServerConnection) -> None:
+        """Give a lent connection back to the pool it came from."""
+        conn.pool.release(conn) if conn.pool is not None else conn.close()
+
+    async def borrow(self) -> ServerConnection:
+        """Wait for a connection, up to connection_borrow_timeout."""
+        future: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
+        borrower = _FutureBorrower(self, future)
+        conn = self.request(borrower)
+        if conn is not None:
+            return conn
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.withdraw(borrower)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())
+            raise
+
+
 class _FutureBorrower(Borrower):
     """Adapts the callbacks to an awaitable, for the rare places that wait (logins)."""
 
-    def __init__(self, pool: Pool, future: asyncio.Future[ServerConnection]) -> None:
+    def __init__(self, pool: Lender, future: asyncio.Future[ServerConnection]) -> None:
         self.pool = pool
         self.future = future
 
@@ -140,14 +198,14 @@ class _FutureBorrower(Borrower):
             self.future.set_exception(error)
 
 
-class Pool:
+class Pool(Lender):
     """The server connections of one (database, user) on one target."""
 
     def __init__(
         self, key: PoolKey, budget: TargetBudget, opener: Opener, metrics: ProxyMetrics
     ) -> None:
         self.key = key
-        self.budget = budget
+        self._budget = budget
         self.opener = opener
         self.metrics = metrics
         self.idle: deque[ServerConnection] = deque()  # oldest on the left; borrow from the right
@@ -157,16 +215,14 @@ class Pool:
         self.waiters: deque[tuple[float, Borrower]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
-        # ParameterStatus-like facts of the server (engine-defined), learned at first connect.
         self.server_facts: dict[str, str] | None = None
         budget.pools.append(self)
 
     @property
-    def timeout(self) -> float:
-        return self.budget.config.connection_borrow_timeout
+    def budget(self) -> TargetBudget:
+        return self._budget
 
     def try_borrow(self) -> ServerConnection | None:
-        """The hot path: an idle connection right now, or None."""
         if self.idle and not self.waiters:
             conn = self.idle.pop()
             self.lent.add(conn)
@@ -175,8 +231,6 @@ class Pool:
         return None
 
     def request(self, borrower: Borrower) -> ServerConnection | None:
-        """A connection now, or None and `borrower` is called back later (FIFO), at the latest
-        after connection_borrow_timeout."""
         conn = self.try_borrow()
         if conn is not None:
             return conn
@@ -188,7 +242,6 @@ class Pool:
         return None
 
     def withdraw(self, borrower: Borrower) -> None:
-        """The borrower left before it was served."""
         for entry in self.waiters:
             if entry[1] is borrower:
                 self.waiters.remove(entry)
@@ -211,21 +264,6 @@ class Pool:
             self._timer.cancel()
             self._timer = None
         return borrower
-
-    async def borrow(self) -> ServerConnection:
-        """Wait for a connection, up to connection_borrow_timeout."""
-        future: asyncio.Future[ServerConnection] = self.loop.create_future()
-        borrower = _FutureBorrower(self, future)
-        conn = self.request(borrower)
-        if conn is not None:
-            return conn
-        try:
-            return await future
-        except asyncio.CancelledError:
-            self.withdraw(borrower)
-            if future.done() and not future.cancelled() and future.exception() is None:
-                self.release(future.result())
-            raise
 
     def grow(self) -> None:
         """Open connections for waiters that no connection being opened will serve."""
@@ -325,10 +363,17 @@ class Pool:
 
 
 class PoolSet:
-    """All pools of one proxy's target, keyed by (database, user), sharing one budget."""
+    """All pools of one target, keyed by (database, user), sharing one budget (which a
+    second PoolSet, with other sessions to the same target, may share)."""
 
-    def __init__(self, config: ConnectionPoolConfig, opener: Opener, metrics: ProxyMetrics) -> None:
-        self.budget = TargetBudget(config)
+    def __init__(
+        self,
+        config: ConnectionPoolConfig,
+        opener: Opener,
+        metrics: ProxyMetrics,
+        budget: TargetBudget | None = None,
+    ) -> None:
+        self.budget = budget or TargetBudget(config)
         self.opener = opener
         self.metrics = metrics
         self.pools: dict[PoolKey, Pool] = {}
@@ -358,11 +403,12 @@ class PoolSet:
             excess -= 1
 
     def retire(self, generation: int) -> None:
-        """The writer changed: idle connections to the old one close now, lent ones when
-        they come back; the pool size is learned again from the new writer."""
+        """The target changed (a new writer, a replica that is no longer one): idle
+        connections close now, lent ones when they come back; the pool size is learned
+        again from the target's next connection."""
         self.budget.generation = generation
         self.budget.relearn = True
-        for pool in self.pools.values():
+        for pool in self.budget.pools:
             while pool.idle:
                 pool.idle.popleft().close(graceful=True)
 

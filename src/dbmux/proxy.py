@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,15 +13,16 @@ from dbmux.auth.secrets import Credentials, read_secret
 from dbmux.config import (
     ClientPasswordAuthType,
     Config,
-    ConfigError,
+    Endpoint,
     EngineFamily,
     ProxyConfig,
     Target,
     TargetRole,
 )
-from dbmux.engines.base import ClientSession, Engine, ServerConnection, ServerError
+from dbmux.engines.base import ClientSession, Engine, ProbeResult, ServerConnection, ServerError
 from dbmux.metrics import ProxyMetrics, Registry
-from dbmux.pool import PoolKey, PoolSet
+from dbmux.pool import Opener, PoolKey, PoolSet
+from dbmux.readers import ReplicaRoute
 from dbmux.targets import GONE_ERRORS, Instance, TargetGroup
 
 log = logging.getLogger("dbmux.proxy")
@@ -46,7 +48,7 @@ class ProxyRuntime:
     """What an engine needs to serve one proxy's clients."""
 
     config: ProxyConfig
-    pools: PoolSet
+    pools: PoolSet | ReplicaRoute  # what this listener's clients borrow from
     users: dict[str, UserSecret]
     metrics: ProxyMetrics
     clock: Clock
@@ -80,15 +82,19 @@ class Proxy:
         self.engine = engine_for(config.engine_family)
         self.metrics = ProxyMetrics(registry, config.name)
         self.users = load_users(config, base_dir)
-        pool_config = config.target_group.connection_pool_config
-        self.pools = PoolSet(pool_config, self._open, self.metrics)
+        self.pool_config = pool_config = config.target_group.connection_pool_config
         self.targets = TargetGroup(
             list(config.target_group.targets),
             self._probe,
             interval=config.target_group.probe_interval,
             on_writer_change=self._writer_changed,
+            on_probed=self._probed,
         )
+        self.pools = PoolSet(pool_config, self._writer_opener(read_only=False), self.metrics)
         self.pools.budget.on_trouble = self.targets.suspect
+        read_only = [e for e in config.endpoints if e.target_role is TargetRole.READ_ONLY]
+        self.routes = {e.name: self._route(e) for e in read_only}
+        self._measure_lag = any(e.max_replica_lag is not None for e in config.endpoints)
         self.runtime = ProxyRuntime(
             config, self.pools, self.users, self.metrics, Clock(), self.targets
         )
@@ -97,19 +103,83 @@ class Proxy:
         self._janitor: asyncio.Task[None] | None = None
         self._register_gauges()
 
+    @property
+    def pool_sets(self) -> list[PoolSet]:
+        """Every PoolSet: the writer's, and each read-only endpoint's replicas' and fallback."""
+        sets = [self.pools]
+        for route in self.routes.values():
+            sets += route.sets.values()
+            if route.fallback is not None:
+                sets.append(route.fallback)
+        return sets
+
     def _register_gauges(self) -> None:
         m, proxy = self.metrics, self.config.name
+
+        def opened() -> int:
+            return sum(b.open for b in {id(s.budget): s.budget for s in self.pool_sets}.values())
+
         m.client_connections.observe_with(lambda: len(self.runtime.clients), proxy=proxy)
-        m.database_connections.observe_with(lambda: self.pools.budget.open, proxy=proxy)
-        m.database_connections_borrowed.observe_with(lambda: self.pools.lent_count, proxy=proxy)
+        m.database_connections.observe_with(opened, proxy=proxy)
+        m.database_connections_borrowed.observe_with(
+            lambda: sum(s.lent_count for s in self.pool_sets), proxy=proxy
+        )
         m.max_database_connections.observe_with(lambda: self.pools.budget.limit or 0, proxy=proxy)
 
-    async def _open(self, key: PoolKey, read_limit: bool) -> ServerConnection:
+    def _session_init(self, read_only: bool) -> tuple[str, ...]:
+        init = self.pool_config.init_query
+        return ((self.engine.read_only_statement,) if read_only else ()) + ((init,) if init else ())
+
+    def _writer_opener(self, read_only: bool) -> Opener:
+        session_init = self._session_init(read_only)
+
+        async def open_to_writer(key: PoolKey, read_limit: bool) -> ServerConnection:
+            return await self._open(key, read_limit, session_init)
+
+        return open_to_writer
+
+    def _route(self, endpoint: Endpoint) -> ReplicaRoute:
+        fallback = None
+        if endpoint.fallback_to_writer:
+            opener = self._writer_opener(read_only=True)
+            fallback = PoolSet(self.pool_config, opener, self.metrics, self.pools.budget)
+        return ReplicaRoute(
+            endpoint,
+            self.targets.instances,
+            self._replica_pools,
+            fallback,
+            self.pool_config.connection_borrow_timeout,
+        )
+
+    def _replica_pools(self, instance: Instance) -> PoolSet:
+        """The pools of one replica: read-only sessions to that instance only."""
+        session_init = self._session_init(read_only=True)
+
+        async def open_to_replica(key: PoolKey, read_limit: bool) -> ServerConnection:
+            generation = pools.budget.generation
+            if not instance.is_replica:
+                raise ServerError(f"{instance.name} is no longer a replica", code="08001")
+            conn = await self.engine.connect(
+                instance.target,
+                self.users[key.user].credentials,
+                key,
+                session_init=session_init,
+                read_limit=read_limit,
+            )
+            conn.generation = generation
+            return conn
+
+        pools = PoolSet(self.pool_config, open_to_replica, self.metrics)
+        pools.budget.on_trouble = self.targets.suspect
+        return pools
+
+    async def _open(
+        self, key: PoolKey, read_limit: bool, session_init: tuple[str, ...]
+    ) -> ServerConnection:
         """A connection to the writer; during a failover, wait for the next one."""
-        pool_config = self.config.target_group.connection_pool_config
         secret = self.users[key.user]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + pool_config.connection_borrow_timeout
+        deadline = loop.time() + self.pool_config.connection_borrow_timeout
         while True:
             writer = await self.targets.wait_for_writer(max(0.0, deadline - loop.time()))
             generation = self.targets.generation
@@ -118,7 +188,7 @@ class Proxy:
                     writer.target,
                     secret.credentials,
                     key,
-                    init_query=pool_config.init_query,
+                    session_init=session_init,
                     read_limit=read_limit,
                 )
             except ServerError as error:
@@ -134,9 +204,13 @@ class Proxy:
                 return conn
             conn.close()  # the writer changed while we logged in: go to the new one
 
-    async def _probe(self, target: Target) -> bool:
+    async def _probe(self, target: Target) -> ProbeResult:
         credentials = next(iter(self.users.values())).credentials
-        return await self.engine.probe(target, credentials)
+        return await self.engine.probe(target, credentials, lag=self._measure_lag)
+
+    def _probed(self, instance: Instance) -> None:
+        for route in self.routes.values():
+            route.instance_probed(instance)
 
     def _writer_changed(self, old: Instance | None, new: Instance | None) -> None:
         if old is not None:
@@ -151,16 +225,15 @@ class Proxy:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        factory = self.engine.serve(self.runtime)
-        listens = [self.config.listen]
+        writer_factory = self.engine.serve(self.runtime)
+        listens = [(self.config.listen, writer_factory)]
         for endpoint in self.config.endpoints:
-            if endpoint.target_role is TargetRole.READ_ONLY:
-                raise ConfigError(
-                    f"proxy {self.config.name}: endpoint {endpoint.name}: READ_ONLY endpoints "
-                    "need replica routing, which this version does not have yet"
-                )
-            listens.append(endpoint.listen)
-        for address in listens:
+            route = self.routes.get(endpoint.name)
+            factory = writer_factory
+            if route is not None:
+                factory = self.engine.serve(dataclasses.replace(self.runtime, pools=route))
+            listens.append((endpoint.listen, factory))
+        for address, factory in listens:
             server = await loop.create_server(
                 factory, address.host, address.port, reuse_address=True, backlog=4096
             )
@@ -184,7 +257,8 @@ class Proxy:
             await asyncio.sleep(JANITOR_INTERVAL)
             clock.now = time.monotonic()
             try:
-                self.pools.sweep()
+                for pools in self.pool_sets:
+                    pools.sweep()
                 for client in [c for c in self.runtime.clients if c.logged_in]:
                     if clock.now - client.last_active > limit:
                         client.expire(f"idle_client_timeout ({limit:g} s)")
@@ -199,7 +273,10 @@ class Proxy:
             server.close()
         for client in list(self.runtime.clients):
             client.expire("the proxy is shutting down")
-        self.pools.close_all()
+        for pools in self.pool_sets:
+            pools.close_all()
+        for route in self.routes.values():
+            route.close_all()
         for server in self.servers:
             await server.wait_closed()
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from dbmux.config import Target, TargetRole
-from dbmux.engines.base import ServerError
+from dbmux.engines.base import ProbeResult, ServerError
 
 log = logging.getLogger("dbmux.targets")
 
@@ -49,8 +49,8 @@ BUSY_ERRORS = frozenset({"53300", "1040"})
 # ...and that the instance is unreachable, shutting down or starting: it may have failed over.
 GONE_ERRORS = frozenset({"08001", "08006", "57P01", "57P03", "2003", "2013"})
 
-# Probe one instance: True if it accepts writes; raises ServerError/OSError when it cannot.
-Probe = Callable[[Target], Awaitable[bool]]
+# Probe one instance's role (and replica lag); raises ServerError/OSError when it cannot.
+Probe = Callable[[Target], Awaitable[ProbeResult]]
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Instance:
     reason: HealthReason | None = None
     description: str = ""
     role: TargetRole | None = None
+    lag: float | None = None  # a replica's replay delay, when some endpoint limits it
     probed_at: float = 0.0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -72,6 +73,10 @@ class Instance:
     @property
     def is_writer(self) -> bool:
         return self.health is TargetHealth.AVAILABLE and self.role is TargetRole.READ_WRITE
+
+    @property
+    def is_replica(self) -> bool:
+        return self.health is TargetHealth.AVAILABLE and self.role is TargetRole.READ_ONLY
 
 
 class TargetGroup:
@@ -84,11 +89,13 @@ class TargetGroup:
         *,
         interval: float,
         on_writer_change: Callable[[Instance | None, Instance | None], None],
+        on_probed: Callable[[Instance], None] = lambda instance: None,
     ) -> None:
         self.instances = [Instance(t) for t in targets]
         self.probe = probe
         self.interval = interval
         self.on_writer_change = on_writer_change
+        self.on_probed = on_probed  # after every probe (read-only endpoints re-route)
         self.writer: Instance | None = None
         self.generation = 0  # grows at every writer change
         self._writer_known = asyncio.Event()
@@ -145,7 +152,7 @@ class TargetGroup:
     async def _probe(self, instance: Instance) -> None:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
-                writable = await self.probe(instance.target)
+                found = await self.probe(instance.target)
         except ServerError as error:
             if error.code in BUSY_ERRORS and instance.health is TargetHealth.AVAILABLE:
                 return  # full, so alive: its role has not changed by refusing a login
@@ -160,10 +167,12 @@ class TargetGroup:
             reason = HealthReason.UNREACHABLE
             self._mark(instance, TargetHealth.UNAVAILABLE, reason, str(error) or "timed out")
         else:
-            instance.role = TargetRole.READ_WRITE if writable else TargetRole.READ_ONLY
+            instance.role = TargetRole.READ_WRITE if found.writable else TargetRole.READ_ONLY
+            instance.lag = found.lag
             self._mark(instance, TargetHealth.AVAILABLE, None, "")
         instance.probed_at = time.monotonic()
         self._choose_writer()
+        self.on_probed(instance)
 
     def _mark(
         self,

@@ -6,6 +6,7 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -22,6 +23,16 @@ class ServerError(Exception):
         super().__init__(message)
         self.code = code
         self.fields = fields or {}
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What a probe found: the instance's role and, for a replica asked for it, how far its
+    replay is behind the primary in seconds (None: unknown, replication stopped, or not
+    asked)."""
+
+    writable: bool
+    lag: float | None = None
 
 
 class ServerConnection(ABC):
@@ -82,6 +93,10 @@ class ServerConnection(ABC):
 class Engine(ABC):
     """One database engine family: its listener protocol and how it reaches servers."""
 
+    # Makes a session's transactions read-only by default: a read-only endpoint's
+    # connections to the writer (when it falls back to it) start with it.
+    read_only_statement: str
+
     @abstractmethod
     def serve(self, proxy: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
         """Build the protocol factory that serves client connections of this proxy."""
@@ -93,16 +108,17 @@ class Engine(ABC):
         credentials: Credentials,
         key: PoolKey,
         *,
-        init_query: str,
+        session_init: tuple[str, ...],
         read_limit: bool,
     ) -> ServerConnection:
-        """Open and authenticate a server connection for the pool `key`; with `read_limit`,
-        set server_limit."""
+        """Open and authenticate a server connection for the pool `key` and run
+        `session_init`, the statements every session starts with (again after each reset of
+        the session); with `read_limit`, set server_limit."""
 
     @abstractmethod
-    async def probe(self, target: Target, credentials: Credentials) -> bool:
-        """Log in to `target` and tell whether it accepts writes (raise if it cannot be
-        reached or refuses the login)."""
+    async def probe(self, target: Target, credentials: Credentials, *, lag: bool) -> ProbeResult:
+        """Log in to `target` and tell whether it accepts writes and, with `lag`, how far a
+        replica is behind (raise if it cannot be reached or refuses the login)."""
 
 
 class ClientSession(ABC):

@@ -65,6 +65,8 @@ class MyServer(ServerEnd, ServerConnection):
         self.prepared: OrderedDict[bytes, ServerStatement] = OrderedDict()
         self.prepared_capacity = prepared_capacity
         self.discard_needed = False  # a pinned session left state COM_RESET_CONNECTION clears
+        # Run at connect and after each COM_RESET_CONNECTION, which undoes what they set.
+        self.session_init: tuple[str, ...] = ()
         self.last_error = ""
 
     # -- login --------------------------------------------------------------------------------
@@ -180,8 +182,7 @@ class MyServer(ServerEnd, ServerConnection):
         COM_RESET_CONNECTION, which also clears the statements prepared here."""
         applied = self.applied
         if any(name not in wanted and name[0] != "@" for name in applied):
-            await self.exchange(bytes((wire.COM_RESET_CONNECTION,)), wire.RESPONSE_SIMPLE)
-            self.forget_session()
+            await self.reset_session()
             applied = self.applied
         changes = {key: value for key, value in wanted.items() if applied.get(key) != value}
         changes.update((key, "NULL") for key in applied if key not in wanted)
@@ -192,19 +193,25 @@ class MyServer(ServerEnd, ServerConnection):
             await self.exchange(bytes((wire.COM_INIT_DB,)) + schema.encode(), wire.RESPONSE_SIMPLE)
             self.schema = schema
 
-    def forget_session(self) -> None:
-        """After COM_RESET_CONNECTION: the session is as new (the schema stays)."""
+    async def reset_session(self) -> None:
+        """COM_RESET_CONNECTION: the session is as new (the schema stays), then started
+        again."""
+        await self.exchange(bytes((wire.COM_RESET_CONNECTION,)), wire.RESPONSE_SIMPLE)
         self.applied = {}
         self.prepared.clear()
         self.insert_id = 0
+        await self.start_session()
+
+    async def start_session(self) -> None:
+        for statement in self.session_init:
+            await self.query(statement)
 
     async def reset(self) -> None:
         """Before the next borrower: roll back what is open; clear a pinned session's state."""
         if self.discard_needed:
-            await self.exchange(bytes((wire.COM_RESET_CONNECTION,)), wire.RESPONSE_SIMPLE)
             # Releases table locks and named locks too; a global read lock needs its own.
+            await self.reset_session()
             await self.query("UNLOCK TABLES")
-            self.forget_session()
             self.discard_needed = False
         elif self.scanner.status & wire.SERVER_STATUS_IN_TRANS:
             await self.query("ROLLBACK")
@@ -272,11 +279,11 @@ async def open_server(
     *,
     capabilities: int,
     charset: int,
-    init_query: str,
+    session_init: tuple[str, ...],
     read_limit: bool,
     prepared_capacity: int,
 ) -> MyServer:
-    """Connect, authenticate, run init_query (and read the server's limit when asked)."""
+    """Connect, authenticate, start the session (and read the server's limit when asked)."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -288,8 +295,8 @@ async def open_server(
                 server.resume_relaying()
                 if read_limit:
                     await server.read_server_limit()
-                if init_query:
-                    await server.query(init_query)
+                server.session_init = session_init
+                await server.start_session()
             except BaseException:
                 server.disconnect(graceful=False)
                 raise

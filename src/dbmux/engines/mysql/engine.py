@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 from dbmux.auth.mysql import RsaKey
 from dbmux.auth.secrets import Credentials
 from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
-from dbmux.engines.base import Engine, ServerConnection
+from dbmux.engines.base import Engine, ProbeResult, ServerConnection
 from dbmux.engines.mysql import wire
-from dbmux.engines.mysql.backend import NATIVE, SHA2, open_server, read_greeting
+from dbmux.engines.mysql.backend import NATIVE, SHA2, MyServer, open_server, read_greeting
 from dbmux.engines.mysql.classify import Classifier
 from dbmux.engines.mysql.frontend import MyClient
 from dbmux.pool import PoolKey
@@ -104,6 +104,7 @@ class MysqlEngine(Engine):
     """MySQL client/server protocol 4.1+, for MySQL 5.7+/8 and MariaDB 10.2+."""
 
     prepared_capacity = 500
+    read_only_statement = "SET SESSION TRANSACTION READ ONLY"
 
     def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
         pool_config = runtime.config.target_group.connection_pool_config
@@ -129,7 +130,7 @@ class MysqlEngine(Engine):
         credentials: Credentials,
         key: PoolKey,
         *,
-        init_query: str,
+        session_init: tuple[str, ...],
         read_limit: bool,
     ) -> ServerConnection:
         capabilities = (key.variant & wire.SESSION_CAPABILITIES) | wire.SERVER_BASE_CAPABILITIES
@@ -140,12 +141,12 @@ class MysqlEngine(Engine):
             key.database,
             capabilities=capabilities,
             charset=(key.variant >> 48) & 0xFF,
-            init_query=init_query,
+            session_init=session_init,
             read_limit=read_limit,
             prepared_capacity=self.prepared_capacity,
         )
 
-    async def probe(self, target: Target, credentials: Credentials) -> bool:
+    async def probe(self, target: Target, credentials: Credentials, *, lag: bool) -> ProbeResult:
         server = await open_server(
             target.host,
             target.port,
@@ -153,12 +154,25 @@ class MysqlEngine(Engine):
             "",
             capabilities=wire.SERVER_BASE_CAPABILITIES,
             charset=BINARY_CHARSET,
-            init_query="",
+            session_init=(),
             read_limit=False,
             prepared_capacity=1,
         )
         try:
             _, rows = await server.query("SELECT @@read_only OR @@innodb_read_only")
+            writable = rows[0][0] == b"0"
+            behind = await replica_lag(server) if lag and not writable else None
         finally:
             server.disconnect(graceful=True)
-        return rows[0][0] == b"0"
+        return ProbeResult(writable, behind)
+
+
+async def replica_lag(server: MyServer) -> float | None:
+    """Seconds_Behind_Master of the replica's (first) connection to its primary; None when
+    it replicates from nobody or its SQL thread is stopped."""
+    columns, rows = await server.query("SHOW SLAVE STATUS")
+    names = [c.name for c in columns]
+    if not rows or "Seconds_Behind_Master" not in names:
+        return None
+    value = rows[0][names.index("Seconds_Behind_Master")]
+    return float(value) if value is not None else None

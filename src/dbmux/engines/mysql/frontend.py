@@ -22,7 +22,7 @@ from dbmux.engines.base import ClientSession, ServerError
 from dbmux.engines.mysql import classify, state, wire
 from dbmux.engines.mysql.backend import NATIVE, MyServer
 from dbmux.framed import ClientEnd, ConnectionClosed
-from dbmux.pool import Borrower, BorrowTimeout, Pool
+from dbmux.pool import Borrower, BorrowTimeout, Lender
 
 if TYPE_CHECKING:
     from dbmux.engines.mysql.engine import MyContext
@@ -66,12 +66,8 @@ class ClientStatement:
 Request = tuple[bytes, "int | None", "ClientStatement | None", "bytes | None"]
 
 
-def borrow_hint(pool: Pool) -> str:
-    return (
-        f"timed out waiting for a database connection: connection_borrow_timeout is "
-        f"{pool.timeout:g} s; the pool holds {pool.budget.limit} connections "
-        f"(max_connections_percent {pool.budget.config.max_connections_percent})"
-    )
+def borrow_hint(pool: Lender) -> str:
+    return f"timed out waiting for a database connection: {pool.borrow_hint()}"
 
 
 def error_of(error: ServerError) -> tuple[int, str]:
@@ -87,7 +83,7 @@ class MyClient(ClientEnd, ClientSession, Borrower):
         self.ctx = ctx
         self.reader = wire.PacketReader()
         self.server: MyServer | None = None
-        self.pool: Pool | None = None
+        self.pool: Lender | None = None
         self.user = ""
         self.capabilities = 0
         self.variant = 0

@@ -58,6 +58,11 @@ class PgServer(ServerEnd, ServerConnection):
         self.prepared: OrderedDict[bytes, None] = OrderedDict()
         self.prepared_capacity = prepared_capacity
         self.discard_needed = False  # a pinned session left state that DISCARD ALL clears
+        self.session_init: tuple[str, ...] = ()  # run at connect and after each DISCARD ALL
+
+    async def start_session(self) -> None:
+        for statement in self.session_init:
+            await self.run(statement)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -155,6 +160,7 @@ class PgServer(ServerEnd, ServerConnection):
             self.discard_needed = False
             self.applied.clear()
             self.prepared.clear()
+            await self.start_session()
         if len(self.prepared) > self.prepared_capacity:
             await self.prepare([])
 
@@ -285,11 +291,11 @@ async def open_server(
     credentials: Credentials,
     database: str,
     *,
-    init_query: str,
+    session_init: tuple[str, ...],
     read_limit: bool,
     prepared_capacity: int,
 ) -> PgServer:
-    """Connect, authenticate, run init_query (and read the server's limit when asked)."""
+    """Connect, authenticate, start the session (and read the server's limit when asked)."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -300,8 +306,8 @@ async def open_server(
                 await server.login(credentials, database)
                 if read_limit:
                     await server.read_server_limit()
-                if init_query:
-                    await server.run(init_query)
+                server.session_init = session_init
+                await server.start_session()
             except BaseException:
                 server.disconnect(graceful=False)
                 raise

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from dbmux.auth.scram import ScramVerifier
 from dbmux.auth.secrets import Credentials
 from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
-from dbmux.engines.base import Engine, ServerConnection
+from dbmux.engines.base import Engine, ProbeResult, ServerConnection
 from dbmux.engines.postgres.backend import open_server
 from dbmux.engines.postgres.frontend import PgClient
 from dbmux.engines.postgres.pinning import Classifier
@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 
 
 PROBE_DATABASE = "postgres"  # every cluster has it, and PUBLIC may connect to it
+# A replica that has replayed all it received is not behind, however old its last replayed
+# commit is (an idle primary sends nothing); one with WAL left to replay is as far behind as
+# the last commit it did replay.
+LAG_QUERY = """SELECT pg_is_in_recovery(), CASE
+  WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+  ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"""
 
 
 class StatementNames:
@@ -95,6 +101,7 @@ class PostgresEngine(Engine):
     """PostgreSQL protocol 3.0."""
 
     prepared_capacity = 500
+    read_only_statement = "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
 
     def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
         pool_config = runtime.config.target_group.connection_pool_config
@@ -124,7 +131,7 @@ class PostgresEngine(Engine):
         credentials: Credentials,
         key: PoolKey,
         *,
-        init_query: str,
+        session_init: tuple[str, ...],
         read_limit: bool,
     ) -> ServerConnection:
         return await open_server(
@@ -132,23 +139,25 @@ class PostgresEngine(Engine):
             target.port,
             credentials,
             key.database,
-            init_query=init_query,
+            session_init=session_init,
             read_limit=read_limit,
             prepared_capacity=self.prepared_capacity,
         )
 
-    async def probe(self, target: Target, credentials: Credentials) -> bool:
+    async def probe(self, target: Target, credentials: Credentials, *, lag: bool) -> ProbeResult:
         server = await open_server(
             target.host,
             target.port,
             credentials,
             PROBE_DATABASE,
-            init_query="",
+            session_init=(),
             read_limit=False,
             prepared_capacity=1,
         )
         try:
-            rows = await server.run("SELECT pg_is_in_recovery()")
+            rows = await server.run(LAG_QUERY if lag else "SELECT pg_is_in_recovery()")
         finally:
             server.disconnect(graceful=True)
-        return rows[0][0] == "f"
+        writable = rows[0][0] == "f"
+        behind = rows[0][1] if lag and not writable else None
+        return ProbeResult(writable, float(behind) if behind is not None else None)

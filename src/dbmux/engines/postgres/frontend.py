@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from dbmux.engines.base import ClientSession, ServerError
 from dbmux.engines.postgres import wire
 from dbmux.engines.postgres.backend import PgServer, send_cancel
-from dbmux.engines.postgres.login import LoginMixin, borrow_hint
+from dbmux.engines.postgres.login import LoginMixin
 from dbmux.engines.postgres.pinning import (
     DISCARD,
     PREPARED_STATEMENT,
@@ -27,7 +27,7 @@ from dbmux.engines.postgres.pinning import (
 from dbmux.engines.postgres.settings import SettingsMixin
 from dbmux.engines.postgres.statements import StatementsMixin
 from dbmux.framed import ClientEnd
-from dbmux.pool import Borrower, BorrowTimeout, Pool
+from dbmux.pool import Borrower, BorrowTimeout, Lender
 
 if TYPE_CHECKING:
     from dbmux.engines.postgres.engine import PgContext
@@ -46,7 +46,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         self.ctx = ctx
         self.scanner = wire.FrontendScanner()
         self.server: PgServer | None = None
-        self.pool: Pool | None = None
+        self.pool: Lender | None = None
         self.user = ""
         self.outstanding = 0  # requests sent to the server and not yet answered by ReadyForQuery
         self.answered = False  # the server sent something since the client last sent
@@ -292,7 +292,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             pool = self.pool
             assert pool is not None
             self._refuse_pending(
-                "53300", "timed out waiting for a database connection", borrow_hint(pool)
+                "53300", "timed out waiting for a database connection", pool.borrow_hint()
             )
         elif isinstance(error, ServerError):
             self._refuse_pending(error.code or "08006", str(error))

@@ -15,7 +15,7 @@ from dbmux.config import ClientPasswordAuthType
 from dbmux.engines.base import ServerError
 from dbmux.engines.postgres import wire
 from dbmux.framed import ConnectionClosed
-from dbmux.pool import BorrowTimeout, Pool
+from dbmux.pool import BorrowTimeout, Lender
 
 if TYPE_CHECKING:
     from dbmux.engines.postgres.backend import PgServer
@@ -59,15 +59,6 @@ def parse_options(options: str) -> dict[str, str]:
         settings[name.replace("-", "_")] = value
         i += 1
     return settings
-
-
-def borrow_hint(pool: Pool) -> str:
-    """What a borrow timeout's hint says: the setting and the pool it waited for."""
-    return (
-        f"connection_borrow_timeout is {pool.timeout:g} s; the pool holds "
-        f"{pool.budget.limit} connections (max_connections_percent "
-        f"{pool.budget.config.max_connections_percent})"
-    )
 
 
 class LoginMixin:
@@ -205,7 +196,7 @@ class LoginMixin:
         self.write(wire.authentication(wire.AUTH_SASL_FINAL, final))
         return True
 
-    async def _learn_defaults(self, pool: Pool, settings: dict[str, str]) -> dict[str, str]:
+    async def _learn_defaults(self, pool: Lender, settings: dict[str, str]) -> dict[str, str]:
         """The server's reported parameters for this pool, and this session's own settings in
         the server's spelling (utf-8 is UTF8, datestyle is DateStyle), minus those equal to
         the defaults. A server connection is borrowed only for what is not yet known: the
@@ -244,10 +235,10 @@ class LoginMixin:
                 pool.release(server)
         return facts
 
-    async def _borrow_for_login(self, pool: Pool) -> PgServer:
+    async def _borrow_for_login(self, pool: Lender) -> PgServer:
         try:
             return await pool.borrow()  # type: ignore[return-value]
         except BorrowTimeout:
             raise LoginRefused(
-                "53300", "timed out waiting for a database connection", borrow_hint(pool)
+                "53300", "timed out waiting for a database connection", pool.borrow_hint()
             ) from None
