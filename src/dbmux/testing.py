@@ -139,9 +139,15 @@ def _process_tree(root: int) -> set[int]:
     return found
 
 
-def _kill_tree(root: int, timeout: float = 15.0) -> None:
-    """SIGKILL a process and everything it started, and wait until all of them are gone."""
+def _kill_tree(root: int, timeout: float = 15.0, before: Callable[[], None] | None = None) -> None:
+    """SIGKILL a process and everything it started, and wait until all of them are gone.
+
+    before: called once the tree is known, right before the first signal (a caller timing
+    the crash should not count the scan of /proc).
+    """
     pids = _process_tree(root)
+    if before is not None:
+        before()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
@@ -472,12 +478,16 @@ class PostgresCluster(_Server):
                 if self.running:
                     raise ServerError(_with_log(str(exc), self.log_file)) from exc
 
-    def kill(self) -> None:
-        """SIGKILL the postmaster and its backends, like a crash; start() then runs recovery."""
+    def kill(self, before: Callable[[], None] | None = None) -> None:
+        """SIGKILL the postmaster and its backends, like a crash; start() then runs recovery.
+
+        before: called right before the signals are sent (the failover drill times the crash
+        from that moment); not called if the cluster is not running.
+        """
         with self._lock:
             pid = self._postmaster_pid()
             if pid is not None and self.running:
-                _kill_tree(pid)
+                _kill_tree(pid, before=before)
             self._clear_stale_lockfiles()
 
     def replica(self, **kwargs: object) -> PostgresCluster:
