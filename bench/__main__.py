@@ -4,7 +4,8 @@ PostgreSQL: pgbench straight at the cluster, through PgBouncer and through dbmux
 sysbench and a connect-per-request storm straight at the server and through dbmux. Each
 database is one throwaway server (max_connections 100) and one section of the report:
 throughput, latency, failures and peak server connections with dbmux's ratios, workload by
-workload. Raw numbers go to bench/results/<timestamp>.json. See bench/README.md.
+workload. Then the failover drill (bench.failover), on fresh primary/replica pairs of its own.
+Raw numbers go to bench/results/<timestamp>.json. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import failover, report
 from bench.mysql import MysqlBench
 from bench.postgres import PostgresBench
 from bench.report import DBMUX_TARGETS, DEFAULT_TARGETS, TARGETS, RunResult
@@ -58,10 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        default=",".join(_GROUPS),
+        default=",".join([*_GROUPS, "failover"]),
         metavar="WORKLOAD[,..]",
         help=f"workloads to run (default: all): {', '.join(_GROUPS)} (all of that database's), "
-        f"or {', '.join(_BY_KEY)}",
+        f"{', '.join(_BY_KEY)}, or the failover drill: {', '.join(failover.KEYS)}",
     )
     defaults = "; ".join(f"{e}: {','.join(t)}" for e, t in DEFAULT_TARGETS.items())
     parser.add_argument(
@@ -84,12 +85,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="profile each dbmux run with py-spy (flame graph, top functions by wall-clock "
         "time) and, if installed, perf (on-CPU time by library and symbol)",
     )
+    group = parser.add_argument_group("the failover drill (--only failover)")
+    failover.add_arguments(group, standalone=False)
     args = parser.parse_args(argv)
     names = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = [w for w in names if w not in _BY_KEY and w not in _GROUPS]
+    unknown = [w for w in unknown if w not in failover.KEYS]
     if unknown:
-        choices = ", ".join([*_GROUPS, *_BY_KEY])
+        choices = ", ".join([*_GROUPS, *_BY_KEY, *failover.KEYS])
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {choices}")
+    args.failover = list(dict.fromkeys(d for n in names for d in failover.KEYS.get(n, ())))
+    names = [n for n in names if n not in failover.KEYS]
     args.workloads = list(dict.fromkeys(k for n in names for k in _GROUPS.get(n, [n])))
     args.target_list = (
         [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
@@ -99,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     if args.target_list == []:
         parser.error("--targets names no target")
-    if not any(targets_for(args, _BY_KEY[k]) for k in args.workloads):
+    if args.workloads and not any(targets_for(args, _BY_KEY[k]) for k in args.workloads):
         parser.error("--targets names no target the selected workloads' databases have")
     if args.duration < 1:
         parser.error("--duration must be at least 1")
@@ -152,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     password = secrets.token_urlsafe(12)
     machine = _machine()
     selected = [_BY_KEY[k] for k in args.workloads]
+    drills = f", failover drill {','.join(args.failover)}" if args.failover else ""
     out(
         f"dbmux bench {stamp}: {machine['cpus']} CPUs ({machine['cpu_model']}), "
-        f"{args.duration}s per run, workloads {','.join(args.workloads)}, "
-        f"targets {','.join(all_targets(args, selected))}"
+        f"{args.duration}s per run, workloads {','.join(args.workloads) or '-'}, "
+        f"targets {','.join(all_targets(args, selected)) or '-'}{drills}"
     )
     started = time.monotonic()
     benches = [
@@ -164,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(targets_for(args, w) for w in b.selected(args))
     ]
     numbers = itertools.count(1)
+    drills: dict[str, dict[str, failover.DrillResult]] = {}
     total = sum(len(targets_for(args, w)) for w in selected)
     completed, broken = True, False
     try:
@@ -180,17 +188,23 @@ def main(argv: list[str] | None = None) -> int:
                 bench.close()
             if not completed:
                 break
+        if completed and args.failover:
+            if benches:
+                out()
+            drills = failover.run_all(args.failover, args)
     except KeyboardInterrupt:
         out("\ninterrupted")
         completed = False
     results = {key: r for b in benches for key, r in b.results.items()}
-    if not results:
+    if not results and not drills:
         return 130 if not completed else 1
 
     elapsed = time.monotonic() - started
     for bench in benches:
         bench.print_section(machine)
     print_report(results)
+    for line in failover.report(drills):
+        out(line)
     out_path = RESULTS / f"{stamp}.json"
     record = {
         "timestamp": stamp,
@@ -218,13 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             for w in selected
         },
         "runs": [r.to_json() for r in results.values()],
+        "failover": failover.to_json(drills),
     }
     out_path.write_text(json.dumps(record, indent=2))
     out()
     out(f"raw results: {out_path}  ({elapsed:.0f}s in all)")
     if not completed:
         return 130
-    return 1 if broken or any(b.broken for b in benches) else 0
+    return 1 if broken or failover.broken(drills) or any(b.broken for b in benches) else 0
 
 
 if __name__ == "__main__":

@@ -276,7 +276,9 @@ class Dbmux(ProcessTarget):
 
     name: the target's name ("dbmux", or a variant such as "dbmux-pin"); engine_family:
     POSTGRESQL or MYSQL; proxy_settings and pool_settings: extra keys for the proxy and its
-    connection_pool_config.
+    connection_pool_config; targets: the target group's instances as (host, port), by
+    default the upstream alone; group_settings: extra keys for the target group
+    (probe_interval, say).
     """
 
     name = "dbmux"
@@ -290,9 +292,13 @@ class Dbmux(ProcessTarget):
         engine_family: str = "POSTGRESQL",
         proxy_settings: dict[str, object] | None = None,
         pool_settings: dict[str, object] | None = None,
+        targets: list[tuple[str, int]] | None = None,
+        group_settings: dict[str, object] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.targets = list(targets) if targets else [(HOST, self.upstream_port)]
+        self.group_settings = dict(group_settings or {})
         self.name = name
         self.engine_family = engine_family
         self.percent = max_connections_percent
@@ -318,11 +324,12 @@ class Dbmux(ProcessTarget):
                     "auth": [{"secret": "file:app.json"}],
                     **self.proxy_settings,
                     "target_group": {
+                        **self.group_settings,
                         "connection_pool_config": {
                             "max_connections_percent": self.percent,
                             **self.pool_settings,
                         },
-                        "targets": [{"host": HOST, "port": self.upstream_port}],
+                        "targets": [{"host": h, "port": p} for h, p in self.targets],
                     },
                 }
             ],
