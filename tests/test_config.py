@@ -290,6 +290,34 @@ BAD: list[tuple[str, Mutation, str]] = [
         ),
         "proxies.0.endpoints.0.target_role",
     ),
+    (
+        "replica lag limit on a read-write endpoint",
+        lambda d: _proxy(d).update(
+            endpoints=[{"name": "rw", "listen": "127.0.0.1:6433", "max_replica_lag": 5}]
+        ),
+        "proxies.0.endpoints.0.max_replica_lag",
+    ),
+    (
+        "writer fallback on a read-write endpoint",
+        lambda d: _proxy(d).update(
+            endpoints=[{"name": "rw", "listen": "127.0.0.1:6433", "fallback_to_writer": True}]
+        ),
+        "proxies.0.endpoints.0.fallback_to_writer",
+    ),
+    (
+        "replica lag limit of 0",
+        lambda d: _proxy(d).update(
+            endpoints=[
+                {
+                    "name": "ro",
+                    "listen": "127.0.0.1:6433",
+                    "target_role": "READ_ONLY",
+                    "max_replica_lag": 0,
+                }
+            ]
+        ),
+        "proxies.0.endpoints.0.max_replica_lag",
+    ),
     ("admin listen without port", lambda d: d.update(admin={"listen": "0.0.0.0"}), "admin.listen"),
     (
         "secret with unknown scheme",

@@ -64,8 +64,10 @@ class EmbeddedDbmux:
             return self.process.proxies[0]
         return next(p for p in self.process.proxies if p.config.name == name)
 
-    def address(self, name: str | None = None) -> tuple[str, int]:
-        return self.proxy(name).addresses[0]
+    def address(self, name: str | None = None, endpoint: str | None = None) -> tuple[str, int]:
+        """Where a proxy (the first by default) listens, or one of its `endpoints`."""
+        proxy = self.proxy(name)
+        return proxy.endpoint_addresses[endpoint] if endpoint else proxy.addresses[0]
 
     def stop(self) -> None:
         if self.process is not None:

@@ -99,7 +99,8 @@ class Proxy:
             config, self.pools, self.users, self.metrics, Clock(), self.targets
         )
         self.servers: list[asyncio.Server] = []
-        self.addresses: list[tuple[str, int]] = []
+        self.addresses: list[tuple[str, int]] = []  # the proxy's listen, then its endpoints'
+        self.endpoint_addresses: dict[str, tuple[str, int]] = {}
         self._janitor: asyncio.Task[None] | None = None
         self._register_gauges()
 
@@ -239,6 +240,8 @@ class Proxy:
             )
             self.servers.append(server)
             self.addresses.append(server.sockets[0].getsockname()[:2])
+        names = [e.name for e in self.config.endpoints]
+        self.endpoint_addresses = dict(zip(names, self.addresses[1:], strict=True))
         self._janitor = loop.create_task(self._run_janitor())
         self.targets.start()
         log.info(

@@ -3,6 +3,7 @@ dbmux in front of it per test."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -81,6 +82,21 @@ class MyProxy:
     @property
     def pools(self) -> PoolSet:
         return self.embedded.proxy().pools
+
+
+@contextlib.contextmanager
+def replicated_pair() -> Iterator[tuple[MariaDBServer, MariaDBServer]]:
+    """A primary and a GTID replica of it, with the app's user (which may read replication
+    status) and database and a table `writes`."""
+    with MariaDBServer(settings=MariaDBServer.primary_settings()) as primary:
+        with primary.replica() as replica:
+            replica.replicate_from(primary)
+            primary.create_user(MY_USER, MY_PASSWORD)
+            primary.sql(f"GRANT SLAVE MONITOR ON *.* TO '{MY_USER}'@'%'")
+            primary.create_database(MY_DB, owner=MY_USER)
+            primary.sql("CREATE TABLE writes (n INT PRIMARY KEY)", MY_DB)
+            replica.wait_caught_up(primary)
+            yield primary, replica
 
 
 def my_proxy_config(

@@ -15,21 +15,15 @@ from dbmux.config import TargetRole
 from dbmux.embedded import EmbeddedDbmux
 from dbmux.targets import TargetHealth
 from dbmux.testing import MariaDBServer
-from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER
+from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, replicated_pair
 
 WAIT = 30.0
 
 
 @pytest.fixture
 def pair() -> Iterator[tuple[MariaDBServer, MariaDBServer]]:
-    with MariaDBServer(settings=MariaDBServer.primary_settings()) as primary:
-        with primary.replica() as replica:
-            replica.replicate_from(primary)
-            primary.create_user(MY_USER, MY_PASSWORD)
-            primary.create_database(MY_DB, owner=MY_USER)
-            primary.sql("CREATE TABLE writes (n INT PRIMARY KEY)", MY_DB)
-            replica.wait_caught_up(primary)
-            yield primary, replica
+    with replicated_pair() as servers:
+        yield servers
 
 
 @pytest.fixture

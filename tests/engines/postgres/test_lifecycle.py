@@ -281,6 +281,19 @@ async def test_idle_client_timeout_ends_the_session_with_57P01(start_proxy):
     assert len(proxy.embedded.proxy().runtime.clients) == 0
 
 
+async def test_init_query_still_holds_after_a_pinned_session_was_discarded(start_proxy):
+    proxy = start_proxy(pool={"max_connections_percent": 2, "init_query": "SET work_mem = '3MB'"})
+    pinned = await connect(proxy)
+    await pinned.execute("LISTEN somewhere")  # pins; DISCARD ALL clears it on release
+    await pinned.close()
+    conn = await connect(proxy)
+    try:
+        assert proxy.pools.budget.open == 1
+        assert await conn.fetchval("SHOW work_mem") == "3MB"
+    finally:
+        await conn.close()
+
+
 async def test_init_query_runs_on_every_new_server_connection(start_proxy):
     proxy = start_proxy(pool={"init_query": "SET statement_timeout = '17s'"})
     conns = [await connect(proxy) for _ in range(3)]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from dbmux.auth.mysql import RsaKey
 from dbmux.auth.secrets import Credentials
 from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
-from dbmux.engines.base import Engine, ProbeResult, ServerConnection
+from dbmux.engines.base import Engine, ProbeResult, ServerConnection, ServerError
 from dbmux.engines.mysql import wire
 from dbmux.engines.mysql.backend import NATIVE, SHA2, MyServer, open_server, read_greeting
 from dbmux.engines.mysql.classify import Classifier
@@ -169,8 +169,14 @@ class MysqlEngine(Engine):
 
 async def replica_lag(server: MyServer) -> float | None:
     """Seconds_Behind_Master of the replica's (first) connection to its primary; None when
-    it replicates from nobody or its SQL thread is stopped."""
-    columns, rows = await server.query("SHOW SLAVE STATUS")
+    it replicates from nobody, its SQL thread is stopped, or the probing account may not
+    ask (it needs REPLICA MONITOR, or REPLICATION CLIENT on MySQL)."""
+    try:
+        columns, rows = await server.query("SHOW SLAVE STATUS")
+    except ServerError as error:
+        if error.code in ("1227", "1142"):  # access denied
+            return None
+        raise
     names = [c.name for c in columns]
     if not rows or "Seconds_Behind_Master" not in names:
         return None

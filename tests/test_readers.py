@@ -1,0 +1,205 @@
+"""Read-only endpoints against a real PostgreSQL primary and two streaming replicas: reads
+spread over the replicas, never a write on one, a lagging replica skipped, the writer as a
+read-only fallback, and a promoted replica leaving the read-only side."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from dbmux.embedded import EmbeddedDbmux
+from dbmux.testing import PostgresCluster
+from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
+
+WAIT = 30.0
+LAG_LIMIT = 1.0  # seconds, for the endpoints that limit replication lag
+
+
+def proxy_config(tmp_path: Path, clusters: list[PostgresCluster]) -> dict[str, Any]:
+    secret = tmp_path / "app.json"
+    secret.write_text(json.dumps({"username": APP_USER, "password": APP_PASSWORD}))
+    return {
+        "proxies": [
+            {
+                "name": "readers",
+                "engine_family": "POSTGRESQL",
+                "listen": "127.0.0.1:0",
+                "auth": [{"secret": f"file:{secret}"}],
+                "target_group": {
+                    "probe_interval": 0.2,
+                    "connection_pool_config": {
+                        "max_connections_percent": 20,
+                        "connection_borrow_timeout": WAIT,
+                    },
+                    "targets": [{"host": c.host, "port": c.port} for c in clusters],
+                },
+                "endpoints": [
+                    {"name": "ro", "listen": "127.0.0.1:0", "target_role": "READ_ONLY"},
+                    {
+                        "name": "fresh",
+                        "listen": "127.0.0.1:0",
+                        "target_role": "READ_ONLY",
+                        "max_replica_lag": LAG_LIMIT,
+                    },
+                    {
+                        "name": "fresh-or-writer",
+                        "listen": "127.0.0.1:0",
+                        "target_role": "READ_ONLY",
+                        "max_replica_lag": LAG_LIMIT,
+                        "fallback_to_writer": True,
+                    },
+                ],
+            }
+        ]
+    }
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory) -> Iterator[list[PostgresCluster]]:
+    """A primary and two streaming replicas of it."""
+    with PostgresCluster() as primary:
+        primary.create_user(APP_USER, APP_PASSWORD)
+        primary.create_database(APP_DB, owner=APP_USER)
+        primary.psql(
+            f"CREATE TABLE facts (n int); ALTER TABLE facts OWNER TO {APP_USER}", dbname=APP_DB
+        )
+        with primary.replica() as first, primary.replica() as second:
+            yield [primary, first, second]
+
+
+@pytest.fixture(scope="module")
+def dbmux(clusters, tmp_path_factory) -> Iterator[EmbeddedDbmux]:
+    with EmbeddedDbmux(proxy_config(tmp_path_factory.mktemp("readers"), clusters)) as running:
+        targets = running.proxy().targets
+        wait_until(lambda: all(i.role for i in targets.instances), "every target probed")
+        yield running
+
+
+@pytest.fixture
+def paused(clusters) -> Iterator[Callable[[PostgresCluster], None]]:
+    """Pause a replica's replay (it lags from the next write on); resumed afterwards."""
+    done: list[PostgresCluster] = []
+
+    def pause(replica: PostgresCluster) -> None:
+        replica.psql("SELECT pg_wal_replay_pause()")
+        done.append(replica)
+
+    yield pause
+    for replica in done:
+        replica.psql("SELECT pg_wal_replay_resume()")
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {WAIT} s: {what}")
+        time.sleep(0.05)
+
+
+def url(dbmux: EmbeddedDbmux, endpoint: str | None = None) -> str:
+    host, port = dbmux.address(endpoint=endpoint)
+    return f"postgresql://{APP_USER}:{APP_PASSWORD}@{host}:{port}/{APP_DB}"
+
+
+async def ports_serving(dbmux: EmbeddedDbmux, endpoint: str, clients: int = 6) -> set[int]:
+    """The server ports that concurrent transactions on `endpoint` ran on."""
+
+    async def one() -> int:
+        conn = await asyncpg.connect(url(dbmux, endpoint))
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_sleep(0.2)")
+                return await conn.fetchval("SELECT inet_server_port()")
+        finally:
+            await conn.close()
+
+    return set(await asyncio.gather(*(one() for _ in range(clients))))
+
+
+def lag_seen(dbmux: EmbeddedDbmux, replica: PostgresCluster) -> Callable[[], bool]:
+    instance = next(i for i in dbmux.proxy().targets.instances if i.target.port == replica.port)
+    return lambda: instance.lag is None or instance.lag > LAG_LIMIT
+
+
+async def test_reads_spread_over_the_replicas_and_never_reach_the_writer(
+    dbmux, clusters
+) -> None:
+    primary, first, second = clusters
+    assert await ports_serving(dbmux, "ro") == {first.port, second.port}
+
+
+async def test_a_write_on_a_read_only_endpoint_is_refused_and_the_client_goes_on(
+    dbmux, clusters
+) -> None:
+    conn = await asyncpg.connect(url(dbmux, "ro"))
+    with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+        await conn.execute("INSERT INTO facts VALUES (1)")
+    assert await conn.fetchval("SELECT pg_is_in_recovery()") is True
+    await conn.close()
+    assert clusters[0].psql("SELECT count(*) FROM facts", dbname=APP_DB) == "0"
+
+
+async def test_a_lagging_replica_is_skipped_until_it_catches_up(dbmux, clusters, paused) -> None:
+    primary, first, second = clusters
+    paused(first)
+    primary.psql("INSERT INTO facts VALUES (2); DELETE FROM facts", dbname=APP_DB)
+    await asyncio.to_thread(wait_until, lag_seen(dbmux, first), "the first replica lagging")
+    assert await ports_serving(dbmux, "fresh") == {second.port}
+    assert await ports_serving(dbmux, "ro") == {first.port, second.port}  # no limit there
+
+
+async def test_with_every_replica_lagging_the_writer_serves_reads_read_only(
+    dbmux, clusters, paused
+) -> None:
+    primary, first, second = clusters
+    paused(first)
+    paused(second)
+    primary.psql("INSERT INTO facts VALUES (3); DELETE FROM facts", dbname=APP_DB)
+    for replica in (first, second):
+        await asyncio.to_thread(wait_until, lag_seen(dbmux, replica), "both replicas lagging")
+    assert await ports_serving(dbmux, "fresh-or-writer") == {primary.port}
+    conn = await asyncpg.connect(url(dbmux, "fresh-or-writer"))
+    with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+        await conn.execute("INSERT INTO facts VALUES (4)")
+    await conn.close()
+
+
+async def test_a_read_waits_for_a_replica_when_none_fits(dbmux, clusters, paused) -> None:
+    """No fallback: the read is held, then runs on the first replica to catch up."""
+    primary, first, second = clusters
+    paused(first)
+    paused(second)
+    primary.psql("INSERT INTO facts VALUES (5); DELETE FROM facts", dbname=APP_DB)
+    for replica in (first, second):
+        await asyncio.to_thread(wait_until, lag_seen(dbmux, replica), "both replicas lagging")
+    conn = await asyncpg.connect(url(dbmux, "fresh"))
+    read = asyncio.create_task(conn.fetchval("SELECT inet_server_port()"))
+    await asyncio.sleep(0.5)
+    assert not read.done(), "a read ran although no replica fits the endpoint"
+    second.psql("SELECT pg_wal_replay_resume()")
+    assert await asyncio.wait_for(read, WAIT) == second.port
+    await conn.close()
+
+
+def test_a_promoted_replica_leaves_the_read_only_side(tmp_path: Path) -> None:
+    with PostgresCluster() as primary:
+        primary.create_user(APP_USER, APP_PASSWORD)
+        primary.create_database(APP_DB, owner=APP_USER)
+        with primary.replica() as first, primary.replica() as second:
+            with EmbeddedDbmux(proxy_config(tmp_path, [primary, first, second])) as dbmux:
+                targets = dbmux.proxy().targets
+                wait_until(lambda: all(i.role for i in targets.instances), "targets probed")
+                assert asyncio.run(ports_serving(dbmux, "ro")) == {first.port, second.port}
+                primary.stop()
+                first.promote()
+                wait_until(lambda: targets.writer is not None, "a new writer")
+                assert targets.writer.target.port == first.port
+                assert asyncio.run(ports_serving(dbmux, "ro")) == {second.port}
