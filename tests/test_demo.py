@@ -14,11 +14,15 @@ from dbmux.demo import (
     DemoReport,
     PhaseResult,
     conclusion,
+    failover_exit_code,
+    failover_report,
+    format_failover,
     format_report,
     progress_line,
     run_demo,
     storm_report,
 )
+from dbmux.drill import DrillResult
 
 CLIENTS, MAX_CONNECTIONS = 120, 30
 
@@ -82,6 +86,42 @@ def test_output_shows_progress_and_the_comparison(demo: tuple[DemoReport, str]) 
     assert f"{report.dbmux.peak_server_connections} of {MAX_CONNECTIONS}" in text
     assert "DOES NOT match" not in text
     assert f"through dbmux all {report.invocations} succeeded" in " ".join(text.split())
+
+
+# ------------------------------------------------------------ the failover phase
+
+
+@pytest.fixture(scope="module")
+def failover() -> tuple[DrillResult, str]:
+    out = io.StringIO()
+    result = failover_report(writers=5, idle_clients=2, before=0.5, after=1.0, out=out)
+    return result, out.getvalue()
+
+
+def test_failover_keeps_every_connection_and_commit(failover: tuple[DrillResult, str]) -> None:
+    result, _ = failover
+    assert result.problem == "" and result.hung_writers == 0
+    assert result.rows_checked and result.acknowledged
+    assert result.lost == result.duplicated == result.unexpected == []
+    assert result.dropped_writers == set() and result.idle_dropped == 0
+    assert result.promoted_at is not None and result.writer_seen_at is not None
+    assert result.resumed_at is not None and result.failed_at is not None
+    assert result.resumed_at > result.failed_at
+    assert failover_exit_code(result) == 0
+
+
+def test_failover_timeline_and_summary(failover: tuple[DrillResult, str]) -> None:
+    result, progress = failover
+    assert "\r" not in progress  # not a terminal: plain lines
+    for event in ("primary killed", "dbmux: new writer chosen", "writes resumed"):
+        assert event in progress, event
+    assert "writes/s" in progress
+    text = format_failover(result)
+    for row in ("promotion time", "longest write gap", "lost commits", "duplicated commits"):
+        assert row in text, row
+    assert "no idle client connection dropped: met" in text
+    assert "no lost or duplicated commit: met" in text
+    assert f"all {len(result.acknowledged)} acknowledged commits" in " ".join(text.split())
 
 
 # ------------------------------------------------------------ report logic, no database
@@ -161,6 +201,18 @@ def test_latency_quantiles_and_progress_line() -> None:
     assert "(" not in narrow and narrow.endswith("db connections 17/20")
     phase.failures["timeout"] = 2
     assert "(20 too many clients, 2 timed out)" in progress_line(phase, 0, 20)
+
+
+def test_failover_with_a_lost_commit_is_a_failure() -> None:
+    result = DrillResult("dbmux", "PostgreSQL", 5, 2)
+    for n, t in enumerate([1.0, 1.1, 1.5, 1.6], start=1):
+        result.note_ack(n, t)
+    result.failed_at, result.promoted_at = 1.15, 1.3
+    result.rows_checked, result.lost = True, [2]
+    assert failover_exit_code(result) == 1
+    text = " ".join(format_failover(result).split())
+    assert "no lost or duplicated commit: NOT MET" in text
+    assert "a dbmux bug worth reporting" in text
 
 
 def test_run_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:

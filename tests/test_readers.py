@@ -132,7 +132,7 @@ def lag_seen(dbmux: EmbeddedDbmux, replica: PostgresCluster) -> Callable[[], boo
 async def test_reads_spread_over_the_replicas_and_never_reach_the_writer(
     dbmux, clusters
 ) -> None:
-    primary, first, second = clusters
+    _, first, second = clusters
     assert await ports_serving(dbmux, "ro") == {first.port, second.port}
 
 

@@ -84,7 +84,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dbmux.demo import run_demo
 
     return run_demo(
-        clients=args.clients, max_connections=args.max_connections, mysql=not args.skip_mysql
+        clients=args.clients,
+        max_connections=args.max_connections,
+        mysql=not args.skip_mysql,
+        failover=not args.skip_failover,
     )
 
 
@@ -132,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="storm a throwaway database, directly and through dbmux",
         description="Start a throwaway PostgreSQL, run a serverless-style "
         "connection storm straight at it and then through dbmux, and report; then the same "
-        "against a throwaway MariaDB.",
+        "against a throwaway MariaDB; then a failover: writers through dbmux while a "
+        "PostgreSQL primary is killed and its replica promoted.",
     )
     demo.add_argument(
         "--clients",
@@ -150,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-mysql",
         action="store_true",
         help="storm only PostgreSQL, not MariaDB after it",
+    )
+    demo.add_argument(
+        "--skip-failover",
+        action="store_true",
+        help="leave out the failover (a PostgreSQL primary killed, the replica promoted)",
     )
     demo.set_defaults(func=cmd_demo)
     return parser
