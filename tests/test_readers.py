@@ -129,9 +129,7 @@ def lag_seen(dbmux: EmbeddedDbmux, replica: PostgresCluster) -> Callable[[], boo
     return lambda: instance.lag is None or instance.lag > LAG_LIMIT
 
 
-async def test_reads_spread_over_the_replicas_and_never_reach_the_writer(
-    dbmux, clusters
-) -> None:
+async def test_reads_spread_over_the_replicas_and_never_reach_the_writer(dbmux, clusters) -> None:
     _, first, second = clusters
     assert await ports_serving(dbmux, "ro") == {first.port, second.port}
 

@@ -25,6 +25,7 @@ from dbmux.engines.base import ProbeResult, ServerError
 log = logging.getLogger("dbmux.targets")
 
 PROBE_TIMEOUT = 5.0
+SUSPECT_GAP = 0.05
 
 
 class TargetHealth(StrEnum):
@@ -99,6 +100,7 @@ class TargetGroup:
         self.writer: Instance | None = None
         self.generation = 0  # grows at every writer change
         self._writer_known = asyncio.Event()
+        self._suspected_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -110,7 +112,13 @@ class TargetGroup:
             task.cancel()
 
     def suspect(self) -> None:
-        """Something on the hot path went wrong: probe every instance now."""
+        """Something on the hot path went wrong: probe every instance now (at most every
+        SUSPECT_GAP seconds, so a client that keeps causing errors cannot cause a login
+        storm)."""
+        now = time.monotonic()
+        if now - self._suspected_at < SUSPECT_GAP:
+            return
+        self._suspected_at = now
         for instance in self.instances:
             instance._wake.set()
 
@@ -126,6 +134,16 @@ class TargetGroup:
                 code="08001",
             )
         return self.writer
+
+    async def wait_for_change(self, generation: int, timeout: float) -> bool:
+        """Wait until the writer is no longer the one of `generation`; False on timeout."""
+        self.suspect()
+        deadline = time.monotonic() + timeout
+        while self.generation == generation:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     async def still_writer(self, instance: Instance, timeout: float) -> bool:
         """Probe `instance` now and tell whether it is still the writer (what to do when a

@@ -3,6 +3,7 @@ clients keep their connections and their next transactions run on the new writer
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -89,3 +90,47 @@ def test_a_client_lives_through_a_switchover(dbmux: EmbeddedDbmux, pair) -> None
     rows = replica.sql("SELECT GROUP_CONCAT(n ORDER BY n) FROM writes", MY_DB)
     assert rows == ",".join(map(str, acknowledged))
     assert targets.writer is not None and targets.writer.target.port == replica.port
+
+
+def test_a_write_refused_by_a_writer_turned_read_only_runs_on_the_next_writer(
+    dbmux: EmbeddedDbmux, pair
+) -> None:
+    """A switchover begins with the old primary read-only: a write it refuses (1290, before
+    running it) waits for the promoted replica instead of failing."""
+    primary, replica = pair
+    targets = dbmux.proxy().targets
+    wait_until(lambda: targets.writer is not None, "a writer")
+    host, port = dbmux.address()
+    conn = pymysql.connect(
+        host=host, port=port, user=MY_USER, password=MY_PASSWORD, database=MY_DB, autocommit=True
+    )
+    with conn, conn.cursor() as cur, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        cur.execute("INSERT INTO writes VALUES (1)")
+        primary.sql("SET GLOBAL read_only = 1")
+        write = pool.submit(cur.execute, "INSERT INTO writes VALUES (2)")
+        wait_until(lambda: targets.writer is None, "the read-only writer noticed")
+        assert not write.done(), "the refused write was answered before a new writer came"
+        replica.wait_caught_up(primary)
+        replica.promote()
+        write.result(timeout=WAIT)  # no error: it ran on the new writer
+        cur.execute("SELECT @@port")
+        assert cur.fetchone() == (replica.port,)
+    assert replica.sql("SELECT GROUP_CONCAT(n ORDER BY n) FROM writes", MY_DB) == "1,2"
+
+
+def test_a_write_refused_inside_a_transaction_is_reported(dbmux: EmbeddedDbmux, pair) -> None:
+    """Inside a transaction the refusal is the client's to handle: what ran before it in the
+    transaction is on the old writer only."""
+    primary, _ = pair
+    targets = dbmux.proxy().targets
+    wait_until(lambda: targets.writer is not None, "a writer")
+    host, port = dbmux.address()
+    conn = pymysql.connect(host=host, port=port, user=MY_USER, password=MY_PASSWORD, database=MY_DB)
+    with conn, conn.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute("SELECT COUNT(*) FROM writes")
+        primary.sql("SET GLOBAL read_only = 1")
+        with pytest.raises(pymysql.MySQLError) as refused:
+            cur.execute("INSERT INTO writes VALUES (3)")
+        assert refused.value.args[0] == 1290
+    primary.sql("SET GLOBAL read_only = 0")

@@ -238,6 +238,10 @@ class MyServer(ServerEnd, ServerConnection):
         client = self.client
         if client is None:
             return
+        if done and scanner.failed and wire.is_read_only_refusal(data):
+            self.refused_as_read_only()
+            if client.retry_on_next_writer(self, data):
+                return
         client.transport.write(data)  # type: ignore[union-attr]
         if done:
             client.response_done(done)

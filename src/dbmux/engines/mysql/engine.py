@@ -17,7 +17,7 @@ from dbmux.engines.mysql import wire
 from dbmux.engines.mysql.backend import NATIVE, SHA2, MyServer, open_server, read_greeting
 from dbmux.engines.mysql.classify import Classifier
 from dbmux.engines.mysql.frontend import MyClient
-from dbmux.pool import PoolKey
+from dbmux.pool import PoolKey, PoolSet
 
 if TYPE_CHECKING:
     from dbmux.proxy import ProxyRuntime
@@ -67,6 +67,10 @@ class MyContext:
         self.clock = self.runtime.clock
         self.clients = self.runtime.clients
         self.loop = asyncio.get_running_loop()
+        self.targets = self.runtime.targets
+        # Clients of the writer's endpoint (not a read-only one, where a refused write is
+        # the right answer) get writes the old writer refused run again on the next one.
+        self.follows_writer = isinstance(self.pools, PoolSet)
         types = {login.auth_type for login in self.users.values()}
         self.default_plugin = (
             SHA2 if types == {ClientPasswordAuthType.MYSQL_CACHING_SHA2_PASSWORD} else NATIVE

@@ -104,6 +104,8 @@ class MyClient(ClientEnd, ClientSession, Borrower):
         self.last_prepared = 0
         self.long_data = False  # a statement's long data sits on the server connection
         self.busy = False  # a command is being answered
+        self.sent: Request | None = None  # the last command sent to a server
+        self.retried: Request | None = None  # ...and the last one run again on a new writer
         self.waiting: Request | None = None  # command waiting for a server
         self.transaction_lost = ""  # why, when the server died under an open transaction
         self.cancelling: MyServer | None = None  # whose query our KILL QUERY stops
@@ -521,6 +523,7 @@ class MyClient(ClientEnd, ClientSession, Borrower):
         self._send(server, request)
 
     def _send(self, server: MyServer, request: Request) -> None:
+        self.sent = request
         payload, kind, statement, frame = request
         if statement is not None:
             if statement.text in server.prepared:
@@ -618,6 +621,39 @@ class MyClient(ClientEnd, ClientSession, Borrower):
         server.client = None
         self.server = None
         return server
+
+    # -- a write the writer refused as read-only ---------------------------------------------
+
+    def retry_on_next_writer(self, server: MyServer, refusal: bytes) -> bool:
+        """The writer refused the command as read-only, before running it: a switchover
+        has begun. A command that opened no transaction and is not part of one waits for
+        the next writer (up to connection_borrow_timeout) and runs there, once; the client
+        sees the refusal only if no new writer comes. True if the refusal is held."""
+        request = self.sent
+        if (
+            not self.ctx.follows_writer
+            or request is None
+            or request is self.retried
+            or self._holds(server)
+        ):
+            return False
+        self.retried = request
+        self._give_back(server)
+        self._start(self._rerun(request, refusal))
+        return True
+
+    async def _rerun(self, request: Request, refusal: bytes) -> None:
+        targets = self.ctx.targets
+        pool = self.pool
+        assert pool is not None
+        if not await targets.wait_for_change(targets.generation, pool.timeout):
+            self.write(refusal)
+            self._end_command()
+            return
+        self.waiting = request
+        server = pool.request(self)
+        if server is not None:
+            self.on_connection(server)
 
     # -- replies ------------------------------------------------------------------------------
 

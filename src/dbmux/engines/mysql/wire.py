@@ -154,6 +154,21 @@ ER_NOT_SUPPORTED_AUTH_MODE = (1251, "08004")
 ER_UNKNOWN_STMT_HANDLER = (1243, "HY000")
 ER_CLIENT_INTERACTION_TIMEOUT = (4031, "HY000")
 ER_CONNECTION_KILLED = (1927, "70100")
+# A server in read-only mode (--read-only; MariaDB's read-only storage) refused a write
+# before running it.
+READ_ONLY_REFUSALS = frozenset({1290, 1836})
+
+
+def is_read_only_refusal(data: bytes) -> bool:
+    """`data` is exactly one ERR packet saying the server is read-only."""
+    return (
+        len(data) >= 7
+        and data[4] == 0xFF
+        and data[0] | data[1] << 8 | data[2] << 16 == len(data) - 4
+        and data[5] | data[6] << 8 in READ_ONLY_REFUSALS
+    )
+
+
 CR_SERVER_LOST = (2013, "HY000")
 
 _U16 = struct.Struct("<H")
