@@ -242,7 +242,8 @@ def report(results: dict[str, dict[str, DrillResult]]) -> list[str]:
         for side in columns:
             r = sides[side]
             for cause, example in r.examples.items():
-                lines.append(f"  {side} failures {cause} x{r.failures[cause]}: {example[:150]}")
+                example = " ".join(example.split())[:150]
+                lines.append(f"  {side} failures {cause} x{r.failures[cause]}: {example}")
     return lines
 
 

@@ -89,11 +89,11 @@ def test_longest_gap_and_verdicts() -> None:
 
 def test_writes_resumed_is_the_first_ack_after_the_outage() -> None:
     r = DrillResult("dbmux", "PostgreSQL", 1, 0)
-    r.note_ack(1, 1.0)
+    r.note_ack(1, 1.0, sent=0.99)
     r.failed_at = 1.01
-    r.note_ack(2, 1.02)  # answered before the crash, read just after it
+    r.note_ack(2, 1.02, sent=1.0)  # answered before the crash, read just after it
     assert r.resumed_at is None
-    r.note_ack(3, 1.8)
-    r.note_ack(4, 1.81)
-    assert r.resumed_at == 1.8
+    r.note_ack(3, 1.05, sent=1.03)  # sent after the crash: the new writer's
+    r.note_ack(4, 1.06, sent=1.05)
+    assert r.resumed_at == 1.05
     assert ("writes resumed" in what for _, what in r.events)

@@ -51,7 +51,6 @@ RETRY_DELAY = 0.05  # seconds a writer waits after a failed insert before the ne
 PAUSE = 0.02  # seconds a writer waits after an acknowledged insert: 50 writers, <= 2,500 writes/s
 RECONNECT_DELAY = 0.1  # seconds a direct writer waits between attempts to find the writer
 PROBE_INTERVAL = 0.01  # seconds between the drill's own writes to the promoted replica
-RESUME_GAP = 0.1  # an ack this long after the previous one, after the failure: writes resumed
 STOP_TIMEOUT = 30.0  # seconds writers get to finish their last insert once told to stop
 RESUME_TIMEOUT = 60.0  # seconds after the failure the drill waits for writes to resume
 
@@ -132,16 +131,14 @@ class DrillResult:
         self.events.append((at, what))
         return at
 
-    def note_ack(self, n: int, at: float) -> None:
-        previous = self.ack_times[-1] if self.ack_times else at
+    def note_ack(self, n: int, at: float, sent: float | None = None) -> None:
+        """Insert n, sent at `sent`, acknowledged at `at`. The first write sent after the
+        failure and acknowledged is where writes resumed: it cannot have been the old
+        primary's (an ack read just after the failure can be)."""
         self.ack_times.append(at)
         self.acknowledged.add(n)
-        if (
-            self.resumed_at is None
-            and self.failed_at is not None
-            and at > self.failed_at
-            and at - previous >= RESUME_GAP
-        ):
+        sent = at if sent is None else sent
+        if self.resumed_at is None and self.failed_at is not None and sent > self.failed_at:
             self.resumed_at = at
             self.event("writes resumed", at)
 
@@ -676,6 +673,7 @@ class Drill:
         while not self.stopping:
             n += 1
             writer.busy = True
+            sent = time.monotonic()
             try:
                 async with asyncio.timeout(OP_TIMEOUT):
                     acked = await writer.client.insert(n, writer.index)
@@ -688,7 +686,7 @@ class Drill:
                 else:
                     await asyncio.sleep(RETRY_DELAY)
             else:
-                r.note_ack(n, acked)
+                r.note_ack(n, acked, sent)
                 if self.pause:
                     await asyncio.sleep(self.pause)
             finally:
