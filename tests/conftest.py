@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import socket
 import subprocess
@@ -24,6 +25,19 @@ from dbmux.testing import PostgresCluster
 APP_USER, APP_PASSWORD, APP_DB = "app", "app-secret", "app"
 # 20% (the tests' max_connections_percent) of 50 is a pool of 10.
 PG_MAX_CONNECTIONS = 50
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_exception_in_the_proxy(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Everywhere: a crash inside the proxy that its client never hears about is a bug even when the
+    test's own assertions pass."""
+    yield
+    logged = [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.get_records("call")
+        if r.exc_info and r.levelno >= logging.ERROR
+    ]
+    assert not logged, "unhandled exception in the proxy:\n" + "\n".join(logged)
 
 
 @pytest.fixture(scope="session")

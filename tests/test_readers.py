@@ -125,8 +125,10 @@ async def ports_serving(dbmux: EmbeddedDbmux, endpoint: str, clients: int = 6) -
 
 
 def lag_seen(dbmux: EmbeddedDbmux, replica: PostgresCluster) -> Callable[[], bool]:
+    """True once a probe that began after this call found the replica lagging."""
     instance = next(i for i in dbmux.proxy().targets.instances if i.target.port == replica.port)
-    return lambda: instance.lag is None or instance.lag > LAG_LIMIT
+    since = time.monotonic()
+    return lambda: instance.probed_at > since and (instance.lag is None or instance.lag > LAG_LIMIT)
 
 
 async def test_reads_spread_over_the_replicas_and_never_reach_the_writer(dbmux, clusters) -> None:

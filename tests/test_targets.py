@@ -143,3 +143,44 @@ def test_server_connections_ask_the_kernel_to_watch_them(dbmux: EmbeddedDbmux) -
             pool.release(conn)
 
     assert dbmux.call(check()) == (1, 30)
+
+
+async def test_a_killed_primary_loses_no_acknowledged_commit(dbmux, cluster) -> None:
+    """SIGKILL of the primary with synchronous replication: writers keep their connections,
+    see errors only for statements in flight, and every commit they saw acknowledged is on
+    the new writer; nothing they did not send appears."""
+    primary, replica = cluster
+    primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'; SELECT pg_reload_conf()")
+    targets = dbmux.proxy().targets
+    await asyncio.to_thread(wait_until, lambda: targets.writer is not None, "a writer")
+    acknowledged: set[int] = set()
+    uncertain: set[int] = set()
+    failed_over = asyncio.Event()
+
+    async def writer(w: int) -> asyncpg.Connection:
+        conn = await asyncpg.connect(url(dbmux), statement_cache_size=0)
+        n, after = w * 100_000, 0
+        while after < 10:
+            n += 1
+            try:
+                await conn.execute("INSERT INTO writes VALUES ($1)", n)
+                acknowledged.add(n)
+                after += failed_over.is_set()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError):
+                uncertain.add(n)
+                await asyncio.sleep(0.05)
+        return conn
+
+    tasks = [asyncio.create_task(writer(w)) for w in range(1, 6)]
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(primary.kill)
+    await asyncio.to_thread(replica.promote)
+    failed_over.set()
+    conns = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+    assert not any(c.is_closed() for c in conns), "a client connection was dropped"
+    for c in conns:
+        await c.close()
+    rows = replica.psql("SELECT n FROM writes", dbname=APP_DB).split()
+    committed = {int(r) for r in rows}
+    assert acknowledged <= committed, f"lost: {sorted(acknowledged - committed)[:5]}"
+    assert committed <= acknowledged | uncertain | {0}

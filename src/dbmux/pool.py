@@ -375,6 +375,7 @@ class PoolSet:
         budget: TargetBudget | None = None,
     ) -> None:
         self.budget = budget or TargetBudget(config)
+        self.owns_budget = budget is None  # the owner sweeps all the budget's pools
         self.opener = opener
         self.metrics = metrics
         self.pools: dict[PoolKey, Pool] = {}
@@ -390,14 +391,15 @@ class PoolSet:
         """Janitor pass: idle timeout per pool, then the idle cap across the target. Only
         connections unused for IDLE_GRACE count as surplus, so a busy pool does not churn
         connections that happened to be idle at the moment of the sweep."""
+        if not self.owns_budget:
+            return
         now = time.monotonic()
-        for pool in self.pools.values():
+        pools = self.budget.pools
+        for pool in pools:
             pool.reap_idle(now)
         excess = self.budget.idle_count - self.budget.max_idle
         while excess > 0 and self.budget.limit is not None:
-            oldest = min(
-                (p for p in self.pools.values() if p.idle), key=lambda p: p.idle[0].idle_since
-            )
+            oldest = min((p for p in pools if p.idle), key=lambda p: p.idle[0].idle_since)
             if now - oldest.idle[0].idle_since < IDLE_GRACE:
                 break
             oldest.idle.popleft().close(graceful=True)

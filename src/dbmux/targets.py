@@ -21,6 +21,7 @@ from enum import StrEnum
 
 from dbmux.config import Target, TargetRole
 from dbmux.engines.base import ProbeResult, ServerError
+from dbmux.framed import ConnectionClosed
 
 log = logging.getLogger("dbmux.targets")
 
@@ -64,7 +65,7 @@ class Instance:
     description: str = ""
     role: TargetRole | None = None
     lag: float | None = None  # a replica's replay delay, when some endpoint limits it
-    probed_at: float = 0.0
+    probed_at: float = 0.0  # when the last finished probe began (what it found is that new)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -159,7 +160,10 @@ class TargetGroup:
         """Probe every interval; a lone target that is a healthy writer has nothing to fail
         over to, so it is probed again only when trouble is seen (no login a second)."""
         while True:
-            await self._probe(instance)
+            try:
+                await self._probe(instance)
+            except Exception:  # a bug here must not end the watch: the group would freeze
+                log.exception("probing target %s failed unexpectedly", instance.name)
             instance._wake.clear()
             lone_writer = len(self.instances) == 1 and instance.is_writer
             with contextlib.suppress(TimeoutError):
@@ -168,6 +172,7 @@ class TargetGroup:
                 )
 
     async def _probe(self, instance: Instance) -> None:
+        began = time.monotonic()
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 found = await self.probe(instance.target)
@@ -181,6 +186,10 @@ class TargetGroup:
                 HealthReason.AUTH_FAILURE if auth else HealthReason.CONNECTION_FAILED,
                 str(error),
             )
+        except ConnectionClosed as error:
+            self._mark(
+                instance, TargetHealth.UNAVAILABLE, HealthReason.CONNECTION_FAILED, str(error)
+            )
         except (OSError, TimeoutError) as error:
             reason = HealthReason.UNREACHABLE
             self._mark(instance, TargetHealth.UNAVAILABLE, reason, str(error) or "timed out")
@@ -188,7 +197,7 @@ class TargetGroup:
             instance.role = TargetRole.READ_WRITE if found.writable else TargetRole.READ_ONLY
             instance.lag = found.lag
             self._mark(instance, TargetHealth.AVAILABLE, None, "")
-        instance.probed_at = time.monotonic()
+        instance.probed_at = began
         self._choose_writer()
         self.on_probed(instance)
 

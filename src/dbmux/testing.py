@@ -922,6 +922,7 @@ class MariaDBServer(_Server):
             self._install_db,
             "--no-defaults",
             f"--datadir={self.data_dir}",
+            f"--tmpdir={self.base_dir}",  # its own, not the /tmp other installs share
             "--auth-root-authentication-method=normal",
             "--skip-test-db",
             "--skip-name-resolve",

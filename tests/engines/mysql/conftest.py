@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,19 +36,6 @@ def mariadb() -> Iterator[MariaDBServer]:
             MY_DB,
         )
         yield server
-
-
-@pytest.fixture(autouse=True)
-def no_unhandled_exception_in_the_proxy(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """A crash inside the proxy that its client never hears about is a bug even when the
-    test's own assertions pass."""
-    yield
-    logged = [
-        f"{r.name}: {r.getMessage()}"
-        for r in caplog.get_records("call")
-        if r.exc_info and r.levelno >= logging.ERROR
-    ]
-    assert not logged, "unhandled exception in the proxy:\n" + "\n".join(logged)
 
 
 @dataclass

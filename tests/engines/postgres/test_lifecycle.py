@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import signal
 import threading
 
 import asyncpg
 import psycopg
 import pytest
 
-from tests.conftest import APP_PASSWORD, APP_USER
+from dbmux.embedded import EmbeddedDbmux
+from dbmux.testing import PostgresCluster
+from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
 
 POOL_OF_ONE = {"max_connections_percent": 2}  # 2% of max_connections 50
 
@@ -411,3 +415,79 @@ async def test_server_lost_after_answering_a_flushed_batch_is_told_at_the_next_s
         assert [m.kind for m in replies] == [b"E", b"Z"]
         assert replies[0].fields["C"] == "08006"
         assert [m.kind for m in await raw.simple_query("SELECT 1")][-1] == b"Z"
+
+
+async def test_a_notice_before_the_server_is_lost_is_no_answer_to_a_flushed_batch(tmp_path):
+    """A server that sends only a notice before it dies (after another backend crashed,
+    PostgreSQL says "terminating connection because of crash of another server process"
+    that way) has not answered the client's Execute/Flush: the client, still waiting, is
+    told of the loss at once, not at a Sync it will never send."""
+    from tests.pgraw import RawClient, i32, msg
+
+    with PostgresCluster() as crashing:
+        crashing.create_user(APP_USER, APP_PASSWORD)
+        crashing.create_database(APP_DB, owner=APP_USER)
+        secret = tmp_path / "app.json"
+        secret.write_text(json.dumps({"username": APP_USER, "password": APP_PASSWORD}))
+        config = {
+            "proxies": [
+                {
+                    "name": "crash",
+                    "engine_family": "POSTGRESQL",
+                    "listen": "127.0.0.1:0",
+                    "auth": [{"secret": f"file:{secret}"}],
+                    "target_group": {"targets": [{"host": crashing.host, "port": crashing.port}]},
+                }
+            ]
+        }
+        with EmbeddedDbmux(config) as dbmux:
+            host, port = dbmux.address()
+            async with await RawClient.connect(host, port) as raw:
+                await raw.login(APP_USER, APP_PASSWORD, APP_DB)
+                await raw.simple_query("BEGIN")
+                parse = msg(b"P", b"\0SELECT pg_sleep(60)\0\0\0")
+                bind = msg(b"B", b"\0\0" + bytes(6))
+                await raw.send(parse + bind + msg(b"E", b"\0" + i32(0)) + msg(b"H"))
+                victim = await asyncpg.connect(crashing.dsn(APP_USER, APP_PASSWORD, APP_DB))
+                os.kill(victim.get_server_pid(), signal.SIGKILL)  # the postmaster restarts all
+                reply = await raw.read_message()
+                while reply.kind != b"E":  # ParseComplete, BindComplete, the notice
+                    reply = await raw.read_message()
+                assert reply.fields["C"] == "08006"
+                await raw.send(msg(b"S"))
+                assert [m.kind for m in await raw.read_until_ready()] == [b"Z"]
+                victim.terminate()
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+async def test_a_server_lost_during_the_proxys_own_prepare(pg, proxy, in_transaction):
+    """A named statement is prepared by the proxy on the server connection first. If that
+    connection dies meanwhile, the client's request never reached a server: outside a
+    transaction it runs on another connection and the client sees no error; inside one the
+    transaction is reported lost, and the client goes on."""
+    from tests.pgraw import RawClient, i32, msg
+
+    locker = await asyncpg.connect(pg.dsn(dbname="app"))
+    await locker.execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+    async with await RawClient.connect(proxy.host, proxy.port) as raw:
+        await raw.login(APP_USER, APP_PASSWORD, "app")
+        if in_transaction:
+            await raw.simple_query("BEGIN")
+        parse = msg(b"P", b"s1\0SELECT count(*) FROM items WHERE id < 0\0\0\0")
+        bind = msg(b"B", b"\0s1\0" + bytes(6))
+        await raw.send(parse + bind + msg(b"E", b"\0" + i32(0)) + msg(b"S"))
+        waiting = (
+            "SELECT pid FROM pg_stat_activity WHERE usename = 'app' AND wait_event_type = 'Lock'"
+        )
+        await wait_until(lambda: pg.psql(waiting) != "")
+        await asyncio.to_thread(pg.psql, f"SELECT pg_terminate_backend(({waiting}))")
+        await wait_until(lambda: proxy.metrics.database_connections_lost.value == 1)
+        await locker.execute("COMMIT")
+        replies = await raw.read_until_ready()
+        if in_transaction:
+            assert [m.kind for m in replies] == [b"E", b"Z"]
+            assert replies[0].fields["C"] == "08006"
+            assert [m.kind for m in await raw.simple_query("SELECT 1")][-1] == b"Z"
+        else:
+            assert [m.kind for m in replies] == [b"1", b"2", b"D", b"C", b"Z"]
+    await locker.close()

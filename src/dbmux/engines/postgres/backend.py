@@ -250,7 +250,6 @@ class PgServer(ServerEnd, ServerConnection):
         if client is None:
             return
         if data:
-            client.answered = True
             client.transport.write(data)  # type: ignore[union-attr]
         if scanner.ready:
             client.server_ready(scanner.ready, scanner.status)

@@ -49,7 +49,6 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         self.pool: Lender | None = None
         self.user = ""
         self.outstanding = 0  # requests sent to the server and not yet answered by ReadyForQuery
-        self.answered = False  # the server sent something since the client last sent
         self.tx_status = wire.IDLE
         self.pin_reason: str | None = None
         self.wanted: dict[str, str] = {}  # this session's settings that differ from defaults
@@ -187,7 +186,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         server = self.server
         if server is not None:
             self.outstanding += syncs
-            self.answered = False
+            server.scanner.answer = 0
             server.transport.write(data)
             return
         if not self.pending and not self.waiting:
@@ -195,7 +194,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             if server is not None and server.applied == self.wanted:
                 self._attach(server)
                 self.outstanding += syncs
-                self.answered = False
+                server.scanner.answer = 0
                 server.transport.write(data)
                 return
         self.pending.append(data)
@@ -276,7 +275,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         data = b"".join(self.pending)
         self.pending.clear()
         self.pending_syncs = 0
-        self.answered = False
+        server.scanner.answer = 0
         server.transport.write(data)
         self._stop_holding_for_wait()
 
@@ -414,10 +413,14 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             self.fatal("08006", f"the server connection was lost and {why} cannot be recovered")
             return
         # Messages after the last Sync (Parse/Describe/Flush, say) wait for an answer too,
-        # unless the server had answered them: then the client goes on with its batch and
-        # hears of the loss at its next Sync, as it would from the server itself.
-        unsynced = self.scanner.last_kind not in wire.COMPLETE_TYPES
-        if unsynced and self.outstanding == 0 and self.answered:
+        # unless the server had answered them in full: then the client goes on with its
+        # batch and hears of the loss at its next Sync, as it would from the server itself.
+        # (A notice such as "terminating connection because of crash of another server
+        # process" is no answer.)
+        scanner = self.scanner
+        unsynced = scanner.last_kind not in wire.COMPLETE_TYPES
+        answered = server.scanner.answer in wire.LAST_REPLY.get(scanner.asked, b"")
+        if unsynced and self.outstanding == 0 and answered:
             self.transaction_lost = self.refusing = True
             self.lost_reason = server.last_error
         elif self.outstanding > 0 or unsynced:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from dbmux.engines.base import ServerError
 from dbmux.engines.postgres import wire
+from dbmux.framed import ConnectionClosed
 
 if TYPE_CHECKING:
     from dbmux.engines.postgres.backend import PgServer
@@ -76,13 +77,16 @@ class StatementsMixin:
             return
         out = self._map_names(server, failed)
         self.refreshed.clear()
+        scanner = self.scanner
         for kind, _ in self.queue:
             if kind not in wire.COPY_TYPES:
-                self.scanner.last_kind = kind
+                scanner.last_kind = kind
+                if kind != wire.FLUSH:
+                    scanner.asked = kind
         self.outstanding += self.queue_syncs
         self.queue = []
         self.queue_syncs = 0
-        self.answered = False
+        server.scanner.answer = 0
         server.transport.write(out)
 
     def _refuse_taken_name(self) -> bool:
@@ -207,16 +211,42 @@ class StatementsMixin:
         try:
             await server.prepare(missing)
         except ServerError as error:
+            if error.fields.get("V", error.fields.get("S")) in ("FATAL", "PANIC"):
+                # The server is ending the connection (terminated, shutting down).
+                if self.server is server:
+                    self.server_lost(server)
+                server.close()
+                self._prepare_lost()
+                return
             # The statement cannot be prepared (a dropped table, say): the client hears the
             # server's error, and the server skips the request up to its Sync.
             self.write(_error_from(error))
             failed = True
+        except (ConnectionClosed, OSError):
+            self._prepare_lost()
+            return
         except asyncio.CancelledError:
             server.close()
             raise
         self.preparing = False
         if self.server is server:
             self._send_queue(failed)
+
+    def _prepare_lost(self) -> None:
+        """The server died during the proxy's own prepare (server_lost has run). The queue
+        never reached it: outside a transaction it goes to another server connection;
+        otherwise it is answered as the loss of the transaction."""
+        self.preparing = False
+        if self.is_closed:
+            return
+        if self.refusing or self.transaction_lost:
+            syncs = self.queue_syncs
+            self.queue = []
+            self.queue_syncs = 0
+            self._continue_refusal(syncs)
+            self._stop_holding_for_wait()
+        else:
+            self._flush_pending()
 
     def _statements_dropped(self, sql: bytes) -> None:
         """SQL about prepared statements (EXECUTE, DEALLOCATE, DISCARD) reaches the now pinned

@@ -43,6 +43,11 @@ COMPLETE_TYPES = frozenset(b"QSF")
 # (a Query, or an Execute still waiting for its Sync), so they leave `last_kind` alone: an
 # Execute followed by a stray CopyFail still owes the server a Sync.
 COPY_TYPES = frozenset(b"dcf")
+FLUSH = 72
+# The reply that completes the answer to each request a Flush can end a batch with: Parse,
+# Bind, Close, Describe (after ParameterDescription), Execute. ErrorResponse completes any,
+# since the server then skips the rest up to Sync.
+LAST_REPLY = {80: b"1E", 66: b"2E", 67: b"3E", 68: b"TnE", 69: b"CIsE"}
 
 
 class ProtocolViolation(Exception):
@@ -271,6 +276,7 @@ class BackendScanner:
     __slots__ = (
         "_carry",
         "_skip",
+        "answer",
         "errors",
         "fatal",
         "params",
@@ -287,6 +293,9 @@ class BackendScanner:
         self.params: list[bytes] = []
         self.fatal: bytes | None = None
         self.errors = 0  # ErrorResponses passed in all
+        # Type of the last message that answers a request (not a notice, parameter report or
+        # notification, which come unasked); the client's relay clears it as it sends.
+        self.answer = 0
         # Server process id -> the id of the client that last used that process: clients
         # know sessions (their own and others') by the ids the proxy gave them, so a
         # NotificationResponse names the notifying session that way.
@@ -316,6 +325,8 @@ class BackendScanner:
             if length < 4:
                 raise ProtocolViolation(f"server sent a message with length {length}")
             end = pos + 1 + length
+            if kind != 78 and kind != 83 and kind != 65:  # N, S, A come unasked
+                self.answer = kind
             if kind == 90 or kind == 83 or kind == 69 or kind == 65:  # Z, S, E, A: whole
                 if end > n:
                     self._carry = data[pos:]
@@ -348,7 +359,15 @@ class FrontendScanner:
     answered with ReadyForQuery, and slices out what session-state tracking must read
     (Query and Parse texts). Stops at Terminate."""
 
-    __slots__ = ("_carry", "_skip", "last_kind", "statements", "terminated", "terminated_at")
+    __slots__ = (
+        "_carry",
+        "_skip",
+        "asked",
+        "last_kind",
+        "statements",
+        "terminated",
+        "terminated_at",
+    )
 
     def __init__(self) -> None:
         self._skip = 0
@@ -356,6 +375,7 @@ class FrontendScanner:
         self.statements: list[tuple[int, bytes]] = []
         self.terminated = False
         self.last_kind = 83  # type of the last message seen; Sync before any
+        self.asked = 83  # ...other than Flush
         # Offset of Terminate in the last chunk; negative when its first bytes came in an
         # earlier chunk and were already relayed.
         self.terminated_at = 0
@@ -403,9 +423,11 @@ class FrontendScanner:
                 return syncs
             if kind in SYNCING_TYPES:
                 syncs += 1
-                self.last_kind = kind
+                self.last_kind = self.asked = kind
             elif kind not in COPY_TYPES:
                 self.last_kind = kind
+                if kind != FLUSH:
+                    self.asked = kind
             if end >= n:
                 self._skip = end - n
                 return syncs
