@@ -491,3 +491,28 @@ async def test_a_server_lost_during_the_proxys_own_prepare(pg, proxy, in_transac
         else:
             assert [m.kind for m in replies] == [b"1", b"2", b"D", b"C", b"Z"]
     await locker.close()
+
+
+async def test_a_fatal_error_is_no_answer_to_a_flushed_batch(pg, proxy):
+    """A server terminated while it works on a Parse/Describe/Flush says FATAL and leaves:
+    dbmux keeps the FATAL back, and the client, still waiting, is told of the loss at once."""
+    from tests.pgraw import RawClient, msg
+
+    locker = await asyncpg.connect(pg.dsn(dbname="app"))
+    await locker.execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+    async with await RawClient.connect(proxy.host, proxy.port) as raw:
+        await raw.login(APP_USER, APP_PASSWORD, "app")
+        await raw.send(msg(b"P", b"\0SELECT count(*) FROM items\0\0\0") + msg(b"D", b"S\0"))
+        await raw.send(msg(b"H"))
+        waiting = (
+            "SELECT pid FROM pg_stat_activity WHERE usename = 'app' AND wait_event_type = 'Lock'"
+        )
+        await wait_until(lambda: pg.psql(waiting) != "")
+        await asyncio.to_thread(pg.psql, f"SELECT pg_terminate_backend(({waiting}))")
+        error = await raw.read_message()
+        assert (error.kind, error.fields["C"], error.fields["S"]) == (b"E", "08006", "ERROR")
+        await raw.send(msg(b"S"))
+        assert [m.kind for m in await raw.read_until_ready()] == [b"Z"]
+        await locker.execute("COMMIT")
+        assert [m.kind for m in await raw.simple_query("SELECT 1")][-1] == b"Z"
+    await locker.close()

@@ -325,7 +325,7 @@ class BackendScanner:
             if length < 4:
                 raise ProtocolViolation(f"server sent a message with length {length}")
             end = pos + 1 + length
-            if kind != 78 and kind != 83 and kind != 65:  # N, S, A come unasked
+            if kind != 78 and kind != 83 and kind != 65 and kind != 69:  # N, S, A: unasked
                 self.answer = kind
             if kind == 90 or kind == 83 or kind == 69 or kind == 65:  # Z, S, E, A: whole
                 if end > n:
@@ -343,6 +343,7 @@ class BackendScanner:
                         data = data[: pos + 5] + client_pid + data[pos + 9 :]
                 elif not _is_fatal(data[pos + 5 : end]):
                     self.errors += 1
+                    self.answer = kind  # (a FATAL one answers nothing: the server is leaving)
                 else:
                     self.fatal = data[pos + 5 : end]
                     data = data[:pos] + data[end:]
