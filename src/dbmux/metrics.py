@@ -144,6 +144,13 @@ class ProxyMetrics:
         self.database_connections_lost = c(
             "DatabaseConnectionsLost", "Database connections that died while in use"
         ).labels(proxy=proxy)
+        self.transaction_replays = c(
+            "TransactionReplays", "Transactions run again after their connection died"
+        ).labels(proxy=proxy)
+        self.transaction_replays_failed = c(
+            "TransactionReplaysFailed",
+            "Transaction replays abandoned (a result differed, or no server connection)",
+        ).labels(proxy=proxy)
         self._pins = c(
             "DatabaseConnectionsSessionPinned",
             "Client sessions pinned to one database connection, by reason",

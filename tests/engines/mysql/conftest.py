@@ -85,6 +85,36 @@ def replicated_pair() -> Iterator[tuple[MariaDBServer, MariaDBServer]]:
             yield primary, replica
 
 
+@contextlib.contextmanager
+def dbmux_in_front(
+    pair: tuple[MariaDBServer, MariaDBServer], secrets_dir: Path, **proxy: Any
+) -> Iterator[EmbeddedDbmux]:
+    """dbmux following the writer of a replicated pair (probed every 0.2 s)."""
+    secret = secrets_dir / "app.json"
+    secret.write_text(json.dumps({"username": MY_USER, "password": MY_PASSWORD}))
+    config = {
+        "proxies": [
+            {
+                "name": "my-failover",
+                "engine_family": "MYSQL",
+                "listen": "127.0.0.1:0",
+                "auth": [{"secret": f"file:{secret}"}],
+                "target_group": {
+                    "probe_interval": 0.2,
+                    "connection_pool_config": {
+                        "max_connections_percent": 20,
+                        "connection_borrow_timeout": 30,
+                    },
+                    "targets": [{"host": s.host, "port": s.port} for s in pair],
+                },
+                **proxy,
+            }
+        ]
+    }
+    with EmbeddedDbmux(config) as running:
+        yield running
+
+
 def my_proxy_config(
     server: MariaDBServer,
     secrets_dir: Path,

@@ -4,7 +4,6 @@ clients keep their connections and their next transactions run on the new writer
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +15,13 @@ from dbmux.config import TargetRole
 from dbmux.embedded import EmbeddedDbmux
 from dbmux.targets import TargetHealth
 from dbmux.testing import MariaDBServer
-from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, replicated_pair
+from tests.engines.mysql.conftest import (
+    MY_DB,
+    MY_PASSWORD,
+    MY_USER,
+    dbmux_in_front,
+    replicated_pair,
+)
 
 WAIT = 30.0
 
@@ -29,31 +34,7 @@ def pair() -> Iterator[tuple[MariaDBServer, MariaDBServer]]:
 
 @pytest.fixture
 def dbmux(pair, tmp_path: Path) -> Iterator[EmbeddedDbmux]:
-    primary, replica = pair
-    secret = tmp_path / "app.json"
-    secret.write_text(json.dumps({"username": MY_USER, "password": MY_PASSWORD}))
-    config = {
-        "proxies": [
-            {
-                "name": "my-failover",
-                "engine_family": "MYSQL",
-                "listen": "127.0.0.1:0",
-                "auth": [{"secret": f"file:{secret}"}],
-                "target_group": {
-                    "probe_interval": 0.2,
-                    "connection_pool_config": {
-                        "max_connections_percent": 20,
-                        "connection_borrow_timeout": WAIT,
-                    },
-                    "targets": [
-                        {"host": primary.host, "port": primary.port},
-                        {"host": replica.host, "port": replica.port},
-                    ],
-                },
-            }
-        ]
-    }
-    with EmbeddedDbmux(config) as running:
+    with dbmux_in_front(pair, tmp_path) as running:
         yield running
 
 

@@ -242,6 +242,13 @@ class MyServer(ServerEnd, ServerConnection):
             self.refused_as_read_only()
             if client.retry_on_next_writer(self, data):
                 return
+        replay_log = client.replay_log
+        if replay_log is not None:  # transaction_replay: what the client sees, digested
+            replay_log.hasher.update(data)
+            if client.replaying:  # ...or what it saw, seen again: not sent twice
+                if done:
+                    client.response_done(done)
+                return
         client.transport.write(data)  # type: ignore[union-attr]
         if done:
             client.response_done(done)

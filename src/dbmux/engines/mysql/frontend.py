@@ -21,6 +21,7 @@ from dbmux.auth import mysql as auth
 from dbmux.engines.base import ClientSession, ServerError
 from dbmux.engines.mysql import classify, state, wire
 from dbmux.engines.mysql.backend import NATIVE, MyServer
+from dbmux.engines.mysql.replay import ReplayMixin, TransactionLog
 from dbmux.framed import ClientEnd, ConnectionClosed
 from dbmux.pool import Borrower, BorrowTimeout, Lender
 
@@ -75,7 +76,7 @@ def error_of(error: ServerError) -> tuple[int, str]:
     return code, str(error.fields.get("state", "HY000"))
 
 
-class MyClient(ClientEnd, ClientSession, Borrower):
+class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
     """One MySQL client connection."""
 
     def __init__(self, ctx: MyContext) -> None:
@@ -106,6 +107,8 @@ class MyClient(ClientEnd, ClientSession, Borrower):
         self.busy = False  # a command is being answered
         self.sent: Request | None = None  # the last command sent to a server
         self.retried: Request | None = None  # ...and the last one run again on a new writer
+        self.replay_log = TransactionLog() if ctx.config.transaction_replay else None
+        self.replaying = False  # running the logged transaction again on a new connection
         self.waiting: Request | None = None  # command waiting for a server
         self.transaction_lost = ""  # why, when the server died under an open transaction
         self.cancelling: MyServer | None = None  # whose query our KILL QUERY stops
@@ -524,6 +527,8 @@ class MyClient(ClientEnd, ClientSession, Borrower):
 
     def _send(self, server: MyServer, request: Request) -> None:
         self.sent = request
+        if self.replay_log is not None:
+            self._command_sent(request)
         payload, kind, statement, frame = request
         if statement is not None:
             if statement.text in server.prepared:
@@ -672,6 +677,11 @@ class MyClient(ClientEnd, ClientSession, Borrower):
             if not scanner.failed:
                 self.schema = server.schema = self.pending_schema
             self.pending_schema = None
+        if self.replay_log is not None:
+            if self.replaying:
+                self._replayed()
+                return
+            self._logged(server)
         self._release_if_idle(server)
 
     def _holds(self, server: MyServer) -> bool:
@@ -886,7 +896,7 @@ class MyClient(ClientEnd, ClientSession, Borrower):
             return
         server = self.server
         if server is not None and statement.text in server.prepared:
-            self._send_statement(server, payload, statement, wire.RESPONSE_SIMPLE)
+            self._send(server, (payload, wire.RESPONSE_SIMPLE, statement, None))
         else:
             self.ok()  # nothing of it sits on any server connection
 
@@ -900,7 +910,7 @@ class MyClient(ClientEnd, ClientSession, Borrower):
         if server is None or statement.text not in server.prepared:
             self.reply_error(wire.ER_UNKNOWN_STMT_HANDLER, "the statement has no open cursor")
             return
-        self._send_statement(server, payload, statement, wire.RESPONSE_ROWS)
+        self._send(server, (payload, wire.RESPONSE_ROWS, statement, None))
 
     # -- session commands ---------------------------------------------------------------------
 
@@ -983,6 +993,11 @@ class MyClient(ClientEnd, ClientSession, Borrower):
             self.close_transport()
             return
         reason = server.last_error or "the server closed the connection"
+        if self.replaying:
+            self._replay_failed(f"the new server connection was lost too ({reason})")
+            return
+        if self._replay_after_loss(server, reason):
+            return
         if server.scanner.busy:
             self.reply_error(
                 wire.CR_SERVER_LOST,

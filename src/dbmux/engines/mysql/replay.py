@@ -1,0 +1,205 @@
+"""transaction_replay for MySQL clients: a transaction whose server connection died is run
+again on the next writer, and the client goes on as if nothing happened.
+
+Safe because of two rules, as MariaDB MaxScale's transaction_replay does it:
+
+- only what cannot have committed is replayed: the commands of a transaction still open
+  (no COMMIT among them: it would have ended the transaction, and the log with it), plus
+  the command in flight when it is a plain read or write that commits nothing by itself
+  (inside a transaction or with autocommit off; with autocommit on, only a SELECT). COMMIT,
+  DDL (an implicit commit) or anything else in flight means an unknown outcome: the client
+  gets the error, as without replay;
+- the replayed transaction must have seen exactly what the client saw: every response during
+  the replay is compared with a digest of the one the client received, and on the first
+  difference the replay is abandoned (rolled back) and the client gets the error it would
+  have had.
+
+Only COM_QUERY, COM_STMT_EXECUTE and COM_STMT_RESET are replayed (statements are prepared
+again where they are missing); a transaction that used another command is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from dbmux.engines.base import ServerError
+from dbmux.engines.mysql import wire
+from dbmux.framed import ConnectionClosed
+from dbmux.pool import BorrowTimeout
+
+if TYPE_CHECKING:
+    from dbmux.engines.mysql.backend import MyServer
+
+Request = tuple[bytes, Any, Any, Any]  # frontend.Request: payload, kind, statement, frame
+
+_LEADING = rb"(?:\s+|/\*.*?\*/|(?:--\s|#)[^\n]*\n)*"
+# What may run again inside a transaction (or with autocommit off): it commits nothing.
+_REPEATABLE = re.compile(_LEADING + rb"(?:SELECT|INSERT|UPDATE|DELETE|REPLACE|WITH)\b", re.I | re.S)
+_READ = re.compile(_LEADING + rb"(?:SELECT|WITH)\b", re.I | re.S)
+_FILE_OR_VARIABLE = re.compile(rb"\bINTO\b", re.I)  # INTO OUTFILE/DUMPFILE/@var: not a read
+_EMPTY = hashlib.blake2b(digest_size=16).digest()
+REPLAYABLE_COMMANDS = frozenset({wire.COM_QUERY, wire.COM_STMT_EXECUTE, wire.COM_STMT_RESET})
+
+
+def _digest() -> Any:
+    return hashlib.blake2b(digest_size=16)
+
+
+class TransactionLog:
+    """The commands of this client's open transaction, each with a digest of its response."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[Request, bytes]] = []
+        self.hasher = _digest()  # of the response now being relayed
+        self.pending: Request | None = None  # the command that response answers
+        self.replayable = True
+        self.schema = ""  # the session as the transaction found it
+        self.insert_id = 0
+
+    def clear(self) -> None:
+        self.entries = []
+        self.replayable = True
+
+
+class ReplayMixin:
+    """MyClient's side of transaction_replay (see the module docstring)."""
+
+    replay_log: TransactionLog | None
+    replaying: bool
+    _replay_queue: deque[tuple[Request, bytes]]
+    _after_replay: tuple[Request | None, str, int]
+
+    def _command_sent(self, request: Request) -> None:
+        replay_log = self.replay_log
+        assert replay_log is not None
+        replay_log.hasher = _digest()
+        replay_log.pending = request
+        if not replay_log.entries and not self.replaying:
+            replay_log.schema, replay_log.insert_id = self.schema, self.insert_id
+
+    def _logged(self, server: MyServer) -> None:
+        """A command's response is complete: keep it while its transaction is open."""
+        replay_log = self.replay_log
+        assert replay_log is not None
+        request, replay_log.pending = replay_log.pending, None
+        if not server.scanner.status & wire.SERVER_STATUS_IN_TRANS:
+            replay_log.clear()
+            return
+        if request is None or request[0][0] not in REPLAYABLE_COMMANDS:
+            replay_log.replayable = False
+            return
+        replay_log.entries.append((request, replay_log.hasher.digest()))
+
+    def _replay_after_loss(self, server: MyServer, reason: str) -> bool:
+        """The server died under this client: replay if that is safe; True if started."""
+        replay_log = self.replay_log
+        if replay_log is None or not replay_log.replayable or self.pin_reason is not None:
+            return False
+        status = server.scanner.status
+        in_flight: Request | None = None
+        if server.scanner.busy:
+            in_flight = replay_log.pending
+            if in_flight is None or replay_log.hasher.digest() != _EMPTY:
+                return False  # not a command the log knows, or part of its answer was relayed
+            if not _may_run_again(in_flight, status):
+                return False  # it may have committed
+        elif not status & wire.SERVER_STATUS_IN_TRANS or not replay_log.entries:
+            return False
+        self.ctx.metrics.transaction_replays.value += 1
+        self.busy = True
+        self._after_replay = (in_flight, reason, server.scanner.seq + 1)
+        self._start(self._replay())
+        return True
+
+    async def _replay(self) -> None:
+        replay_log = self.replay_log
+        assert replay_log is not None
+        try:
+            server = await self.pool.borrow()
+        except (BorrowTimeout, ServerError) as error:
+            self._replay_failed(f"no server connection for it: {error}")
+            return
+        try:
+            await server.apply_state(self.wanted, replay_log.schema)
+            if server.insert_id != replay_log.insert_id:
+                await server.query(f"SELECT LAST_INSERT_ID({replay_log.insert_id:d})")
+                server.insert_id = replay_log.insert_id
+        except (ServerError, ConnectionClosed, OSError) as error:
+            server.close()
+            self._replay_failed(f"could not prepare the session: {error}")
+            return
+        self._attach(server)
+        self.replaying = True
+        self._replay_queue = deque(replay_log.entries)
+        replay_log.entries = []
+        self._replay_next()
+
+    def _replay_next(self) -> None:
+        server = self.server
+        if self._replay_queue:
+            self._send(server, self._replay_queue[0][0])
+            return
+        self.replaying = False
+        in_flight = self._after_replay[0]
+        if in_flight is not None:
+            self._send(server, in_flight)
+        else:
+            self._end_command()
+
+    def _replayed(self) -> None:
+        """One replayed command's response is complete: it must be what the client saw."""
+        replay_log = self.replay_log
+        assert replay_log is not None
+        request, digest = self._replay_queue.popleft()
+        if replay_log.hasher.digest() != digest:
+            self._replay_failed("a replayed statement's result differs from the original's")
+            return
+        replay_log.entries.append((request, digest))
+        self._replay_next()
+
+    def _replay_failed(self, why: str) -> None:
+        """Tell the client what it would have been told without replay."""
+        replay_log = self.replay_log
+        assert replay_log is not None
+        self.ctx.metrics.transaction_replays_failed.value += 1
+        self.replaying = False
+        self._replay_queue = deque()
+        replay_log.clear()
+        server = self._detach()
+        if server is not None:
+            server.needs_reset = True  # rolled back before anyone else uses it
+            server.pool.release(server) if server.pool else server.close()
+        in_flight, reason, seq = self._after_replay
+        why = f"{reason}; transaction_replay: {why}"
+        if in_flight is not None:
+            self.reply_error(
+                wire.CR_SERVER_LOST,
+                f"Lost connection to the server during query ({why}); the transaction was "
+                "rolled back",
+                seq=seq,
+            )
+            self.touched.clear()
+        else:
+            self.transaction_lost = why
+        self._end_command()
+
+
+def _may_run_again(request: Request, status: int) -> bool:
+    """The command in flight commits nothing by itself, so it may run again."""
+    payload, _, statement, _ = request
+    if payload[0] == wire.COM_QUERY:
+        text = payload[1:]
+    elif payload[0] == wire.COM_STMT_EXECUTE and statement is not None:
+        text = statement.text
+    else:
+        return False
+    open_transaction = status & wire.SERVER_STATUS_IN_TRANS
+    autocommit = status & wire.SERVER_STATUS_AUTOCOMMIT
+    if _FILE_OR_VARIABLE.search(text):
+        return False
+    if open_transaction or not autocommit:
+        return _REPEATABLE.match(text) is not None
+    return _READ.match(text) is not None
