@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,50 @@ class RunningProxy:
     @property
     def pools(self) -> PoolSet:
         return self.embedded.proxy().pools
+
+
+WAIT = 30.0  # seconds a test waits for something the proxy does in the background
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout} s: {what}")
+        time.sleep(0.02)
+
+
+def group_config(
+    engine: str,
+    servers: Iterable[Any],
+    secrets_dir: Path,
+    user: str,
+    password: str,
+    **proxy: Any,
+) -> dict[str, Any]:
+    """A proxy in front of a replicated group: every server a target, probed every 0.2 s,
+    pools of 20% of max_connections, borrows waiting up to WAIT."""
+    secret = secrets_dir / f"{user}-group.json"
+    secret.write_text(json.dumps({"username": user, "password": password}))
+    return {
+        "proxies": [
+            {
+                "name": "group",
+                "engine_family": engine,
+                "listen": "127.0.0.1:0",
+                "auth": [{"secret": f"file:{secret}"}],
+                "target_group": {
+                    "probe_interval": 0.2,
+                    "connection_pool_config": {
+                        "max_connections_percent": 20,
+                        "connection_borrow_timeout": WAIT,
+                    },
+                    "targets": [{"host": s.host, "port": s.port} for s in servers],
+                },
+                **proxy,
+            }
+        ]
+    }
 
 
 def proxy_config(

@@ -5,7 +5,6 @@ read-only fallback, and a promoted replica leaving the read-only side."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,49 +15,26 @@ import pytest
 
 from dbmux.embedded import EmbeddedDbmux
 from dbmux.testing import PostgresCluster
-from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
+from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, WAIT, group_config, wait_until
 
-WAIT = 30.0
 LAG_LIMIT = 1.0  # seconds, for the endpoints that limit replication lag
 
 
 def proxy_config(tmp_path: Path, clusters: list[PostgresCluster]) -> dict[str, Any]:
-    secret = tmp_path / "app.json"
-    secret.write_text(json.dumps({"username": APP_USER, "password": APP_PASSWORD}))
-    return {
-        "proxies": [
-            {
-                "name": "readers",
-                "engine_family": "POSTGRESQL",
-                "listen": "127.0.0.1:0",
-                "auth": [{"secret": f"file:{secret}"}],
-                "target_group": {
-                    "probe_interval": 0.2,
-                    "connection_pool_config": {
-                        "max_connections_percent": 20,
-                        "connection_borrow_timeout": WAIT,
-                    },
-                    "targets": [{"host": c.host, "port": c.port} for c in clusters],
-                },
-                "endpoints": [
-                    {"name": "ro", "listen": "127.0.0.1:0", "target_role": "READ_ONLY"},
-                    {
-                        "name": "fresh",
-                        "listen": "127.0.0.1:0",
-                        "target_role": "READ_ONLY",
-                        "max_replica_lag": LAG_LIMIT,
-                    },
-                    {
-                        "name": "fresh-or-writer",
-                        "listen": "127.0.0.1:0",
-                        "target_role": "READ_ONLY",
-                        "max_replica_lag": LAG_LIMIT,
-                        "fallback_to_writer": True,
-                    },
-                ],
-            }
-        ]
-    }
+    read_only = {"listen": "127.0.0.1:0", "target_role": "READ_ONLY"}
+    endpoints = [
+        {"name": "ro", **read_only},
+        {"name": "fresh", **read_only, "max_replica_lag": LAG_LIMIT},
+        {
+            "name": "fresh-or-writer",
+            **read_only,
+            "max_replica_lag": LAG_LIMIT,
+            "fallback_to_writer": True,
+        },
+    ]
+    return group_config(
+        "POSTGRESQL", clusters, tmp_path, APP_USER, APP_PASSWORD, endpoints=endpoints
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +70,6 @@ def paused(clusters) -> Iterator[Callable[[PostgresCluster], None]]:
     yield pause
     for replica in done:
         replica.psql("SELECT pg_wal_replay_resume()")
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {WAIT} s: {what}")
-        time.sleep(0.05)
 
 
 def url(dbmux: EmbeddedDbmux, endpoint: str | None = None) -> str:

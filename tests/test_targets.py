@@ -4,9 +4,7 @@ as probes find them, and a failover that clients live through without reconnecti
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -16,9 +14,7 @@ from dbmux.config import TargetRole
 from dbmux.embedded import EmbeddedDbmux
 from dbmux.targets import TargetHealth
 from dbmux.testing import PostgresCluster
-from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
-
-WAIT = 30.0
+from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, WAIT, group_config, wait_until
 
 
 @pytest.fixture
@@ -37,40 +33,9 @@ def cluster() -> Iterator[tuple[PostgresCluster, PostgresCluster]]:
 
 @pytest.fixture
 def dbmux(cluster, tmp_path: Path) -> Iterator[EmbeddedDbmux]:
-    primary, replica = cluster
-    secret = tmp_path / "app.json"
-    secret.write_text(json.dumps({"username": APP_USER, "password": APP_PASSWORD}))
-    config = {
-        "proxies": [
-            {
-                "name": "failover",
-                "engine_family": "POSTGRESQL",
-                "listen": "127.0.0.1:0",
-                "auth": [{"secret": f"file:{secret}"}],
-                "target_group": {
-                    "probe_interval": 0.2,
-                    "connection_pool_config": {
-                        "max_connections_percent": 20,
-                        "connection_borrow_timeout": WAIT,
-                    },
-                    "targets": [
-                        {"host": primary.host, "port": primary.port},
-                        {"host": replica.host, "port": replica.port},
-                    ],
-                },
-            }
-        ]
-    }
+    config = group_config("POSTGRESQL", cluster, tmp_path, APP_USER, APP_PASSWORD)
     with EmbeddedDbmux(config) as running:
         yield running
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {WAIT} s: {what}")
-        time.sleep(0.05)
 
 
 def url(dbmux: EmbeddedDbmux) -> str:

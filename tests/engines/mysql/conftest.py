@@ -18,6 +18,7 @@ from dbmux.embedded import EmbeddedDbmux
 from dbmux.metrics import ProxyMetrics
 from dbmux.pool import PoolSet
 from dbmux.testing import MariaDBServer
+from tests.conftest import group_config
 
 MY_USER, MY_PASSWORD, MY_DB = "app", "app-secret", "app"
 SHA2_USER, SHA2_PASSWORD = "app_sha2", "sha2-secret"
@@ -89,28 +90,8 @@ def replicated_pair() -> Iterator[tuple[MariaDBServer, MariaDBServer]]:
 def dbmux_in_front(
     pair: tuple[MariaDBServer, MariaDBServer], secrets_dir: Path, **proxy: Any
 ) -> Iterator[EmbeddedDbmux]:
-    """dbmux following the writer of a replicated pair (probed every 0.2 s)."""
-    secret = secrets_dir / "app.json"
-    secret.write_text(json.dumps({"username": MY_USER, "password": MY_PASSWORD}))
-    config = {
-        "proxies": [
-            {
-                "name": "my-failover",
-                "engine_family": "MYSQL",
-                "listen": "127.0.0.1:0",
-                "auth": [{"secret": f"file:{secret}"}],
-                "target_group": {
-                    "probe_interval": 0.2,
-                    "connection_pool_config": {
-                        "max_connections_percent": 20,
-                        "connection_borrow_timeout": 30,
-                    },
-                    "targets": [{"host": s.host, "port": s.port} for s in pair],
-                },
-                **proxy,
-            }
-        ]
-    }
+    """dbmux following the writer of a replicated pair."""
+    config = group_config("MYSQL", pair, secrets_dir, MY_USER, MY_PASSWORD, **proxy)
     with EmbeddedDbmux(config) as running:
         yield running
 

@@ -4,8 +4,7 @@ clients keep their connections and their next transactions run on the new writer
 from __future__ import annotations
 
 import concurrent.futures
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pymysql
@@ -15,6 +14,7 @@ from dbmux.config import TargetRole
 from dbmux.embedded import EmbeddedDbmux
 from dbmux.targets import TargetHealth
 from dbmux.testing import MariaDBServer
+from tests.conftest import WAIT, wait_until
 from tests.engines.mysql.conftest import (
     MY_DB,
     MY_PASSWORD,
@@ -22,8 +22,6 @@ from tests.engines.mysql.conftest import (
     dbmux_in_front,
     replicated_pair,
 )
-
-WAIT = 30.0
 
 
 @pytest.fixture
@@ -36,14 +34,6 @@ def pair() -> Iterator[tuple[MariaDBServer, MariaDBServer]]:
 def dbmux(pair, tmp_path: Path) -> Iterator[EmbeddedDbmux]:
     with dbmux_in_front(pair, tmp_path) as running:
         yield running
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {WAIT} s: {what}")
-        time.sleep(0.05)
 
 
 def test_a_client_lives_through_a_switchover(dbmux: EmbeddedDbmux, pair) -> None:

@@ -10,17 +10,8 @@ from collections.abc import Callable
 import pymysql
 import pytest
 
+from tests.conftest import wait_until
 from tests.engines.mysql.conftest import MyProxy, server_connections
-
-WAIT = 15.0
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {WAIT} s: {what}")
-        time.sleep(0.02)
 
 
 def one(conn, sql: str, args: tuple = ()):

@@ -3,18 +3,22 @@ is refused, and a replica whose replication stopped is skipped for the writer, r
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pymysql
 import pytest
 
 from dbmux.embedded import EmbeddedDbmux
 from dbmux.testing import MariaDBServer
-from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, replicated_pair
+from tests.conftest import wait_until
+from tests.engines.mysql.conftest import (
+    MY_DB,
+    MY_PASSWORD,
+    MY_USER,
+    dbmux_in_front,
+    replicated_pair,
+)
 
-WAIT = 30.0
 READ_ONLY_ERRORS = (1290, 1792)  # --read-only server; READ ONLY transaction
 
 
@@ -26,52 +30,16 @@ def pair() -> Iterator[tuple[MariaDBServer, MariaDBServer]]:
 
 @pytest.fixture(scope="module")
 def dbmux(pair, tmp_path_factory) -> Iterator[EmbeddedDbmux]:
-    primary, replica = pair
-    secret = tmp_path_factory.mktemp("my-readers") / "app.json"
-    secret.write_text(json.dumps({"username": MY_USER, "password": MY_PASSWORD}))
-    endpoint = {"listen": "127.0.0.1:0", "target_role": "READ_ONLY"}
-    config = {
-        "proxies": [
-            {
-                "name": "my-readers",
-                "engine_family": "MYSQL",
-                "listen": "127.0.0.1:0",
-                "auth": [{"secret": f"file:{secret}"}],
-                "target_group": {
-                    "probe_interval": 0.2,
-                    "connection_pool_config": {
-                        "max_connections_percent": 20,
-                        "connection_borrow_timeout": WAIT,
-                    },
-                    "targets": [
-                        {"host": primary.host, "port": primary.port},
-                        {"host": replica.host, "port": replica.port},
-                    ],
-                },
-                "endpoints": [
-                    {"name": "ro", **endpoint},
-                    {
-                        "name": "fresh-or-writer",
-                        **endpoint,
-                        "max_replica_lag": 5,
-                        "fallback_to_writer": True,
-                    },
-                ],
-            }
-        ]
-    }
-    with EmbeddedDbmux(config) as running:
+    read_only = {"listen": "127.0.0.1:0", "target_role": "READ_ONLY"}
+    endpoints = [
+        {"name": "ro", **read_only},
+        {"name": "fresh-or-writer", **read_only, "max_replica_lag": 5, "fallback_to_writer": True},
+    ]
+    secrets_dir = tmp_path_factory.mktemp("my-readers")
+    with dbmux_in_front(pair, secrets_dir, endpoints=endpoints) as running:
         targets = running.proxy().targets
         wait_until(lambda: all(i.role for i in targets.instances), "every target probed")
         yield running
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {WAIT} s: {what}")
-        time.sleep(0.05)
 
 
 def connect(dbmux: EmbeddedDbmux, endpoint: str) -> pymysql.Connection:

@@ -5,8 +5,7 @@ gets the error it would have had without replay."""
 from __future__ import annotations
 
 import concurrent.futures
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import mysql.connector
@@ -15,6 +14,7 @@ import pytest
 
 from dbmux.embedded import EmbeddedDbmux
 from dbmux.testing import MariaDBServer
+from tests.conftest import WAIT, wait_until
 from tests.engines.mysql.conftest import (
     MY_DB,
     MY_PASSWORD,
@@ -23,7 +23,6 @@ from tests.engines.mysql.conftest import (
     replicated_pair,
 )
 
-WAIT = 30.0
 Pair = tuple[MariaDBServer, MariaDBServer]
 
 
@@ -39,14 +38,6 @@ def dbmux(pair, tmp_path: Path) -> Iterator[EmbeddedDbmux]:
         targets = running.proxy().targets
         wait_until(lambda: targets.writer is not None, "a writer")
         yield running
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {WAIT} s: {what}")
-        time.sleep(0.05)
 
 
 def connect(dbmux: EmbeddedDbmux, autocommit: bool = False) -> pymysql.Connection:
