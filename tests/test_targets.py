@@ -12,7 +12,7 @@ import pytest
 
 from dbmux.config import TargetRole
 from dbmux.embedded import EmbeddedDbmux
-from dbmux.targets import TargetHealth
+from dbmux.targets import HealthReason, TargetHealth
 from dbmux.testing import PostgresCluster
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, WAIT, group_config, wait_until
 
@@ -149,3 +149,25 @@ async def test_a_killed_primary_loses_no_acknowledged_commit(dbmux, cluster) -> 
     committed = {int(r) for r in rows}
     assert acknowledged <= committed, f"lost: {sorted(acknowledged - committed)[:5]}"
     assert committed <= acknowledged | uncertain | {0}
+
+
+async def test_a_target_with_no_connection_left_waits_as_pending_capacity(tmp_path) -> None:
+    """A full database (every non-reserved slot taken) refuses the probe's login: dbmux
+    reports it as RDS Proxy does, and takes it once a slot is free."""
+    with PostgresCluster(max_connections=6) as full:  # 3 of them reserved for superusers
+        full.create_user(APP_USER, APP_PASSWORD)
+        hogs = [
+            await asyncpg.connect(full.dsn(APP_USER, APP_PASSWORD, "postgres")) for _ in range(3)
+        ]
+        config = group_config("POSTGRESQL", [full], tmp_path, APP_USER, APP_PASSWORD)
+        with EmbeddedDbmux(config) as dbmux:
+            (instance,) = dbmux.proxy().targets.instances
+            await asyncio.to_thread(wait_until, lambda: instance.reason is not None, "a probe")
+            assert (instance.health, instance.reason) == (
+                TargetHealth.UNAVAILABLE,
+                HealthReason.PENDING_PROXY_CAPACITY,
+            )
+            await hogs.pop().close()
+            await asyncio.to_thread(wait_until, lambda: instance.is_writer, "the writer")
+        for hog in hogs:
+            await hog.close()

@@ -42,6 +42,7 @@ class HealthReason(StrEnum):
     AUTH_FAILURE = "AUTH_FAILURE"
     UNREACHABLE = "UNREACHABLE"
     INVALID_REPLICATION_STATE = "INVALID_REPLICATION_STATE"
+    PENDING_PROXY_CAPACITY = "PENDING_PROXY_CAPACITY"  # no connection slot left for dbmux
 
 
 # Error codes that mean the login itself was refused (PostgreSQL SQLSTATE, MySQL errno).
@@ -179,13 +180,12 @@ class TargetGroup:
         except ServerError as error:
             if error.code in BUSY_ERRORS and instance.health is TargetHealth.AVAILABLE:
                 return  # full, so alive: its role has not changed by refusing a login
-            auth = error.code in AUTH_ERRORS
-            self._mark(
-                instance,
-                TargetHealth.UNAVAILABLE,
-                HealthReason.AUTH_FAILURE if auth else HealthReason.CONNECTION_FAILED,
-                str(error),
-            )
+            reason = HealthReason.CONNECTION_FAILED
+            if error.code in AUTH_ERRORS:
+                reason = HealthReason.AUTH_FAILURE
+            elif error.code in BUSY_ERRORS:
+                reason = HealthReason.PENDING_PROXY_CAPACITY  # its role is not known yet
+            self._mark(instance, TargetHealth.UNAVAILABLE, reason, str(error))
         except ConnectionClosed as error:
             self._mark(
                 instance, TargetHealth.UNAVAILABLE, HealthReason.CONNECTION_FAILED, str(error)
