@@ -13,6 +13,8 @@ import pymysql
 import pytest
 
 from dbmux.embedded import EmbeddedDbmux
+from dbmux.engines.mysql import wire
+from dbmux.engines.mysql.replay import may_run_again
 from dbmux.testing import MariaDBServer
 from tests.conftest import WAIT, wait_until
 from tests.engines.mysql.conftest import (
@@ -134,9 +136,10 @@ def test_a_write_in_flight_with_autocommit_is_not_replayed(dbmux, pair) -> None:
 
 
 def busy_sessions(server: MariaDBServer) -> int:
+    """Sessions on `server` (other than this one) running a SLEEP(2)."""
     query = (
-        "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
-        f" WHERE USER = '{MY_USER}' AND COMMAND = 'Query' AND INFO LIKE '%SLEEP(2)%'"
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()"
+        " AND COMMAND = 'Query' AND INFO LIKE '%SLEEP(2)%'"
     )
     return int(server.sql(query))
 
@@ -157,3 +160,48 @@ def test_prepared_statements_of_the_transaction_are_replayed_too(dbmux, pair) ->
     conn.close()
     assert rows(replica) == "5,6"
     assert dbmux.proxy().metrics.transaction_replays_failed.value == 0
+
+
+AUTOCOMMIT, IN_TRANSACTION = wire.SERVER_STATUS_AUTOCOMMIT, wire.SERVER_STATUS_IN_TRANS
+
+
+@pytest.mark.parametrize(
+    ("sql", "status", "may"),
+    [
+        ("SELECT COUNT(*) FROM writes WHERE n IN (1, 2)", AUTOCOMMIT, True),
+        ("/* report */ WITH w AS (SELECT n FROM writes) SELECT MAX(n) FROM w", AUTOCOMMIT, True),
+        ("SELECT add_row(1)", AUTOCOMMIT, False),  # a stored function may write and commit
+        ("SELECT add_row(1)", AUTOCOMMIT | IN_TRANSACTION, True),  # ...uncommitted here
+        ("INSERT INTO writes VALUES (1)", AUTOCOMMIT, False),  # it is its own commit
+        ("INSERT INTO writes VALUES (1)", AUTOCOMMIT | IN_TRANSACTION, True),
+        ("UPDATE writes SET n = 2", 0, True),  # autocommit off: nothing commits by itself
+        ("COMMIT", AUTOCOMMIT | IN_TRANSACTION, False),
+        ("CREATE TABLE t (n INT)", AUTOCOMMIT | IN_TRANSACTION, False),  # an implicit commit
+        ("CALL procedure_that_may_commit()", AUTOCOMMIT | IN_TRANSACTION, False),
+        ("SELECT * FROM writes INTO OUTFILE '/tmp/x'", AUTOCOMMIT | IN_TRANSACTION, False),
+    ],
+)
+def test_which_command_in_flight_may_run_again(sql: str, status: int, may: bool) -> None:
+    request = (bytes((wire.COM_QUERY,)) + sql.encode(), None, None, None)
+    assert may_run_again(request, status) is may
+
+
+def test_a_select_that_calls_a_stored_function_is_not_replayed(dbmux, pair) -> None:
+    """With autocommit on, the function may have written and committed before the crash."""
+    primary, _ = pair
+    for server in pair:
+        server.sql("SET GLOBAL log_bin_trust_function_creators = 1")
+    primary.sql(
+        "DELIMITER //\nCREATE FUNCTION add_row(v INT) RETURNS INT MODIFIES SQL DATA"
+        " BEGIN INSERT INTO writes VALUES (v); DO SLEEP(2); RETURN v; END //",
+        MY_DB,
+    )
+    with connect(dbmux, autocommit=True) as conn, conn.cursor() as cur:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(cur.execute, "SELECT add_row(11)")
+            wait_until(lambda: busy_sessions(primary) == 1, "the function running")
+            crash(pair)
+            with pytest.raises(pymysql.OperationalError) as lost:
+                call.result(timeout=WAIT)
+        assert lost.value.args[0] == 2013
+    assert dbmux.proxy().metrics.transaction_replays.value == 0

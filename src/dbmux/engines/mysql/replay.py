@@ -6,9 +6,9 @@ Safe because of two rules, as MariaDB MaxScale's transaction_replay does it:
 - only what cannot have committed is replayed: the commands of a transaction still open
   (no COMMIT among them: it would have ended the transaction, and the log with it), plus
   the command in flight when it is a plain read or write that commits nothing by itself
-  (inside a transaction or with autocommit off; with autocommit on, only a SELECT). COMMIT,
-  DDL (an implicit commit) or anything else in flight means an unknown outcome: the client
-  gets the error, as without replay;
+  (inside a transaction or with autocommit off; with autocommit on, only a SELECT that calls
+  no function that could write). COMMIT, DDL (an implicit commit) or anything else in
+  flight means an unknown outcome: the client gets the error, as without replay;
 - the replayed transaction must have seen exactly what the client saw: every response during
   the replay is compared with a digest of the one the client received, and on the first
   difference the replay is abandoned (rolled back) and the client gets the error it would
@@ -39,7 +39,21 @@ _LEADING = rb"(?:\s+|/\*.*?\*/|(?:--\s|#)[^\n]*\n)*"
 # What may run again inside a transaction (or with autocommit off): it commits nothing.
 _REPEATABLE = re.compile(_LEADING + rb"(?:SELECT|INSERT|UPDATE|DELETE|REPLACE|WITH)\b", re.I | re.S)
 _READ = re.compile(_LEADING + rb"(?:SELECT|WITH)\b", re.I | re.S)
-_FILE_OR_VARIABLE = re.compile(rb"\bINTO\b", re.I)  # INTO OUTFILE/DUMPFILE/@var: not a read
+_TO_FILE = re.compile(rb"\bINTO\s+(?:OUTFILE|DUMPFILE)\b", re.I)  # not transactional
+# A word followed by "(": a function call, or SQL syntax. With autocommit on, a SELECT that
+# calls a stored function may have written and committed; only these are known not to.
+_CALL = re.compile(rb"([A-Za-z_][A-Za-z0-9_$]*)\s*\(")
+_WITHOUT_SIDE_EFFECTS = frozenset(
+    b"""
+    ALL AND ANY AS BY EXISTS FROM IN JOIN NOT ON OR OVER SELECT SOME USING VALUES WHERE WITH
+    ABS AVG CASE CAST CEIL CEILING CHAR_LENGTH COALESCE CONCAT CONCAT_WS CONVERT COUNT CURDATE
+    CURRENT_DATE CURRENT_TIMESTAMP CURTIME DATE DATE_ADD DATE_FORMAT DATE_SUB DAY FLOOR
+    GREATEST GROUP_CONCAT HEX IF IFNULL JSON_ARRAY JSON_EXTRACT JSON_OBJECT LCASE LEAST LEFT
+    LENGTH LOWER LTRIM MAX MD5 MIN MOD MONTH NOW NULLIF REPLACE RIGHT ROUND RTRIM SHA1 SHA2
+    SLEEP SUBSTR SUBSTRING SUM TIME TIMESTAMPDIFF TRIM TRUNCATE UCASE UNIX_TIMESTAMP UPPER
+    UTC_TIMESTAMP YEAR
+    """.split()
+)
 _EMPTY = hashlib.blake2b(digest_size=16).digest()
 REPLAYABLE_COMMANDS = frozenset({wire.COM_QUERY, wire.COM_STMT_EXECUTE, wire.COM_STMT_RESET})
 
@@ -104,7 +118,7 @@ class ReplayMixin:
             in_flight = replay_log.pending
             if in_flight is None or replay_log.hasher.digest() != _EMPTY:
                 return False  # not a command the log knows, or part of its answer was relayed
-            if not _may_run_again(in_flight, status):
+            if not may_run_again(in_flight, status):
                 return False  # it may have committed
         elif not status & wire.SERVER_STATUS_IN_TRANS or not replay_log.entries:
             return False
@@ -187,7 +201,7 @@ class ReplayMixin:
         self._end_command()
 
 
-def _may_run_again(request: Request, status: int) -> bool:
+def may_run_again(request: Request, status: int) -> bool:
     """The command in flight commits nothing by itself, so it may run again."""
     payload, _, statement, _ = request
     if payload[0] == wire.COM_QUERY:
@@ -198,8 +212,10 @@ def _may_run_again(request: Request, status: int) -> bool:
         return False
     open_transaction = status & wire.SERVER_STATUS_IN_TRANS
     autocommit = status & wire.SERVER_STATUS_AUTOCOMMIT
-    if _FILE_OR_VARIABLE.search(text):
+    if _TO_FILE.search(text):
         return False
     if open_transaction or not autocommit:
         return _REPEATABLE.match(text) is not None
-    return _READ.match(text) is not None
+    return _READ.match(text) is not None and all(
+        name.upper() in _WITHOUT_SIDE_EFFECTS for name in _CALL.findall(text)
+    )
