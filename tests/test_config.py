@@ -318,11 +318,6 @@ BAD: list[tuple[str, Mutation, str]] = [
         ),
         "proxies.0.endpoints.0.max_replica_lag",
     ),
-    (
-        "transaction replay on PostgreSQL",
-        lambda d: _proxy(d).update(transaction_replay=True),
-        "proxies.0.transaction_replay",
-    ),
     ("admin listen without port", lambda d: d.update(admin={"listen": "0.0.0.0"}), "admin.listen"),
     (
         "secret with unknown scheme",

@@ -4,10 +4,12 @@ as probes find them, and a failover that clients live through without reconnecti
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import psycopg
 import pytest
 
 from dbmux.config import TargetRole
@@ -171,3 +173,42 @@ async def test_a_target_with_no_connection_left_waits_as_pending_capacity(tmp_pa
             await asyncio.to_thread(wait_until, lambda: instance.is_writer, "the writer")
         for hog in hogs:
             await hog.close()
+
+
+@pytest.fixture
+def replaying_dbmux(cluster, tmp_path: Path) -> Iterator[EmbeddedDbmux]:
+    config = group_config(
+        "POSTGRESQL", cluster, tmp_path, APP_USER, APP_PASSWORD, transaction_replay=True
+    )
+    with EmbeddedDbmux(config) as running:
+        targets = running.proxy().targets
+        wait_until(lambda: targets.writer is not None, "a writer")
+        yield running
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_a_read_in_flight_outside_a_transaction_runs_on_the_new_writer(
+    replaying_dbmux, cluster, in_transaction
+) -> None:
+    """transaction_replay: a read the dead server had answered nothing of runs again on the
+    new writer; inside a transaction block it is reported lost, as without replay."""
+    primary, replica = cluster
+    host, port = replaying_dbmux.address()
+    dsn = f"host={host} port={port} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if in_transaction:
+            conn.execute("BEGIN")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            read = pool.submit(
+                conn.execute, "SELECT pg_sleep(2), inet_server_port(), count(*) FROM writes"
+            )
+            running = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(2)%'"
+            wait_until(lambda: primary.psql(running) == "1", "the read running")
+            primary.kill()
+            replica.promote()
+            if in_transaction:
+                with pytest.raises(psycopg.OperationalError, match="lost"):
+                    read.result(timeout=WAIT)
+                return
+            assert read.result(timeout=WAIT).fetchone() == ("", replica.port, 0)
+    assert replaying_dbmux.proxy().metrics.transaction_replays.value == 1

@@ -184,8 +184,8 @@ class ProxyConfig(_Model):
     auth: list[AuthEntry] = Field(min_length=1)
     target_group: TargetGroup
     endpoints: list[Endpoint] = []
-    # MYSQL only: a transaction whose server connection died runs again on the next writer
-    # when that is safe (see engines/mysql/replay.py).
+    # What died with a server connection runs again on the next writer when that is safe:
+    # MySQL whole open transactions, PostgreSQL a read in flight (engines/*/replay.py).
     transaction_replay: bool = False
 
     _listen = field_validator("listen", mode="before")(_address)
@@ -202,12 +202,6 @@ class ProxyConfig(_Model):
                     f"auth.{i}.iam_auth",
                     "signed auth tokens are not available in this version yet; use DISABLED",
                 )
-        return self
-
-    @model_validator(mode="after")
-    def _replay_fits_engine(self) -> ProxyConfig:
-        if self.transaction_replay and self.engine_family is not EngineFamily.MYSQL:
-            raise FieldError("transaction_replay", "is available for engine_family MYSQL only")
         return self
 
     @model_validator(mode="after")

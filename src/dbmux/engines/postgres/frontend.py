@@ -24,6 +24,7 @@ from dbmux.engines.postgres.pinning import (
     UNCLASSIFIED,
     Verdict,
 )
+from dbmux.engines.postgres.replay import rerunnable
 from dbmux.engines.postgres.settings import SettingsMixin
 from dbmux.engines.postgres.statements import StatementsMixin
 from dbmux.framed import ClientEnd
@@ -53,6 +54,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         self.pin_reason: str | None = None
         self.wanted: dict[str, str] = {}  # this session's settings that differ from defaults
         self.pending: list[bytes] = []  # bytes waiting for a server connection
+        self.last_sent = b""  # the last bytes relayed to a server (transaction_replay)
         self.pending_syncs = 0
         self.waiting = False  # queued in the pool, or bringing a server's settings to ours
         self._held_for_wait = False  # reading paused because more came while waiting
@@ -187,6 +189,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         if server is not None:
             self.outstanding += syncs
             server.scanner.answer = 0
+            self.last_sent = data
             server.transport.write(data)
             return
         if not self.pending and not self.waiting:
@@ -195,6 +198,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
                 self._attach(server)
                 self.outstanding += syncs
                 server.scanner.answer = 0
+                self.last_sent = data
                 server.transport.write(data)
                 return
         self.pending.append(data)
@@ -276,6 +280,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         self.pending.clear()
         self.pending_syncs = 0
         server.scanner.answer = 0
+        self.last_sent = data
         server.transport.write(data)
         self._stop_holding_for_wait()
 
@@ -412,6 +417,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             why = f"session state ({self.pin_reason})" if self.pin_reason else "a partial message"
             self.fatal("08006", f"the server connection was lost and {why} cannot be recovered")
             return
+        if self.ctx.config.transaction_replay and self._rerun_read(server):
+            return
         # Messages after the last Sync (Parse/Describe/Flush, say) wait for an answer too,
         # unless the server had answered them in full: then the client goes on with its
         # batch and hears of the loss at its next Sync, as it would from the server itself.
@@ -439,6 +446,26 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             self.lost_reason = server.last_error
         self.outstanding = 0
         self.tx_status = wire.IDLE
+
+    def _rerun_read(self, server: PgServer) -> bool:
+        """transaction_replay: the one request in flight, outside a transaction, is a read
+        the server answered nothing of; it goes to the next server connection (the next
+        writer's, after a failover) instead of failing. True if it did."""
+        if (
+            self.outstanding != 1
+            or self.tx_status != wire.IDLE
+            or self.rewriting
+            or self.pending
+            or server.scanner.answer
+            or not rerunnable(self.last_sent)
+        ):
+            return False
+        self.ctx.metrics.transaction_replays.value += 1
+        self.outstanding = 0
+        self.pending.append(self.last_sent)
+        self.pending_syncs = 1
+        self._flush_pending()
+        return True
 
     # -- backpressure -----------------------------------------------------------------------
 

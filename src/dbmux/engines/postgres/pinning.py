@@ -168,7 +168,7 @@ def _set_config_is_session(tokens: list[Token], at: int) -> bool:
     return True
 
 
-def _function_name(token: Token) -> str | None:
+def function_name(token: Token) -> str | None:
     """The name a call token refers to, upper-cased; quoted names only if all lower case
     (a quoted "PG_ADVISORY_LOCK" is another function)."""
     if token.kind == "word":
@@ -183,7 +183,7 @@ def _function_effects(tokens: list[Token]) -> Iterator[Effect]:
     for i, token in enumerate(tokens[:-1]):
         if tokens[i + 1].text != "(":
             continue
-        name = _function_name(token)
+        name = function_name(token)
         if name in _ADVISORY_SESSION_LOCKS:
             yield ADVISORY_LOCK, None
         elif name in _SEQUENCE_SESSION_FUNCTIONS:
