@@ -16,6 +16,7 @@ import pytest
 from dbmux.embedded import EmbeddedDbmux
 from dbmux.testing import PostgresCluster
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, WAIT, group_config, wait_until
+from tests.pgraw import RawClient, i32, msg
 
 LAG_LIMIT = 1.0  # seconds, for the endpoints that limit replication lag
 
@@ -171,3 +172,18 @@ def test_a_promoted_replica_leaves_the_read_only_side(tmp_path: Path) -> None:
                 wait_until(lambda: targets.writer is not None, "a new writer")
                 assert targets.writer.target.port == first.port
                 assert asyncio.run(ports_serving(dbmux, "ro")) == {second.port}
+
+
+async def test_a_cancel_request_reaches_a_client_of_another_endpoint(dbmux) -> None:
+    """Cancel keys belong to the proxy, not the listener: a driver's cancel connection to
+    the proxy's main address stops a query that runs through its read-only endpoint."""
+    ro_host, ro_port = dbmux.address(endpoint="ro")
+    main_host, main_port = dbmux.address()
+    async with await RawClient.connect(ro_host, ro_port) as raw:
+        (key,) = [m for m in await raw.login(APP_USER, APP_PASSWORD, APP_DB) if m.kind == b"K"]
+        await raw.send(msg(b"Q", b"SELECT pg_sleep(30)\0"))
+        await asyncio.sleep(0.3)
+        async with await RawClient.connect(main_host, main_port) as canceller:
+            await canceller.send(i32(16) + i32(80877102) + key.payload)
+        errors = [m.fields["C"] for m in await raw.read_until_ready() if m.kind == b"E"]
+        assert errors == ["57014"]  # canceling statement due to user request

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable
@@ -108,9 +109,15 @@ class MysqlEngine(Engine):
     """MySQL client/server protocol 4.1+, for MySQL 5.7+/8 and MariaDB 10.2+."""
 
     prepared_capacity = 500
+    _context: MyContext | None = None  # shared by the proxy's listeners
     read_only_statement = "SET SESSION TRANSACTION READ ONLY"
 
     def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
+        if self._context is not None:
+            # Another listener of the same proxy (a read-only endpoint): its own pools,
+            # the same sessions, so cancel requests and KILL find clients of either.
+            ctx = dataclasses.replace(self._context, runtime=runtime)
+            return lambda: MyClient(ctx)
         pool_config = runtime.config.target_group.connection_pool_config
         self.prepared_capacity = pool_config.max_prepared_statements
         users = {
@@ -126,6 +133,7 @@ class MysqlEngine(Engine):
                 replay_settings=runtime.config.session_state is SessionState.REPLAY,
             ),
         )
+        self._context = ctx
         return lambda: MyClient(ctx)
 
     async def connect(

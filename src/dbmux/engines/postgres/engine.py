@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import secrets
 from collections import OrderedDict
@@ -101,9 +102,15 @@ class PostgresEngine(Engine):
     """PostgreSQL protocol 3.0."""
 
     prepared_capacity = 500
+    _context: PgContext | None = None  # shared by the proxy's listeners
     read_only_statement = "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
 
     def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
+        if self._context is not None:
+            # Another listener of the same proxy (a read-only endpoint): its own pools,
+            # the same sessions, so cancel requests and KILL find clients of either.
+            ctx = dataclasses.replace(self._context, runtime=runtime)
+            return lambda: PgClient(ctx)
         pool_config = runtime.config.target_group.connection_pool_config
         self.prepared_capacity = pool_config.max_prepared_statements
         filters = pool_config.session_pinning_filters
@@ -123,6 +130,7 @@ class PostgresEngine(Engine):
                 replay_settings=runtime.config.session_state is SessionState.REPLAY,
             ),
         )
+        self._context = ctx
         return lambda: PgClient(ctx)
 
     async def connect(
