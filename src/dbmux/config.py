@@ -122,6 +122,9 @@ class ConnectionPoolConfig(_Model):
     max_prepared_statements: int = Field(500, ge=1)
     # Server connections idle longer than this are closed by the janitor.
     idle_server_timeout: float = Field(600, gt=0)
+    # Seconds a pooled connection may sit idle before the janitor pings it (a peer that
+    # vanished without closing is found before a client is handed the connection).
+    idle_check_interval: float = Field(30, gt=0)
 
     @model_validator(mode="after")
     def _idle_within_max(self) -> ConnectionPoolConfig:

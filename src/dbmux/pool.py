@@ -24,6 +24,7 @@ from dbmux.metrics import ProxyMetrics
 log = logging.getLogger("dbmux.pool")
 
 IDLE_GRACE = 5.0  # seconds a connection must sit idle before it counts towards the idle cap
+PING_TIMEOUT = 5.0  # seconds an idle connection's health check may take
 
 
 class BorrowTimeout(Exception):
@@ -344,6 +345,38 @@ class Pool(Lender):
             self.idle.remove(conn)
         self.budget.give_back()
 
+    def check_idle(self, now: float) -> None:
+        """Ping connections idle past idle_check_interval, each out of `idle` meanwhile so
+        nobody is lent one whose peer may be gone."""
+        interval = self.budget.config.idle_check_interval
+        for conn in [c for c in self.idle if now - max(c.idle_since, c.checked_at) > interval]:
+            self.idle.remove(conn)
+            self.lent.add(conn)  # in use by the check
+            self.loop.create_task(self._check(conn, min(interval, PING_TIMEOUT)))
+
+    async def _check(self, conn: ServerConnection, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await conn.ping()
+        except Exception as error:  # no answer, or a wrong one: it cannot be lent
+            log.info("closing an idle server connection that failed its check: %s", error)
+            conn.close()
+            return
+        finally:
+            self.lent.discard(conn)
+        if conn.closed:
+            return
+        if conn.generation != self.budget.generation:
+            conn.close(graceful=True)  # the writer changed during the check
+            return
+        conn.checked_at = time.monotonic()
+        borrower = self._next_waiter()
+        if borrower is not None:
+            self.lent.add(conn)
+            borrower.on_connection(conn)
+        else:
+            self.idle.appendleft(conn)  # still among the longest idle
+
     def reap_idle(self, now: float) -> None:
         """Close connections idle past idle_server_timeout (oldest first)."""
         limit = self.budget.config.idle_server_timeout
@@ -397,6 +430,7 @@ class PoolSet:
         pools = self.budget.pools
         for pool in pools:
             pool.reap_idle(now)
+            pool.check_idle(now)
         excess = self.budget.idle_count - self.budget.max_idle
         while excess > 0 and self.budget.limit is not None:
             oldest = min((p for p in pools if p.idle), key=lambda p: p.idle[0].idle_since)

@@ -60,10 +60,15 @@ class ServerConnection(ABC):
         self.server_limit: tuple[int, int] | None = None
         # Which writer it was opened to (TargetGroup.generation): older ones are retired.
         self.generation = 0
+        self.checked_at = self.created_at  # when it last proved alive (idle health check)
 
     @abstractmethod
     async def reset(self) -> None:
         """Clear session state left by a pinned client; raise if the connection is unusable."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """One round trip that proves the server answers; raise if it does not."""
 
     @abstractmethod
     def disconnect(self, graceful: bool) -> None:

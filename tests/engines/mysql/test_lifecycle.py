@@ -163,3 +163,17 @@ def test_kill_query_with_the_proxys_connection_id_stops_that_clients_query_only(
         with pytest.raises(pymysql.err.OperationalError) as caught:
             one(killer, "KILL QUERY 999999")
         assert caught.value.args[0] == 1094
+
+
+def test_an_idle_server_connection_is_pinged_and_kept_when_it_answers(start_my_proxy) -> None:
+    pool = {"max_connections_percent": 2, "max_idle_connections_percent": 2}
+    proxy = start_my_proxy(pool={**pool, "idle_check_interval": 0.5})
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT CONNECTION_ID()")
+        (first,) = cur.fetchone()
+        wait_until(lambda: proxy.pools.idle_count == 1, "the connection back in the pool")
+        (idle,) = [c for p in proxy.pools.pools.values() for c in p.idle]
+        wait_until(lambda: idle.checked_at > idle.idle_since, "a health check (COM_PING)")
+        cur.execute("SELECT CONNECTION_ID()")
+        assert cur.fetchone() == (first,)  # the same server connection, still good
+    assert proxy.metrics.database_connections_setup_succeeded.value == 1

@@ -516,3 +516,22 @@ async def test_a_fatal_error_is_no_answer_to_a_flushed_batch(pg, proxy):
         await locker.execute("COMMIT")
         assert [m.kind for m in await raw.simple_query("SELECT 1")][-1] == b"Z"
     await locker.close()
+
+
+async def test_an_idle_server_connection_that_stopped_answering_is_never_lent(start_proxy):
+    """A pooled connection idle past idle_check_interval is pinged first; one whose server
+    does not answer (here a stopped process, as a vanished host would be) is closed, and
+    the next transaction gets a fresh connection instead of hanging on it."""
+    pool = {"max_connections_percent": 2, "max_idle_connections_percent": 2}
+    proxy = start_proxy(pool={**pool, "idle_check_interval": 1})
+    conn = await connect(proxy)
+    try:
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await wait_until(lambda: proxy.pools.budget.open == 0, timeout=15)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await conn.fetchval("SELECT pg_backend_pid()") != pid
+    finally:
+        await conn.close()

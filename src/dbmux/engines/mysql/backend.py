@@ -216,6 +216,9 @@ class MyServer(ServerEnd, ServerConnection):
         elif self.scanner.status & wire.SERVER_STATUS_IN_TRANS:
             await self.query("ROLLBACK")
 
+    async def ping(self) -> None:
+        await self.exchange(bytes((wire.COM_PING,)), wire.RESPONSE_SIMPLE)
+
     def disconnect(self, graceful: bool) -> None:
         if graceful:
             self.write(wire.packet(0, bytes((wire.COM_QUIT,))))

@@ -227,6 +227,9 @@ class PgServer(ServerEnd, ServerConnection):
         (row,) = await self.run(f"SELECT {columns}")
         return dict(zip(ordered, row, strict=True))
 
+    async def ping(self) -> None:
+        await self.run("")  # an empty query: EmptyQueryResponse, ReadyForQuery
+
     def disconnect(self, graceful: bool) -> None:
         if graceful:
             self.write(wire.TERMINATE)
