@@ -19,6 +19,7 @@ from dbmux.engines.mysql.backend import NATIVE, SHA2, MyServer, open_server, rea
 from dbmux.engines.mysql.classify import Classifier
 from dbmux.engines.mysql.frontend import MyClient
 from dbmux.pool import PoolKey, PoolSet
+from dbmux.targets import TargetHealth
 
 if TYPE_CHECKING:
     from dbmux.proxy import ProxyRuntime
@@ -87,8 +88,14 @@ class MyContext:
         if self._greeting is None:
             async with self._greeting_lock:
                 if self._greeting is None:
-                    writer = await self.runtime.targets.wait_for_writer(PROBE_WAIT)
-                    target = writer.target
+                    # Any healthy instance of the group will do (they run the same server);
+                    # with none known yet, wait for the writer.
+                    targets = self.runtime.targets
+                    healthy = [i for i in targets.instances if i.health is TargetHealth.AVAILABLE]
+                    instance = targets.writer or (healthy[0] if healthy else None)
+                    if instance is None:
+                        instance = await targets.wait_for_writer(PROBE_WAIT)
+                    target = instance.target
                     self._greeting = await read_greeting(target.host, target.port)
                     if "mariadb" not in self._greeting.version.lower():
                         self.aliases = MYSQL_ALIASES
