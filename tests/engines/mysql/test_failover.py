@@ -105,3 +105,33 @@ def test_a_write_refused_inside_a_transaction_is_reported(dbmux: EmbeddedDbmux, 
             cur.execute("INSERT INTO writes VALUES (3)")
         assert refused.value.args[0] == 1290
     primary.sql("SET GLOBAL read_only = 0")
+
+
+def test_the_old_writer_back_as_a_replica_joins_the_read_only_side(pair, tmp_path) -> None:
+    primary, replica = pair
+    read_only = {"name": "ro", "listen": "127.0.0.1:0", "target_role": "READ_ONLY"}
+    with dbmux_in_front(pair, tmp_path, endpoints=[read_only]) as dbmux:
+        targets = dbmux.proxy().targets
+        wait_until(lambda: all(i.role for i in targets.instances), "every target probed")
+        host, port = dbmux.address(endpoint="ro")
+
+        def served_by_ro() -> int:
+            with (
+                pymysql.connect(
+                    host=host, port=port, user=MY_USER, password=MY_PASSWORD, database=MY_DB
+                ) as conn,
+                conn.cursor() as cur,
+            ):
+                cur.execute("SELECT @@port")
+                return cur.fetchone()[0]
+
+        assert served_by_ro() == replica.port
+        replica.wait_caught_up(primary)
+        primary.stop()
+        replica.promote()
+        wait_until(lambda: targets.writer is not None, "the new writer")
+        primary.start()  # back, and (for now) writable: a split brain dbmux does not follow
+        primary.sql("SET GLOBAL read_only = 1")
+        primary.replicate_from(replica)
+        wait_until(lambda: served_by_ro() == primary.port, "the old writer serving reads")
+        assert targets.writer is not None and targets.writer.target.port == replica.port
