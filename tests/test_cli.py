@@ -77,12 +77,13 @@ def test_check_config_on_a_good_file_prints_a_summary_and_ok(config_dir: Path) -
     path = config_dir / "dbmux.yaml"
     result = dbmux("check-config", str(path))
     assert result.returncode == 0, result.stderr
-    summary, ok = result.stdout.strip().splitlines()
+    summary, endpoint, ok = result.stdout.strip().splitlines()
     assert "orders" in summary
     assert "POSTGRESQL" in summary
     assert "127.0.0.1:6432" in summary
     assert "127.0.0.1:5432" in summary
     assert "app" in summary
+    assert endpoint.split() == ["endpoint", "orders-ro:", "READ_ONLY", "on", "127.0.0.1:6433"]
     assert ok == f"{path}: OK"
 
 

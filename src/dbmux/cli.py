@@ -74,7 +74,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(
             f"proxy {proxy.name}: {proxy.engine_family.value} on {proxy.listen} -> {targets}; "
             f"users: {', '.join(sorted(users))}"
+            + ("; transaction_replay" if proxy.transaction_replay else "")
         )
+        for endpoint in proxy.endpoints:
+            extra = ""
+            if endpoint.max_replica_lag is not None:
+                extra += f", max_replica_lag {endpoint.max_replica_lag:g} s"
+            if endpoint.fallback_to_writer:
+                extra += ", falls back to the writer"
+            print(
+                f"  endpoint {endpoint.name}: {endpoint.target_role.value} on "
+                f"{endpoint.listen}{extra}"
+            )
     print(f"{args.file}: OK")
     return 0
 
