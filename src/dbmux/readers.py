@@ -42,6 +42,7 @@ class ReplicaRoute:
         self.timeout = timeout
         self.sets = {i.name: replica_pools(i) for i in instances}
         self.usable: list[Instance] = []
+        self._turn = 0  # where the next choice starts looking among equally busy replicas
         self.pools: dict[PoolKey, ReplicaPool] = {}
         # Borrowers waiting for a usable replica: (deadline, pool, borrower), oldest first.
         self.parked: deque[tuple[float, ReplicaPool, Borrower]] = deque()
@@ -83,15 +84,19 @@ class ReplicaRoute:
                 pools.retire(pools.budget.generation + 1)
 
     def choose(self, key: PoolKey) -> Pool | None:
-        """The pool of the usable replica with the fewest busy connections; the writer's
-        read-only pool if none is usable and the endpoint falls back; else None."""
+        """The pool of the usable replica with the fewest busy connections (ties taken in
+        turn, so a light load spreads too); the writer's read-only pool if none is usable
+        and the endpoint falls back; else None."""
+        usable = self.usable
         best: PoolSet | None = None
         busy = 0
-        for instance in self.usable:
-            pools = self.sets[instance.name]
-            load = pools.lent_count
-            if best is None or load < busy:
-                best, busy = pools, load
+        if usable:
+            self._turn = start = (self._turn + 1) % len(usable)
+            for instance in usable[start:] + usable[:start]:
+                pools = self.sets[instance.name]
+                load = pools.lent_count
+                if best is None or load < busy:
+                    best, busy = pools, load
         if best is None:
             best = self.fallback
         return best.get(key.database, key.user, key.variant) if best is not None else None
