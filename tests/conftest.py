@@ -99,10 +99,12 @@ def group_config(
     secrets_dir: Path,
     user: str,
     password: str,
+    pool: dict[str, Any] | None = None,
     **proxy: Any,
 ) -> dict[str, Any]:
     """A proxy in front of a replicated group: every server a target, probed every 0.2 s,
-    pools of 20% of max_connections, borrows waiting up to WAIT."""
+    pools of 20% of max_connections, borrows waiting up to WAIT (unless `pool` says
+    otherwise)."""
     secret = secrets_dir / f"{user}-group.json"
     secret.write_text(json.dumps({"username": user, "password": password}))
     return {
@@ -117,6 +119,7 @@ def group_config(
                     "connection_pool_config": {
                         "max_connections_percent": 20,
                         "connection_borrow_timeout": WAIT,
+                        **(pool or {}),
                     },
                     "targets": [{"host": s.host, "port": s.port} for s in servers],
                 },

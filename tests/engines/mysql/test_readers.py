@@ -86,3 +86,24 @@ def test_a_replica_that_stopped_replicating_is_skipped(dbmux, pair) -> None:
     finally:
         replica.sql("START SLAVE SQL_THREAD")
     assert primary.sql("SELECT COUNT(*) FROM writes", MY_DB) == "0"
+
+
+def test_with_no_replica_fit_a_read_fails_after_the_borrow_timeout_naming_why(
+    pair, tmp_path
+) -> None:
+    _, replica = pair
+    fresh = {"name": "fresh", "listen": "127.0.0.1:0", "target_role": "READ_ONLY"}
+    endpoints = [{**fresh, "max_replica_lag": 5}]
+    pool = {"connection_borrow_timeout": 1}
+    with dbmux_in_front(pair, tmp_path, pool=pool, endpoints=endpoints) as dbmux:
+        instance = next(i for i in dbmux.proxy().targets.instances if i.target.port == replica.port)
+        replica.sql("STOP SLAVE SQL_THREAD")
+        try:
+            wait_until(lambda: instance.is_replica and instance.lag is None, "lag unknown")
+            with pytest.raises(pymysql.MySQLError) as refused:  # at login or at the query
+                with connect(dbmux, "fresh") as conn, conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+            assert "no replica can serve read-only endpoint fresh" in str(refused.value)
+            assert "max_replica_lag 5" in str(refused.value)
+        finally:
+            replica.sql("START SLAVE SQL_THREAD")
