@@ -212,3 +212,25 @@ def test_a_read_in_flight_outside_a_transaction_runs_on_the_new_writer(
                 return
             assert read.result(timeout=WAIT).fetchone() == ("", replica.port, 0)
     assert replaying_dbmux.proxy().metrics.transaction_replays.value == 1
+
+
+async def test_a_read_in_flight_on_named_statements_runs_on_the_new_writer(
+    replaying_dbmux, cluster
+) -> None:
+    """asyncpg's prepared statements: the statement is prepared again on the new writer and
+    the read in flight runs there."""
+    primary, replica = cluster
+    conn = await asyncpg.connect(url(replaying_dbmux))
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM writes") == 0  # names in use
+        query = "SELECT pg_sleep(2), inet_server_port(), count(*) FROM writes"
+        read = asyncio.create_task(conn.fetchrow(query))
+        running = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(2)%'"
+        await asyncio.to_thread(wait_until, lambda: primary.psql(running) == "1", "running")
+        await asyncio.to_thread(primary.kill)
+        await asyncio.to_thread(replica.promote)
+        row = await asyncio.wait_for(read, WAIT)
+        assert (row[1], row[2]) == (replica.port, 0)
+    finally:
+        await conn.close()
+    assert replaying_dbmux.proxy().metrics.transaction_replays.value == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbmux.engines.postgres.replay import is_pure_read, rerunnable
+from dbmux.engines.postgres.replay import is_pure_read, rerunnable, rerunnable_messages
 from tests.pgraw import i32, msg
 
 
@@ -53,3 +53,12 @@ def test_requests_that_depend_on_earlier_ones_or_write_may_not() -> None:
     bind_only = msg(b"B", b"\0\0" + bytes(6)) + msg(b"E", b"\0" + i32(0)) + msg(b"S")
     assert not rerunnable(bind_only)  # the unnamed statement was parsed on the dead server
     assert not rerunnable(msg(b"Q", b"SELECT 1\0")[:-3])  # a partial message
+
+
+def test_named_statements_the_client_prepared_earlier_are_read_by_their_text() -> None:
+    bind = msg(b"B", b"\0s1\0" + bytes(6))
+    execute = msg(b"E", b"\0" + i32(0))
+    messages = [(66, bind[5:]), (69, execute[5:]), (83, b"")]
+    assert rerunnable_messages(messages, {b"s1": b"SELECT count(*) FROM items"})
+    assert not rerunnable_messages(messages, {b"s1": b"UPDATE items SET note = 'x'"})
+    assert not rerunnable_messages(messages, {})  # a statement nobody knows

@@ -24,7 +24,7 @@ from dbmux.engines.postgres.pinning import (
     UNCLASSIFIED,
     Verdict,
 )
-from dbmux.engines.postgres.replay import rerunnable
+from dbmux.engines.postgres.replay import rerunnable, rerunnable_messages
 from dbmux.engines.postgres.settings import SettingsMixin
 from dbmux.engines.postgres.statements import StatementsMixin
 from dbmux.framed import ClientEnd
@@ -54,7 +54,10 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         self.pin_reason: str | None = None
         self.wanted: dict[str, str] = {}  # this session's settings that differ from defaults
         self.pending: list[bytes] = []  # bytes waiting for a server connection
-        self.last_sent = b""  # the last bytes relayed to a server (transaction_replay)
+        # What was last relayed to a server, for transaction_replay: bytes, or (named
+        # statements) the queue of messages before their names were mapped.
+        self.last_sent = b""
+        self.last_queue: list[tuple[int, bytes]] = []
         self.pending_syncs = 0
         self.waiting = False  # queued in the pool, or bringing a server's settings to ours
         self._held_for_wait = False  # reading paused because more came while waiting
@@ -451,19 +454,21 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         """transaction_replay: the one request in flight, outside a transaction, is a read
         the server answered nothing of; it goes to the next server connection (the next
         writer's, after a failover) instead of failing. True if it did."""
-        if (
-            self.outstanding != 1
-            or self.tx_status != wire.IDLE
-            or self.rewriting
-            or self.pending
-            or server.scanner.answer
-            or not rerunnable(self.last_sent)
-        ):
+        if self.outstanding != 1 or self.tx_status != wire.IDLE or server.scanner.answer:
             return False
+        if self.rewriting:  # named statements: the queue runs again, prepared where missing
+            prepared = {
+                name: rest[: rest.find(b"\0")] for name, (_, rest) in self.statements.items()
+            }
+            if self.queue or not rerunnable_messages(self.last_queue, prepared):
+                return False
+            self.queue, self.queue_syncs = list(self.last_queue), 1
+        else:
+            if self.pending or not rerunnable(self.last_sent):
+                return False
+            self.pending, self.pending_syncs = [self.last_sent], 1
         self.ctx.metrics.transaction_replays.value += 1
         self.outstanding = 0
-        self.pending.append(self.last_sent)
-        self.pending_syncs = 1
         self._flush_pending()
         return True
 

@@ -61,13 +61,31 @@ def rerunnable(request: bytes) -> bool:
     messages, _ = wire.take_messages(bytearray(request))
     if sum(len(body) + 5 for _, body in messages) != len(request):
         return False
+    return rerunnable_messages(messages, {})
+
+
+def rerunnable_messages(messages: list[tuple[int, bytes]], prepared: dict[bytes, bytes]) -> bool:
+    """The messages of one request are a read a fresh server connection can run: a Query,
+    or Parse/Bind/Describe/Execute ending in the one Sync, binding unnamed portals to
+    statements that read. `prepared`: the text of the client's named statements, which the
+    proxy prepares wherever they are missing; a named Parse in the request would meet its
+    own earlier self, so it is not run again."""
     kinds = bytes(kind for kind, _ in messages)
     if kinds == b"Q":
         return is_pure_read(messages[0][1].rstrip(b"\0"))
-    if kinds not in (b"PBES", b"PBDES"):
+    if not kinds.endswith(b"S") or kinds.count(b"S") != 1 or not set(kinds) <= set(b"PBDES"):
         return False
-    parse, bind = messages[0][1], messages[1][1]
-    if not parse.startswith(b"\0") or not bind.startswith(b"\0\0"):
-        return False  # a named statement or portal: another session's or an older request's
-    text_end = parse.find(b"\0", 1)
-    return text_end > 0 and is_pure_read(parse[1:text_end])
+    texts = dict(prepared)
+    for kind, body in messages:
+        if kind == 80:  # Parse: name, text
+            name, at = wire.split_name(body)
+            if name:
+                return False
+            texts[b""] = body[at : body.find(b"\0", at)]
+        elif kind == 66:  # Bind: portal, statement
+            portal, at = wire.split_name(body)
+            name, _ = wire.split_name(body, at)
+            text = texts.get(name)
+            if portal or text is None or not is_pure_read(text):
+                return False
+    return b"E" in kinds

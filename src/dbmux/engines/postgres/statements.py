@@ -84,6 +84,7 @@ class StatementsMixin:
                 if kind != wire.FLUSH:
                     scanner.asked = kind
         self.outstanding += self.queue_syncs
+        self.last_queue = self.queue
         self.queue = []
         self.queue_syncs = 0
         server.scanner.answer = 0
