@@ -93,6 +93,12 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) 
         time.sleep(0.02)
 
 
+def writer_port(dbmux: EmbeddedDbmux) -> int | None:
+    """The port of the target dbmux currently takes for the writer."""
+    writer = dbmux.proxy().targets.writer
+    return writer.target.port if writer is not None else None
+
+
 def group_config(
     engine: str,
     servers: Iterable[Any],

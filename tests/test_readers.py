@@ -15,7 +15,15 @@ import pytest
 
 from dbmux.embedded import EmbeddedDbmux
 from dbmux.testing import PostgresCluster
-from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, WAIT, group_config, wait_until
+from tests.conftest import (
+    APP_DB,
+    APP_PASSWORD,
+    APP_USER,
+    WAIT,
+    group_config,
+    wait_until,
+    writer_port,
+)
 from tests.pgraw import RawClient, i32, msg
 
 LAG_LIMIT = 1.0  # seconds, for the endpoints that limit replication lag
@@ -169,8 +177,7 @@ def test_a_promoted_replica_leaves_the_read_only_side(tmp_path: Path) -> None:
                 assert asyncio.run(ports_serving(dbmux, "ro")) == {first.port, second.port}
                 primary.stop()
                 first.promote()
-                wait_until(lambda: targets.writer is not None, "a new writer")
-                assert targets.writer.target.port == first.port
+                wait_until(lambda: writer_port(dbmux) == first.port, "the replica as writer")
                 assert asyncio.run(ports_serving(dbmux, "ro")) == {second.port}
 
 

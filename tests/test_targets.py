@@ -234,3 +234,25 @@ async def test_a_read_in_flight_on_named_statements_runs_on_the_new_writer(
     finally:
         await conn.close()
     assert replaying_dbmux.proxy().metrics.transaction_replays.value == 1
+
+
+async def test_a_server_closing_idle_connections_is_probed_at_once(cluster, tmp_path) -> None:
+    """Probes are an hour apart here, so only the fast paths can find the failover: idle
+    pooled connections that the stopping primary closes make dbmux probe at once, and
+    while there is no writer the replica is probed often until it is promoted."""
+    primary, replica = cluster
+    config = group_config("POSTGRESQL", cluster, tmp_path, APP_USER, APP_PASSWORD)
+    config["proxies"][0]["target_group"]["probe_interval"] = 3600
+    with EmbeddedDbmux(config) as dbmux:
+        targets = dbmux.proxy().targets
+        await asyncio.to_thread(wait_until, lambda: targets.writer is not None, "a writer")
+        conn = await asyncpg.connect(url(dbmux))
+        await conn.fetchval("SELECT 1")  # leaves an idle server connection in the pool
+        assert dbmux.proxy().pools.idle_count >= 1
+        await asyncio.to_thread(primary.stop)
+        await asyncio.to_thread(wait_until, lambda: targets.writer is None, "the loss noticed")
+        await asyncio.to_thread(replica.promote)
+        await asyncio.to_thread(wait_until, lambda: targets.writer is not None, "a new writer")
+        assert targets.writer.target.port == replica.port
+        assert await conn.fetchval("SELECT inet_server_port()") == replica.port
+        await conn.close()

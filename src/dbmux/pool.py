@@ -338,7 +338,7 @@ class Pool(Lender):
 
     def forget(self, conn: ServerConnection) -> None:
         """Called once by a closing connection: drop it from every container."""
-        if conn in self.lent:
+        if conn in self.lent or conn.lost_by_peer:
             self.budget.on_trouble()
         self.lent.discard(conn)
         with contextlib.suppress(ValueError):  # not idle

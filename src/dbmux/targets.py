@@ -27,6 +27,9 @@ log = logging.getLogger("dbmux.targets")
 
 PROBE_TIMEOUT = 5.0
 SUSPECT_GAP = 0.05
+# While the writer is lost (for up to FAILOVER_WINDOW seconds), probes come this often.
+FAILOVER_PROBE_INTERVAL = 0.25
+FAILOVER_WINDOW = 60.0
 
 
 class TargetHealth(StrEnum):
@@ -103,6 +106,7 @@ class TargetGroup:
         self.generation = 0  # grows at every writer change
         self._writer_known = asyncio.Event()
         self._suspected_at = 0.0
+        self._writer_lost_at = 0.0  # when the last writer was lost (0: never)
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -112,6 +116,12 @@ class TargetGroup:
     def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+
+    @property
+    def failing_over(self) -> bool:
+        """There was a writer, there is none now, and not for long."""
+        lost = self._writer_lost_at
+        return self.writer is None and lost > 0 and time.monotonic() - lost < FAILOVER_WINDOW
 
     def suspect(self) -> None:
         """Something on the hot path went wrong: probe every instance now (at most every
@@ -158,19 +168,23 @@ class TargetGroup:
         return self.writer is instance
 
     async def _watch(self, instance: Instance) -> None:
-        """Probe every interval; a lone target that is a healthy writer has nothing to fail
-        over to, so it is probed again only when trouble is seen (no login a second)."""
+        """Probe every interval, and more often while there is no writer; a lone target
+        that is a healthy writer has nothing to fail over to, so it is probed again only
+        when trouble is seen (no login a second)."""
         while True:
             try:
                 await self._probe(instance)
             except Exception:  # a bug here must not end the watch: the group would freeze
                 log.exception("probing target %s failed unexpectedly", instance.name)
             instance._wake.clear()
-            lone_writer = len(self.instances) == 1 and instance.is_writer
+            if len(self.instances) == 1 and instance.is_writer:
+                wait = None
+            elif self.failing_over:  # find the new writer sooner
+                wait = min(self.interval, FAILOVER_PROBE_INTERVAL)
+            else:
+                wait = self.interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    instance._wake.wait(), None if lone_writer else self.interval
-                )
+                await asyncio.wait_for(instance._wake.wait(), wait)
 
     async def _probe(self, instance: Instance) -> None:
         began = time.monotonic()
@@ -194,7 +208,10 @@ class TargetGroup:
             reason = HealthReason.UNREACHABLE
             self._mark(instance, TargetHealth.UNAVAILABLE, reason, str(error) or "timed out")
         else:
-            instance.role = TargetRole.READ_WRITE if found.writable else TargetRole.READ_ONLY
+            role = TargetRole.READ_WRITE if found.writable else TargetRole.READ_ONLY
+            if role is not instance.role and instance.role is not None:
+                log.info("target %s: role %s -> %s", instance.name, instance.role.value, role.value)
+            instance.role = role
             instance.lag = found.lag
             self._mark(instance, TargetHealth.AVAILABLE, None, "")
         instance.probed_at = began
@@ -240,6 +257,7 @@ class TargetGroup:
         self.writer = chosen
         self.generation += 1
         if chosen is None:
+            self._writer_lost_at = time.monotonic()
             self._writer_known.clear()
             log.warning("no writer among the targets; new transactions wait for one")
         else:

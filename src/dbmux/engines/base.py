@@ -61,6 +61,7 @@ class ServerConnection(ABC):
         # Which writer it was opened to (TargetGroup.generation): older ones are retired.
         self.generation = 0
         self.checked_at = self.created_at  # when it last proved alive (idle health check)
+        self.lost_by_peer = False
 
     @abstractmethod
     async def reset(self) -> None:
@@ -83,6 +84,14 @@ class ServerConnection(ABC):
         self.disconnect(graceful)
         if self.pool is not None:
             self.pool.forget(self)
+
+    def closed_by_peer(self) -> None:
+        """The server (or the network) ended the connection, not the proxy: forget it, and
+        let the pool count it as trouble even when idle (a server closing its connections
+        may be shutting down for a failover)."""
+        if not self.closed:
+            self.lost_by_peer = True
+            ServerConnection.close(self)
 
     def refused_as_read_only(self) -> None:
         """The server refused a statement as read-only. Said of a connection to the writer,

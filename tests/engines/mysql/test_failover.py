@@ -14,7 +14,7 @@ from dbmux.config import TargetRole
 from dbmux.embedded import EmbeddedDbmux
 from dbmux.targets import TargetHealth
 from dbmux.testing import MariaDBServer
-from tests.conftest import WAIT, wait_until
+from tests.conftest import WAIT, wait_until, writer_port
 from tests.engines.mysql.conftest import (
     MY_DB,
     MY_PASSWORD,
@@ -129,9 +129,10 @@ def test_the_old_writer_back_as_a_replica_joins_the_read_only_side(pair, tmp_pat
         replica.wait_caught_up(primary)
         primary.stop()
         replica.promote()
-        wait_until(lambda: targets.writer is not None, "the new writer")
+
+        wait_until(lambda: writer_port(dbmux) == replica.port, "the promoted replica as writer")
         primary.start()  # back, and (for now) writable: a split brain dbmux does not follow
         primary.sql("SET GLOBAL read_only = 1")
         primary.replicate_from(replica)
         wait_until(lambda: served_by_ro() == primary.port, "the old writer serving reads")
-        assert targets.writer is not None and targets.writer.target.port == replica.port
+        assert writer_port(dbmux) == replica.port

@@ -263,7 +263,7 @@ class MyServer(ServerEnd, ServerConnection):
 
     def on_closed(self, exc: Exception | None) -> None:
         client = self.client
-        ServerConnection.close(self)
+        self.closed_by_peer()
         if client is not None:
             client.server_lost(self)
 

@@ -273,7 +273,7 @@ class PgServer(ServerEnd, ServerConnection):
 
     def on_closed(self, exc: Exception | None) -> None:
         client = self.client
-        ServerConnection.close(self)
+        self.closed_by_peer()
         if client is not None:
             client.server_lost(self)
 
