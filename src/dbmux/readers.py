@@ -146,13 +146,9 @@ class ReplicaRoute:
             code="08001",
         )
 
-    @property
-    def lent_count(self) -> int:
-        return sum(s.lent_count for s in self.sets.values())
-
     def close_all(self) -> None:
-        for pools in self.sets.values():
-            pools.close_all()
+        """The proxy stops (its PoolSets, these replicas' among them, close themselves):
+        borrowers still waiting for a replica are told."""
         while self.parked:
             self.parked.popleft()[2].on_borrow_failed(
                 ConnectionAbortedError("the proxy is shutting down")
