@@ -142,15 +142,26 @@ def _process_tree(root: int) -> set[int]:
 def _kill_tree(root: int, timeout: float = 15.0, before: Callable[[], None] | None = None) -> None:
     """SIGKILL a process and everything it started, and wait until all of them are gone.
 
+    All are stopped first, so none sees another die and reacts (a PostgreSQL backend would
+    flush what it had buffered and say goodbye): a crash of the whole host, where no server
+    process sends a last word.
+
     before: called once the tree is known, right before the first signal (a caller timing
     the crash should not count the scan of /proc).
     """
     pids = _process_tree(root)
     if before is not None:
         before()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+
+    def signal_all(sig: signal.Signals) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    signal_all(signal.SIGSTOP)
+    pids |= _process_tree(root)  # children forked before the root stopped
+    signal_all(signal.SIGSTOP)
+    signal_all(signal.SIGKILL)
     if not _wait_until(lambda: not any(_alive(p) for p in pids), timeout):
         raise ServerError(f"processes {sorted(p for p in pids if _alive(p))} survived SIGKILL")
 
