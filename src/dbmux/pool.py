@@ -63,7 +63,6 @@ class TargetBudget:
         # Called when a connection cannot be opened or closes while lent: the instance may
         # have failed over, so its role is probed at once.
         self.on_trouble: Callable[[], None] = lambda: None
-        self.follows_writer = False  # ...also when it refuses a write as read-only
 
     def learn_server_limit(self, max_connections: int, reserved: int) -> None:
         """Size the budget as a percentage of the database's max_connections, never more than

@@ -92,7 +92,6 @@ class Proxy:
         )
         self.pools = PoolSet(pool_config, self._writer_opener(read_only=False), self.metrics)
         self.pools.budget.on_trouble = self.targets.suspect
-        self.pools.budget.follows_writer = True
         read_only = [e for e in config.endpoints if e.target_role is TargetRole.READ_ONLY]
         self.routes = {e.name: self._route(e) for e in read_only}
         self._measure_lag = any(e.max_replica_lag is not None for e in config.endpoints)

@@ -167,14 +167,9 @@ class ReplicaPool(Lender):
 
     @property
     def budget(self) -> TargetBudget:
-        last = self._last or self.route.choose(self.key)
-        if last is None:
-            return next(iter(self.route.sets.values())).budget
-        return last.budget
-
-    @property
-    def timeout(self) -> float:
-        return self.route.timeout
+        if self._last is not None:
+            return self._last.budget
+        return (self.route.fallback or next(iter(self.route.sets.values()))).budget
 
     def try_borrow(self) -> ServerConnection | None:
         pool = self.route.choose(self.key)

@@ -149,7 +149,6 @@ class TargetGroup:
 
     async def wait_for_change(self, generation: int, timeout: float) -> bool:
         """Wait until the writer is no longer the one of `generation`; False on timeout."""
-        self.suspect()
         deadline = time.monotonic() + timeout
         while self.generation == generation:
             if time.monotonic() >= deadline:

@@ -93,13 +93,6 @@ class ServerConnection(ABC):
             self.lost_by_peer = True
             ServerConnection.close(self)
 
-    def refused_as_read_only(self) -> None:
-        """The server refused a statement as read-only. Said of a connection to the writer,
-        that may mean a switchover has begun: the targets are probed at once."""
-        pool = self.pool
-        if pool is not None and pool.budget.follows_writer:
-            pool.budget.on_trouble()
-
     def begin_cancel(self) -> None:
         self.cancels_in_flight += 1
         if self.cancels_done is None or self.cancels_done.is_set():

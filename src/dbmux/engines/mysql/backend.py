@@ -241,10 +241,9 @@ class MyServer(ServerEnd, ServerConnection):
         client = self.client
         if client is None:
             return
-        if done and scanner.failed and wire.is_read_only_refusal(data):
-            self.refused_as_read_only()
-            if client.retry_on_next_writer(self, data):
-                return
+        refused = done and scanner.failed and wire.is_read_only_refusal(data)
+        if refused and client.retry_on_next_writer(self, data):
+            return
         replay_log = client.replay_log
         if replay_log is not None:  # transaction_replay: what the client sees, digested
             replay_log.hasher.update(data)

@@ -633,14 +633,14 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         """The writer refused the command as read-only, before running it: a switchover
         has begun. A command that opened no transaction and is not part of one waits for
         the next writer (up to connection_borrow_timeout) and runs there, once; the client
-        sees the refusal only if no new writer comes. True if the refusal is held."""
+        sees the refusal only if no new writer comes. True if the refusal is held.
+        Either way the targets are probed at once. (On a read-only endpoint the refusal is
+        the right answer, and says nothing of the writer.)"""
+        if not self.ctx.follows_writer:
+            return False
+        self.ctx.targets.suspect()
         request = self.sent
-        if (
-            not self.ctx.follows_writer
-            or request is None
-            or request is self.retried
-            or self._holds(server)
-        ):
+        if request is None or request is self.retried or self._holds(server):
             return False
         self.retried = request
         self._give_back(server)
