@@ -68,16 +68,22 @@ def dbmux(clusters, tmp_path_factory) -> Iterator[EmbeddedDbmux]:
 
 
 @pytest.fixture
-def paused(clusters) -> Iterator[Callable[[PostgresCluster], None]]:
-    """Pause a replica's replay (it lags from the next write on); resumed afterwards."""
-    done: list[PostgresCluster] = []
+def lagging(dbmux, clusters) -> Iterator[Callable[..., None]]:
+    """lagging(*replicas): pause their replay, write on the primary, and wait until dbmux
+    has seen each of them lag past LAG_LIMIT; replay resumes after the test."""
+    primary = clusters[0]
+    paused: list[PostgresCluster] = []
 
-    def pause(replica: PostgresCluster) -> None:
-        replica.psql("SELECT pg_wal_replay_pause()")
-        done.append(replica)
+    def lag(*replicas: PostgresCluster) -> None:
+        for replica in replicas:
+            replica.psql("SELECT pg_wal_replay_pause()")
+            paused.append(replica)
+        primary.psql("INSERT INTO facts VALUES (2); DELETE FROM facts", dbname=APP_DB)
+        for replica in replicas:
+            wait_until(lag_seen(dbmux, replica), f"{replica.port} lagging")
 
-    yield pause
-    for replica in done:
+    yield lag
+    for replica in paused:
         replica.psql("SELECT pg_wal_replay_resume()")
 
 
@@ -124,24 +130,18 @@ async def test_a_write_on_a_read_only_endpoint_is_refused_and_the_client_goes_on
     assert clusters[0].psql("SELECT count(*) FROM facts", dbname=APP_DB) == "0"
 
 
-async def test_a_lagging_replica_is_skipped_until_it_catches_up(dbmux, clusters, paused) -> None:
-    primary, first, second = clusters
-    paused(first)
-    primary.psql("INSERT INTO facts VALUES (2); DELETE FROM facts", dbname=APP_DB)
-    await asyncio.to_thread(wait_until, lag_seen(dbmux, first), "the first replica lagging")
+async def test_a_lagging_replica_is_skipped_until_it_catches_up(dbmux, clusters, lagging) -> None:
+    _, first, second = clusters
+    await asyncio.to_thread(lagging, first)
     assert await ports_serving(dbmux, "fresh") == {second.port}
     assert await ports_serving(dbmux, "ro") == {first.port, second.port}  # no limit there
 
 
 async def test_with_every_replica_lagging_the_writer_serves_reads_read_only(
-    dbmux, clusters, paused
+    dbmux, clusters, lagging
 ) -> None:
     primary, first, second = clusters
-    paused(first)
-    paused(second)
-    primary.psql("INSERT INTO facts VALUES (3); DELETE FROM facts", dbname=APP_DB)
-    for replica in (first, second):
-        await asyncio.to_thread(wait_until, lag_seen(dbmux, replica), "both replicas lagging")
+    await asyncio.to_thread(lagging, first, second)
     assert await ports_serving(dbmux, "fresh-or-writer") == {primary.port}
     conn = await asyncpg.connect(url(dbmux, "fresh-or-writer"))
     with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
@@ -149,14 +149,10 @@ async def test_with_every_replica_lagging_the_writer_serves_reads_read_only(
     await conn.close()
 
 
-async def test_a_read_waits_for_a_replica_when_none_fits(dbmux, clusters, paused) -> None:
+async def test_a_read_waits_for_a_replica_when_none_fits(dbmux, clusters, lagging) -> None:
     """No fallback: the read is held, then runs on the first replica to catch up."""
-    primary, first, second = clusters
-    paused(first)
-    paused(second)
-    primary.psql("INSERT INTO facts VALUES (5); DELETE FROM facts", dbname=APP_DB)
-    for replica in (first, second):
-        await asyncio.to_thread(wait_until, lag_seen(dbmux, replica), "both replicas lagging")
+    _, first, second = clusters
+    await asyncio.to_thread(lagging, first, second)
     conn = await asyncpg.connect(url(dbmux, "fresh"))
     read = asyncio.create_task(conn.fetchval("SELECT inet_server_port()"))
     await asyncio.sleep(0.5)
