@@ -96,4 +96,6 @@ def test_writes_resumed_is_the_first_ack_after_the_outage() -> None:
     r.note_ack(3, 1.05, sent=1.03)  # sent after the crash: the new writer's
     r.note_ack(4, 1.06, sent=1.05)
     assert r.resumed_at == 1.05
-    assert ("writes resumed" in what for _, what in r.events)
+    assert [(at, what) for at, what in r.events if "writes resumed" in what] == [
+        (1.05, "writes resumed")
+    ]
