@@ -197,9 +197,18 @@ class ClientEnd(FramedProtocol):
         super().__init__()
         self._holding_server = False  # we paused the server because our buffer is full
         self._held_by_server = False  # the server paused us because its buffer is full
+        self._holding_self = False  # we paused ourselves because our buffer is full
 
     def on_write_blocked(self, blocked: bool) -> None:
-        """Our client reads slowly: stop reading the server until it catches up."""
+        """Our client reads slowly: stop reading the server until it catches up, and stop
+        reading the client too, since replies the proxy writes itself (pings, refusals)
+        would fill our buffer without a server involved."""
+        if blocked != self._holding_self:
+            self._holding_self = blocked
+            if blocked:
+                self.hold_reading()
+            else:
+                self.release_reading()
         server = self.server
         if server is None or blocked == self._holding_server:
             return

@@ -344,7 +344,9 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             self.hold_reading()
 
     def _next_commands(self) -> None:
-        while not self.busy and not self.is_closed:
+        # A client that does not read our answers gets no more of them (framed.ClientEnd
+        # stops reading it too): what it sent waits here until its buffer drains.
+        while not self.busy and not self.is_closed and not self.write_blocked:
             try:
                 payload = self.reader.take(self.inbox)
             except wire.ProtocolViolation as error:
@@ -368,6 +370,11 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         if self._held and not self.busy:
             self._held = False
             self.release_reading()
+
+    def on_write_blocked(self, blocked: bool) -> None:
+        super().on_write_blocked(blocked)
+        if not blocked and not self.busy and self.inbox:
+            self._next_commands()
 
     def _violation(self, error: tuple[int, str], message: str) -> None:
         self.ctx.metrics.client_protocol_errors.value += 1
