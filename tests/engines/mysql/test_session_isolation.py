@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from pymysql.constants import CLIENT
 
+from dbmux.engines.mysql import wire
 from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER
+from tests.myraw import RawMy
 
 N_CLIENTS = 4
 POOL_OF_TWO = {"max_connections_percent": 4, "connection_borrow_timeout": 5}
@@ -151,3 +153,88 @@ async def test_every_client_sees_only_its_own_session(isolation_proxy, plan) -> 
         for conn in conns:
             conn.close()
     assert proxy.metrics.pins() == 0
+
+
+# -- long data ------------------------------------------------------------------------------
+
+POOL_OF_ONE = {"max_connections_percent": 2, "connection_borrow_timeout": 5}
+
+
+async def prepare(raw: RawMy, text: bytes) -> int:
+    raw.command(b"\x16" + text)
+    reply = await raw.response(wire.RESPONSE_PREPARE)
+    return wire.parse_prepare_ok(reply[0]).statement_id
+
+
+def execute_strings(statement: int, *values: bytes) -> bytes:
+    """COM_STMT_EXECUTE binding VAR_STRING parameters (types sent)."""
+    head = b"\x17" + statement.to_bytes(4, "little") + b"\0" + (1).to_bytes(4, "little")
+    nulls = bytes((len(values) + 7) // 8)
+    types = b"\xfd\x00" * len(values)
+    return head + nulls + b"\x01" + types + b"".join(wire.lenenc_str(v) for v in values)
+
+
+def send_long_data(statement: int, param: int, data: bytes) -> bytes:
+    return b"\x18" + statement.to_bytes(4, "little") + param.to_bytes(2, "little") + data
+
+
+async def test_long_data_never_reaches_another_clients_execute(start_my_proxy) -> None:
+    """Client A sends long data for `SELECT ?`, then executes a different statement, which
+    ends its transaction. Without the fix the connection went back to the pool with A's long
+    data still bound to the shared server statement, and client B executing `SELECT ?` on
+    that connection got A's value instead of its own (MariaDB 10.11 keeps the data: this
+    test failed before the fix). Now A keeps the connection until it executes `SELECT ?`."""
+    proxy = start_my_proxy(pool=POOL_OF_ONE)
+
+    async def run_b(b: RawMy) -> bytes:
+        b_param = await prepare(b, b"SELECT ?")
+        b.command(execute_strings(b_param, b"value-of-b"))
+        return b"".join(await b.response())
+
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with (
+            await RawMy.connect(proxy.host, proxy.port) as a,
+            await RawMy.connect(proxy.host, proxy.port) as b,
+        ):
+            for raw in (a, b):
+                assert (await raw.login(MY_USER, MY_PASSWORD, MY_DB))[1][:1] == b"\0"
+            a_param = await prepare(a, b"SELECT ?")
+            a_other = await prepare(a, b"SELECT 'other'")
+            a.command(send_long_data(a_param, 0, b"secret-of-a"))
+            a.command(execute_strings(a_other))
+            assert b"other" in b"".join(await a.response())
+            seen_by_b = asyncio.create_task(run_b(b))
+            # B runs to the end if the connection went back, else waits for it.
+            while not seen_by_b.done() and not any(p.waiters for p in proxy.pools.pools.values()):
+                await asyncio.sleep(0.01)
+            a.command(execute_strings(a_param, b"ignored"))
+            seen_by_a = b"".join(await a.response())
+            assert b"secret-of-a" in seen_by_a  # A's long data is still its own
+            assert b"value-of-b" in await seen_by_b
+            assert b"secret-of-a" not in seen_by_b.result()
+
+
+async def test_closing_a_statement_drops_its_long_data_and_frees_the_connection(
+    start_my_proxy,
+) -> None:
+    """A client that sends long data and then closes the statement leaves nothing behind:
+    the shared server statement is reset, so the next client's execute of that text gets
+    its own parameter, and the connection goes back without waiting for an execute that
+    will never come (without it, B timed out waiting for the pool's one connection)."""
+    proxy = start_my_proxy(pool=POOL_OF_ONE)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with (
+            await RawMy.connect(proxy.host, proxy.port) as a,
+            await RawMy.connect(proxy.host, proxy.port) as b,
+        ):
+            for raw in (a, b):
+                assert (await raw.login(MY_USER, MY_PASSWORD, MY_DB))[1][:1] == b"\0"
+            a_param = await prepare(a, b"SELECT ?")
+            a.command(send_long_data(a_param, 0, b"secret-of-a"))
+            a.command(b"\x19" + a_param.to_bytes(4, "little"))
+            assert (await a.query("SELECT 'a goes on'"))[-2].endswith(b"a goes on")
+            b_param = await prepare(b, b"SELECT ?")
+            b.command(execute_strings(b_param, b"value-of-b"))
+            seen_by_b = b"".join(await b.response())
+    assert b"value-of-b" in seen_by_b
+    assert b"secret-of-a" not in seen_by_b

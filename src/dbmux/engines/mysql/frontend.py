@@ -103,7 +103,9 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         self.statements: dict[int, ClientStatement] = {}
         self.next_statement_id = 1
         self.last_prepared = 0
-        self.long_data = False  # a statement's long data sits on the server connection
+        # Texts of the server statements holding this client's long data: the session keeps
+        # its server connection until each is executed, reset or closed.
+        self.long_data: set[bytes] = set()
         self.busy = False  # a command is being answered
         self.sent: Request | None = None  # the last command sent to a server
         self.retried: Request | None = None  # ...and the last one run again on a new writer
@@ -401,7 +403,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         elif command == wire.COM_STMT_PREPARE:
             self._start(self._prepare(payload))
         elif command == wire.COM_STMT_CLOSE:
-            self.statements.pop(wire.statement_id(payload), None)
+            self._close_statement(payload)
         elif command == wire.COM_STMT_SEND_LONG_DATA:
             self._send_long_data(payload)
         elif command == wire.COM_STMT_RESET:
@@ -878,7 +880,9 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
                 out = out[:5] + bytes((flags & 0xFF, flags >> 8)) + statement.types + out[7:]
                 ours.types = statement.types
         if command in (wire.COM_STMT_EXECUTE, wire.COM_STMT_BULK_EXECUTE, wire.COM_STMT_RESET):
-            self.long_data = False
+            # Only this statement's long data is used up: another's still sits on its own
+            # server statement, which other clients share once the connection goes back.
+            self.long_data.discard(statement.text)
         if kind is not None:
             server.scanner.expect(kind)
         server.transport.write(wire.packet(0, out))  # type: ignore[union-attr]
@@ -886,14 +890,43 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             self._end_command()
 
     def _send_long_data(self, payload: bytes) -> None:
-        """Long data stays on the server statement until the execute: the session keeps its
-        server connection until then. No reply."""
+        """Long data stays on the server statement until that statement's execute (or reset):
+        the session keeps its server connection until then. No reply."""
         try:
             statement = self._statement(payload)
         except CommandFailed:
             return  # the server would ignore it too; the execute reports the error
-        self.long_data = True
+        self.long_data.add(statement.text)
         self._forward(payload, None, statement)
+
+    def _close_statement(self, payload: bytes) -> None:
+        """COM_STMT_CLOSE (no reply). The server statement stays, shared by text; long data
+        the client sent for it goes, as it would with the statement on a direct connection."""
+        statement = self.statements.pop(wire.statement_id(payload), None)
+        server = self.server
+        if statement is None or server is None or statement.text not in self.long_data:
+            return
+        self.long_data.discard(statement.text)
+        self._start(self._drop_long_data(server, statement.text))
+
+    async def _drop_long_data(self, server: MyServer, text: bytes) -> None:
+        """Clear long data on a shared server statement (COM_STMT_RESET, the proxy's own
+        command), then give the connection back if nothing else holds it."""
+        ours = server.prepared.get(text)
+        try:
+            if ours is not None:  # else evicted from the server, and its long data with it
+                reset = bytes((wire.COM_STMT_RESET, 0, 0, 0, 0))
+                await server.exchange(
+                    wire.with_statement_id(reset, ours.statement_id), wire.RESPONSE_SIMPLE
+                )
+        except ServerError:
+            server.needs_reset = server.discard_needed = True  # reset before anyone uses it
+        except (ConnectionClosed, OSError):
+            pass  # server_lost has dealt with the session; the close has no reply
+        if self.server is server:
+            self._release_if_idle(server)
+        else:
+            self._end_command()
 
     def _reset_statement(self, payload: bytes) -> None:
         try:
@@ -934,7 +967,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         self.statements.clear()
         self.insert_id = 0
         self.pin_reason = None
-        self.long_data = False
+        self.long_data.clear()
 
     async def _change_user(self, payload: bytes) -> None:
         """COM_CHANGE_USER: log in again as another user (checked by the proxy, against the
