@@ -14,6 +14,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 import aiomysql
+import pymysql
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
@@ -238,3 +239,115 @@ async def test_closing_a_statement_drops_its_long_data_and_frees_the_connection(
             seen_by_b = b"".join(await b.response())
     assert b"value-of-b" in seen_by_b
     assert b"secret-of-a" not in seen_by_b
+
+
+# -- KILL ----------------------------------------------------------------------------------
+
+KILL_SPELLINGS = [
+    "KILL {id}",
+    "KILL/**/{id}",
+    "/*x*/KILL {id}",
+    "kill\n{id}",
+    "KILL HARD {id}",
+    "KILL SOFT QUERY {id}",
+    "KILL CONNECTION {id}",
+    "KILL HARD CONNECTION {id};",
+    "KILL QUERY ID {id}",
+    "KILL USER 'app'",
+    "KILL QUERY USER app",
+    "/*!KILL {id}*/",
+    "/*!50000 KILL CONNECTION {id}*/",
+    "/*M!100000 KILL {id}*/",
+    "KILL ({id})",
+    "KILL {id} + 0",
+    "SELECT 1; KILL {id}",
+    "SET STATEMENT max_statement_time = 10 FOR KILL {id}",
+    "BEGIN NOT ATOMIC KILL {id}; END",
+    "EXECUTE IMMEDIATE 'KILL {id}'",
+    "EXECUTE IMMEDIATE CONCAT('KI', 'LL {id}')",
+    "EXECUTE IMMEDIATE 'EXECUTE IMMEDIATE ''KILL {id}'''",
+    "PREPARE s FROM 'KILL {id}'",
+    "PREPARE s FROM _latin1'KILL {id}'",
+    "PREPARE s FROM 'KI' 'LL {id}'",
+    "SET @k = 'KILL {id}'; PREPARE s FROM @k; EXECUTE s",
+    "KILL 'a\\' ; KILL {id} -- '",
+]
+
+
+@pytest.fixture
+def kill_proxy(start_my_proxy):
+    return start_my_proxy(pool={"max_connections_percent": 4, "connection_borrow_timeout": 5})
+
+
+def run_all(conn, sql: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        while cur.nextset():
+            pass
+
+
+@pytest.mark.parametrize("spelling", KILL_SPELLINGS)
+def test_no_spelling_of_kill_reaches_a_server_connection_lent_to_another_client(
+    kill_proxy, spelling: str
+) -> None:
+    """A client that learned the server thread id of a connection lent to another client
+    (CONNECTION_ID(), the process list) sends KILL spelled so that a regex misses it. Before,
+    every form but the plain one reached MariaDB as typed and ended the victim's connection
+    in the middle of its transaction; now each is carried out on dbmux's own ids (where the
+    server id is no client's) or refused."""
+    with (
+        kill_proxy.connect() as victim,
+        kill_proxy.connect(client_flag=CLIENT.MULTI_STATEMENTS) as attacker,
+    ):
+        victim.begin()
+        with victim.cursor() as cur:
+            cur.execute("SELECT CONNECTION_ID()")
+            (server_id,) = cur.fetchone()
+        assert server_id not in (victim.thread_id(), attacker.thread_id())  # no client's id
+        try:
+            run_all(attacker, spelling.format(id=server_id))
+        except pymysql.err.MySQLError as error:
+            assert error.args[0] in (1094, 1235), error  # unknown id, or refused
+        with victim.cursor() as cur:
+            cur.execute("SELECT CONNECTION_ID()")
+            assert cur.fetchone() == (server_id,)  # the same connection, still in use
+        victim.rollback()
+        assert run_one(attacker, "SELECT 'alive'") == "alive"
+
+
+def run_one(conn, sql: str):
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchone()[0]
+
+
+@pytest.mark.parametrize("spelling", ["KILL/**/QUERY {id}", "/*x*/ KILL SOFT QUERY {id}"])
+def test_kill_query_of_a_clients_own_id_in_any_spelling_is_carried_out(
+    kill_proxy, spelling: str
+) -> None:
+    """KILL QUERY with the dbmux id, spelled with comments or modifiers, still works: the
+    refusal of the other forms must not cost drivers their cancel."""
+    with kill_proxy.connect() as conn:
+        run_all(conn, spelling.format(id=conn.thread_id()))
+        assert run_one(conn, "SELECT 'alive'") == "alive"
+
+
+def test_kill_connection_of_a_clients_own_id_spelled_with_comments_ends_it(kill_proxy) -> None:
+    """`KILL/**/CONNECTION <own id>` ends the client's own connection, as on a server."""
+    with kill_proxy.connect() as conn:
+        with pytest.raises(pymysql.err.OperationalError):
+            run_all(conn, f"/*!KILL*/ /**/ CONNECTION {conn.thread_id()}")
+            run_one(conn, "SELECT 1")
+
+
+async def test_kill_cannot_be_prepared_in_the_binary_protocol(kill_proxy) -> None:
+    """COM_STMT_PREPARE of `KILL ?` would let an execute send any server thread id: it is
+    refused with a MySQL error, and the client goes on."""
+    async with asyncio.timeout(STEP_TIMEOUT):
+        async with await RawMy.connect(kill_proxy.host, kill_proxy.port) as raw:
+            assert (await raw.login(MY_USER, MY_PASSWORD, MY_DB))[1][:1] == b"\0"
+            for text in (b"KILL ?", b"KILL/**/5", b"EXECUTE IMMEDIATE 'KILL 5'"):
+                raw.command(b"\x16" + text)
+                (reply,) = await raw.response(wire.RESPONSE_PREPARE)
+                assert wire.parse_err(reply).code == 1235
+            assert (await raw.query("SELECT 'alive'"))[-2].endswith(b"alive")

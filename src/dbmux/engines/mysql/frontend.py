@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import re
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,7 +33,7 @@ CURSOR = "cursor"  # COM_STMT_EXECUTE that opens a server-side cursor
 SET_OPTION = "set_option"  # COM_SET_OPTION changes how the server connection parses
 INBOX_LIMIT = 1 << 20  # stop reading a client that sends this much ahead of its replies
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
-_KILL = re.compile(rb"\s*kill\s+(?:(query|connection)\s+)?(\d{1,10})\s*;?\s*", re.IGNORECASE)
+ER_NOT_SUPPORTED_YET = (1235, "42000")  # a KILL dbmux cannot carry out for the client
 
 
 class LoginRefused(Exception):
@@ -436,11 +435,13 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             self.reply_error(wire.ER_UNKNOWN_COM_ERROR, f"Unknown command 0x{command:02x}")
 
     def _query(self, payload: bytes, frame: bytes | None = None) -> None:
-        if payload[1:].lstrip()[:4].lower() == b"kill":
-            kill = _KILL.fullmatch(payload, 1)
-            if kill is not None:
-                self._kill(int(kill[2]), query=(kill[1] or b"").lower() == b"query")
-                return
+        kill = classify.find_kill(payload[1:])
+        if kill is not None:
+            if kill.refusal:
+                self.reply_error(ER_NOT_SUPPORTED_YET, kill.refusal)
+            else:
+                self._kill(kill.connection_id, query=kill.query)
+            return
         verdict = self._verdict(payload[1:])
         if verdict is not classify.NO_STATE:
             self._note(verdict, payload[1:])
@@ -793,6 +794,12 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
 
     async def _prepare(self, payload: bytes) -> None:
         text = payload[1:]
+        if classify.find_kill(text) is not None:  # its execute would reach the server as is
+            raise CommandFailed(
+                ER_NOT_SUPPORTED_YET,
+                "KILL and dynamic SQL cannot be prepared through dbmux: they could end server "
+                "connections lent to other clients; send KILL <connection id> as a query",
+            )
         verdict = self._verdict(text)
         server = await self._borrow()
         try:
