@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import secrets
 import socket
 import subprocess
@@ -12,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import yaml
@@ -20,6 +22,7 @@ import yaml
 from dbmux.embedded import EmbeddedDbmux
 from dbmux.metrics import ProxyMetrics
 from dbmux.pool import PoolSet
+from dbmux.rechunk import Rechunker
 from dbmux.testing import PostgresCluster
 
 APP_USER, APP_PASSWORD, APP_DB = "app", "app-secret", "app"
@@ -135,8 +138,15 @@ def group_config(
     }
 
 
+class Address(Protocol):
+    """Where a server listens: a throwaway server itself or a relay in front of one."""
+
+    host: str
+    port: int
+
+
 def proxy_config(
-    pg: PostgresCluster,
+    pg: Address,
     secrets_dir: Path,
     pool: dict[str, Any],
     auth: list[dict[str, Any]],
@@ -240,3 +250,50 @@ def proxy(start_proxy: Callable[..., RunningProxy]) -> RunningProxy:
 def server_connections(pg: PostgresCluster, user: str = APP_USER) -> int:
     """Connections the database currently has for `user` (as pg_stat_activity shows)."""
     return int(pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"))
+
+
+# The cuts of the re-chunking relay: fixed in CI, any other value to try other cuts (bench.rechunk
+# runs many at random); a failure prints the seed that reproduces it.
+RECHUNK_SEED = int(os.environ.get("DBMUX_RECHUNK_SEED", "1"))
+
+
+def pytest_report_header() -> str:
+    return f"re-chunking relay seed: DBMUX_RECHUNK_SEED={RECHUNK_SEED}"
+
+
+@dataclass
+class RechunkedProxy(RunningProxy):
+    """A dbmux with a re-chunking relay on both sides: host and port are the client side's."""
+
+    client_side: Rechunker
+    server_side: Rechunker
+
+
+@pytest.fixture
+def rechunked_pg(pg: PostgresCluster) -> Iterator[Rechunker]:
+    """A re-chunking relay straight in front of the session's PostgreSQL (no dbmux)."""
+    with Rechunker(pg.host, pg.port, seed=RECHUNK_SEED, name="server") as relay:
+        yield relay
+
+
+@pytest.fixture
+def start_rechunked_proxy(
+    pg: PostgresCluster, tmp_path: Path
+) -> Iterator[Callable[..., RechunkedProxy]]:
+    """start_proxy's dbmux, reached through a re-chunking relay and reaching PostgreSQL through
+    another: driver -> relay -> dbmux -> relay -> PostgreSQL."""
+    with contextlib.ExitStack() as started:
+
+        def start(pool: dict[str, Any] | None = None, **proxy: Any) -> RechunkedProxy:
+            server_side = started.enter_context(
+                Rechunker(pg.host, pg.port, seed=RECHUNK_SEED, name="server")
+            )
+            config = proxy_config(server_side, tmp_path, pool or {}, [], **proxy)
+            embedded = started.enter_context(EmbeddedDbmux(config))
+            client_side = started.enter_context(
+                Rechunker(*embedded.address(), seed=RECHUNK_SEED, name="client")
+            )
+            host, port = client_side.host, client_side.port
+            return RechunkedProxy(embedded, host, port, client_side, server_side)
+
+        yield start
