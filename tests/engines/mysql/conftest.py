@@ -17,8 +17,9 @@ import pytest
 from dbmux.embedded import EmbeddedDbmux
 from dbmux.metrics import ProxyMetrics
 from dbmux.pool import PoolSet
+from dbmux.rechunk import Rechunker
 from dbmux.testing import MariaDBServer
-from tests.conftest import group_config
+from tests.conftest import RECHUNK_SEED, Address, group_config
 
 MY_USER, MY_PASSWORD, MY_DB = "app", "app-secret", "app"
 SHA2_USER, SHA2_PASSWORD = "app_sha2", "sha2-secret"
@@ -97,7 +98,7 @@ def dbmux_in_front(
 
 
 def my_proxy_config(
-    server: MariaDBServer,
+    server: Address,
     secrets_dir: Path,
     pool: dict[str, Any],
     auth: list[dict[str, Any]],
@@ -152,3 +153,41 @@ def server_connections(server: MariaDBServer, user: str = MY_USER) -> int:
     return int(
         server.sql(f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = '{user}'")
     )
+
+
+@dataclass
+class RechunkedMyProxy(MyProxy):
+    """A dbmux with a re-chunking relay on both sides: host and port are the client side's."""
+
+    client_side: Rechunker
+    server_side: Rechunker
+
+
+@pytest.fixture
+def rechunked_mariadb(mariadb: MariaDBServer) -> Iterator[Rechunker]:
+    """A re-chunking relay straight in front of the session's MariaDB (no dbmux)."""
+    with Rechunker(mariadb.host, mariadb.port, seed=RECHUNK_SEED, name="server") as relay:
+        yield relay
+
+
+@pytest.fixture
+def start_rechunked_my_proxy(
+    mariadb: MariaDBServer, tmp_path: Path
+) -> Iterator[Callable[..., RechunkedMyProxy]]:
+    """start_my_proxy's dbmux, reached through a re-chunking relay and reaching MariaDB through
+    another: driver -> relay -> dbmux -> relay -> MariaDB."""
+    with contextlib.ExitStack() as started:
+
+        def start(pool: dict[str, Any] | None = None, **proxy: Any) -> RechunkedMyProxy:
+            server_side = started.enter_context(
+                Rechunker(mariadb.host, mariadb.port, seed=RECHUNK_SEED, name="server")
+            )
+            config = my_proxy_config(server_side, tmp_path, pool or {}, [], **proxy)
+            embedded = started.enter_context(EmbeddedDbmux(config))
+            client_side = started.enter_context(
+                Rechunker(*embedded.address(), seed=RECHUNK_SEED, name="client")
+            )
+            host, port = client_side.host, client_side.port
+            return RechunkedMyProxy(embedded, host, port, client_side, server_side)
+
+        yield start
