@@ -635,3 +635,47 @@ async def test_reset_goes_back_to_the_value_given_at_login(start_proxy):
     finally:
         await conn.close()
         await other.close()
+
+
+TEMP_OBJECT_FORMS = [
+    "CREATE TABLE pg_temp.items AS SELECT 'secret' AS note",
+    "SELECT 'secret' AS note INTO pg_temp.items",
+    'CREATE TABLE "pg_temp".items (note text)',
+    'CREATE TABLE U&"pg\\005ftemp".items (note text)',
+    "CREATE VIEW pg_temp.items AS SELECT 'secret' AS note",
+    "EXPLAIN ANALYZE CREATE TEMP TABLE items AS SELECT 'secret' AS note",
+    "SET search_path = pg_temp, public; CREATE TABLE items (note text)",
+    "BEGIN; SET LOCAL search_path = 'pg_temp'; CREATE TABLE items (note text); COMMIT",
+    "BEGIN; SELECT set_config('search_path', 'pg_temp', true); CREATE TABLE items (note text);"
+    " COMMIT",
+]
+
+
+async def until_waiting_or_done(proxy, task: asyncio.Task) -> None:
+    """Until `task` has finished or waits for a server connection."""
+    while not task.done() and not any(p.waiters for p in proxy.pools.pools.values()):
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("form", TEMP_OBJECT_FORMS)
+async def test_a_temporary_object_made_in_any_form_is_never_seen_by_another_client(
+    start_proxy, form: str
+) -> None:
+    """A client makes a temporary `items` (shadowing the real table) in a form the old
+    classifier did not read as temporary. Without the pin, the server connection went back
+    to the pool with it, and the next client's `items` was the first client's object. Now
+    the creator keeps its connection until it leaves, and the connection is reset then."""
+    proxy = start_proxy(pool=POOL_OF_ONE)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        creator, other = await connect(proxy), await connect(proxy)
+        try:
+            await creator.execute(form)
+            assert await creator.fetchval("SELECT to_regclass('pg_temp.items')") is not None
+            seen = asyncio.create_task(other.fetchval("SELECT to_regclass('pg_temp.items')"))
+            await until_waiting_or_done(proxy, seen)
+            await creator.close()
+            assert await seen is None
+            assert await other.fetchval("SELECT count(*) FROM items WHERE note = 'secret'") == 0
+        finally:
+            await creator.close()
+            await other.close()

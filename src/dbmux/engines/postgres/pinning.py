@@ -26,9 +26,10 @@ UNCLASSIFIED = "unclassified"
 DO_BLOCK = "do_block"  # its body may change anything; the lexer does not read code
 
 # Fast path: most queries are cleared by a few C-level scans of the lower-cased text, and
-# only text that might create session state goes through the lexer. Function names and
-# modifiers may appear anywhere; statement keywords only first or after a semicolon.
-_ANYWHERE = re.compile(rb"\btemp|\bhold\b|advisory_lock|currval|lastval|set_config")
+# only text that might create session state goes through the lexer. Function names,
+# modifiers and the temporary schema may appear anywhere (a name spelled with Unicode escapes,
+# U&"...", may be the temporary schema); statement keywords only first or after a semicolon.
+_ANYWHERE = re.compile(rb"\btemp|pg_temp|u&[\"']|\bhold\b|advisory_lock|currval|lastval|set_config")
 _STATEMENT_WORDS = rb"set|reset|prepare|execute|deallocate|discard|listen|unlisten|load|do"
 _FIRST = (*_STATEMENT_WORDS.split(b"|"), b"/*", b"--")
 _AFTER_SEMICOLON = re.compile(
@@ -52,6 +53,7 @@ _TOKEN = re.compile(
     | (?P<block_comment>/\*)
     | (?P<dollar>\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$)
     | (?P<estring>[eE]'(?:[^'\\]|\\.|'')*')
+    | (?P<unicode>[uU]&(?:"(?:[^"]|"")*"|'(?:[^']|'')*')(?:\s*(?i:UESCAPE)\s*'[^']')?)
     | (?P<string>'(?:[^']|'')*')
     | (?P<quoted>"(?:[^"]|"")*")
     | (?P<word>[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*)
@@ -127,6 +129,8 @@ def split_statements(sql: str) -> Iterator[list[Token]]:
             continue
         if kind == "other" and text in "'\"":
             raise Unclassifiable("unterminated quoted string or identifier")
+        if kind == "unicode":
+            kind, text = _decode_unicode_escapes(match.group())
         if kind == "semicolon":
             if statement:
                 yield statement
@@ -137,6 +141,36 @@ def split_statements(sql: str) -> Iterator[list[Token]]:
         yield statement
 
 
+_UESCAPE = re.compile(r"\s*UESCAPE\s*'(.)'\Z", re.IGNORECASE | re.DOTALL)
+
+
+def _decode_unicode_escapes(literal: str) -> tuple[str, str]:
+    """U&"..." or U&'...' [UESCAPE 'c'] as the plain quoted identifier or string it spells
+    (kind, text), so a name like U&"pg\\005ftemp" is read as what the server reads."""
+    escape_clause = _UESCAPE.search(literal)
+    escape = escape_clause[1] if escape_clause else "\\"
+    body = literal[: escape_clause.start()] if escape_clause else literal
+    quote = body[2]
+    inner = body[3:-1].replace(quote * 2, quote)
+    decoded, pos = [], 0
+    while (at := inner.find(escape, pos)) >= 0:
+        decoded.append(inner[pos:at])
+        if inner.startswith(escape, at + 1):
+            decoded.append(escape)
+            pos = at + 2
+            continue
+        digits = 6 if inner.startswith("+", at + 1) else 4
+        start = at + 1 + (digits == 6)
+        code = inner[start : start + digits]
+        if len(code) != digits or any(c not in "0123456789abcdefABCDEF" for c in code):
+            raise Unclassifiable("invalid Unicode escape")
+        decoded.append(chr(min(int(code, 16), 0x10FFFF)))
+        pos = start + digits
+    decoded.append(inner[pos:])
+    text = "".join(decoded).replace(quote, quote * 2)
+    return ("quoted" if quote == '"' else "string"), quote + text + quote
+
+
 def _words(tokens: list[Token]) -> list[str]:
     return [t.text for t in tokens if t.kind == "word"]
 
@@ -144,11 +178,10 @@ def _words(tokens: list[Token]) -> list[str]:
 _TRUE_LITERALS = frozenset({"TRUE", "'T'", "'TRUE'", "'ON'", "'YES'", "'Y'", "'1'", "1"})
 
 
-def _set_config_is_session(tokens: list[Token], at: int) -> bool:
-    """set_config(name, value, is_local) is transaction-local only when is_local is a true
-    literal (optionally cast to boolean); any expression counts as session-level."""
-    depth, commas, third = 0, 0, []
-    for token in tokens[at + 1 :]:
+def _arguments(tokens: list[Token], at: int) -> list[list[Token]]:
+    """The arguments of the call whose opening parenthesis is tokens[at]."""
+    depth, arguments = 0, [[]]
+    for token in tokens[at:]:
         text = token.text
         if text == "(":
             depth += 1
@@ -159,13 +192,26 @@ def _set_config_is_session(tokens: list[Token], at: int) -> bool:
             if depth == 0:
                 break
         elif text == "," and depth == 1:
-            commas += 1
+            arguments.append([])
             continue
-        if commas == 2:
-            third.append(text.upper())
+        arguments[-1].append(token)
+    return arguments
+
+
+def _set_config_is_session(arguments: list[list[Token]]) -> bool:
+    """set_config(name, value, is_local) is transaction-local only when is_local is a true
+    literal (optionally cast to boolean); any expression counts as session-level."""
+    third = [t.text.upper() for t in arguments[2]] if len(arguments) > 2 else []
     if third[1:] in ([], [":", ":", "BOOL"], [":", ":", "BOOLEAN"]) and third:
         return third[0] not in _TRUE_LITERALS
     return True
+
+
+def _literal(argument: list[Token]) -> str | None:
+    """The value of an argument that is one plain string literal, else None."""
+    if len(argument) == 1 and argument[0].kind == "string" and argument[0].text[:1] == "'":
+        return argument[0].text[1:-1].replace("''", "'")
+    return None
 
 
 def function_name(token: Token) -> str | None:
@@ -188,12 +234,16 @@ def _function_effects(tokens: list[Token]) -> Iterator[Effect]:
             yield ADVISORY_LOCK, None
         elif name in _SEQUENCE_SESSION_FUNCTIONS:
             yield SEQUENCE_STATE, None
-        elif name == "SET_CONFIG" and _set_config_is_session(tokens, i):
-            # set_config('name', ...): a literal name can be replayed; anything else cannot.
-            first = tokens[i + 2] if i + 2 < len(tokens) else None
-            literal = first is not None and first.kind == "string" and first.text[:1] == "'"
-            setting = first.text[1:-1].replace("''", "'").lower() if literal else None
-            yield SET_VARIABLE, frozenset({setting}) if setting else None
+        elif name == "SET_CONFIG":
+            arguments = _arguments(tokens, i + 1)
+            named = _literal(arguments[0])
+            setting = named.lower() if named else None
+            value = _literal(arguments[1]) if len(arguments) > 1 else None
+            if setting in (None, "search_path") and (value is None or _names_pg_temp(value)):
+                yield TEMPORARY_OBJECT, None  # even transaction-local: see _sets_pg_temp
+            elif _set_config_is_session(arguments):
+                # set_config('name', ...): a literal name can be replayed; nothing else can.
+                yield SET_VARIABLE, frozenset({setting}) if setting else None
 
 
 # SET forms that name their setting with keywords, and what they set.
@@ -250,23 +300,95 @@ def _is_reset(tokens: list[Token]) -> bool:
     return False
 
 
+# Temporary objects live in the session's own schema, pg_temp (alias of pg_temp_N): a table,
+# view, sequence, function, type... created there is seen by the next borrower of the
+# connection, and a temporary table shadows a real one of the same name. Every way to put
+# an object there pins:
+# - CREATE [OR REPLACE] [GLOBAL | LOCAL] TEMP[ORARY] ..., anywhere in a statement (EXPLAIN
+#   ANALYZE CREATE TEMP TABLE ... AS runs it);
+# - SELECT ... INTO [GLOBAL | LOCAL] TEMP[ORARY] [TABLE] name;
+# - any name of the temporary schema, plain, quoted or in Unicode escapes (CREATE TABLE
+#   pg_temp.t, CREATE FUNCTION pg_temp.f, ALTER ... SET SCHEMA pg_temp, SELECT ... INTO
+#   "pg_temp".t, reads of pg_temp.t too);
+# - a search_path that may hold pg_temp (SET [LOCAL] search_path, SET SCHEMA, set_config):
+#   with pg_temp first, an unqualified CREATE TABLE t makes a temporary table, and a
+#   transaction-local setting is enough for that (the table outlives the transaction).
+# Known limit: functions and DO blocks may create temporary objects unseen (DO pins anyway).
 _TEMP = ("TEMP", "TEMPORARY")
-_CREATED_KINDS = ("TABLE", "SEQUENCE", "VIEW", "RECURSIVE")
+_PG_TEMP = re.compile(r"pg_temp(?:_\d+)?", re.IGNORECASE)
+# Clauses that may follow SELECT ... INTO temp, where `temp` is then a table's name.
+_AFTER_INTO_NAME = frozenset(
+    {"FROM", "WHERE", "GROUP", "HAVING", "WINDOW", "UNION", "INTERSECT", "EXCEPT", "ORDER"}
+    | {"LIMIT", "OFFSET", "FETCH", "FOR"}
+)
 
 
-def _creates_temporary(words: list[str]) -> bool:
-    """CREATE [OR REPLACE] [GLOBAL|LOCAL] TEMP[ORARY] TABLE|SEQUENCE|VIEW ..., and
-    SELECT ... INTO [LOCAL] TEMP[ORARY] ... (not a table that happens to be called temp)."""
-    first = words[0]
-    if first == "CREATE":
-        kind = next((i for i, w in enumerate(words) if w in _CREATED_KINDS), len(words))
-        return any(w in _TEMP for w in words[1:kind])
-    if first in ("SELECT", "WITH") and "INTO" in words:
-        after = words[words.index("INTO") + 1 :]
-        if after[:1] in (["LOCAL"], ["GLOBAL"]):
-            after = after[1:]
-        return after[:1] in (["TEMP"], ["TEMPORARY"])
+def _names_pg_temp(text: str) -> bool:
+    """Whether a setting's value may name the temporary schema (with a backslash, it may
+    spell it in escapes: standard_conforming_strings may be off)."""
+    return "pg_temp" in text.lower() or "\\" in text
+
+
+def _is_pg_temp(token: Token) -> bool:
+    if token.kind == "word":
+        return _PG_TEMP.fullmatch(token.text) is not None
+    if token.kind == "quoted":
+        name = token.text[1:-1].replace('""', '"')
+        return _PG_TEMP.fullmatch(name) is not None and name == name.lower()
     return False
+
+
+def _creates_temporary(tokens: list[Token]) -> bool:
+    """Whether a statement may create an object in the session's temporary schema."""
+    words = _words(tokens)
+    return (
+        any(_is_pg_temp(token) for token in tokens)
+        or any(_temp_after_create(words, i) for i, w in enumerate(words) if w == "CREATE")
+        or any(_temp_after_into(tokens, i) for i, t in enumerate(tokens) if t.text == "INTO")
+        or _sets_pg_temp(tokens, words)
+    )
+
+
+def _temp_after_create(words: list[str], at: int) -> bool:
+    """CREATE [OR REPLACE] [GLOBAL | LOCAL] TEMP[ORARY] at words[at]."""
+    i = at + 1
+    if words[i : i + 2] == ["OR", "REPLACE"]:
+        i += 2
+    if words[i : i + 1] in (["GLOBAL"], ["LOCAL"]):
+        i += 1
+    return words[i : i + 1] in (["TEMP"], ["TEMPORARY"])
+
+
+def _temp_after_into(tokens: list[Token], at: int) -> bool:
+    """SELECT ... INTO [GLOBAL | LOCAL] TEMP[ORARY] [TABLE] name at tokens[at], not INSERT
+    INTO / MERGE INTO a table called temp, nor SELECT ... INTO temp FROM ..."""
+    before = next((t.text for t in reversed(tokens[:at]) if t.kind == "word"), "")
+    if tokens[at].kind != "word" or before in ("INSERT", "MERGE"):
+        return False
+    i = at + 1
+    if i < len(tokens) and tokens[i].kind == "word" and tokens[i].text in ("GLOBAL", "LOCAL"):
+        i += 1
+    if not (i + 1 < len(tokens) and tokens[i].kind == "word" and tokens[i].text in _TEMP):
+        return False
+    name = tokens[i + 1]
+    return name.kind == "quoted" or (name.kind == "word" and name.text not in _AFTER_INTO_NAME)
+
+
+def _sets_pg_temp(tokens: list[Token], words: list[str]) -> bool:
+    """SET [SESSION | LOCAL] search_path {= | TO} ... or SET [LOCAL] SCHEMA ... with a value
+    that may name pg_temp (names of it are found by _is_pg_temp already)."""
+    if words[:1] != ["SET"]:
+        return False
+    rest = words[2:] if words[1:2] in (["SESSION"], ["LOCAL"]) else words[1:]
+    if rest[:1] not in (["SEARCH_PATH"], ["SCHEMA"]):
+        return False
+    # E'...' and dollar-quoted values (lexed without their text) may spell anything.
+    return any(
+        t.kind == "estring"
+        or (t.kind == "string" and not t.text.startswith("'"))
+        or (t.kind == "string" and _names_pg_temp(t.text))
+        for t in tokens
+    )
 
 
 def _statement_effect(tokens: list[Token]) -> Effect:
@@ -274,6 +396,8 @@ def _statement_effect(tokens: list[Token]) -> Effect:
     words = _words(tokens)
     if not words:
         return None, None
+    if _creates_temporary(tokens):
+        return TEMPORARY_OBJECT, None
     first = words[0]
     second = words[1] if len(words) > 1 else ""
     if first == "SET":
@@ -308,8 +432,6 @@ def _statement_reason(first: str, second: str, words: list[str], tokens: list[To
         idx = words.index("HOLD")
         if words[idx - 1] == "WITH":
             return CURSOR_WITH_HOLD
-    if _creates_temporary(words):
-        return TEMPORARY_OBJECT
     return None
 
 
