@@ -187,6 +187,10 @@ SPEC: list[tuple[str, str | None]] = [
     ("SET search_path = $$pg_temp$$", TEMPORARY_OBJECT),
     ("SET search_path = 'pg\\137temp'", TEMPORARY_OBJECT),  # standard_conforming_strings off
     ("SET SCHEMA 'pg_temp'", TEMPORARY_OBJECT),
+    ("SET \"search_path\" = 'pg_temp'", TEMPORARY_OBJECT),
+    ("SET LOCAL \"Search_Path\" TO 'pg_temp'", TEMPORARY_OBJECT),
+    ("SET LOCAL search_path = 'public'", None),
+    ("SET LOCAL statement_timeout = 'pg_temp'", None),
     ("SET LOCAL SCHEMA 'pg_temp'", TEMPORARY_OBJECT),
     ("SELECT set_config('search_path', 'pg_temp', false)", TEMPORARY_OBJECT),
     ("SELECT set_config('search_path', 'public, pg_temp', true)", TEMPORARY_OBJECT),

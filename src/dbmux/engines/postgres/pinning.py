@@ -379,14 +379,15 @@ def _sets_pg_temp(tokens: list[Token], words: list[str]) -> bool:
     that may name pg_temp (names of it are found by _is_pg_temp already)."""
     if words[:1] != ["SET"]:
         return False
-    rest = words[2:] if words[1:2] in (["SESSION"], ["LOCAL"]) else words[1:]
-    if rest[:1] not in (["SEARCH_PATH"], ["SCHEMA"]):
+    if words[1:2] == ["LOCAL"] and tokens[1].kind == "word":
+        tokens = [tokens[0], *tokens[2:]]
+    names = _set_settings(tokens)
+    if names is not None and "search_path" not in names:
         return False
     # E'...' and dollar-quoted values (lexed without their text) may spell anything.
     return any(
         t.kind == "estring"
-        or (t.kind == "string" and not t.text.startswith("'"))
-        or (t.kind == "string" and _names_pg_temp(t.text))
+        or (t.kind == "string" and (not t.text.startswith("'") or _names_pg_temp(t.text)))
         for t in tokens
     )
 
