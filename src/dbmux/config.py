@@ -179,8 +179,16 @@ class ProxyConfig(_Model):
     listen: Address
     require_tls: bool = False
     idle_client_timeout: float = Field(1800, gt=0)
-    # Time a client may take from TCP connect to a finished login before it is dropped.
-    client_login_timeout: float = Field(60, gt=0)
+    # Time a client may take from TCP connect to proving its password before it is dropped
+    # (waiting for a server connection after that is connection_borrow_timeout's).
+    client_login_timeout: float = Field(15, gt=0)
+    # Connections that have not proved a password yet, bounded apart from
+    # max_client_connections: one more drops the oldest of them.
+    max_pending_logins: int = Field(1000, ge=1)
+    # Failed logins slow down after five per user or per source address: each later one
+    # waits twice as long as the one before, up to this many seconds (0: no slow-down);
+    # the waits count against client_login_timeout.
+    max_login_failure_delay: float = Field(5, ge=0)
     debug_logging: bool = False
     session_state: SessionState = SessionState.REPLAY
     max_client_connections: int = Field(10000, ge=1)

@@ -125,6 +125,15 @@ class ProxyMetrics:
         self.client_protocol_errors = c(
             "ClientProtocolErrors", "Client connections closed for malformed protocol input"
         ).labels(proxy=proxy)
+        self.client_logins_dropped = c(
+            "ClientLoginsDropped",
+            "Connections dropped before proving a password: max_pending_logins others were "
+            "waiting to (the oldest goes)",
+        ).labels(proxy=proxy)
+        self.client_logins_delayed = c(
+            "ClientLoginsDelayed",
+            "Failed logins answered late: their user or address failed too often recently",
+        ).labels(proxy=proxy)
         self.query_requests = c("QueryRequests", "Queries received from clients").labels(
             proxy=proxy
         )

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dbmux.auth.admission import Admission, LoginThrottle
 from dbmux.auth.secrets import Credentials, read_secret
 from dbmux.config import (
     ClientPasswordAuthType,
@@ -53,7 +54,9 @@ class ProxyRuntime:
     metrics: ProxyMetrics
     clock: Clock
     targets: TargetGroup
-    clients: set[ClientSession] = field(default_factory=set)
+    clients: set[ClientSession]
+    admission: Admission  # the bound on clients that have not proved a password yet
+    throttle: LoginThrottle  # failed logins, per user and source address
 
 
 def engine_for(family: EngineFamily) -> Engine:
@@ -95,8 +98,17 @@ class Proxy:
         read_only = [e for e in config.endpoints if e.target_role is TargetRole.READ_ONLY]
         self.routes = {e.name: self._route(e) for e in read_only}
         self._measure_lag = any(e.max_replica_lag is not None for e in config.endpoints)
+        clients: set[ClientSession] = set()
         self.runtime = ProxyRuntime(
-            config, self.pools, self.users, self.metrics, Clock(), self.targets
+            config,
+            self.pools,
+            self.users,
+            self.metrics,
+            Clock(),
+            self.targets,
+            clients,
+            Admission(clients, config, self.metrics),
+            LoginThrottle(config.max_login_failure_delay, self.metrics, time.monotonic),
         )
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []  # the proxy's listen, then its endpoints'

@@ -16,7 +16,7 @@ from dbmux.auth.scram import (
     ScramError,
     ScramServer,
     ScramVerifier,
-    salted_password,
+    derived_keys,
     saslprep,
 )
 
@@ -447,13 +447,13 @@ def test_ascii_passwords_bypass_saslprep() -> None:
 def test_pbkdf2_is_cached_across_clients() -> None:
     salt = secrets.token_bytes(16)
     verifier = ScramVerifier.from_password("cached", FAST_ITERATIONS, salt=salt)
-    before = salted_password.cache_info()
+    hits, misses = derived_keys.hits, derived_keys.misses
     for _ in range(3):
         exchange(ScramClient("cached"), ScramServer(verifier))
-    after = salted_password.cache_info()
-    assert after.hits - before.hits >= 3
-    assert after.misses == before.misses
-    assert after.maxsize is not None and after.maxsize <= 4096
+    assert derived_keys.hits - hits >= 3
+    assert derived_keys.misses == misses
+    assert (b"cached", salt, FAST_ITERATIONS) in derived_keys
+    assert len(derived_keys) <= derived_keys.capacity <= 4096
 
 
 # --- against a real PostgreSQL ---------------------------------------------------------------

@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import functools
 import hashlib
 import hmac
 import secrets
 import stringprep
 import unicodedata
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "ScramError",
     "ScramServer",
     "ScramVerifier",
+    "derived_keys",
+    "mock_verifier",
     "salted_password",
     "saslprep",
 ]
@@ -94,10 +97,47 @@ def _normalize_password(password: str) -> bytes:
 # --- key derivation --------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1024)
+class DerivedKeys:
+    """PBKDF2 results by (password, salt, iterations), least recently used dropped first:
+    many server connections with one login pay the derivation once. Only the proxy's own
+    logins belong here; what a client can make up (an unknown user's name) must stay out,
+    or cycling through names would push the proxy's keys out."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[tuple[bytes, bytes, int], bytes] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __contains__(self, entry: tuple[bytes, bytes, int]) -> bool:
+        return entry in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes, int]]:
+        return iter(list(self._keys))
+
+    def get(self, password: bytes, salt: bytes, iterations: int) -> bytes:
+        entry = (password, salt, iterations)
+        key = self._keys.get(entry)
+        if key is not None:
+            self.hits += 1
+            self._keys.move_to_end(entry)
+            return key
+        self.misses += 1
+        key = self._keys[entry] = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+        if len(self._keys) > self.capacity:
+            self._keys.popitem(last=False)
+        return key
+
+
+derived_keys = DerivedKeys(capacity=1024)
+
+
 def salted_password(password: bytes, salt: bytes, iterations: int) -> bytes:
-    """PBKDF2-HMAC-SHA-256, cached so many server connections with one login pay it once."""
-    return hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+    """PBKDF2-HMAC-SHA-256 through the cache of derived keys."""
+    return derived_keys.get(password, salt, iterations)
 
 
 def _hmac(key: bytes, message: bytes) -> bytes:
@@ -265,6 +305,24 @@ class ScramVerifier:
             f"{MECHANISM}${self.iterations}:{_b64encode(self.salt)}"
             f"${_b64encode(self.stored_key)}:{_b64encode(self.server_key)}"
         )
+
+
+_MOCK_SECRET = secrets.token_bytes(32)
+
+
+def mock_verifier(user: str, iterations: int = DEFAULT_ITERATIONS) -> ScramVerifier:
+    """What a user the proxy does not know is challenged with, as PostgreSQL's mock
+    authentication does: the same salt for the same name for the process's life (a salt
+    that changed on each try would tell that the name is unknown) and keys no proof
+    matches. Nothing is derived, so guessing names costs no PBKDF2 on the event loop and
+    puts nothing among the derived keys."""
+    name = user.encode("utf-8", "surrogateescape")
+    return ScramVerifier(
+        salt=hmac.digest(_MOCK_SECRET, b"salt:" + name, "sha256")[:_SALT_BYTES],
+        iterations=iterations,
+        stored_key=secrets.token_bytes(_KEY_BYTES),
+        server_key=secrets.token_bytes(_KEY_BYTES),
+    )
 
 
 # --- the proxy as SCRAM server (authenticating clients) --------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dbmux.auth import mysql as auth
+from dbmux.auth.admission import Refusal, source_address
 from dbmux.engines.base import ClientSession, ServerError
 from dbmux.engines.mysql import classify, state, wire
 from dbmux.engines.mysql.backend import NATIVE, MyServer
@@ -68,6 +69,13 @@ Request = tuple[bytes, "int | None", "ClientStatement | None", "bytes | None"]
 
 def borrow_hint(pool: Lender) -> str:
     return f"timed out waiting for a database connection: {pool.borrow_hint()}"
+
+
+def too_many(seq: int, refusal: Refusal) -> LoginRefused:
+    """MySQL's "Too many connections" (1040), saying which limit was reached."""
+    return LoginRefused(
+        seq, wire.ER_CON_COUNT_ERROR, f"Too many connections: {refusal.text} ({refusal.hint})"
+    )
 
 
 def error_of(error: ServerError) -> tuple[int, str]:
@@ -182,9 +190,11 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
 
     async def _login(self) -> None:
         ctx = self.ctx
+        admission = ctx.runtime.admission
+        admission.enter(self, self._drop_pending)
         try:
-            async with asyncio.timeout(ctx.config.client_login_timeout):
-                await self._handshake()
+            async with asyncio.timeout(ctx.config.client_login_timeout) as deadline:
+                await self._handshake(deadline)
         except LoginRefused as refusal:
             self.write(wire.packet(refusal.seq, wire.err_packet(refusal.error, refusal.message)))
             self.close_transport()
@@ -202,21 +212,28 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         except Exception:  # a bug must cost this client only, and say so
             log.exception("login of a client failed unexpectedly")
             self.close_transport()
+        finally:
+            admission.leave(self)
 
-    async def _handshake(self) -> None:
+    def _drop_pending(self, refusal: Refusal) -> None:
+        # Sequence id 2 answers a handshake response, 0 comes instead of the greeting.
+        error = too_many(2 if self.nonce else 0, refusal)
+        self.write(wire.packet(error.seq, wire.err_packet(error.error, error.message)))
+        self.close_transport()
+
+    async def _handshake(self, deadline: asyncio.Timeout) -> None:
         ctx = self.ctx
-        limit = ctx.config.max_client_connections
-        if len(ctx.clients) > limit:
-            ctx.metrics.client_connections_refused.value += 1
-            raise LoginRefused(
-                0,
-                wire.ER_CON_COUNT_ERROR,
-                f"Too many connections: max_client_connections is {limit}",
-            )
+        admission = ctx.runtime.admission
+        refusal = admission.refusal()
+        if refusal is not None:
+            raise too_many(0, refusal)
+        self.hold_reading()  # nothing is due from the client before the greeting
         try:
             greeting = await ctx.server_greeting()
         except (OSError, TimeoutError, ServerError, wire.ProtocolViolation) as error:
             raise LoginRefused(0, (2003, "HY000"), f"cannot reach the database: {error}") from None
+        finally:
+            self.release_reading()
         self.nonce = auth.new_nonce()
         self.connection_id = ctx.new_connection_id(self)
         offered = greeting.capabilities & wire.PROXY_CAPABILITIES
@@ -236,7 +253,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
                 ),
             )
         )
-        seq, payload = await self.read(wire.split_packet)
+        seq, payload = await self.read(wire.split_login_packet)
         response = wire.parse_handshake_response(payload)
         if response.ssl_request:
             raise LoginRefused(seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "TLS is not available")
@@ -247,6 +264,10 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         self.capabilities = response.capabilities & offered
         self.user = response.user
         seq = await self._authenticate(response.user, response.plugin, response.auth_response, seq)
+        refusal = admission.admit(self)  # again: others may have logged in meanwhile
+        if refusal is not None:
+            raise too_many(seq + 1, refusal)
+        deadline.reschedule(None)  # proved: no longer a pending login
         database = response.database if self.capabilities & wire.CLIENT_CONNECT_WITH_DB else ""
         await self._join_pool(database, response.charset, seq + 1)
         self.reply(wire.ok_packet(), seq=seq + 1)
@@ -261,6 +282,9 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         """Check the client's password against the proxy's secret with the user's plugin
         (switching plugins if the client started with another); the last sequence id."""
         ctx = self.ctx
+        throttle = ctx.runtime.throttle
+        address = source_address(self.transport)
+        await throttle.sit_out(self, throttle.before_check(address))
         login = ctx.users.get(user)
         method = ctx.plugin_for(login.auth_type if login else None)
         # Unknown users go through the same exchange, so the reply does not tell who exists.
@@ -271,7 +295,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
                     seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, f"the client cannot use {method}"
                 )
             self.write(wire.packet(seq + 1, wire.auth_switch_request(method, self.nonce)))
-            seq, response = await self.read(wire.split_packet)
+            seq, response = await self.read(wire.split_login_packet)
         if method == NATIVE:
             ok = auth.verify_native(password, self.nonce, response)
         elif auth.verify_sha2(password, self.nonce, response):
@@ -282,12 +306,12 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             ok, seq = await self._full_sha2_auth(password, seq)
         if not ok or login is None:
             ctx.metrics.client_connections_setup_failed_auth.value += 1
-            host = self.transport.get_extra_info("peername", ("?",))[0] if self.transport else "?"
+            await throttle.sit_out(self, throttle.failed(user, address))
             using = "YES" if response else "NO"
             raise LoginRefused(
                 seq + 1,
                 wire.ER_ACCESS_DENIED_ERROR,
-                f"Access denied for user '{user}'@'{host}' (using password: {using})",
+                f"Access denied for user '{user}'@'{address or '?'}' (using password: {using})",
             )
         return seq
 
@@ -295,11 +319,11 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         """caching_sha2_password full authentication: the client fetches the proxy's RSA key
         and sends its password encrypted (without TLS, a cleartext password is refused)."""
         self.write(wire.packet(seq + 1, b"\x01\x04"))
-        seq, data = await self.read(wire.split_packet)
+        seq, data = await self.read(wire.split_login_packet)
         if data != b"\x02":
             return False, seq
         self.write(wire.packet(seq + 1, b"\x01" + self.ctx.rsa_key.public_pem))
-        seq, data = await self.read(wire.split_packet)
+        seq, data = await self.read(wire.split_login_packet)
         sent = self.ctx.rsa_key.decrypt_password(data, self.nonce)
         return sent is not None and hmac.compare_digest(sent, password), seq
 

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 MAX_PAYLOAD = 0xFFFFFF
 MAX_COMMAND = 1 << 30  # the server's own ceiling for max_allowed_packet
+# A HandshakeResponse41 is a few hundred bytes (a user, a 20-byte scramble or a 256-byte RSA
+# ciphertext, a database, a plugin name), connection attributes a few hundred more; as
+# PostgreSQL caps its startup packet, a packet before login is capped at this.
+MAX_LOGIN_PACKET = 8192
 
 # Capability flags (the low 32 bits are MySQL's; MariaDB's extensions follow at bit 32).
 CLIENT_LONG_PASSWORD = 1  # MariaDB: unset by servers and clients that use the extensions
@@ -210,6 +214,18 @@ def split_packet(buf: bytearray) -> tuple[int, bytes] | None:
     payload = bytes(buf[4 : 4 + length])
     del buf[: 4 + length]
     return seq, payload
+
+
+def split_login_packet(buf: bytearray) -> tuple[int, bytes] | None:
+    """split_packet for a client that has not logged in: refused as soon as the header
+    says more than a login sends, so such a client never makes the proxy buffer 16 MiB."""
+    if len(buf) >= 3:
+        length = buf[0] | buf[1] << 8 | buf[2] << 16
+        if length > MAX_LOGIN_PACKET:
+            raise ProtocolViolation(
+                f"login packet of {length} bytes; a login sends at most {MAX_LOGIN_PACKET}"
+            )
+    return split_packet(buf)
 
 
 def split_raw(buf: bytearray) -> bytes | None:

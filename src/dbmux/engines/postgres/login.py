@@ -9,8 +9,15 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
+from dbmux.auth.admission import Refusal, source_address
 from dbmux.auth.md5 import md5_password_hash, verify_md5_response
-from dbmux.auth.scram import ScramAuthFailed, ScramError, ScramServer, ScramVerifier
+from dbmux.auth.scram import (
+    ScramAuthFailed,
+    ScramError,
+    ScramServer,
+    ScramVerifier,
+    mock_verifier,
+)
 from dbmux.config import ClientPasswordAuthType
 from dbmux.engines.base import ServerError
 from dbmux.engines.postgres import wire
@@ -66,9 +73,11 @@ class LoginMixin:
 
     async def _login(self) -> None:
         ctx = self.ctx
+        admission = ctx.runtime.admission
+        admission.enter(self, self._drop_pending)
         try:
-            async with asyncio.timeout(ctx.config.client_login_timeout):
-                await self._startup()
+            async with asyncio.timeout(ctx.config.client_login_timeout) as deadline:
+                await self._startup(deadline)
         except LoginRefused as refusal:
             self.fatal(refusal.code, refusal.text, hint=refusal.hint)
         except wire.ProtocolViolation as error:
@@ -85,9 +94,15 @@ class LoginMixin:
         except Exception:  # a bug must cost this client only, and say so
             log.exception("login of a client failed unexpectedly")
             self.fatal("XX000", "internal error in the proxy during login")
+        finally:
+            admission.leave(self)
 
-    async def _startup(self) -> None:
+    def _drop_pending(self, refusal: Refusal) -> None:
+        self.fatal("53300", refusal.text, hint=refusal.hint)
+
+    async def _startup(self, deadline: asyncio.Timeout) -> None:
         ctx = self.ctx
+        admission = ctx.runtime.admission
         while True:
             packet = await self.read(wire.split_startup)
             code, params = wire.parse_startup(packet)
@@ -105,14 +120,9 @@ class LoginMixin:
             break
         # Refused only now, after SSLRequest and so on, so the client can read the reason;
         # cancel requests are still served when the proxy is full.
-        limit = ctx.config.max_client_connections
-        if len(ctx.clients) > limit:
-            ctx.metrics.client_connections_refused.value += 1
-            raise LoginRefused(
-                "53300",
-                "too many client connections to the proxy",
-                f"max_client_connections is {limit}",
-            )
+        refusal = admission.refusal()
+        if refusal is not None:
+            raise LoginRefused("53300", refusal.text, refusal.hint)
         unsupported = [name for name in params if name.startswith("_pq_.")]
         if code != wire.PROTOCOL_3_0 or unsupported:
             self.write(wire.negotiate_protocol_version(0, unsupported))
@@ -123,6 +133,10 @@ class LoginMixin:
             raise LoginRefused("28000", "no PostgreSQL user name specified in startup packet")
         self.user = user
         await self._authenticate(user)
+        refusal = admission.admit(self)  # again: others may have logged in meanwhile
+        if refusal is not None:
+            raise LoginRefused("53300", refusal.text, refusal.hint)
+        deadline.reschedule(None)  # proved: no longer a pending login
         database = params.get("database") or user
         settings = {k: v for k, v in params.items() if k not in _NOT_SETTINGS and k[:5] != "_pq_."}
         settings.update(parse_options(params.get("options", "")))
@@ -146,6 +160,9 @@ class LoginMixin:
 
     async def _authenticate(self, user: str) -> None:
         ctx = self.ctx
+        throttle = ctx.runtime.throttle
+        address = source_address(self.transport)
+        await throttle.sit_out(self, throttle.before_check(address))
         login = ctx.users.get(user)
         method = login.auth_type if login else ClientPasswordAuthType.POSTGRES_SCRAM_SHA_256
         ok = False
@@ -156,18 +173,12 @@ class LoginMixin:
             stored = md5_password_hash(user, login.credentials.password) if login else "md5"
             ok = login is not None and verify_md5_response(stored, salt, payload.rstrip(b"\0"))
         else:
-            # Unknown users go through the same exchange against a random verifier, so the
-            # reply does not tell who exists.
-            verifier = (
-                login.verifier
-                if login
-                else ScramVerifier.from_password(
-                    secrets.token_hex(16), salt=secrets.token_bytes(16)
-                )
-            )
-            ok = await self._scram(verifier)
+            # Unknown users go through the same exchange, so the reply does not tell who
+            # exists.
+            ok = await self._scram(login.verifier if login else mock_verifier(user))
         if not ok:
             ctx.metrics.client_connections_setup_failed_auth.value += 1
+            await throttle.sit_out(self, throttle.failed(user, address))
             raise LoginRefused("28P01", f'password authentication failed for user "{user}"')
         self.write(wire.authentication(wire.AUTH_OK))
 

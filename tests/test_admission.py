@@ -1,0 +1,231 @@
+"""Who may try to log in, and how fast, for both engines: connections that have not proved a
+password are bounded apart from max_client_connections (a flood of silent sockets cannot lock
+real clients out), failed logins slow down per user and per source address without slowing
+anyone else's good login, and guessing user names leaves the proxy's derived keys alone."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import pymysql
+import pytest
+
+from dbmux.auth import scram
+from dbmux.engines.mysql import wire as mywire
+from dbmux.metrics import ProxyMetrics
+from dbmux.proxy import ProxyRuntime
+from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, WAIT, RunningProxy, wait_until
+from tests.engines.mysql.conftest import (  # noqa: F401  (fixtures used through getfixturevalue)
+    MY_DB,
+    MY_PASSWORD,
+    MY_USER,
+    MyProxy,
+    mariadb,
+    start_my_proxy,
+)
+from tests.myraw import RawMy
+from tests.pgraw import AUTH_SASL, AUTH_SASL_CONTINUE, RawClient, msg, sasl_initial_response
+
+ATTACKER = "127.0.0.2"  # loopback, but another source address than the real client's
+FLOOD = 2000
+
+
+async def connect_from(source: str, host: str, port: int) -> socket.socket:
+    """A TCP connection to the proxy from `source` (any 127/8 address works on Linux)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.bind((source, 0))
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), WAIT)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class PgSide:
+    """The PostgreSQL half of the contract: asyncpg logs in, a raw client guesses."""
+
+    proxy: RunningProxy
+    too_many = "53300"
+    wrong_password = "28P01"
+
+    async def log_in(self) -> None:
+        conn = await asyncpg.connect(self.proxy.url(), timeout=WAIT)
+        try:
+            assert await conn.fetchval("SELECT 1") == 1
+        finally:
+            await conn.close()
+
+    async def fail_login(self, source: str, user: str = APP_USER) -> str:
+        sock = await connect_from(source, self.proxy.host, self.proxy.port)
+        async with RawClient(sock) as client:
+            assert (await client.start(user, APP_DB)).auth_code == AUTH_SASL
+            guess = scram.ScramClient("not-the-password")
+            await client.send(sasl_initial_response(guess.client_first()))
+            cont = await client.read_message()
+            assert cont.auth_code == AUTH_SASL_CONTINUE
+            await client.send(msg(b"p", guess.handle_server_first(cont.payload[4:])))
+            reply = await client.read_message()
+            return reply.fields["C"]
+
+    async def name_a_user(self, user: str) -> None:
+        """Ask to log in as `user` and hang up once challenged."""
+        sock = await connect_from("127.0.0.1", self.proxy.host, self.proxy.port)
+        async with RawClient(sock) as client:
+            assert (await client.start(user, APP_DB)).auth_code == AUTH_SASL
+
+    async def refusal(self, sock: socket.socket) -> str:
+        """What a silent socket was told before the proxy hung up."""
+        reply = await RawClient(sock).read_message()
+        assert reply.kind == b"E", reply
+        return reply.fields["C"]
+
+
+@dataclass
+class MySide:
+    """The MySQL half: PyMySQL logs in and guesses (from a chosen source address)."""
+
+    proxy: MyProxy
+    too_many = str(mywire.ER_CON_COUNT_ERROR[0])
+    wrong_password = str(mywire.ER_ACCESS_DENIED_ERROR[0])
+
+    async def log_in(self) -> None:
+        def query() -> None:
+            with self.proxy.connect(connect_timeout=WAIT) as conn, conn.cursor() as cursor:
+                cursor.execute("SELECT 1")
+                assert cursor.fetchone() == (1,)
+
+        await asyncio.to_thread(query)
+
+    async def fail_login(self, source: str, user: str = MY_USER) -> str:
+        def guess() -> str:
+            with pytest.raises(pymysql.err.OperationalError) as caught:
+                pymysql.connect(
+                    host=self.proxy.host,
+                    port=self.proxy.port,
+                    user=user,
+                    password="not-the-password",
+                    database=MY_DB,
+                    bind_address=source,
+                    connect_timeout=WAIT,
+                )
+            return str(caught.value.args[0])
+
+        return await asyncio.to_thread(guess)
+
+    async def name_a_user(self, user: str) -> None:
+        raw = await RawMy.connect(self.proxy.host, self.proxy.port)
+        try:
+            _, reply = await raw.login(user, MY_PASSWORD, MY_DB)
+            assert reply[0] == 0xFF
+        finally:
+            raw.close()
+
+    async def refusal(self, sock: socket.socket) -> str:
+        loop = asyncio.get_running_loop()
+        data = b""
+        while True:  # the greeting, then an ERR packet
+            while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:3], "little"):
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), WAIT)
+                assert chunk, f"closed without an error after {data!r}"
+                data += chunk
+            end = 4 + int.from_bytes(data[:3], "little")
+            payload, data = data[4:end], data[end:]
+            if payload[0] == 0xFF:
+                return str(int.from_bytes(payload[1:3], "little"))
+
+
+Side = PgSide | MySide
+
+
+@pytest.fixture(params=["POSTGRESQL", "MYSQL"])
+def start(request: pytest.FixtureRequest) -> Iterator[Callable[..., Side]]:
+    """start(**proxy_settings): a fresh dbmux of the engine in front of its test server."""
+    if request.param == "POSTGRESQL":
+        start_proxy = request.getfixturevalue("start_proxy")
+        yield lambda **settings: PgSide(start_proxy(**settings))
+    else:
+        start_my = request.getfixturevalue("start_my_proxy")
+        yield lambda **settings: MySide(start_my(**settings))
+
+
+def runtime(side: Side) -> ProxyRuntime:
+    return side.proxy.embedded.proxy().runtime
+
+
+def metrics(side: Side) -> ProxyMetrics:
+    return side.proxy.metrics
+
+
+async def test_a_flood_of_silent_sockets_does_not_lock_out_a_real_client(start) -> None:
+    """Without a bound of their own, connections that never say a word hold client slots
+    until client_login_timeout: 2,000 of them and no real client gets in for a minute, and
+    an attacker who keeps reconnecting locks everyone out for good."""
+    side = start(max_client_connections=20, max_pending_logins=10)
+    host, port = side.proxy.host, side.proxy.port
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(FLOOD // 100):
+            flood += await asyncio.gather(
+                *(connect_from("127.0.0.1", host, port) for _ in range(100))
+            )
+        wait_until(
+            lambda: metrics(side).client_logins_dropped.value >= FLOOD - 10,
+            "the oldest silent sockets are dropped",
+        )
+        await side.log_in()  # while the flood is open
+        # The dropped heard why, in their protocol, and nobody was refused for
+        # max_client_connections: the silent ones never took a client slot.
+        assert await side.refusal(flood[0]) == side.too_many
+        assert metrics(side).client_connections_refused.value == 0
+        assert metrics(side).client_connections_setup_succeeded.value == 1
+        assert len(runtime(side).admission) <= 10
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+async def test_a_burst_of_wrong_passwords_slows_down_but_not_a_good_login_elsewhere(
+    start,
+) -> None:
+    """Without a throttle a guesser tries passwords as fast as the proxy answers; with one
+    that counted failures per user only, the real user would be slowed by the attacker."""
+    side = start(max_login_failure_delay=0.2)
+    throttle = runtime(side).throttle
+    for _ in range(10):
+        assert await side.fail_login(ATTACKER) == side.wrong_password
+    m = metrics(side)
+    assert m.client_connections_setup_failed_auth.value == 10
+    # The first five failures are free; every later one waited before its answer (and,
+    # from the same address, before its password was even checked).
+    assert m.client_logins_delayed.value == 5
+    user = APP_USER if isinstance(side, PgSide) else MY_USER
+    assert throttle.penalty(user=user) == pytest.approx(0.2)
+    assert throttle.penalty(address=ATTACKER) == pytest.approx(0.2)
+
+    await side.log_in()  # the same user, from another address: not delayed at all
+    assert throttle.penalty(address="127.0.0.1") == 0
+    assert m.client_logins_delayed.value == 5
+    assert m.client_connections_setup_succeeded.value == 1
+
+
+async def test_guessing_user_names_leaves_the_proxys_derived_keys_alone(start) -> None:
+    """Challenging an unknown user with a verifier derived by PBKDF2 from a random password
+    spent the event loop's time on it and stored it among the proxy's own derived keys,
+    so cycling through names pushed out the key of every real login to the database."""
+    side = start(max_login_failure_delay=0)
+    await side.log_in()  # the proxy logs in to the database itself, deriving its key
+    before = set(scram.derived_keys)
+    if isinstance(side, PgSide):
+        assert any(password == APP_PASSWORD.encode() for password, _, _ in before)
+    for _ in range(scram.derived_keys.capacity + 100):
+        await side.name_a_user(f"nobody_{secrets.token_hex(8)}")
+    assert set(scram.derived_keys) == before
+    await side.log_in()
