@@ -66,6 +66,9 @@ def test_minimal_config_fills_in_the_documented_defaults() -> None:
     assert proxy.idle_client_timeout == 1800
     assert proxy.debug_logging is False
     assert proxy.max_client_connections == 10000
+    assert proxy.client_login_timeout == 15
+    assert proxy.max_pending_logins == 1000
+    assert proxy.max_login_failure_delay == 5
     assert proxy.endpoints == []
     [auth] = proxy.auth
     assert auth.secret == "file:secrets/app.json"
@@ -256,6 +259,21 @@ BAD: list[tuple[str, Mutation, str]] = [
         "negative borrow timeout",
         lambda d: _pool(d).update(connection_borrow_timeout=-1),
         "proxies.0.target_group.connection_pool_config.connection_borrow_timeout",
+    ),
+    (
+        "no pending login allowed",
+        lambda d: _proxy(d).update(max_pending_logins=0),
+        "proxies.0.max_pending_logins",
+    ),
+    (
+        "negative login failure delay",
+        lambda d: _proxy(d).update(max_login_failure_delay=-1),
+        "proxies.0.max_login_failure_delay",
+    ),
+    (
+        "login timeout of 0",
+        lambda d: _proxy(d).update(client_login_timeout=0),
+        "proxies.0.client_login_timeout",
     ),
     (
         "probe interval of 0",

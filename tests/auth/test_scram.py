@@ -12,11 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbmux.auth.scram import (
+    ScramAuthFailed,
     ScramClient,
     ScramError,
     ScramServer,
     ScramVerifier,
     derived_keys,
+    mock_verifier,
     saslprep,
 )
 
@@ -454,6 +456,22 @@ def test_pbkdf2_is_cached_across_clients() -> None:
     assert derived_keys.misses == misses
     assert (b"cached", salt, FAST_ITERATIONS) in derived_keys
     assert len(derived_keys) <= derived_keys.capacity <= 4096
+
+
+def test_an_unknown_user_is_challenged_alike_each_time_and_never_admitted() -> None:
+    """A salt that changed from one try to the next would tell a name is unknown; a verifier
+    derived from a random password would cost PBKDF2 and a place among the derived keys."""
+    keys, misses = set(derived_keys), derived_keys.misses
+    first, again = mock_verifier("nobody"), mock_verifier("nobody")
+    assert first.salt == again.salt and len(first.salt) == 16
+    assert first.iterations == 4096
+    assert mock_verifier("somebody").salt != first.salt
+    assert set(derived_keys) == keys and derived_keys.misses == misses
+    for password in ("", "nobody", "app-secret"):
+        client, server = ScramClient(password), ScramServer(mock_verifier("nobody"))
+        server_first = server.handle_client_first(client.client_first())
+        with pytest.raises(ScramAuthFailed):
+            server.handle_client_final(client.handle_server_first(server_first))
 
 
 # --- against a real PostgreSQL ---------------------------------------------------------------
