@@ -78,22 +78,27 @@ async def test_large_results_arrive_whole_through_asyncpg_and_psycopg(
     assert sum(len(r[1]) for r in again) == 4000 * 1024
 
 
-def test_psycopg_prepares_every_statement_of_two_clients_sharing_one_connection(
+async def test_psycopg_prepares_every_statement_of_two_clients_sharing_one_connection(
     start_rechunked_proxy: StartProxy,
 ) -> None:
     """prepare_threshold=0: every statement a Parse of a named statement, two clients
     alternating on one server connection, so dbmux keeps preparing each one's statements
     again while their messages arrive in pieces."""
     proxy = start_rechunked_proxy(pool={"max_connections_percent": 2})
-    with (
-        psycopg.connect(proxy.url(), prepare_threshold=0, autocommit=True) as a,
-        psycopg.connect(proxy.url(), prepare_threshold=0, autocommit=True) as b,
-    ):
-        for i in range(30):
-            assert a.execute("select %s::int * 3", (i,)).fetchone() == (i * 3,)
-            assert b.execute("select %s::text || 'b'", (str(i),)).fetchone() == (f"{i}b",)
-            with pytest.raises(psycopg.errors.DivisionByZero):
-                a.execute("select 1 / %s::int", (0,))
+
+    def alternate() -> None:
+        with (
+            psycopg.connect(proxy.url(), prepare_threshold=0, autocommit=True) as a,
+            psycopg.connect(proxy.url(), prepare_threshold=0, autocommit=True) as b,
+        ):
+            for i in range(30):
+                assert a.execute("select %s::int * 3", (i,)).fetchone() == (i * 3,)
+                assert b.execute("select %s::text || 'b'", (str(i),)).fetchone() == (f"{i}b",)
+                with pytest.raises(psycopg.errors.DivisionByZero):
+                    a.execute("select 1 / %s::int", (0,))
+
+    # A blocking driver stuck in a read is freed by cutting its connections at the deadline.
+    await proxy.client_side.bounded(asyncio.to_thread(alternate), 60)
 
 
 async def test_asyncpg_statements_of_many_clients_follow_them_across_a_small_pool(
