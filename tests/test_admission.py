@@ -10,6 +10,7 @@ import secrets
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import pymysql
@@ -29,7 +30,14 @@ from tests.engines.mysql.conftest import (  # noqa: F401  (fixtures used through
     start_my_proxy,
 )
 from tests.myraw import RawMy
-from tests.pgraw import AUTH_SASL, AUTH_SASL_CONTINUE, RawClient, msg, sasl_initial_response
+from tests.pgraw import (
+    AUTH_SASL,
+    AUTH_SASL_CONTINUE,
+    RawClient,
+    msg,
+    query,
+    sasl_initial_response,
+)
 
 ATTACKER = "127.0.0.2"  # loopback, but another source address than the real client's
 FLOOD = 2000
@@ -55,13 +63,25 @@ class PgSide:
     proxy: RunningProxy
     too_many = "53300"
     wrong_password = "28P01"
+    too_slow = "08P01"
 
-    async def log_in(self) -> None:
-        conn = await asyncpg.connect(self.proxy.url(), timeout=WAIT)
+    async def log_in(self, **settings: str) -> None:
+        """asyncpg logs in (with `settings`: ones the proxy checks on a server connection)."""
+        conn = await asyncpg.connect(self.proxy.url(), timeout=WAIT, server_settings=settings)
         try:
             assert await conn.fetchval("SELECT 1") == 1
         finally:
             await conn.close()
+
+    async def log_in_needing_a_server(self) -> None:
+        await self.log_in(search_path="public")
+
+    async def occupy(self) -> Callable[[], None]:
+        """Keep a server connection busy until the returned function hangs up."""
+        client = await RawClient.connect(self.proxy.host, self.proxy.port)
+        await client.login(APP_USER, APP_PASSWORD, APP_DB)
+        await client.send(query("SELECT pg_sleep(60)"))
+        return client.abort
 
     async def fail_login(self, source: str, user: str = APP_USER) -> str:
         sock = await connect_from(source, self.proxy.host, self.proxy.port)
@@ -95,14 +115,28 @@ class MySide:
     proxy: MyProxy
     too_many = str(mywire.ER_CON_COUNT_ERROR[0])
     wrong_password = str(mywire.ER_ACCESS_DENIED_ERROR[0])
+    too_slow = str(mywire.ER_NET_READ_ERROR[0])
 
-    async def log_in(self) -> None:
-        def query() -> None:
-            with self.proxy.connect(connect_timeout=WAIT) as conn, conn.cursor() as cursor:
-                cursor.execute("SELECT 1")
-                assert cursor.fetchone() == (1,)
+    async def log_in(self, **options: Any) -> None:
+        def select() -> None:
+            with self.proxy.connect(connect_timeout=WAIT, **options) as conn:
+                with conn.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+                    assert cursor.fetchone() == (1,)
 
-        await asyncio.to_thread(query)
+        await asyncio.to_thread(select)
+
+    async def log_in_needing_a_server(self) -> None:
+        """The first client of a pool (here: of its character set) checks the login on a
+        server connection."""
+        await self.log_in(charset="latin1")
+
+    async def occupy(self) -> Callable[[], None]:
+        raw = await RawMy.connect(self.proxy.host, self.proxy.port)
+        _, reply = await raw.login(MY_USER, MY_PASSWORD, MY_DB)
+        assert reply[0] == 0, reply
+        raw.command(b"\x03SELECT SLEEP(60)")
+        return raw.close
 
     async def fail_login(self, source: str, user: str = MY_USER) -> str:
         def guess() -> str:
@@ -229,3 +263,35 @@ async def test_guessing_user_names_leaves_the_proxys_derived_keys_alone(start) -
         await side.name_a_user(f"nobody_{secrets.token_hex(8)}")
     assert set(scram.derived_keys) == before
     await side.log_in()
+
+
+async def test_a_connection_that_never_proves_a_password_is_told_at_client_login_timeout(
+    start,
+) -> None:
+    """A silent connection must end, and with the engine's error, not a bare close."""
+    side = start(client_login_timeout=1)
+    sock = await connect_from("127.0.0.1", side.proxy.host, side.proxy.port)
+    try:
+        assert await side.refusal(sock) == side.too_slow
+    finally:
+        sock.close()
+    assert len(runtime(side).admission) == 0
+
+
+async def test_a_client_past_its_password_may_wait_for_a_server_beyond_client_login_timeout(
+    start,
+) -> None:
+    """client_login_timeout bounds how long a connection may take to prove its password. A
+    client that proved it and waits for a server connection (the first of its pool, or any
+    during a failover) waits under connection_borrow_timeout, as its queries will; a short
+    login timeout must not fail logins the pool would have served."""
+    side = start(client_login_timeout=1, pool={"max_connections_percent": 2})  # one connection
+    hang_up = await side.occupy()
+    login = asyncio.ensure_future(side.log_in_needing_a_server())
+    try:
+        await asyncio.sleep(2.5)  # well past client_login_timeout
+        assert not login.done(), login.exception()
+        assert len(runtime(side).admission) == 0  # proved: no longer pending
+    finally:
+        hang_up()  # the busy server connection is closed, the waiting login gets a new one
+    await asyncio.wait_for(login, WAIT)
