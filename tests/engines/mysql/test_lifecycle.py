@@ -3,6 +3,7 @@ after them, clients that leave mid-transaction, server connections that die, idl
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Callable
@@ -10,8 +11,12 @@ from collections.abc import Callable
 import pymysql
 import pytest
 
+from dbmux.engines.mysql import wire
 from tests.conftest import wait_until
 from tests.engines.mysql.conftest import MyProxy, server_connections
+from tests.engines.mysql.test_backpressure import buffered_for_clients
+from tests.engines.mysql.test_bad_input import err_of, logged_in
+from tests.myraw import WAIT
 
 
 def one(conn, sql: str, args: tuple = ()):
@@ -177,3 +182,85 @@ def test_an_idle_server_connection_is_pinged_and_kept_when_it_answers(start_my_p
         cur.execute("SELECT CONNECTION_ID()")
         assert cur.fetchone() == (first,)  # the same server connection, still good
     assert proxy.metrics.database_connections_setup_succeeded.value == 1
+
+
+async def test_a_pinned_session_whose_server_connection_dies_gets_error_2013_then_the_close(
+    single: MyProxy, mariadb
+) -> None:
+    """A pinned session's state lived on that server connection only, so the client must go;
+    without the ERR first, it sees a bare close and cannot tell a lost server from a
+    network fault or a proxy crash."""
+    async with await logged_in(single) as raw:
+        await raw.query("CREATE TEMPORARY TABLE pinned_here (x INT)")
+        _, rows = wire.parse_text_result(
+            await raw.query("SELECT CONNECTION_ID()"), deprecate_eof=False
+        )
+        mariadb.sql(f"KILL CONNECTION {int(rows[0][0])}")
+        error = err_of(await raw.read_all())
+    assert error.code == wire.CR_SERVER_LOST[0]
+    assert "pinned" in error.message
+
+
+def test_a_driver_whose_pinned_server_connection_dies_sees_error_2013(
+    single: MyProxy, mariadb
+) -> None:
+    with single.connect() as client:
+        one(client, "SELECT GET_LOCK('dbmux-lost', 1)")
+        (thread,) = one(client, "SELECT CONNECTION_ID()")
+        mariadb.sql(f"KILL CONNECTION {thread}")
+        wait_until(lambda: single.pools.budget.open == 0, "the proxy noticed the loss")
+        with pytest.raises(pymysql.err.OperationalError) as caught:
+            one(client, "SELECT 1")
+        assert caught.value.args[0] == 2013
+
+
+ROWS = 30_000
+ROW = b"\xfc\xe8\x03" + b"x" * 1000  # one text-protocol row: REPEAT('x', 1000)
+
+
+def assert_one_result_then_maybe_an_error(stream: bytes) -> None:
+    """The bytes a client read are the result of the query below, whole or cut short, then
+    at most one ERR packet at a packet boundary: nothing interleaved mid-packet."""
+    buf = bytearray(stream)
+    packets = []
+    while (item := wire.split_packet(buf)) is not None:
+        packets.append(item)
+    expected_seq = 1
+    for i, (seq, payload) in enumerate(packets):
+        if payload[:1] == b"\xff":
+            assert i == len(packets) - 1 and not buf, "bytes after the ERR"
+            assert seq in (expected_seq & 0xFF, 0), f"ERR with sequence id {seq}"
+            return
+        assert seq == expected_seq & 0xFF, f"packet {i}: sequence id {seq}"
+        expected_seq += 1
+        if i >= 3 and payload[:1] != b"\xfe":
+            assert payload == ROW, f"packet {i} is no row: {payload[:16]!r}"
+    # Closed without an ERR: what came last is a prefix of the next row packet.
+    header = len(ROW).to_bytes(3, "little") + bytes((expected_seq & 0xFF,))
+    assert bytes(buf) == (header + ROW)[: len(buf)], f"garbage at the end: {bytes(buf[:16])!r}"
+
+
+@pytest.mark.parametrize("ending", ["kill", "idle_timeout"])
+async def test_a_client_ended_mid_result_reads_no_proxy_packet_inside_a_relayed_one(
+    start_my_proxy: Callable[..., MyProxy], ending: str
+) -> None:
+    """KILL from another client and the idle timeout end a client the proxy may be
+    relaying a big result to: an ERR written into the middle of a row packet makes the
+    driver read garbage lengths (a hang or a nonsense error) instead of a clean end."""
+    proxy = start_my_proxy(idle_client_timeout=1 if ending == "idle_timeout" else 1800)
+    async with await logged_in(proxy) as victim:
+        victim.command(b"\x03SELECT REPEAT('x', 1000) FROM seq_1_to_%d" % ROWS)
+        head = await asyncio.wait_for(victim.reader.readexactly(100_001), WAIT)
+        # The proxy holds the rest of the result in its buffer for the victim, which is
+        # not read: the buffer ends wherever the server's chunks ended, mid-packet.
+        for _ in range(500):
+            if max(buffered_for_clients(proxy)) > 0:
+                break
+            await asyncio.sleep(0.01)
+        if ending == "kill":
+            with proxy.connect() as killer:
+                one(killer, f"KILL CONNECTION {victim.greeting.thread_id}")
+        else:
+            await asyncio.sleep(2.5)  # idle_client_timeout: no client byte for a second
+        rest = await victim.read_all()
+    assert_one_result_then_maybe_an_error(head + rest)

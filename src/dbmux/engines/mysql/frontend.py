@@ -160,9 +160,34 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
 
     def expire(self, reason: str) -> None:
         """Idle timeout or shutdown: MySQL's own goodbye (an ERR with sequence id 0)."""
-        error = wire.ER_CLIENT_INTERACTION_TIMEOUT
-        self.write(wire.packet(0, wire.err_packet(error, f"terminating connection: {reason}")))
+        self.goodbye(wire.ER_CLIENT_INTERACTION_TIMEOUT, f"terminating connection: {reason}")
+
+    def goodbye(self, error: tuple[int, str], message: str) -> None:
+        """Close with an ERR first where the client can read it as one; in the middle of a
+        relayed reply, a bare close (which drivers report as a lost connection)."""
+        server = self.server
+        if server is not None and server.scanner.busy:
+            server.hold_reading()  # no more of the reply behind the ERR; on_closed closes it
+        self._leave(self._interjection(server), error, message)
+
+    def _leave(self, seq: int | None, error: tuple[int, str], message: str) -> None:
+        if seq is not None:
+            self.write(wire.packet(seq, wire.err_packet(error, message)))
         self.close_transport()
+
+    def _interjection(self, server: MyServer | None) -> int | None:
+        """The sequence id an ERR of the proxy's own takes if written now, or None where it
+        cannot go without corrupting what the client reads: inside a packet relayed from
+        `server` (the one serving the current command), or while the proxy talks to that
+        server itself, or replays a transaction."""
+        if not self.busy:
+            return 0  # between commands: a goodbye, as servers send it
+        if server is None:
+            return 1 if self.waiting is not None else None  # waiting to be lent a server
+        scanner = server.scanner
+        if self.replaying or not server.relaying or not scanner.busy or not scanner.at_boundary:
+            return None
+        return scanner.seq + 1
 
     def reply(self, *payloads: bytes, seq: int = 1) -> None:
         """Answer the current command (sequence ids from `seq`)."""
@@ -1035,10 +1060,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         server = target.server
         running = server is not None and server.scanner.busy
         if not query and target is not self:
-            target.write(
-                wire.packet(0, wire.err_packet(wire.ER_CONNECTION_KILLED, "Connection was killed"))
-            )
-            target.close_transport()
+            target.goodbye(wire.ER_CONNECTION_KILLED, "Connection was killed")
         if running:
             # The target's connection is not lent again until the KILL is done, so it
             # cannot stop the query of whoever would borrow it next.
@@ -1055,26 +1077,35 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
 
     def server_lost(self, server: MyServer) -> None:
         """The server connection died under this client."""
+        seq = self._interjection(server)  # where the relayed reply, if any, was cut
         self._detach()
         self.ctx.metrics.database_connections_lost.value += 1
         if self.is_closed:
             return
+        reason = server.last_error or "the server closed the connection"
         if self.pin_reason is not None or self.long_data:
             # Session state only that connection had: gone, as on a direct connection.
-            self.close_transport()
+            self._leave(
+                seq,
+                wire.CR_SERVER_LOST,
+                f"Lost the server connection this session was pinned to ({reason}); its "
+                "session state is gone",
+            )
             return
-        reason = server.last_error or "the server closed the connection"
         if self.replaying:
             self._replay_failed(f"the new server connection was lost too ({reason})")
             return
         if self._replay_after_loss(server, reason):
             return
         if server.scanner.busy:
+            if seq is None:  # the reply was cut inside a packet: the stream cannot go on
+                self.close_transport()
+                return
             self.reply_error(
                 wire.CR_SERVER_LOST,
                 f"Lost connection to the server during query ({reason}); the transaction "
                 "was rolled back",
-                seq=server.scanner.seq + 1,
+                seq=seq,
             )
             self.touched.clear()
             self._end_command()

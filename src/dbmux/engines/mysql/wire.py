@@ -642,6 +642,8 @@ _FIELDS = 7  # definitions until EOF or ERR
 _PREPARE = 8  # statement OK or ERR
 _SKIP = 9  # a known number of packets (prepare's definitions)
 
+_ERR_MAY_FOLLOW = frozenset({_IDLE, _FIRST, _META_EOF, _ROWS, _SINGLE, _FIELDS, _PREPARE})
+
 _START = {
     RESPONSE_RESULT: _FIRST,
     RESPONSE_SIMPLE: _SINGLE,
@@ -693,6 +695,14 @@ class ResponseScanner:
     @property
     def busy(self) -> bool:
         return self.state != _IDLE
+
+    @property
+    def at_boundary(self) -> bool:
+        """Whether the bytes fed so far end between two packets, at a point where an ERR
+        may come next (ending the response, or with nothing asked, as a goodbye): where
+        the proxy can put an ERR of its own into the relayed stream without corrupting it.
+        Not inside a packet, a 16 MiB continuation, column definitions or prepare metadata."""
+        return not (self._carry or self._skip or self._continued) and self.state in _ERR_MAY_FOLLOW
 
     def expect(self, kind: int) -> None:
         if self.state == _IDLE:
