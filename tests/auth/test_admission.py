@@ -96,6 +96,24 @@ def test_guessing_through_user_names_keeps_a_bounded_memory(metrics) -> None:
     assert t.penalty(address="10.0.0.1") > 0  # the address is used on every failure: kept
 
 
+def test_a_guesser_cannot_spread_over_its_ipv6_network_or_grow_memory_with_long_names(
+    metrics,
+) -> None:
+    """One host usually has a whole IPv6 /64: counted per address, it would guess forever;
+    made-up user names of kilobytes each would make the throttle's own memory the target.
+    IPv4 clients seen through a dual-stack listener must not be lumped into one /64."""
+    t, _ = throttle(metrics)
+    for i in range(8):
+        t.failed(f"{'x' * 5000}{i}", f"2001:db8::{i:x}")
+    assert t.penalty(address="2001:db8::ffff") > 0
+    assert t.penalty(address="2001:db8:0:1::1") == 0
+    assert t.penalty(user="x" * 5000) > 0  # the names share their first characters
+    for i in range(8):
+        t.failed("app", f"::ffff:10.0.0.{i}")
+    assert t.penalty(address="10.0.0.9") == 0
+    assert t.penalty(address="::ffff:10.0.0.1") == 0
+
+
 def test_a_cap_of_zero_turns_the_slow_down_off(metrics) -> None:
     t, _ = throttle(metrics, cap=0)
     assert max(t.failed("app", "10.0.0.1") for _ in range(20)) == 0

@@ -8,6 +8,7 @@ its own protocol.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from dbmux.config import ProxyConfig
     from dbmux.framed import FramedProtocol
     from dbmux.metrics import ProxyMetrics
+
+MAX_USER_KEY = 128  # characters of a user name the throttle keeps
 
 
 def source_address(transport: asyncio.BaseTransport | None) -> str:
@@ -97,6 +100,25 @@ class Admission:
         self._dropping.discard(client)
 
 
+def _user_key(user: str) -> tuple[str, str]:
+    # No database allows names this long; a guesser's made-up ones cost no more than this.
+    return ("user", user[:MAX_USER_KEY])
+
+
+def _address_key(address: str) -> tuple[str, str]:
+    """IPv6 clients by their /64, which one host usually has whole (IPv4 ones mapped into
+    IPv6 by a dual-stack listener by their IPv4 address)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return ("address", address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ("address", str(ip.ipv4_mapped))
+        return ("address", str(ipaddress.IPv6Network((ip, 64), strict=False)))
+    return ("address", str(ip))
+
+
 @dataclass(slots=True)
 class _Failures:
     count: int
@@ -129,7 +151,7 @@ class LoginThrottle:
 
     def penalty(self, *, user: str | None = None, address: str | None = None) -> float:
         """Seconds the next failure of this user (or from this address) waits."""
-        key = ("user", user) if user is not None else ("address", address or "")
+        key = _user_key(user) if user is not None else _address_key(address or "")
         failures = self._failures.get(key)
         if failures is None or self.clock() - failures.last > self.WINDOW:
             return 0.0
@@ -146,7 +168,7 @@ class LoginThrottle:
 
     def failed(self, user: str, address: str) -> float:
         """Count a failed login; the seconds to wait before answering it."""
-        delay = max(self._count(("user", user)), self._count(("address", address)))
+        delay = max(self._count(_user_key(user)), self._count(_address_key(address)))
         if delay:
             self.metrics.client_logins_delayed.value += 1
         return delay
