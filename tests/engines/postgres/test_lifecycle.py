@@ -460,11 +460,13 @@ async def test_a_notice_before_the_server_is_lost_is_no_answer_to_a_flushed_batc
 
 
 @pytest.mark.parametrize("in_transaction", [False, True])
-async def test_a_server_lost_during_the_proxys_own_prepare(pg, proxy, in_transaction):
-    """A named statement is prepared by the proxy on the server connection first. If that
-    connection dies meanwhile, the client's request never reached a server: outside a
-    transaction it runs on another connection and the client sees no error; inside one the
-    transaction is reported lost, and the client goes on."""
+async def test_a_server_lost_while_a_named_statement_is_parsed_leaves_its_name_free(
+    pg, proxy, in_transaction
+):
+    """A named Parse goes to the server in the client's own batch. If that connection dies
+    before answering, the client hears of the loss (08006) and keeps its connection, and the
+    name it never got a ParseComplete for is free: a second Parse of it is no
+    "already exists" (42P05)."""
     from tests.pgraw import RawClient, i32, msg
 
     locker = await asyncpg.connect(pg.dsn(dbname="app"))
@@ -484,12 +486,10 @@ async def test_a_server_lost_during_the_proxys_own_prepare(pg, proxy, in_transac
         await wait_until(lambda: proxy.metrics.database_connections_lost.value == 1)
         await locker.execute("COMMIT")
         replies = await raw.read_until_ready()
-        if in_transaction:
-            assert [m.kind for m in replies] == [b"E", b"Z"]
-            assert replies[0].fields["C"] == "08006"
-            assert [m.kind for m in await raw.simple_query("SELECT 1")][-1] == b"Z"
-        else:
-            assert [m.kind for m in replies] == [b"1", b"2", b"D", b"C", b"Z"]
+        assert [m.kind for m in replies] == [b"E", b"Z"]
+        assert replies[0].fields["C"] == "08006"
+        await raw.send(parse + bind + msg(b"E", b"\0" + i32(0)) + msg(b"S"))
+        assert [m.kind for m in await raw.read_until_ready()] == [b"1", b"2", b"D", b"C", b"Z"]
     await locker.close()
 
 

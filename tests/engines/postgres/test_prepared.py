@@ -178,3 +178,86 @@ def test_a_name_whose_parse_failed_can_be_used_again(proxy):
         assert failed.status == psycopg.pq.ExecStatus.FATAL_ERROR
         prepared = pgconn.prepare(b"again", b"SELECT 1")
         assert prepared.status == psycopg.pq.ExecStatus.COMMAND_OK
+
+
+# -- no client reaches another's statements --------------------------------------------------
+
+
+def _victim_statement_names(pg) -> list[str]:
+    """What an attacker learns from pg_prepared_statements on a shared connection."""
+    rows = pg.psql("SELECT 1")  # the cluster answers: the names below are the proxy's own
+    assert rows == "1"
+    return [f"dbmux_{n}" for n in range(10)]
+
+
+@pytest.mark.parametrize("attack", ["close-and-replace", "bind", "describe"])
+async def test_a_client_cannot_reach_the_proxys_shared_statements(pg, start_proxy, attack):
+    """Shared statements carry a guessable name, visible in pg_prepared_statements. A client
+    that names one in Close, Bind or Describe gets the server's own "does not exist" (26000)
+    for it, as directly; closing one and preparing other SQL under its name must not make
+    later clients run that SQL with their own parameters."""
+    from tests.pgraw import RawClient, i32, msg
+
+    proxy = start_proxy(pool={"max_connections_percent": 2})  # one server connection
+    victim = await asyncpg.connect(proxy.url())
+    attacker = await RawClient.connect(proxy.host, proxy.port)
+    try:
+        secret = await victim.prepare("SELECT $1::text || ' is mine'")
+        assert await secret.fetchval("v") == "v is mine"
+        await attacker.login("app", "app-secret", "app")
+        names = [
+            row.split("|")[0]
+            for row in (await attacker_rows(attacker, "SELECT name FROM pg_prepared_statements"))
+        ]
+        assert names, "the shared statement should be visible on the shared connection"
+        for name in names + _victim_statement_names(pg):
+            n = name.encode() + b"\0"
+            if attack == "close-and-replace":
+                evil = msg(b"P", n + b"SELECT 'attacker: ' || $1::text\0\0\0")
+                await attacker.send(msg(b"C", b"S" + n) + evil + msg(b"S"))
+                kinds = [m.kind for m in await attacker.read_until_ready()]
+                assert kinds == [b"3", b"1", b"Z"]  # its own name, its own statement
+            elif attack == "bind":
+                bind = msg(b"B", b"\0" + n + i32(0)[2:] + b"\0\1" + i32(1) + b"x" + b"\0\0")
+                await attacker.send(bind + msg(b"E", b"\0" + i32(0)) + msg(b"S"))
+                replies = await attacker.read_until_ready()
+                assert [m.kind for m in replies] == [b"E", b"Z"]
+                assert replies[0].fields["C"] == "26000"
+            else:
+                await attacker.send(msg(b"D", b"S" + n) + msg(b"S"))
+                replies = await attacker.read_until_ready()
+                assert [m.kind for m in replies] == [b"E", b"Z"]
+                assert replies[0].fields["C"] == "26000"
+        assert await secret.fetchval("w") == "w is mine"
+        late = await asyncpg.connect(proxy.url())
+        try:
+            assert await late.fetchval("SELECT $1::text || ' is mine'", "z") == "z is mine"
+        finally:
+            await late.close()
+    finally:
+        attacker.abort()
+        await victim.close()
+
+
+async def attacker_rows(client, sql: str) -> list[str]:
+    from tests.pgraw import data_rows, query
+
+    await client.send(query(sql))
+    return ["|".join(v or "" for v in row) for row in data_rows(await client.read_until_ready())]
+
+
+async def test_psycopg_async_pipeline_with_an_error_in_executemany_never_hangs(proxy):
+    """psycopg's AsyncConnection pipelines executemany with Flush and no Sync until the end;
+    a statement the server lacked used to be prepared by a round trip of the proxy's own in
+    the middle of that pipeline, which swallowed the answers in flight: about one run in six
+    hung forever. Run it many times."""
+    for run in range(60):
+        async with asyncio.timeout(20):
+            async with await psycopg.AsyncConnection.connect(proxy.url()) as conn:
+                cur = conn.cursor()
+                table = f"testmany_{run}"
+                await cur.execute(f"CREATE TABLE {table} (a bigint, b bigint)")
+                await cur.executemany(f"INSERT INTO {table} VALUES (%t, %t)", [[1, None], [3, 4]])
+                with pytest.raises(psycopg.DataError):
+                    await cur.executemany(f"INSERT INTO {table} VALUES (%t, %t)", [[1, ""], [3, 4]])
+                await conn.rollback()

@@ -134,7 +134,6 @@ async def test_the_issue_10_scenario_loops_through_the_relay_alone(rechunked_pg:
     )
 
 
-@pytest.mark.xfail(strict=False, reason="issue 10.1 fix in progress")
 async def test_psycopg_executemany_pipelines_never_hang_through_dbmux(
     start_rechunked_proxy: StartProxy,
 ) -> None:

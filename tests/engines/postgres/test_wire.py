@@ -164,18 +164,26 @@ def scan_backend(chunks: Iterable[bytes]) -> BackendFacts:
 class FrontendFacts:
     syncs: int
     statements: list[tuple[int, bytes]]
-    terminate_offset: int | None  # absolute offset of Terminate in the stream
+    relayed: bytes  # what the scanner let through
+    stop: str | None = None  # "terminate", or "divert": a message naming a statement
+    rest: bytes = b""  # with "divert": the input from that message on
 
 
 def scan_frontend(chunks: Iterable[bytes]) -> FrontendFacts:
+    """Feed chunks as the relay does: every byte relayed was scanned; the scanner stops at
+    Terminate, or hands the rest of the input over at a message naming a statement."""
     scanner = FrontendScanner()
-    syncs, start = 0, 0
+    syncs, relayed = 0, []
+    chunks = iter(chunks)
     for chunk in chunks:
-        syncs += scanner.feed(chunk)
+        relayed.append(scanner.feed(chunk))
+        syncs += scanner.syncs
         if scanner.terminated:
-            return FrontendFacts(syncs, scanner.statements, start + scanner.terminated_at)
-        start += len(chunk)
-    return FrontendFacts(syncs, scanner.statements, None)
+            return FrontendFacts(syncs, scanner.statements, b"".join(relayed), "terminate")
+        if scanner.diverted is not None:
+            rest = scanner.diverted + b"".join(chunks)
+            return FrontendFacts(syncs, scanner.statements, b"".join(relayed), "divert", rest)
+    return FrontendFacts(syncs, scanner.statements, b"".join(relayed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,11 +257,12 @@ FRONTEND = [
     describe(b"P", ""),
     execute(),
     SYNC,
-    parse("stmt_orders", "SELECT * FROM orders WHERE id = $1", 23),
-    describe(b"S", "stmt_orders"),
+    parse("", "SELECT * FROM orders WHERE id = $1", 23),
+    describe(b"S", ""),
     FLUSH,
-    bind("portal_1", "stmt_orders", None),
-    execute("portal_1", 100),
+    bind("", "", None),
+    execute("", 100),
+    describe(b"P", "portal_1"),  # a portal's name is the session's own
     raw(b"C", b"Pportal_1\0"),  # Close portal
     SYNC,
     function_call(1598, b"x" * 10),
@@ -275,7 +284,8 @@ FRONTEND_FACTS = FrontendFacts(
         (ord("Q"), cstr("COPY items FROM STDIN")),
         (ord("Q"), b"\0"),
     ],
-    terminate_offset=FRONTEND_TERMINATE_AT,
+    relayed=FRONTEND_STREAM[:FRONTEND_TERMINATE_AT],
+    stop="terminate",
 )
 
 
@@ -642,10 +652,13 @@ def test_frontend_facts_do_not_depend_on_feeding_byte_by_byte() -> None:
 
 
 # The same session with a CopyData row over 64 KiB in the middle of the COPY.
-FRONTEND_BIG = [*FRONTEND[:16], copy_data(b"3\t" + b"z" * 70_000 + b"\n"), *FRONTEND[16:]]
+FRONTEND_BIG = [*FRONTEND[:17], copy_data(b"3\t" + b"z" * 70_000 + b"\n"), *FRONTEND[17:]]
 FRONTEND_BIG_STREAM = b"".join(FRONTEND_BIG)
 FRONTEND_BIG_FACTS = FrontendFacts(
-    FRONTEND_FACTS.syncs, FRONTEND_FACTS.statements, len(FRONTEND_BIG_STREAM) - len(X)
+    FRONTEND_FACTS.syncs,
+    FRONTEND_FACTS.statements,
+    FRONTEND_BIG_STREAM[: -len(X)],
+    "terminate",
 )
 
 
@@ -663,10 +676,14 @@ def test_frontend_facts_survive_random_multi_way_splits(points: list[int]) -> No
 
 def test_frontend_counts_query_sync_and_function_call_as_syncing() -> None:
     scanner = FrontendScanner()
-    assert scanner.feed(query("SELECT 1")) == 1
-    assert scanner.feed(parse("", "SELECT 1") + bind("", "") + execute() + FLUSH) == 0
-    assert scanner.feed(SYNC + function_call(1, b"a") + SYNC) == 3
-    assert scanner.feed(copy_data(b"row") + COPY_DONE) == 0
+    scanner.feed(query("SELECT 1"))
+    assert scanner.syncs == 1
+    scanner.feed(parse("", "SELECT 1") + bind("", "") + execute() + FLUSH)
+    assert scanner.syncs == 0
+    scanner.feed(SYNC + function_call(1, b"a") + SYNC)
+    assert scanner.syncs == 3
+    scanner.feed(copy_data(b"row") + COPY_DONE)
+    assert scanner.syncs == 0
 
 
 def test_frontend_copy_messages_keep_the_kind_of_the_message_that_began_the_copy() -> None:
@@ -681,61 +698,108 @@ def test_frontend_copy_messages_keep_the_kind_of_the_message_that_began_the_copy
     assert scanner.last_kind == ord("S")
 
 
-def test_frontend_terminate_in_the_middle_of_a_chunk() -> None:
+@pytest.mark.timeout(60)
+def test_backend_holding_a_huge_error_in_many_pieces_is_linear() -> None:
+    """The same for a server's 256 MiB ErrorResponse."""
+    error = error_response("22P02", "x" * (256 << 20))
+    scanner = BackendScanner()
+    step = 4 << 10
+    relayed = [scanner.feed(error[i : i + step]) for i in range(0, len(error), step)]
+    assert b"".join(relayed) == error
+
+
+def test_frontend_relays_only_what_comes_before_terminate() -> None:
     before, after = query("SELECT 1") + SYNC, b"garbage that is never scanned"
     scanner = FrontendScanner()
-    assert scanner.feed(before + X + after) == 2
+    assert scanner.feed(before + X + after) == before
+    assert scanner.syncs == 2
     assert scanner.terminated
-    assert scanner.terminated_at == len(before)
-
-
-def test_frontend_terminate_at_the_start_of_a_chunk_is_offset_zero() -> None:
-    scanner = FrontendScanner()
-    scanner.feed(query("SELECT 1"))
-    assert not scanner.terminated
-    assert scanner.feed(X) == 0
-    assert (scanner.terminated, scanner.terminated_at) == (True, 0)
 
 
 @pytest.mark.parametrize("already_sent", [1, 2, 3, 4])
-def test_frontend_terminate_split_across_chunks_has_a_negative_offset(already_sent: int) -> None:
-    """Bytes of the Terminate header in an earlier chunk were relayed already; the offset says
-    how many, so the caller knows how far back the message began."""
+def test_frontend_never_relays_part_of_a_terminate(already_sent: int) -> None:
+    """A split Terminate header is held back: no server ever sees half a message from a
+    client that leaves."""
     scanner = FrontendScanner()
     prefix = execute()
-    scanner.feed(prefix + X[:already_sent])
+    assert scanner.feed(prefix + X[:already_sent]) == prefix
     assert not scanner.terminated
-    scanner.feed(X[already_sent:])
+    assert scanner.feed(X[already_sent:]) == b""
     assert scanner.terminated
-    assert scanner.terminated_at == -already_sent
 
 
-def test_frontend_terminate_after_a_carried_query_is_offset_into_the_new_chunk() -> None:
+def test_frontend_holds_a_query_back_until_it_is_whole() -> None:
+    """The proxy reads a Query's text before any of it reaches a server (session state)."""
     q = query("SELECT 'a long enough statement'")
     scanner = FrontendScanner()
-    scanner.feed(q[:10])
+    assert scanner.feed(q[:10]) == b""
     assert scanner.mid_message
-    assert scanner.feed(q[10:] + X) == 1
-    assert scanner.terminated_at == len(q) - 10
+    assert scanner.feed(q[10:20]) == b""
+    assert scanner.feed(q[20:] + X) == q
+    assert (scanner.syncs, scanner.terminated) == (1, True)
 
 
-def test_frontend_statements_are_query_and_parse_bodies_only() -> None:
+@pytest.mark.timeout(60)
+def test_frontend_holding_a_huge_message_in_many_pieces_is_linear() -> None:
+    """Reassembly joins the pieces once: a 256 MiB Query fed in 4 KiB chunks is copied a
+    bounded number of times (re-joining on every read would copy 8 TiB: this test would
+    never end, and neither would the wait of every other client of the proxy)."""
+    body = b"SELECT '" + b"x" * (256 << 20) + b"'\0"
+    q = raw(b"Q", body)
+    scanner = FrontendScanner()
+    step = 4 << 10
+    relayed = [scanner.feed(q[i : i + step]) for i in range(0, len(q), step)]
+    assert b"".join(relayed) == q
+    assert scanner.statements == [(ord("Q"), body)]
+    assert not scanner.mid_message
+
+
+def test_frontend_statements_are_query_and_unnamed_parse_bodies_only() -> None:
     scanner = FrontendScanner()
     scanner.feed(
         query("SET a = 1")
-        + parse("named", "SELECT $1", 25)
-        + parse("", "LISTEN x")
-        + bind("named", "named", b"v")
-        + describe(b"S", "named")
-        + execute("named")
+        + parse("", "SELECT $1", 25)
+        + bind("", "", b"v")
+        + describe(b"P", "")
+        + execute("")
         + copy_data(b"Q\0\0\0\x09SET b\0")  # a Query inside CopyData is just data
         + SYNC
     )
     assert scanner.statements == [
         (ord("Q"), b"SET a = 1\0"),
-        (ord("P"), b"named\0SELECT $1\0" + i16(1) + i32(25)),
-        (ord("P"), b"\0LISTEN x\0" + i16(0)),
+        (ord("P"), b"\0SELECT $1\0" + i16(1) + i32(25)),
     ]
+
+
+NAMING = [
+    parse("s1", "SELECT 1"),
+    bind("", "s1"),
+    bind("portal", ""),
+    describe(b"S", "s1"),
+    raw(b"C", b"Ss1\0"),
+]
+
+
+@pytest.mark.parametrize(
+    "naming", NAMING, ids=["parse", "bind", "bind-portal", "describe", "close"]
+)
+def test_frontend_hands_over_at_the_first_message_naming_a_statement(naming: bytes) -> None:
+    """Statement names are mapped by the proxy (no client may reach another's shared
+    statements), so the raw relay stops there, wherever the chunks are cut, and the rest
+    of the input goes to the relay that reads whole messages."""
+    before = query("SELECT 1") + parse("", "SELECT 2") + bind("", "") + execute() + FLUSH
+    stream = before + naming + SYNC + X
+    for point in range(len(stream) + 1):
+        facts = scan_frontend(cut(stream, [point]))
+        assert facts.stop == "divert", point
+        assert (facts.relayed, facts.rest) == (before, naming + SYNC + X), point
+        assert facts.syncs == 1
+
+
+def test_frontend_relays_unnamed_statements_and_named_portals_in_describe_and_close() -> None:
+    p = parse("", "SELECT 1")
+    stream = p + describe(b"S", "") + describe(b"P", "c") + raw(b"C", b"Pc\0")
+    assert scan_frontend(cut(stream, [3, 9, 17])) == FrontendFacts(0, [(ord("P"), p[5:])], stream)
 
 
 def test_frontend_mid_message_tracks_partial_messages() -> None:
@@ -776,21 +840,22 @@ def test_frontend_messages_without_user_data_are_capped(kind: bytes) -> None:
     on one of them is garbage, refused before the proxy waits for its body."""
     with pytest.raises(ProtocolViolation):
         FrontendScanner().feed(kind + struct.pack("!I", MAX_SMALL_MESSAGE + 1))
-    assert FrontendScanner().feed(b"d" + struct.pack("!I", MAX_SMALL_MESSAGE + 1)) == 0
+    header = b"d" + struct.pack("!I", MAX_SMALL_MESSAGE + 1)
+    assert FrontendScanner().feed(header) == header
 
 
 def test_frontend_largest_allowed_message_is_accepted() -> None:
     header = b"d" + struct.pack("!I", MAX_MESSAGE)
     scanner = FrontendScanner()
-    assert scanner.feed(header + b"\0" * 100) == 0
+    assert scanner.feed(header + b"\0" * 100) == header + b"\0" * 100
     assert scanner.mid_message
 
 
 _FRONTEND_MESSAGE = st.one_of(
     st.builds(lambda t: raw(b"Q", cstr(t)), _TEXT),
-    st.builds(parse, _TEXT, _TEXT),
-    st.builds(lambda p, s, v: bind(p, s, v), _TEXT, _TEXT, st.binary(max_size=20)),
-    st.builds(describe, st.sampled_from([b"S", b"P"]), _TEXT),
+    st.builds(parse, st.just(""), _TEXT),
+    st.builds(lambda v: bind("", "", v), st.binary(max_size=20)),
+    st.builds(describe, st.just(b"P"), _TEXT),
     st.builds(execute, _TEXT, st.integers(0, 1000)),
     st.builds(lambda n: copy_data(b"c" * n), st.sampled_from([0, 1, 100, 70_000])),
     st.sampled_from([SYNC, FLUSH, COPY_DONE, function_call(42, b"arg")]),
@@ -810,7 +875,8 @@ def test_frontend_scanner_on_random_streams(
     expected = FrontendFacts(
         syncs=sum(m[:1] in (b"Q", b"S", b"F") for m in messages),
         statements=[(m[0], m[5:]) for m in messages if m[:1] in (b"Q", b"P")],
-        terminate_offset=len(stream) if terminate else None,
+        relayed=stream,
+        stop="terminate" if terminate else None,
     )
     if terminate:
         stream += X + query("SET never = 'seen'")

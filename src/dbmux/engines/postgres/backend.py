@@ -54,9 +54,12 @@ class PgServer(ServerEnd, ServerConnection):
         self.pid_bytes = b"\0\0\0\0"
         self.last_error = ""  # why the server said it was closing, for the client's message
         # Shared prepared statements on this connection (proxy names), least recently used
-        # first; only the proxy's own round trips (prepare) create them.
+        # first, as the clients' relays create and close them (see wire.ReplyPlan).
         self.prepared: OrderedDict[bytes, None] = OrderedDict()
         self.prepared_capacity = prepared_capacity
+        # A pinned session ran SQL about prepared statements: until DISCARD ALL, a statement
+        # is closed before it is created, in case it is still there.
+        self.statements_unknown = False
         self.discard_needed = False  # a pinned session left state that DISCARD ALL clears
         self.session_init: tuple[str, ...] = ()  # run at connect and after each DISCARD ALL
 
@@ -151,8 +154,7 @@ class PgServer(ServerEnd, ServerConnection):
 
     async def reset(self) -> None:
         """Before the next borrower: roll back an open transaction (DISCARD ALL refuses to
-        run inside one), clear a pinned session's state, close prepared statements beyond
-        the cache's capacity."""
+        run inside one), clear a pinned session's state."""
         if self.scanner.status != wire.IDLE:
             await self.run("ROLLBACK")
         if self.discard_needed:
@@ -160,42 +162,8 @@ class PgServer(ServerEnd, ServerConnection):
             self.discard_needed = False
             self.applied.clear()
             self.prepared.clear()
+            self.statements_unknown = False
             await self.start_session()
-        if len(self.prepared) > self.prepared_capacity:
-            await self.prepare([])
-
-    async def prepare(self, statements: list[tuple[bytes, bytes]]) -> None:
-        """Create statements (proxy name, query-and-types) here, evicting the least recently
-        used beyond `capacity`; raise the server's error if one cannot be prepared.
-
-        Close-then-Parse makes "already exists" impossible, and Flush (not Sync) asks for the
-        answers without ending the client's transaction or batch. After an error the server
-        skips everything up to the client's next Sync, as it would after the client's own
-        failed Parse."""
-        messages: list[bytes] = []
-        for name, rest in statements:
-            messages += [_close_statement(name), wire.parse_message(name, rest)]
-            self.prepared[name] = None
-        while len(self.prepared) > self.prepared_capacity:
-            evicted, _ = self.prepared.popitem(last=False)
-            messages.append(_close_statement(evicted))
-        expected = len(messages)
-        self.stop_relaying()
-        try:
-            self.write(b"".join(messages) + wire.message(b"H"))
-            while expected:
-                kind, payload = await self.read(wire.split_message)
-                if kind in (wire.PARSE_COMPLETE, wire.CLOSE_COMPLETE):
-                    expected -= 1
-                elif kind == 69:
-                    for name, _ in statements:
-                        self.prepared.pop(name, None)
-                    raise _server_error(payload)
-                elif kind == 83:
-                    name, value = wire.parse_parameter_status(payload)
-                    self.params[name] = value
-        finally:
-            self.resume_relaying()
 
     async def apply_settings(
         self, wanted: dict[str, str], defaults: dict[str, str], *, force: bool = False
@@ -276,10 +244,6 @@ class PgServer(ServerEnd, ServerConnection):
         self.closed_by_peer()
         if client is not None:
             client.server_lost(self)
-
-
-def _close_statement(name: bytes) -> bytes:
-    return wire.message(b"C", b"S" + name + b"\0")
 
 
 def _server_error(payload: bytes) -> ServerError:

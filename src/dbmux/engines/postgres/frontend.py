@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dbmux.postgres")
 
-NAMED_STATEMENT = "named_prepared_statement"
 UNREADABLE = Verdict(UNCLASSIFIED)
 
 
@@ -65,15 +64,12 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         # Named prepared statements: once the client uses them, its messages are read whole
         # and its statement names mapped to statements shared on each server connection.
         self.rewriting = False
-        self.start_rewriting = False
         self._whole = bytearray()  # an unfinished message, in rewriting mode
         self.queue: list[tuple[int, bytes]] = []  # messages waiting for a server / prepare
         self.queue_syncs = 0
-        self.preparing = False
         self.forget_server_statements = False
         self.expose_names = False  # pinned by SQL that names the client's statements
         self.shared_seen: set[bytes] = set()  # shared statements this client ever parsed
-        self.refreshed: set[bytes] = set()  # ...created anew for the queue being relayed
         self.statements: dict[bytes, tuple[bytes, bytes]] = {}  # name -> (proxy name, text)
         # Settings each parsed statement changes when executed (b"" is the unnamed one).
         self.parsed_settings: dict[bytes, frozenset[str]] = {}
@@ -122,7 +118,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         self._detach()
         scanner = self.scanner
         unsynced = scanner.last_kind not in wire.COMPLETE_TYPES  # Parse/Bind/... with no Sync
-        if self.outstanding > 0 or unsynced or scanner.mid_message or scanner.terminated_at < 0:
+        if self.outstanding > 0 or unsynced or scanner.mid_message:
             # Mid-request its state is unknown: close it, and cancel what it runs so the
             # database does not finish work nobody waits for.
             if self.outstanding > 0:
@@ -155,9 +151,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             self._relay_messages(data)
             return
         scanner = self.scanner
-        was_mid_message = scanner.mid_message
         try:
-            syncs = scanner.feed(data)
+            data = scanner.feed(data)
         except wire.ProtocolViolation as error:
             self.ctx.metrics.client_protocol_errors.value += 1
             self.fatal("08P01", f"protocol violation: {error}")
@@ -166,27 +161,22 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         if scanner.statements:
             self._inspect(scanner.statements)
             scanner.statements.clear()
-            if self.start_rewriting:
-                self.start_rewriting = False
-                if not (was_mid_message or scanner.mid_message or scanner.terminated):
-                    # From now on this session's statement names are the proxy's to map;
-                    # this chunk (and what waited) is read again as whole messages.
-                    self.rewriting = True
-                    waited = b"".join(self.pending)
-                    self.pending.clear()
-                    self.pending_syncs = 0
-                    self._relay_messages(waited + data)
-                    return
-                self.pin(NAMED_STATEMENT)  # a partial message was relayed already
         if scanner.terminated:
-            # Relay what came before Terminate; the server stays ours until on_closed.
-            data = data[: max(scanner.terminated_at, 0)]
-            self.close_transport()
+            self.close_transport()  # the server stays ours until on_closed
         if self.refusing:
-            self._continue_refusal(syncs)
-            return
-        if not data:
-            return
+            self._continue_refusal(scanner.syncs)
+        elif data:
+            self._send_raw(data, scanner.syncs)
+        diverted = scanner.diverted
+        if diverted is not None:
+            # The client names a statement: from now on its names are the proxy's to map,
+            # and its messages are read whole.
+            scanner.diverted = None
+            self._start_rewriting()
+            self._relay_messages(diverted)
+
+    def _send_raw(self, data: bytes, syncs: int) -> None:
+        """Relay scanned bytes to our server, borrowing one first if needed."""
         self._requests.value += syncs
         server = self.server
         if server is not None:
@@ -219,6 +209,26 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         if server is not None:
             self.on_connection(server)
 
+    def _start_rewriting(self) -> None:
+        """Switch to whole messages with names mapped. What waited for a server is read again
+        as messages; what was relayed already is answered first, so the plan of the server's
+        answers starts with it."""
+        self.rewriting = True
+        if self.pending:
+            self._whole += b"".join(self.pending)
+            self.pending.clear()
+            self.pending_syncs = 0
+        server = self.server
+        if server is not None:
+            scanner = self.scanner
+            server.scanner.plan = wire.ReplyPlan(
+                server.prepared,
+                self.statements,
+                groups_in_flight=self.outstanding,
+                open_parses=scanner.open_parses,
+                open_closes=scanner.open_closes,
+            )
+
     def _inspect(self, messages: list[tuple[int, bytes]]) -> None:
         """Pin the session when a statement leaves state the proxy cannot carry; note the
         settings it changes. A prepared statement changes them when it is executed (Bind),
@@ -237,9 +247,6 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
                 verdict = classify(body)
             else:  # Parse: name\0 text\0 ...
                 name_end = body.find(b"\0")
-                if name_end > 0 and not self.rewriting:
-                    self.start_rewriting = True  # the relay switches and reads it again
-                    continue
                 end = body.find(b"\0", name_end + 1)
                 verdict = classify(body[name_end + 1 : end]) if end > 0 else UNREADABLE
                 if self.rewriting and verdict.reason is None:
@@ -363,12 +370,15 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         owners = self.ctx.session_ids
         owners[server.pid_bytes] = self.pid_bytes
         server.scanner.pid_map = owners
+        if self.rewriting:
+            server.scanner.plan = wire.ReplyPlan(server.prepared, self.statements)
 
     def _detach(self) -> PgServer | None:
         server = self.server
         if server is None:
             return None
         self.drop_holds(server)
+        server.scanner.plan = None
         server.client = None
         self.server = None
         return server
@@ -379,15 +389,14 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         """The server answered `count` requests; give it back at the end of a transaction."""
         self.outstanding -= count
         self.tx_status = status
-        if self.rewriting:
+        if self.forget_server_statements:
+            # SQL about prepared statements ran: what the connection holds is unknown
+            # until DISCARD ALL clears it (the session is pinned).
+            self.forget_server_statements = False
             server = self.server
             assert server is not None
-            if self.forget_server_statements:
-                self.forget_server_statements = False
-                server.prepared.clear()
-            if self.queue and self.outstanding == 0:
-                self._send_queue()  # it waited for the pipeline to drain
-                return
+            server.prepared.clear()
+            server.statements_unknown = True
         if self.outstanding > 0 or status != wire.IDLE or self.pin_reason is not None:
             return
         scanner = self.scanner
@@ -395,8 +404,6 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             return  # more of the client's batch is on its way to this server
         server = self._detach()
         assert server is not None and server.pool is not None
-        if len(server.prepared) > server.prepared_capacity:
-            server.needs_reset = True  # the reset closes the least recently used
         if self.touched or self.server_params_changed:
             self._follow_settings(server)
             return
@@ -412,6 +419,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
 
     def server_lost(self, server: PgServer) -> None:
         """The server connection died under this client."""
+        if server.scanner.plan is not None:
+            server.scanner.plan.lost()  # names it was parsing were never created
         self._detach()
         self.ctx.metrics.database_connections_lost.value += 1
         if self.is_closed:
@@ -471,6 +480,10 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         self.outstanding = 0
         self._flush_pending()
         return True
+
+    @property
+    def in_flight(self) -> bool:
+        return self.outstanding > 0 or self.waiting  # sent and unanswered, or queued
 
     # -- backpressure -----------------------------------------------------------------------
 

@@ -3,19 +3,18 @@ shared per server connection by text, prepared lazily where the client borrows."
 
 from __future__ import annotations
 
-import asyncio
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from dbmux.engines.base import ServerError
 from dbmux.engines.postgres import wire
-from dbmux.framed import ConnectionClosed
 
 if TYPE_CHECKING:
     from dbmux.engines.postgres.backend import PgServer
 
 _DROPS_ALL = re.compile(rb"(?i)\b(?:deallocate\s+(?:prepare\s+)?all|discard\s+all)\b")
 CLOSED_STATEMENT = b"dbmux_closed"  # never created: closing it only yields CloseComplete
+UNKNOWN_STATEMENT = b"dbmux_unknown"  # never created: the server answers 26000
 
 
 class StatementsMixin:
@@ -49,9 +48,9 @@ class StatementsMixin:
         self.queue_syncs += syncs
         self._send_queue()
 
-    def _send_queue(self, failed: bool = False) -> None:
-        """Relay the queued messages to our server once every statement they use is there
-        (or preparing one `failed`, and the server skips them up to the next Sync)."""
+    def _send_queue(self) -> None:
+        """Relay the queued messages to our server, with the statements they use slipped in
+        where the server lacks them (borrowing a server first if needed)."""
         server = self.server
         if server is None:
             if not self.waiting:
@@ -63,20 +62,11 @@ class StatementsMixin:
                 self._held_for_wait = True
                 self.hold_reading()
             return
-        if self.preparing or not self.queue:
+        if not self.queue:
             return
         if self.outstanding == 0 and self._refuse_taken_name():
             return
-        missing = [] if failed else self._missing_statements(server)
-        if missing:
-            # Prepared by the proxy's own round trip, once nothing the client sent is
-            # unanswered (server_ready calls back when the pipeline drains).
-            if self.outstanding == 0:
-                self.preparing = True
-                self._task = self.ctx.loop.create_task(self._prepare(server, missing))
-            return
-        out = self._map_names(server, failed)
-        self.refreshed.clear()
+        out = self._map_names(server)
         scanner = self.scanner
         for kind, _ in self.queue:
             if kind not in wire.COPY_TYPES:
@@ -116,138 +106,26 @@ class StatementsMixin:
         """The shared name of a statement text (query and parameter types)."""
         return self.ctx.statement_names.name(rest)
 
-    def _missing_statements(self, server: PgServer) -> list[tuple[bytes, bytes]]:
-        """Statements the queue uses (Bind, Describe) that this server lacks and that no
-        Parse earlier in the queue creates."""
-        missing: list[tuple[bytes, bytes]] = []
-        coming: set[bytes] = set()
-        statements = self.statements
+    def _map_names(self, server: PgServer) -> bytes:
+        """The queue as the server must see it (see _Batch)."""
+        batch = _Batch(self.statements, server, self._proxy_name)
         if self.expose_names:
             # SQL (EXECUTE name) refers to the client's own names: on the pinned connection
             # its statements exist under those names too.
-            for name, (_, rest) in statements.items():
-                if name not in server.prepared:
-                    missing.append((name, rest))
-                    coming.add(name)
-        for kind, body in self.queue:
-            if kind == 80:  # Parse: the proxy creates the shared statement itself
-                name, at = wire.split_name(body)
-                existing = statements.get(name) if name else None
-                if existing is not None:  # a name taken: the old statement answers (42P05)
-                    if existing[0] not in server.prepared and existing[0] not in coming:
-                        missing.append(existing)
-                        coming.add(existing[0])
-                    continue
-                shared = self._proxy_name(body[at:]) if name else None
-                if shared in self.shared_seen and shared not in self.refreshed:
-                    # The client prepares a text again: after DDL its old plan may be
-                    # invalid ("cached plan must not change result type"), so create it
-                    # anew here rather than relay to the stale one.
-                    server.prepared.pop(shared, None)
-                    self.refreshed.add(shared)
-                if shared is not None and shared not in server.prepared and shared not in coming:
-                    missing.append((shared, body[at:]))
-                    coming.add(shared)
-                continue
-            if kind == 66:  # Bind: portal, statement
-                _, at = wire.split_name(body)
-                name, _ = wire.split_name(body, at)
-            elif kind == 68 and body[:1] == b"S":  # Describe statement
-                name, _ = wire.split_name(body, 1)
-            else:
-                continue
-            entry = statements.get(name) if name else None
-            if entry is not None and entry[0] not in server.prepared and entry[0] not in coming:
-                missing.append(entry)
-                coming.add(entry[0])
-        return missing
-
-    def _map_names(self, server: PgServer, failed: bool = False) -> bytes:
-        """The queue as the server must see it: client statement names replaced by shared
-        ones; a named Parse (the shared statement now exists) turned into an unnamed Parse of
-        the same text, so the client still gets its ParseComplete in order; Close of a
-        statement kept on the server turned into a Close that closes nothing. After a
-        `failed` preparation the server skips to the next Sync, and no name is taken."""
-        statements, prepared = self.statements, server.prepared
-        out: list[tuple[int, bytes]] = []
-        for kind, body in self.queue:
-            if kind == 80:
-                name, at = wire.split_name(body)
-                if name in statements:
-                    # The name is taken: the server's own "already exists" error (42P05)
-                    # answers, by parsing under the shared name the statement has there.
-                    body = statements[name][0] + b"\0" + body[at:]
-                elif name and failed:
-                    body = b"\0" + body[at:]  # its preparation failed: the name stays free
-                elif name:
-                    rest = body[at:]
-                    shared = self._proxy_name(rest)
-                    statements[name] = (shared, rest)
-                    self.shared_seen.add(shared)
-                    if shared in prepared:  # (not after a failed prepare)
-                        prepared.move_to_end(shared)
-                    body = b"\0" + rest
-            elif kind == 66:
-                portal, at = wire.split_name(body)
-                name, after = wire.split_name(body, at)
-                entry = statements.get(name) if name else None
-                if entry is not None:
-                    if entry[0] in prepared:
-                        prepared.move_to_end(entry[0])
-                    body = portal + b"\0" + entry[0] + b"\0" + body[after:]
-            elif kind == 68 and body[:1] == b"S":
-                name, _ = wire.split_name(body, 1)
-                entry = statements.get(name) if name else None
-                if entry is not None:
-                    body = b"S" + entry[0] + b"\0"
-            elif kind == 67 and body[:1] == b"S":
-                name, _ = wire.split_name(body, 1)
-                if statements.pop(name, None) is not None:
-                    body = b"S" + CLOSED_STATEMENT + b"\0"  # CloseComplete, nothing closed
-            out.append((kind, body))
-        return wire.encode(out)
-
-    async def _prepare(self, server: PgServer, missing: list[tuple[bytes, bytes]]) -> None:
-        failed = False
-        try:
-            await server.prepare(missing)
-        except ServerError as error:
-            if error.fields.get("V", error.fields.get("S")) in ("FATAL", "PANIC"):
-                # The server is ending the connection (terminated, shutting down).
-                if self.server is server:
-                    self.server_lost(server)
-                server.close()
-                self._prepare_lost()
-                return
-            # The statement cannot be prepared (a dropped table, say): the client hears the
-            # server's error, and the server skips the request up to its Sync.
-            self.write(_error_from(error))
-            failed = True
-        except (ConnectionClosed, OSError):
-            self._prepare_lost()
-            return
-        except asyncio.CancelledError:
-            server.close()
-            raise
-        self.preparing = False
-        if self.server is server:
-            self._send_queue(failed)
-
-    def _prepare_lost(self) -> None:
-        """The server died during the proxy's own prepare (server_lost has run). The queue
-        never reached it: outside a transaction it goes to another server connection;
-        otherwise it is answered as the loss of the transaction."""
-        self.preparing = False
-        if self.is_closed:
-            return
-        if self.refusing or self.transaction_lost:
-            syncs = self.queue_syncs
-            self.queue = []
-            self.queue_syncs = 0
-            self._continue_refusal(syncs)
-            self._stop_holding_for_wait()
-        else:
-            self._flush_pending()
+            for name, (_, rest) in list(self.statements.items()):
+                batch.ensure(name, rest)
+        syncs = [i for i, (kind, _) in enumerate(self.queue) if kind in wire.SYNCING_TYPES]
+        last_sync = syncs[-1] if syncs else len(self.queue)
+        for i, (kind, body) in enumerate(self.queue):
+            if i == last_sync:
+                batch.evict()
+            try:
+                batch.add(kind, body, self.shared_seen)
+            except wire.ProtocolViolation:
+                batch.out.append(wire.encode([(kind, body)]))  # malformed: the server refuses it
+        if last_sync == len(self.queue):
+            batch.evict()
+        return b"".join(batch.out)
 
     def _statements_dropped(self, sql: bytes) -> None:
         """SQL about prepared statements (EXECUTE, DEALLOCATE, DISCARD) reaches the now pinned
@@ -261,8 +139,124 @@ class StatementsMixin:
             self.statements.clear()
 
 
-def _error_from(error: ServerError) -> bytes:
-    """An ErrorResponse carrying the server's own fields."""
-    fields = error.fields or {"S": "ERROR", "C": error.code or "XX000", "M": str(error)}
-    body = b"".join(k.encode() + v.encode() + b"\0" for k, v in fields.items()) + b"\0"
-    return wire.message(b"E", body)
+class _Batch:
+    """One queue of client messages on its way to a server connection, as the server must
+    see it. Client statement names become the shared names of their texts; a statement the
+    server lacks is created by a Parse slipped in before the message that uses it, whose
+    answer the server's relay drops (wire.ReplyPlan); a named Parse whose shared statement
+    exists becomes an unnamed Parse of the same text, so the client still gets its
+    ParseComplete in order. A statement name the client did not create never reaches the
+    server as it is: the server answers it as unknown (26000), as it would directly."""
+
+    def __init__(
+        self,
+        statements: dict[bytes, tuple[bytes, bytes]],
+        server: PgServer,
+        proxy_name: Callable[[bytes], bytes],
+    ) -> None:
+        assert server.scanner.plan is not None
+        self.plan = server.scanner.plan
+        self.statements = statements
+        self.server = server
+        self.prepared = server.prepared
+        self.proxy_name = proxy_name
+        self.out: list[bytes] = []
+        self.refreshed: set[bytes] = set()
+
+    def add(self, kind: int, body: bytes, seen: set[bytes]) -> None:
+        """Map one message; `seen`: the shared statements this client ever parsed."""
+        plan = self.plan
+        if kind == 80:  # Parse: name, text and types
+            name, at = wire.split_name(body)
+            if name:
+                body = self._named_parse(name, body[at:], seen)
+                if not body:
+                    return
+            else:
+                plan.parse(b"", b"", creates=False, injected=False)
+        elif kind == 66:  # Bind: portal, statement
+            portal, at = wire.split_name(body)
+            name, after = wire.split_name(body, at)
+            if name:
+                body = portal + b"\0" + self._server_name(name) + b"\0" + body[after:]
+        elif kind == 68 or kind == 67:  # Describe, Close: 'S' statement or 'P' portal
+            name = wire.split_name(body, 1)[0] if body[:1] == b"S" else b""
+            if name and kind == 67:
+                self.statements.pop(name, None)  # the shared statement stays for others
+                body = b"S" + CLOSED_STATEMENT + b"\0"  # CloseComplete, nothing closed
+            elif name:
+                body = b"S" + self._server_name(name) + b"\0"
+            if kind == 67:
+                plan.close(b"", injected=False)
+        elif kind in wire.SYNCING_TYPES:
+            plan.sync()
+        self.out.append(wire.encode([(kind, body)]))
+
+    def _named_parse(self, name: bytes, rest: bytes, seen: set[bytes]) -> bytes:
+        """What a Parse of `name` becomes (b"": it was added as a creating Parse)."""
+        plan, prepared = self.plan, self.prepared
+        taken = self.statements.get(name)
+        if taken is not None:
+            # The name is taken: the server's own "already exists" (42P05) answers, to a
+            # Parse under the shared name of the existing statement.
+            self.ensure(*taken)
+            plan.parse(b"", b"", creates=False, injected=False)
+            return taken[0] + b"\0" + rest
+        shared = self.proxy_name(rest)
+        self.statements[name] = (shared, rest)
+        if shared in seen and shared not in self.refreshed and shared in prepared:
+            # The client prepares a text again: after DDL its old plan may be invalid
+            # ("cached plan must not change result type"), so it is created anew.
+            self.refreshed.add(shared)
+            self.out.append(_close_statement(shared))
+            plan.close(shared, injected=True)
+            del prepared[shared]
+        seen.add(shared)
+        if shared not in prepared:
+            self._create(shared, rest, name, injected=False)
+            return b""
+        prepared.move_to_end(shared)
+        plan.parse(shared, name, creates=False, injected=False)
+        return b"\0" + rest
+
+    def _server_name(self, name: bytes) -> bytes:
+        """What a Bind or Describe of `name` names on the server: the client's statement
+        (made sure to exist), or, for a name the client never created, one that cannot
+        exist."""
+        entry = self.statements.get(name)
+        if entry is None:
+            return UNKNOWN_STATEMENT
+        self.ensure(*entry)
+        return entry[0]
+
+    def ensure(self, shared: bytes, rest: bytes) -> None:
+        """The next message uses `shared`: create it first if the server lacks it."""
+        if shared in self.prepared:
+            self.prepared.move_to_end(shared)
+        else:
+            self._create(shared, rest, b"", injected=True)
+
+    def _create(self, shared: bytes, rest: bytes, client_name: bytes, *, injected: bool) -> None:
+        """A Parse creating `shared` (after a Close where the proxy no longer knows what the
+        connection holds, so that "already exists" cannot happen)."""
+        if self.server.statements_unknown:
+            self.out.append(_close_statement(shared))
+            self.plan.close(b"", injected=True)
+        self.out.append(wire.parse_message(shared, rest))
+        self.plan.parse(shared, client_name, creates=True, injected=injected)
+        self.prepared[shared] = None
+
+    def evict(self) -> None:
+        """Close the least recently used statements beyond the connection's capacity. Done
+        after the messages that use them (before the batch's last Sync, so no answer of the
+        proxy's own is still due when the connection goes back to the pool)."""
+        prepared = self.prepared
+        while len(prepared) > self.server.prepared_capacity:
+            name = next(iter(prepared))
+            del prepared[name]
+            self.out.append(_close_statement(name))
+            self.plan.close(name, injected=True)
+
+
+def _close_statement(name: bytes) -> bytes:
+    return wire.message(b"C", b"S" + name + b"\0")
