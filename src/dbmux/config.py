@@ -192,6 +192,9 @@ class ProxyConfig(_Model):
     debug_logging: bool = False
     session_state: SessionState = SessionState.REPLAY
     max_client_connections: int = Field(10000, ge=1)
+    # MySQL: bytes of one command the proxy buffers before it forwards it; a bigger one is
+    # refused (ERR 1153) and the connection closed. None: the server's max_allowed_packet.
+    max_command_size: int | None = Field(None, ge=1024, le=1 << 30)
     auth: list[AuthEntry] = Field(min_length=1)
     target_group: TargetGroup
     endpoints: list[Endpoint] = []

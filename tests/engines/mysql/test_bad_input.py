@@ -22,12 +22,19 @@ FUZZ_WAIT = 3.0
 @pytest.fixture
 def bystander(my_proxy: MyProxy) -> Iterator[list[BaseException]]:
     """A client running transactions throughout the test; it must see no error."""
+    with bystanding(my_proxy) as errors:
+        yield errors
+
+
+@contextlib.contextmanager
+def bystanding(proxy: MyProxy) -> Iterator[list[BaseException]]:
+    """A client of `proxy` running transactions meanwhile; it must see no error."""
     errors: list[BaseException] = []
     stop = threading.Event()
 
     def run() -> None:
         try:
-            with my_proxy.connect(autocommit=False) as conn, conn.cursor() as cur:
+            with proxy.connect(autocommit=False) as conn, conn.cursor() as cur:
                 n = 0
                 while not stop.is_set():
                     cur.execute("INSERT INTO items (client, note) VALUES (50, %s)", (str(n),))
@@ -120,6 +127,42 @@ async def test_a_client_that_leaves_during_a_long_query_frees_its_connection(my_
     async with await logged_in(my_proxy) as raw:
         raw.command(b"\x03SELECT SLEEP(0.5)")
     await assert_serves_a_good_client(my_proxy)
+
+
+LIMIT = 256 * 1024
+
+
+async def test_a_command_over_max_command_size_is_error_1153_before_it_is_buffered(
+    start_my_proxy,
+) -> None:
+    """The proxy buffers a command whole before it forwards it: without a bound below the
+    protocol's 1 GiB, a few clients sending huge commands exhaust its memory. The refusal
+    comes as soon as the packet header shows the size, as a server's would."""
+    proxy = start_my_proxy(max_command_size=LIMIT)
+    with bystanding(proxy):
+        async with await logged_in(proxy) as raw:
+            fits = await raw.query("SELECT '" + "x" * (LIMIT - 100) + "'")
+            assert fits[-2].endswith(b"x" * 100)
+            big = wire.packet(0, b"\x03SELECT '" + b"x" * LIMIT + b"'")
+            raw.send(big[: LIMIT // 2])  # half of it: the proxy must not wait for the rest
+            error = err_of(await raw.read_all())
+        assert error.code == wire.ER_NET_PACKET_TOO_LARGE[0]
+        assert f"max_command_size ({LIMIT} bytes)" in error.message
+        await assert_serves_a_good_client(proxy)
+
+
+async def test_max_command_size_defaults_to_the_servers_max_allowed_packet(
+    my_proxy: MyProxy, mariadb
+) -> None:
+    """Past the server's own max_allowed_packet the server refuses the command anyway: the
+    proxy must not buffer (up to 1 GiB) what it can know will be refused."""
+    limit = int(mariadb.sql("SELECT @@global.max_allowed_packet"))
+    async with await logged_in(my_proxy) as raw:
+        # Its first 16 MiB - 1 bytes are a physical packet within the limit, taken whole.
+        raw.send(wire.packet(0, b"\x03SELECT '" + b"x" * limit + b"'"))
+        error = err_of(await raw.read_all())
+    assert error.code == wire.ER_NET_PACKET_TOO_LARGE[0]
+    assert f"max_command_size ({limit} bytes)" in error.message
 
 
 async def test_compression_and_tls_requests_are_refused_clearly(my_proxy: MyProxy) -> None:

@@ -156,6 +156,14 @@ class MyServer(ServerEnd, ServerConnection):
         # Accounts without SUPER get max_connections; one more is kept for SUPER.
         self.server_limit = (int(rows[0][0] or 1), 0)
 
+    async def read_facts(self) -> dict[str, str]:
+        """What the clients of a pool need to know of its server, read once per pool."""
+        try:
+            _, rows = await self.query("SELECT @@max_allowed_packet")
+        except ServerError:
+            return {}
+        return {"max_allowed_packet": (rows[0][0] or b"").decode()}
+
     async def prepare(self, text: bytes) -> ServerStatement:
         """This connection's statement for `text`, prepared now if it has none; raises the
         server's error when the text cannot be prepared."""

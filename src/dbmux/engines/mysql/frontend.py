@@ -33,6 +33,7 @@ log = logging.getLogger("dbmux.mysql")
 CURSOR = "cursor"  # COM_STMT_EXECUTE that opens a server-side cursor
 SET_OPTION = "set_option"  # COM_SET_OPTION changes how the server connection parses
 INBOX_LIMIT = 1 << 20  # stop reading a client that sends this much ahead of its replies
+DEFAULT_COMMAND_LIMIT = 64 << 20  # until the server's max_allowed_packet is known
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 ER_NOT_SUPPORTED_YET = (1235, "42000")  # a KILL dbmux cannot carry out for the client
 
@@ -76,6 +77,15 @@ def too_many(seq: int, refusal: Refusal) -> LoginRefused:
     return LoginRefused(
         seq, wire.ER_CON_COUNT_ERROR, f"Too many connections: {refusal.text} ({refusal.hint})"
     )
+
+
+def command_limit(setting: int | None, facts: dict[str, str] | None) -> int:
+    """Bytes of one command the proxy buffers: max_command_size, else the server's own
+    max_allowed_packet (past which it refuses a command anyway)."""
+    if setting is not None:
+        return setting
+    known = (facts or {}).get("max_allowed_packet", "")
+    return int(known) if known.isdigit() else DEFAULT_COMMAND_LIMIT
 
 
 def error_of(error: ServerError) -> tuple[int, str]:
@@ -365,8 +375,11 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
                 raise LoginRefused(seq, wire.ER_CON_COUNT_ERROR, borrow_hint(pool)) from None
             except ServerError as error:
                 raise LoginRefused(seq, error_of(error), str(error)) from None
-            pool.server_facts = {}
-            pool.release(server)
+            try:
+                pool.server_facts = await server.read_facts()
+            finally:
+                pool.release(server)
+        self.reader.limit = command_limit(self.ctx.config.max_command_size, pool.server_facts)
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -379,6 +392,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
                 n > 4
                 and data[3] == 0
                 and data[0] | data[1] << 8 | data[2] << 16 == n - 4 < 0xFFFFFF
+                and n - 4 <= self.reader.limit
             ):
                 self._requests.value += 1
                 try:
@@ -399,8 +413,12 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         while not self.busy and not self.is_closed and not self.write_blocked:
             try:
                 payload = self.reader.take(self.inbox)
-            except wire.ProtocolViolation as error:
-                self._violation(wire.ER_NET_PACKET_TOO_LARGE, str(error))
+            except wire.ProtocolViolation:  # refused on the header, before it is buffered
+                limit = self.reader.limit
+                self._violation(
+                    wire.ER_NET_PACKET_TOO_LARGE,
+                    f"Got a packet bigger than max_command_size ({limit} bytes)",
+                )
                 return
             if payload is None:
                 break
