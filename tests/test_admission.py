@@ -17,6 +17,7 @@ import pymysql
 import pytest
 
 from dbmux.auth import scram
+from dbmux.auth.mysql import native_scramble
 from dbmux.engines.mysql import wire as mywire
 from dbmux.metrics import ProxyMetrics
 from dbmux.proxy import ProxyRuntime
@@ -29,10 +30,12 @@ from tests.engines.mysql.conftest import (  # noqa: F401  (fixtures used through
     mariadb,
     start_my_proxy,
 )
-from tests.myraw import RawMy
+from tests.myraw import CLIENT_CAPABILITIES, RawMy
 from tests.pgraw import (
+    AUTH_OK,
     AUTH_SASL,
     AUTH_SASL_CONTINUE,
+    AUTH_SASL_FINAL,
     RawClient,
     msg,
     query,
@@ -75,6 +78,19 @@ class PgSide:
 
     async def log_in_needing_a_server(self) -> None:
         await self.log_in(search_path="public")
+
+    async def log_in_until_a_server_is_needed(self) -> socket.socket:
+        """A raw login that proves its password and then needs a server connection."""
+        sock = await connect_from("127.0.0.1", self.proxy.host, self.proxy.port)
+        client = RawClient(sock)
+        assert (await client.start(APP_USER, APP_DB, search_path="public")).auth_code == AUTH_SASL
+        scram_client = scram.ScramClient(APP_PASSWORD)
+        await client.send(sasl_initial_response(scram_client.client_first()))
+        cont = await client.read_message()
+        await client.send(msg(b"p", scram_client.handle_server_first(cont.payload[4:])))
+        assert (await client.read_message()).auth_code == AUTH_SASL_FINAL
+        assert (await client.read_message()).auth_code == AUTH_OK
+        return sock
 
     async def occupy(self) -> Callable[[], None]:
         """Keep a server connection busy until the returned function hangs up."""
@@ -131,6 +147,22 @@ class MySide:
         server connection."""
         await self.log_in(charset="latin1")
 
+    async def log_in_until_a_server_is_needed(self) -> socket.socket:
+        """A raw login, the first of its character set, so the proxy checks it on a server."""
+        sock = await connect_from("127.0.0.1", self.proxy.host, self.proxy.port)
+        _, payload = await read_packet(sock)
+        nonce = mywire.parse_greeting(payload).nonce
+        response = mywire.build_handshake_response(
+            capabilities=CLIENT_CAPABILITIES,
+            charset=8,  # latin1
+            user=MY_USER,
+            auth_response=native_scramble(MY_PASSWORD, nonce),
+            database=MY_DB,
+            plugin="mysql_native_password",
+        )
+        await asyncio.get_running_loop().sock_sendall(sock, mywire.packet(1, response))
+        return sock
+
     async def occupy(self) -> Callable[[], None]:
         raw = await RawMy.connect(self.proxy.host, self.proxy.port)
         _, reply = await raw.login(MY_USER, MY_PASSWORD, MY_DB)
@@ -163,17 +195,27 @@ class MySide:
             raw.close()
 
     async def refusal(self, sock: socket.socket) -> str:
-        loop = asyncio.get_running_loop()
-        data = b""
         while True:  # the greeting, then an ERR packet
-            while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:3], "little"):
-                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), WAIT)
-                assert chunk, f"closed without an error after {data!r}"
-                data += chunk
-            end = 4 + int.from_bytes(data[:3], "little")
-            payload, data = data[4:end], data[end:]
+            _, payload = await read_packet(sock)
             if payload[0] == 0xFF:
                 return str(int.from_bytes(payload[1:3], "little"))
+
+
+async def read_packet(sock: socket.socket) -> tuple[int, bytes]:
+    """One MySQL packet, read byte-exact so that nothing after it is consumed."""
+
+    async def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = await asyncio.wait_for(
+                asyncio.get_running_loop().sock_recv(sock, n - len(data)), WAIT
+            )
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+        return data
+
+    header = await exactly(4)
+    return header[3], await exactly(int.from_bytes(header[:3], "little"))
 
 
 Side = PgSide | MySide
@@ -295,3 +337,27 @@ async def test_a_client_past_its_password_may_wait_for_a_server_beyond_client_lo
     finally:
         hang_up()  # the busy server connection is closed, the waiting login gets a new one
     await asyncio.wait_for(login, WAIT)
+
+
+async def test_what_a_client_sends_while_its_login_waits_for_a_server_stays_in_the_kernel(
+    start,
+) -> None:
+    """A client that proved its password but is not logged in yet has nothing to send; read
+    while its login waits for a server connection (up to connection_borrow_timeout), it
+    could make the proxy buffer whatever it likes."""
+    side = start(pool={"max_connections_percent": 2})  # one server connection
+    hang_up = await side.occupy()
+    sock = await side.log_in_until_a_server_is_needed()
+    wait_until(lambda: len(runtime(side).admission) == 0, "the login is past its password")
+    [waiting] = [c for c in runtime(side).clients if not c.logged_in]
+    sending = asyncio.ensure_future(
+        asyncio.get_running_loop().sock_sendall(sock, b"\0" * (16 << 20))
+    )
+    try:
+        for _ in range(100):  # two seconds to show it: sending 16 MiB takes milliseconds
+            await asyncio.sleep(0.02)
+            assert len(waiting.inbox) < 1 << 20, "the proxy buffers what the client sends"
+    finally:
+        sending.cancel()
+        sock.close()
+        hang_up()

@@ -369,17 +369,28 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         self.pool = pool = self.ctx.pools.get(database, self.user, self.variant)
         self.schema = database
         if pool.server_facts is None:
+            # Nothing is due from the client until the OK: what it sends meanwhile (for up
+            # to connection_borrow_timeout) stays in the kernel's buffer, not the proxy's.
+            self.hold_reading()
             try:
-                server = await pool.borrow()
-            except BorrowTimeout:
-                raise LoginRefused(seq, wire.ER_CON_COUNT_ERROR, borrow_hint(pool)) from None
-            except ServerError as error:
-                raise LoginRefused(seq, error_of(error), str(error)) from None
-            try:
-                pool.server_facts = await server.read_facts()
+                pool.server_facts = await self._read_server_facts(pool, seq)
             finally:
-                pool.release(server)
+                self.release_reading()
         self.reader.limit = command_limit(self.ctx.config.max_command_size, pool.server_facts)
+
+    async def _read_server_facts(self, pool: Lender, seq: int) -> dict[str, str]:
+        """A pool's first client checks on a server connection that the database accepts
+        the login, and learns what the server allows (max_allowed_packet)."""
+        try:
+            server = await pool.borrow()
+        except BorrowTimeout:
+            raise LoginRefused(seq, wire.ER_CON_COUNT_ERROR, borrow_hint(pool)) from None
+        except ServerError as error:
+            raise LoginRefused(seq, error_of(error), str(error)) from None
+        try:
+            return await server.read_facts()
+        finally:
+            pool.release(server)
 
     # -- commands -----------------------------------------------------------------------------
 

@@ -141,7 +141,13 @@ class LoginMixin:
         settings = {k: v for k, v in params.items() if k not in _NOT_SETTINGS and k[:5] != "_pq_."}
         settings.update(parse_options(params.get("options", "")))
         self.pool = ctx.pools.get(database, user)
-        defaults = await self._learn_defaults(self.pool, settings)
+        # Nothing is due from the client until ReadyForQuery: what it sends meanwhile (for
+        # up to connection_borrow_timeout) stays in the kernel's buffer, not the proxy's.
+        self.hold_reading()
+        try:
+            defaults = await self._learn_defaults(self.pool, settings)
+        finally:
+            self.release_reading()
         reported = {**defaults, **{k: v for k, v in self.wanted.items() if k in defaults}}
         process_id, secret_key = ctx.new_cancel_key(self)
         self.pid_bytes = process_id.to_bytes(4, "big", signed=True)
