@@ -535,3 +535,37 @@ async def test_an_idle_server_connection_that_stopped_answering_is_never_lent(st
         assert await conn.fetchval("SELECT pg_backend_pid()") != pid
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("cause", ["shutdown", "idle"])
+async def test_a_proxy_made_error_never_lands_inside_a_relayed_message(start_proxy, cause):
+    """The proxy writes its own FATAL (shutdown, expiry) on the client's socket only between
+    server messages: written in the middle of a DataRow being relayed, the client would read
+    the error as row data and the rest of the stream as garbage."""
+    from tests.pgraw import RawClient, query, split_messages
+
+    proxy = start_proxy()
+    client = await RawClient.connect(proxy.host, proxy.port)
+    try:
+        await client.login(APP_USER, APP_PASSWORD, "app")
+        await client.send(query("SELECT repeat('x', 999) FROM generate_series(1, 100000)"))
+        head = await client.read_exactly(70_001)  # a little of the result, ending mid-row
+        (session,) = proxy.embedded.proxy().runtime.clients
+        # Reading nothing more, the client makes the proxy pause its server mid-result.
+        await wait_until(lambda: session.server is not None and session.server.reading_paused)
+        assert session.server.scanner.mid_message
+        proxy.embedded.call(_expire(session, cause))
+        stream = head + await client.read_all(timeout=30)
+        messages, rest = split_messages(stream)
+        assert {m.kind for m in messages} <= {b"T", b"D", b"E"}
+        assert all(len(m.payload) == 2 + 4 + 999 for m in messages if m.kind == b"D")
+        errors = [m for m in messages if m.kind == b"E"]
+        if errors:  # an error only as the very last whole message
+            assert messages[-1] is errors[0] and not rest
+            assert errors[0].fields["C"] == "57P01"
+    finally:
+        client.abort()
+
+
+async def _expire(session, cause: str) -> None:
+    session.expire("the proxy is shutting down" if cause == "shutdown" else "idle test")

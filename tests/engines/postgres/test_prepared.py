@@ -183,15 +183,11 @@ def test_a_name_whose_parse_failed_can_be_used_again(proxy):
 # -- no client reaches another's statements --------------------------------------------------
 
 
-def _victim_statement_names(pg) -> list[str]:
-    """What an attacker learns from pg_prepared_statements on a shared connection."""
-    rows = pg.psql("SELECT 1")  # the cluster answers: the names below are the proxy's own
-    assert rows == "1"
-    return [f"dbmux_{n}" for n in range(10)]
+GUESSED = [f"dbmux_{n}" for n in range(10)]  # the proxy's names are a counter
 
 
 @pytest.mark.parametrize("attack", ["close-and-replace", "bind", "describe"])
-async def test_a_client_cannot_reach_the_proxys_shared_statements(pg, start_proxy, attack):
+async def test_a_client_cannot_reach_the_proxys_shared_statements(start_proxy, attack):
     """Shared statements carry a guessable name, visible in pg_prepared_statements. A client
     that names one in Close, Bind or Describe gets the server's own "does not exist" (26000)
     for it, as directly; closing one and preparing other SQL under its name must not make
@@ -210,7 +206,7 @@ async def test_a_client_cannot_reach_the_proxys_shared_statements(pg, start_prox
             for row in (await attacker_rows(attacker, "SELECT name FROM pg_prepared_statements"))
         ]
         assert names, "the shared statement should be visible on the shared connection"
-        for name in names + _victim_statement_names(pg):
+        for name in names + GUESSED:
             n = name.encode() + b"\0"
             if attack == "close-and-replace":
                 evil = msg(b"P", n + b"SELECT 'attacker: ' || $1::text\0\0\0")
@@ -261,3 +257,27 @@ async def test_psycopg_async_pipeline_with_an_error_in_executemany_never_hangs(p
                 with pytest.raises(psycopg.DataError):
                     await cur.executemany(f"INSERT INTO {table} VALUES (%t, %t)", [[1, ""], [3, 4]])
                 await conn.rollback()
+
+
+async def test_a_client_holding_too_many_statements_is_ended_and_others_go_on(proxy):
+    """Every client name costs the proxy memory: one client may hold MAX_CLIENT_STATEMENTS
+    at once; the session that asks for more is ended with 53400, not the proxy's memory."""
+    from dbmux.engines.postgres.statements import MAX_CLIENT_STATEMENTS
+    from tests.pgraw import RawClient, msg
+
+    other = await asyncpg.connect(proxy.url())
+    hog = await RawClient.connect(proxy.host, proxy.port)
+    try:
+        await hog.login("app", "app-secret", "app")
+        parses = b"".join(
+            msg(b"P", b"s%d\0SELECT %d\0\0\0" % (n, n)) for n in range(MAX_CLIENT_STATEMENTS)
+        )
+        await hog.send(parses + msg(b"S"))
+        replies = await hog.read_until_ready(timeout=60)
+        assert [m.kind for m in replies].count(b"1") == MAX_CLIENT_STATEMENTS
+        await hog.send(msg(b"P", b"one_more\0SELECT 0\0\0\0") + msg(b"S"))
+        await hog.expect_fatal("53400")
+        assert await other.fetchval("SELECT $1::int", 7) == 7
+    finally:
+        hog.abort()
+        await other.close()

@@ -134,7 +134,13 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         self.fatal("57P01", f"terminating connection: {reason}")
 
     def fatal(self, code: str, text: str, *, hint: str = "") -> None:
-        """Send FATAL and close: the client's own fault or a refusal."""
+        """Send FATAL and close: the client's own fault or a refusal. Only at a message
+        boundary: in the middle of a server message being relayed, the client would read
+        the error as the rest of that message, so it is closed without one."""
+        server = self.server
+        if server is not None and server.scanner.mid_message:
+            self.close_transport(abort=True)
+            return
         self.write(wire.error_response(code, text, severity="FATAL", hint=hint))
         self.close_transport()
 
@@ -424,6 +430,9 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         self._detach()
         self.ctx.metrics.database_connections_lost.value += 1
         if self.is_closed:
+            return
+        if server.scanner.mid_message:  # the client holds part of a message: no error fits
+            self.close_transport(abort=True)
             return
         if self.pin_reason is not None or self.scanner.mid_message:
             why = f"session state ({self.pin_reason})" if self.pin_reason else "a partial message"

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 _DROPS_ALL = re.compile(rb"(?i)\b(?:deallocate\s+(?:prepare\s+)?all|discard\s+all)\b")
 CLOSED_STATEMENT = b"dbmux_closed"  # never created: closing it only yields CloseComplete
 UNKNOWN_STATEMENT = b"dbmux_unknown"  # never created: the server answers 26000
+MAX_CLIENT_STATEMENTS = 10_000  # named statements one client may hold at once
 
 
 class StatementsMixin:
@@ -37,6 +38,8 @@ class StatementsMixin:
                 break
         inspected = [(kind, body) for kind, body in messages if kind in (66, 80, 81)]
         if inspected:
+            if self._too_many_statements(inspected):
+                return
             self._inspect(inspected)
         if self.refusing:
             self._continue_refusal(syncs)
@@ -47,6 +50,22 @@ class StatementsMixin:
         self.queue += messages
         self.queue_syncs += syncs
         self._send_queue()
+
+    def _too_many_statements(self, messages: list[tuple[int, bytes]]) -> bool:
+        """Each client name costs the proxy memory whatever the server holds: a session
+        that would keep more than MAX_CLIENT_STATEMENTS is ended (53400), as a server ends
+        one that exhausts its memory, rather than let one client grow the proxy without
+        bound."""
+        names = {body[: body.find(b"\0")] for kind, body in messages if kind == 80}
+        names.discard(b"")
+        if len(self.statements) + len(names - self.statements.keys()) <= MAX_CLIENT_STATEMENTS:
+            return False
+        self.fatal(
+            "53400",
+            f"this session holds more than {MAX_CLIENT_STATEMENTS} prepared statements",
+            hint="close statements the session no longer uses",
+        )
+        return True
 
     def _send_queue(self) -> None:
         """Relay the queued messages to our server, with the statements they use slipped in
@@ -108,7 +127,9 @@ class StatementsMixin:
 
     def _map_names(self, server: PgServer) -> bytes:
         """The queue as the server must see it (see _Batch)."""
-        batch = _Batch(self.statements, server, self._proxy_name)
+        if len(self.shared_seen) > 2 * MAX_CLIENT_STATEMENTS:
+            self.shared_seen.clear()  # (only an optimisation's memory: see _named_parse)
+        batch = _Batch(self.statements, self.parsed_settings, server, self._proxy_name)
         if self.expose_names:
             # SQL (EXECUTE name) refers to the client's own names: on the pinned connection
             # its statements exist under those names too.
@@ -151,12 +172,14 @@ class _Batch:
     def __init__(
         self,
         statements: dict[bytes, tuple[bytes, bytes]],
+        parsed_settings: dict[bytes, frozenset[str]],
         server: PgServer,
         proxy_name: Callable[[bytes], bytes],
     ) -> None:
         assert server.scanner.plan is not None
         self.plan = server.scanner.plan
         self.statements = statements
+        self.parsed_settings = parsed_settings
         self.server = server
         self.prepared = server.prepared
         self.proxy_name = proxy_name
@@ -183,6 +206,7 @@ class _Batch:
             name = wire.split_name(body, 1)[0] if body[:1] == b"S" else b""
             if name and kind == 67:
                 self.statements.pop(name, None)  # the shared statement stays for others
+                self.parsed_settings.pop(name, None)
                 body = b"S" + CLOSED_STATEMENT + b"\0"  # CloseComplete, nothing closed
             elif name:
                 body = b"S" + self._server_name(name) + b"\0"
