@@ -108,7 +108,12 @@ class Proxy:
             self.targets,
             clients,
             Admission(clients, config, self.metrics),
-            LoginThrottle(config.max_login_failure_delay, self.metrics, time.monotonic),
+            LoginThrottle(
+                config.max_login_failure_delay,
+                config.client_login_timeout,
+                self.metrics,
+                time.monotonic,
+            ),
         )
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []  # the proxy's listen, then its endpoints'

@@ -44,7 +44,7 @@ def metrics() -> ProxyMetrics:
 
 def throttle(metrics: ProxyMetrics, cap: float = 5.0) -> tuple[LoginThrottle, Clock]:
     clock = Clock()
-    return LoginThrottle(cap, metrics, clock), clock
+    return LoginThrottle(cap, 15.0, metrics, clock), clock
 
 
 # -- the slow-down of failed logins ------------------------------------------------------------
@@ -71,8 +71,23 @@ def test_failures_count_per_user_and_per_address_apart(metrics) -> None:
     for i in range(8):
         t.failed(f"user{i}", "10.9.9.9")
     assert t.penalty(address="10.9.9.9") > 0
-    assert t.before_check("10.9.9.9") > 0  # this address waits even to be checked...
-    assert t.before_check("10.0.0.77") == 0  # ...a clean one, for any user, does not
+    assert t.before_check("10.0.0.77") == 0  # a clean address is checked at once
+
+
+def test_a_throttled_address_gets_one_password_check_per_delay_however_many_it_opens(
+    metrics,
+) -> None:
+    """Answers alone slowed down, a guesser would open many connections, hang up on each
+    once its wrong password was not let in at once, and guess at the proxy's full speed."""
+    t, clock = throttle(metrics, cap=1.0)
+    for _ in range(10):
+        t.failed("app", "10.9.9.9")
+    turns = [t.before_check("10.9.9.9") for _ in range(20)]
+    assert turns[:15] == [float(n) for n in range(15)]  # one per second
+    assert turns[15:] == [15.0] * 5  # past the login deadline: no turn booked
+    clock.now += 5
+    assert t.before_check("10.9.9.9") == 10.0  # the booked turns still stand
+    assert t.before_check("10.0.0.1") == 0
 
 
 def test_a_quiet_window_forgets_the_failures(metrics) -> None:

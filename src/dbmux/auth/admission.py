@@ -122,7 +122,8 @@ def _address_key(address: str) -> tuple[str, str]:
 @dataclass(slots=True)
 class _Failures:
     count: int
-    last: float
+    last: float  # when the last failure came
+    next_turn: float = 0.0  # when the next attempt may have its password checked
 
 
 class LoginThrottle:
@@ -130,18 +131,22 @@ class LoginThrottle:
     (with no quiet WINDOW in between) each further one waits FIRST_DELAY, doubling per
     failure up to `cap` seconds.
 
-    A failure's answer waits for its user's and its address's count; an attempt from an
-    address that failed too often also waits before its password is checked, so a guesser
-    gains nothing by hanging up early to read a slow answer as "wrong". A good login from
-    a clean address never waits, whatever others did to its user."""
+    A failure's answer waits for its user's and its address's count. Attempts from an
+    address that failed too often are also let through to the password check one per
+    delay, however many connections it opens at once: a guesser gains nothing by hanging
+    up early to read a slow answer as "wrong". A good login from a clean address never
+    waits, whatever others did to its user."""
 
     FREE = 5
     FIRST_DELAY = 0.1
     WINDOW = 60.0  # seconds without a failure after which a key starts afresh
     CAPACITY = 10_000  # keys remembered (user names are the client's to choose)
 
-    def __init__(self, cap: float, metrics: ProxyMetrics, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, cap: float, horizon: float, metrics: ProxyMetrics, clock: Callable[[], float]
+    ) -> None:
         self.cap = cap
+        self.horizon = horizon  # client_login_timeout: no attempt waits longer than this
         self.metrics = metrics
         self.clock = clock
         self._failures: OrderedDict[tuple[str, str], _Failures] = OrderedDict()
@@ -163,8 +168,21 @@ class LoginThrottle:
         return min(self.cap, self.FIRST_DELAY * 2 ** min(count - self.FREE - 1, 32))
 
     def before_check(self, address: str) -> float:
-        """Seconds to wait before checking a password from `address`."""
-        return self.penalty(address=address)
+        """Seconds to wait before checking a password from `address`: the next free turn
+        of a throttled address. An attempt with no turn within `horizon` would reach its
+        login deadline first: it waits that long without taking a turn, so a pile of
+        connections cannot book the address's turns far ahead."""
+        key = _address_key(address)
+        delay = self.penalty(address=address)
+        if not delay:
+            return 0.0
+        failures = self._failures[key]
+        now = self.clock()
+        turn = max(now, failures.next_turn)
+        if turn - now >= self.horizon:
+            return self.horizon
+        failures.next_turn = turn + delay
+        return turn - now
 
     def failed(self, user: str, address: str) -> float:
         """Count a failed login; the seconds to wait before answering it."""
