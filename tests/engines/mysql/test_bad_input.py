@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dbmux.engines.mysql import wire
 from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
-from tests.myraw import RawMy
+from tests.myraw import CLIENT_CAPABILITIES, RawMy
 
 FUZZ_WAIT = 3.0
 
@@ -55,9 +55,10 @@ def bystanding(proxy: MyProxy) -> Iterator[list[BaseException]]:
     assert not errors, errors
 
 
-async def logged_in(proxy: MyProxy) -> RawMy:
+async def logged_in(proxy: MyProxy, capabilities: int = 0) -> RawMy:
+    """A raw client logged in, offering the usual capabilities and `capabilities`."""
     raw = await RawMy.connect(proxy.host, proxy.port)
-    _, reply = await raw.login(MY_USER, MY_PASSWORD, MY_DB)
+    _, reply = await raw.login(MY_USER, MY_PASSWORD, MY_DB, CLIENT_CAPABILITIES | capabilities)
     assert reply[:1] == b"\0", reply
     return raw
 

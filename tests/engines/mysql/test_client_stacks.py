@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import pymysql
 import pytest
 from sqlalchemy import Integer, String, create_engine, select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -107,17 +106,6 @@ def test_ping_is_answered_without_borrowing(my_proxy: MyProxy) -> None:
         for _ in range(5):
             conn.ping(reconnect=False)
         assert my_proxy.metrics.database_connection_requests.value == before
-
-
-def test_load_data_local_is_refused_clearly_and_the_client_goes_on(my_proxy: MyProxy, tmp_path):
-    data = tmp_path / "rows.csv"
-    data.write_text("1,x\n")
-    with my_proxy.connect(local_infile=True) as conn, conn.cursor() as cur:
-        with pytest.raises(pymysql.err.OperationalError) as caught:
-            cur.execute(f"LOAD DATA LOCAL INFILE '{data}' INTO TABLE items (client, note)")
-        assert caught.value.args[0] in (1148, 4166)
-        cur.execute("SELECT 1")
-        assert cur.fetchone() == (1,)
 
 
 def test_a_stored_procedure_with_several_result_sets(my_proxy: MyProxy) -> None:

@@ -53,7 +53,9 @@ class MyServer(ServerEnd, ServerConnection):
         self.port = port
         self.capabilities = capabilities
         self.deprecate_eof = bool(capabilities & wire.CLIENT_DEPRECATE_EOF)
-        self.scanner = wire.ResponseScanner(self.deprecate_eof)
+        self.scanner = wire.ResponseScanner(
+            self.deprecate_eof, local_files=bool(capabilities & wire.CLIENT_LOCAL_FILES)
+        )
         self.client: MyClient | None = None
         self.greeting: wire.Greeting | None = None
         self.thread_id = 0
@@ -262,6 +264,9 @@ class MyServer(ServerEnd, ServerConnection):
         client.transport.write(data)  # type: ignore[union-attr]
         if done:
             client.response_done(done)
+        elif scanner.file_requested:  # LOAD DATA LOCAL: the client's file comes next
+            scanner.file_requested = False
+            client.upload_file()
 
     def _note_goodbye(self, payload: bytes) -> None:
         err = wire.parse_err(payload)

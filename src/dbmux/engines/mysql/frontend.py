@@ -131,6 +131,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         self.waiting: Request | None = None  # command waiting for a server
         self.transaction_lost = ""  # why, when the server died under an open transaction
         self.cancelling: MyServer | None = None  # whose query our KILL QUERY stops
+        self.upload: wire.UploadScanner | None = None  # a LOAD DATA LOCAL file coming
         self.last_active = ctx.clock.now
         self.logged_in = False
         self._task: asyncio.Task[None] | None = None
@@ -411,6 +412,10 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
                 except wire.ProtocolViolation as error:
                     self._violation(wire.ER_NET_READ_ERROR, str(error))
                 return
+        if self.upload is not None:
+            data = self._upload(data)
+            if not data:
+                return
         self.inbox += data
         if not self.busy:
             self._next_commands()
@@ -449,6 +454,35 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         if self._held and not self.busy:
             self._held = False
             self.release_reading()
+
+    def upload_file(self) -> None:
+        """The server asks for the file of a LOAD DATA LOCAL (only of a client that offered
+        CLIENT_LOCAL_FILES: no other shares its connection). What the client sends is relayed
+        as it comes, with the server's backpressure, up to the file's empty last packet; the
+        connection stays lent until the server's reply. Bytes already here are the file's."""
+        self.upload = wire.UploadScanner()
+        if self.replay_log is not None:
+            self.replay_log.replayable = False  # the file cannot be asked for again
+        if self._held:  # the file must flow whatever the client sent ahead
+            self._held = False
+            self.release_reading()
+        if self.inbox:
+            ahead = bytes(self.inbox)
+            self.inbox.clear()
+            self.inbox += self._upload(ahead)
+
+    def _upload(self, data: bytes) -> bytes:
+        """Relay file bytes to the server; return what follows the file (commands)."""
+        server = self.server
+        assert server is not None and self.upload is not None  # server_lost ends the upload
+        end = self.upload.feed(data)
+        if end < 0:
+            server.transport.write(data)  # type: ignore[union-attr]
+            return b""
+        self.upload = None
+        server.transport.write(data[:end])  # type: ignore[union-attr]
+        server.scanner.upload_done()
+        return data[end:]
 
     def on_write_blocked(self, blocked: bool) -> None:
         super().on_write_blocked(blocked)
@@ -1108,6 +1142,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         """The server connection died under this client."""
         seq = self._interjection(server)  # where the relayed reply, if any, was cut
         self._detach()
+        self.upload = None
         self.ctx.metrics.database_connections_lost.value += 1
         if self.is_closed:
             return

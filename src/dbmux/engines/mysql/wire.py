@@ -52,9 +52,8 @@ MARIADB_CLIENT_STMT_BULK_OPERATIONS = 1 << 34
 MARIADB_CLIENT_EXTENDED_METADATA = 1 << 35
 
 # What dbmux offers clients (intersected with what the server offers). Left out on purpose:
-# SSL and compression (not available), LOCAL_FILES (LOAD DATA LOCAL is refused by the server
-# then, with its own clear error), query attributes and optional metadata (they change packet
-# formats the proxy reads), MariaDB progress reports and metadata caching (likewise).
+# SSL and compression (not available), query attributes and optional metadata (they change
+# packet formats the proxy reads), MariaDB progress reports and metadata caching (likewise).
 PROXY_CAPABILITIES = (
     CLIENT_LONG_PASSWORD
     | CLIENT_FOUND_ROWS
@@ -62,6 +61,7 @@ PROXY_CAPABILITIES = (
     | CLIENT_CONNECT_WITH_DB
     | CLIENT_NO_SCHEMA
     | CLIENT_ODBC
+    | CLIENT_LOCAL_FILES
     | CLIENT_IGNORE_SPACE
     | CLIENT_PROTOCOL_41
     | CLIENT_INTERACTIVE
@@ -84,9 +84,12 @@ PROXY_CAPABILITIES = (
 )
 # Client capabilities that change what the server sends or accepts: a server connection is
 # opened with the client's own choice of these, and only clients that made the same choice
-# share it (they are part of the pool key).
+# share it (they are part of the pool key). A server connection opened with LOCAL_FILES
+# is never lent to a client that did not offer it, which gets the server's own refusal of
+# LOAD DATA LOCAL, as directly.
 SESSION_CAPABILITIES = (
     CLIENT_FOUND_ROWS
+    | CLIENT_LOCAL_FILES
     | CLIENT_LONG_FLAG
     | CLIENT_NO_SCHEMA
     | CLIENT_ODBC
@@ -641,6 +644,7 @@ _STRING = 6  # one packet of text
 _FIELDS = 7  # definitions until EOF or ERR
 _PREPARE = 8  # statement OK or ERR
 _SKIP = 9  # a known number of packets (prepare's definitions)
+_UPLOAD = 10  # LOAD DATA LOCAL: the client sends the file; the server's OK or ERR follows
 
 _ERR_MAY_FOLLOW = frozenset({_IDLE, _FIRST, _META_EOF, _ROWS, _SINGLE, _FIELDS, _PREPARE})
 
@@ -661,7 +665,8 @@ class ResponseScanner:
     responses the chunk completed. `status` is the status flags of the last OK or EOF,
     `insert_id` the last nonzero insert id an OK reported, `failed` whether the last
     completed response was an ERR. Unsolicited packets (a server's last words before it
-    hangs up) are kept in `unsolicited`."""
+    hangs up) are kept in `unsolicited`. With `local_files`, a LOAD DATA LOCAL request sets
+    `file_requested` and the response waits, without end, until `upload_done()`."""
 
     __slots__ = (
         "_carry",
@@ -671,15 +676,19 @@ class ResponseScanner:
         "deprecate_eof",
         "expected",
         "failed",
+        "file_requested",
         "insert_id",
+        "local_files",
         "seq",
         "state",
         "status",
         "unsolicited",
     )
 
-    def __init__(self, deprecate_eof: bool) -> None:
+    def __init__(self, deprecate_eof: bool, local_files: bool = False) -> None:
         self.deprecate_eof = deprecate_eof
+        self.local_files = local_files
+        self.file_requested = False
         self.expected: deque[int] = deque()
         self.state = _IDLE
         self.columns = 0
@@ -762,7 +771,11 @@ class ResponseScanner:
             if first == 0xFF:
                 return self._error()
             if first == 0xFB:
-                raise ProtocolViolation("LOAD DATA LOCAL request, which the proxy did not allow")
+                if not self.local_files:  # a server asking a client that did not allow it
+                    raise ProtocolViolation("LOAD DATA LOCAL request the client did not allow")
+                self.state = _UPLOAD
+                self.file_requested = True
+                return 0
             try:
                 count, _ = read_lenenc(data, at)
             except (IndexError, ValueError):
@@ -817,11 +830,17 @@ class ResponseScanner:
         if state == _SKIP:
             self.columns -= 1
             return self._complete() if self.columns == 0 else 0
+        if state == _UPLOAD:  # the server speaks only once it has the whole file
+            raise ProtocolViolation("the server sent a packet during a LOAD DATA LOCAL upload")
         # Nothing was asked: a server's goodbye (an ERR before it closes), or a broken server.
         if first == 0xFF:
             self.unsolicited = bytes(data[at : at + length])
             return 0
         raise ProtocolViolation("the server sent a packet nobody asked for")
+
+    def upload_done(self) -> None:
+        """The client sent the whole file: the server's OK or ERR comes next."""
+        self.state = _FIRST
 
     def _ok_status(self, data: bytes, at: int) -> int:
         try:
@@ -857,6 +876,40 @@ class ResponseScanner:
     def _next(self) -> int:
         self.state = _START[self.expected.popleft()] if self.expected else _IDLE
         return 1
+
+
+class UploadScanner:
+    """Walks the client-to-server bytes of a LOAD DATA LOCAL upload, relayed as they come:
+    the file goes in packets and ends with an empty one (an empty packet right after one of
+    16 MiB - 1 bytes only continues that one)."""
+
+    __slots__ = ("_continued", "_header", "_skip")
+
+    def __init__(self) -> None:
+        self._header = b""  # a packet header split between chunks
+        self._skip = 0  # bytes of the current packet still to come
+        self._continued = False
+
+    def feed(self, data: bytes) -> int:
+        """Where in `data` the upload ends (just after its empty packet), or -1."""
+        n = len(data)
+        pos = min(self._skip, n)
+        self._skip -= pos
+        while pos < n:
+            take = 4 - len(self._header)
+            header = self._header + data[pos : pos + take]
+            pos += take
+            if len(header) < 4:
+                self._header = header
+                return -1
+            self._header = b""
+            length = header[0] | header[1] << 8 | header[2] << 16
+            if length == 0 and not self._continued:
+                return pos
+            self._continued = length == MAX_PAYLOAD
+            self._skip = max(pos + length - n, 0)
+            pos += length
+        return -1
 
 
 # ---------------------------------------------------------------------------------------------
