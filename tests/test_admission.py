@@ -327,11 +327,11 @@ async def test_a_client_past_its_password_may_wait_for_a_server_beyond_client_lo
     client that proved it and waits for a server connection (the first of its pool, or any
     during a failover) waits under connection_borrow_timeout, as its queries will; a short
     login timeout must not fail logins the pool would have served."""
-    side = start(client_login_timeout=1, pool={"max_connections_percent": 2})  # one connection
+    side = start(client_login_timeout=2, pool={"max_connections_percent": 2})  # one connection
     hang_up = await side.occupy()
     login = asyncio.ensure_future(side.log_in_needing_a_server())
     try:
-        await asyncio.sleep(2.5)  # well past client_login_timeout
+        await asyncio.sleep(4)  # well past client_login_timeout
         assert not login.done(), login.exception()
         assert len(runtime(side).admission) == 0  # proved: no longer pending
     finally:
