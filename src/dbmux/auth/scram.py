@@ -29,6 +29,10 @@ __all__ = [
 
 MECHANISM = "SCRAM-SHA-256"
 DEFAULT_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
+# The most PBKDF2 iterations the proxy runs for a server that asks (256 times PostgreSQL's
+# default, about half a second): a server, or whoever answers in its place, could otherwise
+# hold the event loop for minutes, or make hashlib raise OverflowError past 2**31 - 1.
+MAX_SERVER_ITERATIONS = 1 << 20
 
 _NONCE_BYTES = 18  # PostgreSQL's SCRAM_RAW_NONCE_LEN
 _SALT_BYTES = 16  # PostgreSQL's SCRAM_DEFAULT_SALT_LEN
@@ -455,6 +459,10 @@ class ScramClient(_Exchange):
         if not salt:
             raise ScramError(f"{what}: empty salt")
         iterations = _parse_iterations(_expect(attrs, 2, "i", what), what)
+        if iterations > MAX_SERVER_ITERATIONS:
+            raise ScramError(
+                f"{what}: iteration count {iterations} is more than {MAX_SERVER_ITERATIONS}"
+            )
 
         salted = salted_password(self._password, salt, iterations)
         client_key = _hmac(salted, b"Client Key")
