@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
-from tests.pgraw import RawClient, query
+from tests.pgraw import ProtocolFailure, RawClient, query
 
 BIG_RESULT = "SELECT repeat('x', 1000) FROM generate_series(1, 200000)"  # about 200 MB
 
@@ -42,3 +42,45 @@ async def test_slow_reader_pauses_the_server_instead_of_buffering(proxy):
         assert not server.reading_paused
     finally:
         client.abort()
+
+
+EMPTY_QUERIES = query("") * 40_000  # 240 kB, each answered with a ReadyForQuery
+
+
+async def test_a_client_that_never_reads_refusals_holds_a_bounded_buffer(start_proxy):
+    """Refusals the proxy writes itself (here: borrow timeouts while another client holds
+    the only server connection) ignore the server's backpressure: without backpressure of
+    their own, a client that pipelines requests and never reads the answers grows the
+    proxy's buffer for it by every read, without bound."""
+    proxy = start_proxy(pool={"max_connections_percent": 2, "connection_borrow_timeout": 0.01})
+    loop = asyncio.get_running_loop()
+    # The pool's first login opens its connection, which may take longer than the borrow
+    # timeout: that login fails, the connection stays for the next one.
+    for _ in range(3):
+        holder = await RawClient.connect(proxy.host, proxy.port)
+        try:
+            await holder.login(APP_USER, APP_PASSWORD, APP_DB)
+            break
+        except ProtocolFailure:
+            holder.abort()
+    async with holder, await RawClient.connect(proxy.host, proxy.port) as flooder:
+        await holder.simple_query("BEGIN")
+        await holder.simple_query("SELECT 1")  # the only server connection is the holder's
+        await flooder.login(APP_USER, APP_PASSWORD, APP_DB)
+        sent = 0
+        try:
+            while sent < 64 << 20:
+                # The proxy stops reading us once its buffer for us is full: our kernel
+                # buffers fill and sending waits.
+                await asyncio.wait_for(loop.sock_sendall(flooder.sock, EMPTY_QUERIES), 2.0)
+                sent += len(EMPTY_QUERIES)
+        except TimeoutError:
+            pass
+
+        async def sizes() -> list[int]:
+            clients = proxy.embedded.proxy().runtime.clients
+            return [c.transport.get_write_buffer_size() for c in clients]
+
+        assert max(proxy.embedded.call(sizes())) < 4 << 20
+        await holder.simple_query("COMMIT")
+        assert [m.kind for m in await holder.simple_query("SELECT 2")][-1] == b"Z"
