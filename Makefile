@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint fmt clean system-deps
+.PHONY: demo test bench fuzz lint fmt clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench
+
+# Both engines' parsers under atheris, FUZZ_RUNS inputs each; the corpus lands in bench/fuzz.
+FUZZ_RUNS ?= 1000000
+fuzz: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,fuzz]'
+	$(BIN)/python -m bench.fuzz --runs $(FUZZ_RUNS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
