@@ -182,6 +182,11 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         self._leave(self._interjection(server), error, message)
 
     def _leave(self, seq: int | None, error: tuple[int, str], message: str) -> None:
+        if self.write_blocked:
+            # A client that does not read would keep a graceful close (and the server
+            # connection behind it) waiting for it forever: reset it instead.
+            self.close_transport(abort=True)
+            return
         if seq is not None:
             self.write(wire.packet(seq, wire.err_packet(error, message)))
         self.close_transport()
