@@ -4,6 +4,7 @@ allow it."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from dbmux.engines.mysql import wire
 from tests.engines.mysql.conftest import MyProxy
 from tests.engines.mysql.test_bad_input import bystanding, logged_in
+from tests.myraw import WAIT
 
 SMALL = 10
 BIG = 120_000  # about 6 MB: many packets, more than the proxy's buffers
@@ -183,3 +185,42 @@ def test_an_empty_packet_after_a_full_one_continues_it_and_does_not_end_the_uplo
     full = wire.packet(2, b"y" * wire.MAX_PAYLOAD)  # 16 MiB - 1 bytes and an empty piece
     stream = full + wire.packet(4, b"")
     assert upload_end(stream, [len(full) - 4, len(full) + 1]) == len(stream)
+
+
+async def test_a_big_upload_is_streamed_to_the_server_not_buffered(my_proxy: MyProxy, table):
+    """A client may upload any amount (the server bounds nothing until the end of the file):
+    the proxy must pass it on as it comes, pausing the client while the server is behind,
+    or one upload holds the whole file in the proxy's memory."""
+    peak = [0]
+    done = asyncio.Event()
+
+    async def watch() -> None:  # on the proxy's loop: what it holds of any client's upload
+        clients = my_proxy.embedded.proxy().runtime.clients
+        while not done.is_set():
+            for client in list(clients):
+                server = client.server
+                held = len(client.inbox)
+                if server is not None and server.transport is not None:
+                    held += server.transport.get_write_buffer_size()
+                peak[0] = max(peak[0], held)
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.run_coroutine_threadsafe(watch(), my_proxy.embedded.loop)
+    line = b"1," + b"u" * 1000 + b"\n"
+    chunk = line * 64  # 64 kB per packet
+    packets = 512  # 32 MB
+    try:
+        async with await logged_in(my_proxy, wire.CLIENT_LOCAL_FILES) as raw:
+            raw.command(b"\x03" + load_sql(Path("big.csv")).encode())
+            seq, request = await raw.packet()
+            assert request[:1] == b"\xfb"
+            for i in range(packets):
+                raw.send(wire.packet(seq + 1 + i, chunk))
+                await asyncio.wait_for(raw.writer.drain(), WAIT)
+            raw.send(wire.packet(seq + 1 + packets, b""))
+            (ok,) = await raw.response(wire.RESPONSE_SIMPLE)
+            assert wire.parse_ok(ok).affected == packets * 64
+    finally:
+        my_proxy.embedded.loop.call_soon_threadsafe(done.set)
+        watcher.result(WAIT)
+    assert peak[0] < 4 << 20
