@@ -272,18 +272,28 @@ class Proxy:
     async def _run_janitor(self) -> None:
         """Once a second: advance the clock, reap idle server connections, expire idle clients."""
         clock = self.runtime.clock
-        limit = self.config.idle_client_timeout
         while True:
             await asyncio.sleep(JANITOR_INTERVAL)
             clock.now = time.monotonic()
             try:
                 for pools in self.pool_sets:
                     pools.sweep()
-                for client in [c for c in self.runtime.clients if c.logged_in]:
-                    if clock.now - client.last_active > limit:
-                        client.expire(f"idle_client_timeout ({limit:g} s)")
+                self._expire_idle_clients(clock.now)
             except Exception:
                 log.exception("janitor pass failed")
+
+    def _expire_idle_clients(self, now: float) -> None:
+        """Disconnect clients silent for idle_client_timeout with nothing in flight. A client
+        with something in flight (a long query, a result it reads slowly, a wait for a
+        server connection) is active now, so its idle time starts when that ends.
+        `last_active` comes from the coarse clock, up to one janitor interval before the
+        client's real last move: the interval is added so that no client is cut off early."""
+        limit = self.config.idle_client_timeout
+        for client in [c for c in self.runtime.clients if c.logged_in]:
+            if client.active:
+                client.last_active = now
+            elif now - client.last_active > limit + JANITOR_INTERVAL:
+                client.expire(f"idle_client_timeout ({limit:g} s)")
 
     async def stop(self) -> None:
         if self._janitor is not None:

@@ -140,7 +140,22 @@ class ClientSession(ABC):
 
     last_active: float
     logged_in: bool
+    transport: asyncio.Transport | None
 
     @abstractmethod
     def expire(self, reason: str) -> None:
         """Tell the client, in its protocol, why it is disconnected, then disconnect."""
+
+    @property
+    @abstractmethod
+    def in_flight(self) -> bool:
+        """Something the client asked for is not answered yet: a request at the server, a
+        reply still being relayed, a wait for a server connection. A client is idle only
+        when it is silent with nothing in flight (idle_client_timeout)."""
+
+    @property
+    def active(self) -> bool:
+        """Not idle: something in flight, or the end of a reply the client has not read yet
+        (the server has answered, but the proxy still holds bytes to write to the client)."""
+        transport = self.transport
+        return self.in_flight or (transport is not None and transport.get_write_buffer_size() > 0)

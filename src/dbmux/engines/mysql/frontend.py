@@ -850,6 +850,10 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             self._held = False
             self.release_reading()
 
+    @property
+    def in_flight(self) -> bool:
+        return self.busy  # a command is being answered, or waits for a server connection
+
     async def _learn_state(self, server: MyServer) -> None:
         """Read back the variables and schema the transaction may have changed. The reply
         has been relayed already; the client's next command waits until this is done."""
