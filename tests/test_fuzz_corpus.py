@@ -6,11 +6,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from bench.fuzz import live
 from bench.fuzz import mysql as my_harness
 from bench.fuzz import postgres as pg_harness
 
 from dbmux.auth.scram import ScramClient, ScramError
 from dbmux.engines.postgres.pinning import Classifier
+from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, RunningProxy
+from tests.engines.mysql.conftest import (  # noqa: F401 (the MySQL engine's fixtures)
+    MY_DB,
+    MY_PASSWORD,
+    MY_USER,
+    MyProxy,
+    mariadb,
+    my_proxy,
+    start_my_proxy,
+)
 
 CORPUS = Path(__file__).parent.parent / "bench" / "fuzz" / "corpus"
 HARNESSES = {"postgres": pg_harness.one_input, "mysql": my_harness.one_input}
@@ -33,6 +44,33 @@ def test_every_corpus_input_is_parsed_or_refused_cleanly(engine: str) -> None:
             HARNESSES[engine](path.read_bytes())
         except Exception as error:
             raise AssertionError(f"{path.name}: {error!r}") from error
+
+
+async def test_hostile_clients_replaying_the_corpus_cost_a_postgres_bystander_nothing(
+    proxy: RunningProxy,
+) -> None:
+    """Logged-in clients send the corpus's client streams (random Parse/Bind/Execute, bad
+    headers, made-up names) while a bystander runs transactions: without isolation of one
+    client's bad input, a parser error in the proxy would stall or drop everyone (and the
+    autouse check fails on any unhandled exception the proxy logs)."""
+    login = live.Login(proxy.host, proxy.port, APP_USER, APP_PASSWORD, APP_DB)
+    inputs = [path.read_bytes() for path in corpus("postgres")]
+    tally = await live.storm("postgres", login, inputs)
+    assert tally.sessions == len(inputs) and tally.answered > 0
+    assert not tally.hung, "the proxy neither answered nor closed"
+
+
+async def test_hostile_clients_replaying_the_corpus_cost_a_mysql_bystander_nothing(
+    my_proxy: MyProxy,  # noqa: F811
+) -> None:
+    """The same for MySQL: random commands (queries, statement commands with made-up ids and
+    parameters, KILL, COM_FIELD_LIST...) from logged-in clients, a bystander's transactions
+    keep completing."""
+    login = live.Login(my_proxy.host, my_proxy.port, MY_USER, MY_PASSWORD, MY_DB)
+    inputs = [path.read_bytes() for path in corpus("mysql")]
+    tally = await live.storm("mysql", login, inputs)
+    assert tally.sessions == len(inputs) and tally.answered > 0
+    assert not tally.hung, "the proxy neither answered nor closed"
 
 
 def test_a_server_naming_an_absurd_scram_iteration_count_is_refused() -> None:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.fuzz import replay
+from bench.fuzz import live, logged, replay
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
@@ -108,6 +108,21 @@ def line_coverage(engine: str, work: Path) -> dict[str, float]:
     return {name: round(files[name]["summary"]["percent_covered"], 1) for name in sorted(files)}
 
 
+def bystander(engine: str) -> dict[str, object]:
+    """The corpus from hostile clients against dbmux on a throwaway server, a bystander's
+    transactions counted (bench/fuzz/live.py); the proxy's own log must show no exception."""
+    inputs = [path.read_bytes() for path in sorted((HERE / "corpus" / engine).iterdir())]
+    tally = live.run_on_throwaway_server(engine, inputs)
+    logged.assert_nothing_logged()
+    return {
+        "hostile_sessions": tally.sessions,
+        "answered": tally.answered,
+        "refused_and_closed": tally.closed,
+        "hung_sessions": len(tally.hung),
+        "bystander_transactions": tally.transactions[-1] if tally.transactions else 0,
+    }
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}"}
 
@@ -130,6 +145,8 @@ def main() -> int:
             else:
                 result["corpus_files"] = keep_corpus(engine, work)
                 result["line_coverage_percent"] = line_coverage(engine, work)
+                result["bystander"] = bystander(engine)
+                failed = failed or bool(result["bystander"]["hung_sessions"])
             print(json.dumps(result, indent=2), flush=True)
     return 1 if failed else 0
 

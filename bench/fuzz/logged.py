@@ -12,7 +12,8 @@ class _Recorder(logging.Handler):
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        if record.exc_info:
+            self.records.append(record)
 
 
 _recorder = _Recorder()
@@ -20,8 +21,8 @@ logging.getLogger("dbmux").addHandler(_recorder)
 
 
 def assert_nothing_logged() -> None:
-    """Raise (with the logged exception as the cause) if dbmux logged an error since the last
-    call."""
+    """Raise (with the logged exception as the cause) if dbmux logged an exception since the
+    last call."""
     records, _recorder.records = _recorder.records, []
     if records:
         first = records[0]

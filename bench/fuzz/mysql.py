@@ -305,6 +305,39 @@ def commands(draw: Draw) -> None:
         pass
 
 
+# What each command a hostile client sends is answered with (None: nothing).
+COMMANDS = {
+    wire.COM_QUERY: wire.RESPONSE_RESULT,
+    wire.COM_STMT_PREPARE: wire.RESPONSE_PREPARE,
+    wire.COM_STMT_EXECUTE: wire.RESPONSE_RESULT,
+    wire.COM_STMT_SEND_LONG_DATA: None,
+    wire.COM_STMT_CLOSE: None,
+    wire.COM_STMT_RESET: wire.RESPONSE_SIMPLE,
+    wire.COM_STMT_FETCH: wire.RESPONSE_ROWS,
+    wire.COM_PING: wire.RESPONSE_SIMPLE,
+    wire.COM_INIT_DB: wire.RESPONSE_SIMPLE,
+    wire.COM_FIELD_LIST: wire.RESPONSE_FIELDS,
+    wire.COM_SET_OPTION: wire.RESPONSE_SIMPLE,
+    wire.COM_STATISTICS: wire.RESPONSE_STRING,
+    wire.COM_RESET_CONNECTION: wire.RESPONSE_SIMPLE,
+    wire.COM_PROCESS_KILL: wire.RESPONSE_SIMPLE,
+}
+
+
+def client_commands(data: bytes) -> list[tuple[bytes, int | None]]:
+    """What a hostile client sends after login for one corpus input (bench.fuzz.live): up
+    to 8 command payloads (SQL texts, statement commands with made-up ids and parameters)
+    and the response each expects."""
+    draw = Draw(data)
+    draw.byte()
+    commands = []
+    for _ in range(draw.below(8)):
+        command = draw.pick(sorted(COMMANDS))
+        body = sql_text(draw, SQL_WORDS) if command in (3, 0x16) else draw.bytes(24)
+        commands.append((bytes((command,)) + body, COMMANDS[command]))
+    return commands
+
+
 # ---------------------------------------------------------------------------------------------
 # Query texts and passwords
 

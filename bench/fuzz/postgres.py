@@ -115,21 +115,32 @@ def _expected_frontend(stream: bytes, refused_at: int) -> tuple[object, ...]:
     return stream, syncs, statements, False, b""
 
 
+def _client_messages(draw: Draw) -> tuple[bytes, int]:
+    """Up to 12 client messages, the last one now and then refused; and where that one is
+    (-1 for none)."""
+    stream = b""
+    for _ in range(draw.below(12)):
+        raw = _frontend_message(draw)
+        if raw is None:
+            return stream + _refused_header(draw), len(stream)
+        stream += raw
+    return stream, -1
+
+
+def client_stream(data: bytes) -> bytes:
+    """What a hostile client sends after login for one corpus input (bench.fuzz.live)."""
+    draw = Draw(data)
+    draw.byte()
+    return _client_messages(draw)[0]
+
+
 def frontend_stream(draw: Draw) -> None:
     """A valid client stream (with, now and then, one message the proxy must refuse) cut at
     random points: everything up to Terminate or the first named statement or portal is
     relayed, every Query/Sync/FunctionCall counted and every Query and Parse text sliced out;
     from a name on the input is handed over whole; a refused header is refused when reached.
     take_messages returns every message and refuses the same header."""
-    stream = b""
-    refused_at = -1
-    for _ in range(draw.below(12)):
-        raw = _frontend_message(draw)
-        if raw is None:
-            refused_at = len(stream)
-            stream += _refused_header(draw)
-            break
-        stream += raw
+    stream, refused_at = _client_messages(draw)
     pieces = draw.chunked(stream)
     expected = _expected_frontend(stream, refused_at)
     got = _scan_frontend(pieces)
@@ -402,25 +413,38 @@ def error_fields(draw: Draw) -> None:
 
 def classify(draw: Draw) -> None:
     """Any query text, in every classifier mode, gets a verdict (never an exception); a text
-    the fast path lets through (might_pin False) needs no pin when fully read (or cannot be
-    read: an unterminated quote or comment, which the server refuses too)."""
+    of statements the server could run that the fast path lets through (might_pin False)
+    needs no pin when fully read."""
     classifier = Classifier(
         exclude_variable_sets=draw.below(2) == 1, replay_settings=draw.below(2) == 1
     )
     sql = sql_text(draw, SQL_WORDS) if draw.below(4) else draw.rest()
     classifier.verdict(sql)
-    head = sql.lstrip(b" \t\r\n\0;")
-    if head[:1] == b"\f":
+    if sql.lstrip(b" \t\r\n\0;")[:1] == b"\f":
         return  # known: the fast path misses a leading form feed (reported, issue 10)
-    # A text that starts with neither a word nor a comment is no statement the server runs.
-    if not pinning.might_pin(sql) and (head[:1].isalpha() or head.startswith((b"/*", b"--"))):
+    if not pinning.might_pin(sql) and _runnable(sql):
         fast_path = pinning.might_pin
         pinning.might_pin = lambda _sql: True
         try:
             full = classifier.verdict(sql)
         finally:
             pinning.might_pin = fast_path
-        assert full.reason in (None, pinning.UNCLASSIFIED), (sql, full)
+        assert full.reason is None, (sql, full)
+
+
+def _runnable(sql: bytes) -> bool:
+    """Every statement of the text starts with a word, as one the server runs must (the
+    classifier reads "*/SET" as a SET; the server refuses it), and its only blanks are
+    PostgreSQL's (to the classifier's lexer a no-break space is one; to the server it is
+    part of a name)."""
+    try:
+        text = sql.decode()
+        statements = list(pinning.split_statements(text))
+    except (UnicodeDecodeError, pinning.Unclassifiable):
+        return False
+    if any(ch.isspace() and ch not in " \t\n\r\f\v" for ch in text):
+        return False
+    return all(statement[0].kind == "word" for statement in statements)
 
 
 HARNESSES: tuple[Callable[[Draw], None], ...] = (
