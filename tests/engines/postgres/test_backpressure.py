@@ -84,3 +84,41 @@ async def test_a_client_that_never_reads_refusals_holds_a_bounded_buffer(start_p
         assert max(proxy.embedded.call(sizes())) < 4 << 20
         await holder.simple_query("COMMIT")
         assert [m.kind for m in await holder.simple_query("SELECT 2")][-1] == b"Z"
+
+
+async def test_replies_the_proxy_writes_itself_stop_a_client_that_never_reads(proxy):
+    """A Parse of a name the session already uses is refused by the proxy itself (42P05),
+    no server involved. A client that pipelines such requests and never reads must be
+    stopped at the high-water mark, not answered into the proxy's memory."""
+    from tests.pgraw import msg
+
+    client = await RawClient.connect(proxy.host, proxy.port)
+    bystander = None
+    try:
+        await client.login(APP_USER, APP_PASSWORD, APP_DB)
+        taken = msg(b"P", b"s1\0SELECT 1\0\0\0") + msg(b"S")
+        await client.send(taken)
+        assert [m.kind for m in await client.read_until_ready()] == [b"1", b"Z"]
+        (session,) = proxy.embedded.proxy().runtime.clients
+        burst = taken * 20_000  # 560 KB of requests, 2.6 MB of refusals if all answered
+        sender = asyncio.create_task(_send_forever(client, burst))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not session.reading_paused:
+            assert loop.time() < deadline, "the proxy kept reading a client that never reads"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert session.transport.get_write_buffer_size() < 1024 * 1024
+        bystander = await RawClient.connect(proxy.host, proxy.port)
+        await bystander.login(APP_USER, APP_PASSWORD, APP_DB)
+        assert (await bystander.simple_query("SELECT 1"))[-1].kind == b"Z"
+        sender.cancel()
+    finally:
+        client.abort()
+        if bystander is not None:
+            bystander.abort()
+
+
+async def _send_forever(client: RawClient, burst: bytes) -> None:
+    while True:
+        await client.send(burst)

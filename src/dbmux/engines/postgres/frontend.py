@@ -242,9 +242,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         classify = self._classify
         for kind, body in messages:
             if kind == 66:  # Bind: portal, statement
-                _, at = wire.split_name(body)
-                name, _ = wire.split_name(body, at)
-                settings = self.parsed_settings.get(name)
+                name = wire.bound_statement(body)
+                settings = self.parsed_settings.get(name) if name else None
                 if settings:
                     self.touched |= settings
                     self.unmemoizable = True
@@ -445,10 +444,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         # batch and hears of the loss at its next Sync, as it would from the server itself.
         # (A notice such as "terminating connection because of crash of another server
         # process" is no answer.)
-        scanner = self.scanner
-        unsynced = scanner.last_kind not in wire.COMPLETE_TYPES
-        answered = server.scanner.answer in wire.LAST_REPLY.get(scanner.asked, b"")
-        if unsynced and self.outstanding == 0 and answered:
+        unsynced = self.scanner.last_kind not in wire.COMPLETE_TYPES
+        if unsynced and self._answered(server):
             self.transaction_lost = self.refusing = True
             self.lost_reason = server.last_error
         elif self.outstanding > 0 or unsynced:
@@ -467,6 +464,17 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             self.lost_reason = server.last_error
         self.outstanding = 0
         self.tx_status = wire.IDLE
+
+    def _answered(self, server: PgServer) -> bool:
+        """Nothing the client sent is still unanswered: every Sync was, and the server's last
+        answer is the kind that ends the answer to the last message relayed (a Flush-ended
+        batch: asyncpg's Parse/Describe/Flush)."""
+        if self.outstanding:
+            return False
+        scanner = self.scanner
+        if scanner.last_kind in wire.COMPLETE_TYPES:
+            return True
+        return server.scanner.answer in wire.LAST_REPLY.get(scanner.asked, b"")
 
     def _rerun_read(self, server: PgServer) -> bool:
         """transaction_replay: the one request in flight, outside a transaction, is a read

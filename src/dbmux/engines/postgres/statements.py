@@ -81,9 +81,9 @@ class StatementsMixin:
                 self._held_for_wait = True
                 self.hold_reading()
             return
+        if self._answered(server):
+            self._refuse_taken_names()  # nothing is in flight: the answers stay in order
         if not self.queue:
-            return
-        if self.outstanding == 0 and self._refuse_taken_name():
             return
         out = self._map_names(server)
         scanner = self.scanner
@@ -99,27 +99,31 @@ class StatementsMixin:
         server.scanner.answer = 0
         server.transport.write(out)
 
-    def _refuse_taken_name(self) -> bool:
-        """A Parse under a name the client already uses fails as on the server, with the
-        client's own name in the message: answered here when it opens the request."""
-        kind, body = self.queue[0]
-        name = wire.split_name(body)[0] if kind == 80 else b""
-        if not name or name not in self.statements or self.tx_status != wire.IDLE:
-            return False  # (in a transaction the server must see the error too)
-        text = f'prepared statement "{name.decode(errors="replace")}" already exists'
-        self.write(wire.error_response("42P05", text))
-        # The server would now skip everything up to the next Sync.
-        syncs = [i for i, (k, _) in enumerate(self.queue) if k in wire.SYNCING_TYPES]
-        if syncs:
-            self.queue = self.queue[syncs[0] + 1 :]
+    def _refuse_taken_names(self) -> None:
+        """Requests that open with a Parse under a name the client already uses fail as on
+        the server, with the client's own name in the message: answered here, in one pass
+        over the queue however many such requests a client pipelines. (In a transaction the
+        server must see the error too.)"""
+        queue, statements = self.queue, self.statements
+        start, end = 0, len(queue)
+        while start < end and self.tx_status == wire.IDLE:
+            kind, body = queue[start]
+            name = body[: max(body.find(b"\0"), 0)] if kind == 80 else b""
+            if not name or name not in statements:
+                break
+            text = f'prepared statement "{name.decode(errors="replace")}" already exists'
+            self.write(wire.error_response("42P05", text))
+            # The server would now skip everything up to the next Sync.
+            start += 1
+            while start < end and queue[start][0] not in wire.SYNCING_TYPES:
+                start += 1
+            if start == end:
+                self.refusing = True
+                break
+            start += 1
             self.queue_syncs -= 1
             self.write(wire.ready_for_query())
-        else:
-            self.queue = []
-            self.refusing = True
-        if self.queue:
-            self._send_queue()
-        return True
+        del queue[:start]
 
     def _proxy_name(self, rest: bytes) -> bytes:
         """The shared name of a statement text (query and parameter types)."""
