@@ -24,6 +24,9 @@ from dbmux.metrics import ProxyMetrics
 log = logging.getLogger("dbmux.pool")
 
 IDLE_GRACE = 5.0  # seconds a connection must sit idle before it counts towards the idle cap
+# Seconds a pool with no connection, no waiter and no client is kept before it is dropped (a
+# client reconnecting at once finds what the pool learned of the server).
+POOL_LINGER = 5.0
 PING_TIMEOUT = 5.0  # seconds an idle connection's health check may take
 
 
@@ -217,7 +220,13 @@ class Pool(Lender):
         self._timer: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
         self.server_facts: dict[str, str] | None = None
+        self.unused_since: float | None = None  # when the janitor first found it unused
         budget.pools.append(self)
+
+    @property
+    def empty(self) -> bool:
+        """No connection (idle, lent or being opened) and nobody waiting for one."""
+        return not (self.idle or self.lent or self.opening or self.waiters)
 
     @property
     def budget(self) -> TargetBudget:
@@ -437,6 +446,19 @@ class PoolSet:
                 break
             oldest.idle.popleft().close(graceful=True)
             excess -= 1
+
+    def drop_unused(self, in_use: set[object], now: float) -> None:
+        """Janitor pass: forget pools that stayed empty, with no client (`in_use`: what
+        clients borrow from), for POOL_LINGER. Clients choose databases, users and variants,
+        so without this every name a client ever tried would keep a pool."""
+        for key, pool in list(self.pools.items()):
+            if pool in in_use or not pool.empty:
+                pool.unused_since = None
+            elif pool.unused_since is None:
+                pool.unused_since = now
+            elif now - pool.unused_since >= POOL_LINGER:
+                del self.pools[key]
+                self.budget.pools.remove(pool)
 
     def retire(self, generation: int) -> None:
         """The target changed (a new writer, a replica that is no longer one): idle

@@ -278,9 +278,17 @@ class Proxy:
             try:
                 for pools in self.pool_sets:
                     pools.sweep()
+                self._drop_unused_pools(clock.now)
                 self._expire_idle_clients(clock.now)
             except Exception:
                 log.exception("janitor pass failed")
+
+    def _drop_unused_pools(self, now: float) -> None:
+        in_use: set[object] = {client.pool for client in self.runtime.clients}
+        for pools in self.pool_sets:
+            pools.drop_unused(in_use, now)
+        for route in self.routes.values():
+            route.drop_unused(in_use, now)
 
     def _expire_idle_clients(self, now: float) -> None:
         """Disconnect clients silent for idle_client_timeout with nothing in flight. A client

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from dbmux.config import Endpoint
 from dbmux.engines.base import ServerConnection, ServerError
-from dbmux.pool import Borrower, Lender, Pool, PoolKey, PoolSet, TargetBudget
+from dbmux.pool import POOL_LINGER, Borrower, Lender, Pool, PoolKey, PoolSet, TargetBudget
 from dbmux.targets import Instance
 
 log = logging.getLogger("dbmux.readers")
@@ -55,6 +55,18 @@ class ReplicaRoute:
         if pool is None:
             pool = self.pools[key] = ReplicaPool(key, self)
         return pool
+
+    def drop_unused(self, in_use: set[object], now: float) -> None:
+        """Janitor pass: forget the (database, user) entries no client has borrowed through
+        for POOL_LINGER (they hold no connection: those are in the replicas' PoolSets,
+        which drop their own unused pools)."""
+        for key, pool in list(self.pools.items()):
+            if pool in in_use:
+                pool.unused_since = None
+            elif pool.unused_since is None:
+                pool.unused_since = now
+            elif now - pool.unused_since >= POOL_LINGER:
+                del self.pools[key]
 
     def fits(self, instance: Instance) -> bool:
         limit = self.endpoint.max_replica_lag
@@ -164,6 +176,7 @@ class ReplicaPool(Lender):
         self.route = route
         self.server_facts: dict[str, str] | None = None
         self._last: Pool | None = None
+        self.unused_since: float | None = None  # when the janitor first found it unused
 
     @property
     def budget(self) -> TargetBudget:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dbmux.auth.secrets import Credentials
     from dbmux.config import Target
-    from dbmux.pool import Pool, PoolKey
+    from dbmux.pool import Lender, Pool, PoolKey
     from dbmux.proxy import ProxyRuntime
 
 
@@ -141,6 +141,7 @@ class ClientSession(ABC):
     last_active: float
     logged_in: bool
     transport: asyncio.Transport | None
+    pool: Lender | None  # what it borrows from (the janitor keeps pools clients use)
 
     @abstractmethod
     def expire(self, reason: str) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dbmux.auth.mysql import RsaKey
 from dbmux.auth.secrets import Credentials
+from dbmux.bounded import MEMO_TEXT_LIMIT, LruDict
 from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
 from dbmux.engines.base import Engine, ProbeResult, ServerConnection, ServerError
 from dbmux.engines.mysql import wire
@@ -24,7 +24,7 @@ from dbmux.targets import TargetHealth
 if TYPE_CHECKING:
     from dbmux.proxy import ProxyRuntime
 
-SET_RESULTS_CAPACITY = 10_000
+SET_RESULTS_CAPACITY = 10_000  # remembered outcomes of SET statements per proxy (LRU)
 PROBE_WAIT = 10.0  # seconds the first client waits for a writer to show to it
 BINARY_CHARSET = 63
 # MySQL (5.7.20 and later, and 8, which dropped the old names) spells the transaction
@@ -32,7 +32,7 @@ BINARY_CHARSET = 63
 MYSQL_ALIASES = {
     "tx_isolation": "transaction_isolation",
     "tx_read_only": "transaction_read_only",
-}  # remembered outcomes of SET statements per proxy
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +51,8 @@ class MyContext:
     rsa_key: RsaKey = field(default_factory=RsaKey.generate)
     # SET statement text (per pool variant) -> the values it leaves, for SETs whose outcome
     # does not depend on the session (literal values only).
-    set_results: OrderedDict[tuple[int, bytes], dict[str, str | None]] = field(
-        default_factory=OrderedDict
+    set_results: LruDict[tuple[int, bytes], dict[str, str | None]] = field(
+        default_factory=lambda: LruDict(SET_RESULTS_CAPACITY)
     )
     # The connection id each client was given in its greeting -> that client (for KILL).
     sessions: dict[int, MyClient] = field(default_factory=dict)
@@ -107,9 +107,8 @@ class MyContext:
         return connection_id
 
     def remember_set(self, key: tuple[int, bytes], values: dict[str, str | None]) -> None:
-        self.set_results[key] = values
-        if len(self.set_results) > SET_RESULTS_CAPACITY:
-            self.set_results.popitem(last=False)
+        if len(key[1]) <= MEMO_TEXT_LIMIT:
+            self.set_results[key] = values
 
 
 class MysqlEngine(Engine):

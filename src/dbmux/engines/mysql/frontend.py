@@ -32,6 +32,7 @@ log = logging.getLogger("dbmux.mysql")
 
 CURSOR = "cursor"  # COM_STMT_EXECUTE that opens a server-side cursor
 SET_OPTION = "set_option"  # COM_SET_OPTION changes how the server connection parses
+MAX_CLIENT_STATEMENTS = 10_000  # prepared statements one client may hold at once
 INBOX_LIMIT = 1 << 20  # stop reading a client that sends this much ahead of its replies
 DEFAULT_COMMAND_LIMIT = 64 << 20  # until the server's max_allowed_packet is known
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
@@ -920,6 +921,12 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
                 ER_NOT_SUPPORTED_YET,
                 "KILL and dynamic SQL cannot be prepared through dbmux: they could end server "
                 "connections lent to other clients; send KILL <connection id> as a query",
+            )
+        if len(self.statements) >= MAX_CLIENT_STATEMENTS:
+            raise CommandFailed(
+                wire.ER_MAX_PREPARED_STMT_COUNT_REACHED,
+                f"Can't create more than {MAX_CLIENT_STATEMENTS} prepared statements on one "
+                "connection through dbmux; close some with COM_STMT_CLOSE",
             )
         verdict = self._verdict(text)
         server = await self._borrow()

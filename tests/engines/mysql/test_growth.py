@@ -1,0 +1,78 @@
+"""What one MySQL client can make the proxy hold stays bounded: pools for the databases it
+names, the prepared statements it keeps, the SET outcomes the proxy memoizes."""
+
+from __future__ import annotations
+
+import secrets
+
+import pymysql
+import pytest
+
+from dbmux.engines.mysql import frontend, wire
+from dbmux.engines.mysql.engine import MyContext
+from tests.conftest import wait_until
+from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
+from tests.myraw import RawMy
+
+
+def context(proxy: MyProxy) -> MyContext:
+    ctx = proxy.embedded.proxy().engine._context  # type: ignore[attr-defined]
+    assert ctx is not None
+    return ctx
+
+
+def test_pools_of_databases_nobody_uses_are_dropped(my_proxy: MyProxy) -> None:
+    """Without it every database name a client ever tried keeps a pool (and a place in
+    the target's budget) for the life of the proxy."""
+    with my_proxy.connect() as stays:
+        for _ in range(40):
+            name = "nope_" + secrets.token_hex(4)
+            with pytest.raises(pymysql.err.OperationalError) as caught:
+                my_proxy.connect(database=name)
+            assert caught.value.args[0] in (1044, 1049)  # no access / unknown database
+        assert len(my_proxy.pools.pools) > 40
+        # The pools of the names tried go; the one a client uses stays.
+        pools = my_proxy.pools
+        wait_until(lambda: len(pools.pools) == 1, "unused pools dropped")
+        assert len(pools.budget.pools) == 1
+        assert next(iter(pools.pools)).database == MY_DB
+        with stays.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+
+
+async def test_a_client_cannot_prepare_more_statements_than_the_limit(
+    my_proxy: MyProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the cap a client's COM_STMT_PREPAREs grow its statement map in the proxy
+    without bound. Past it, the server's own error 1461; closing one makes room."""
+    monkeypatch.setattr(frontend, "MAX_CLIENT_STATEMENTS", 50)  # 10,000 in production
+    async with await RawMy.connect(my_proxy.host, my_proxy.port) as raw:
+        _, ok = await raw.login(MY_USER, MY_PASSWORD, MY_DB)
+        assert ok[0] == 0, ok
+        for n in range(60):
+            raw.command(b"\x16SELECT ? + %d" % (n % 7))
+        replies = [(await raw.response(wire.RESPONSE_PREPARE))[0] for _ in range(60)]
+        assert [r[0] for r in replies] == [0] * 50 + [0xFF] * 10
+        assert int.from_bytes(replies[-1][1:3], "little") == 1461
+        (client,) = my_proxy.embedded.proxy().runtime.clients
+        assert len(client.statements) == 50  # type: ignore[attr-defined]
+        raw.command(b"\x19" + replies[0][1:5])  # COM_STMT_CLOSE of the first: no reply
+        raw.command(b"\x16SELECT ?")
+        assert (await raw.response(wire.RESPONSE_PREPARE))[0][0] == 0
+
+
+def test_memoized_set_outcomes_stay_within_their_capacity(my_proxy: MyProxy) -> None:
+    """Without the bound every SET text a client invents stays in the memo; texts longer
+    than a real SET are not memoized at all."""
+    memo = context(my_proxy).set_results
+    memo.capacity = 20  # 10,000 in production
+    with my_proxy.connect() as client, client.cursor() as cur:
+        for n in range(60):
+            cur.execute(f"SET SESSION sort_buffer_size = {65536 + n}")
+            assert len(memo) <= 20
+        cur.execute("SET SESSION sql_mode = '" + "ANSI," * 1000 + "ANSI'")
+        assert all(len(text) < 4096 for _, text in memo)
+        cur.execute("SELECT @@SESSION.sort_buffer_size")
+        assert cur.fetchone() == (65536 + 59,)
+    assert len(memo) == 20
