@@ -420,8 +420,8 @@ def classify(draw: Draw) -> None:
     )
     sql = sql_text(draw, SQL_WORDS) if draw.below(4) else draw.rest()
     classifier.verdict(sql)
-    if sql.lstrip(b" \t\r\n\0;")[:1] == b"\f":
-        return  # known: the fast path misses a leading form feed (reported, issue 10)
+    if sql.lstrip(b" \t\r\n\0;")[:1] in (b"\f", b"\v"):
+        return  # known: the fast path misses a leading \f (\v: PostgreSQL 16+); reported
     if not pinning.might_pin(sql) and _runnable(sql):
         fast_path = pinning.might_pin
         pinning.might_pin = lambda _sql: True
