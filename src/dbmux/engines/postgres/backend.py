@@ -202,6 +202,10 @@ class PgServer(ServerEnd, ServerConnection):
         if graceful:
             self.write(wire.TERMINATE)
         self.close_transport(abort=not graceful)
+        if self.scanner.pid_map is not None:
+            # Its process id's owner (for NotificationResponse) goes with it: server
+            # connections come and go, and the map of them must not only grow.
+            self.scanner.pid_map.pop(self.pid_bytes, None)
 
     # -- relay --------------------------------------------------------------------------------
 

@@ -13,17 +13,20 @@ from typing import TYPE_CHECKING
 
 from dbmux.auth.scram import ScramVerifier
 from dbmux.auth.secrets import Credentials
+from dbmux.bounded import LruDict
 from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
 from dbmux.engines.base import Engine, ProbeResult, ServerConnection
 from dbmux.engines.postgres.backend import open_server
 from dbmux.engines.postgres.frontend import PgClient
 from dbmux.engines.postgres.pinning import Classifier
+from dbmux.engines.postgres.settings import SET_RESULTS_CAPACITY
 from dbmux.pool import PoolKey
 
 if TYPE_CHECKING:
     from dbmux.proxy import ProxyRuntime
 
 
+SPELLINGS_CAPACITY = 1000  # learned spellings of startup setting values, per proxy
 PROBE_DATABASE = "postgres"  # every cluster has it, and PUBLIC may connect to it
 # A replica that has replayed all it received is not behind, however old its last replayed
 # commit is (an idle primary sends nothing); one with WAL left to replay is as far behind as
@@ -73,12 +76,16 @@ class PgContext:
     classifier: Classifier
     cancel_keys: dict[tuple[int, int], PgClient] = field(default_factory=dict)
     # (setting, value as a client wrote it) -> the server's spelling (utf-8 -> UTF8).
-    canonical: dict[tuple[str, str], str] = field(default_factory=dict)
+    canonical: LruDict[tuple[str, str], str] = field(
+        default_factory=lambda: LruDict(SPELLINGS_CAPACITY)
+    )
     statement_names: StatementNames = field(default_factory=lambda: StatementNames())
     # Server process id -> process id of the client that last used it (NotificationResponse).
     session_ids: dict[bytes, bytes] = field(default_factory=dict)
     # SET statement text -> the values it leaves (see PgClient._memo_key).
-    set_results: dict[tuple[PoolKey, bytes], dict[str, str | None]] = field(default_factory=dict)
+    set_results: LruDict[tuple[PoolKey, bytes], dict[str, str | None]] = field(
+        default_factory=lambda: LruDict(SET_RESULTS_CAPACITY)
+    )
 
     def __post_init__(self) -> None:
         # Flattened for the hot path: one attribute read instead of two.

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from dbmux.bounded import MEMO_TEXT_LIMIT
 from dbmux.engines.base import ServerError
 from dbmux.engines.postgres import wire
 from dbmux.engines.postgres.pinning import ALL_SETTINGS
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dbmux.postgres")
 
-SET_RESULTS_CAPACITY = 10_000  # remembered SET statement outcomes per proxy
+SET_RESULTS_CAPACITY = 10_000  # remembered SET statement outcomes per proxy (LRU)
 
 
 class SettingsMixin:
@@ -72,6 +73,8 @@ class SettingsMixin:
         serves every later run of that text."""
         if self.unmemoizable or len(self.set_texts) != 1 or self.pool is None:
             return None
+        if len(self.set_texts[0]) > MEMO_TEXT_LIMIT:
+            return None
         if server.scanner.errors != self.errors_at_attach:
             return None
         return self.pool.key, self.set_texts[0]
@@ -99,10 +102,7 @@ class SettingsMixin:
             server.close()
             raise
         if memo_key is not None:
-            results = self.ctx.set_results
-            if len(results) >= SET_RESULTS_CAPACITY:
-                results.clear()
-            results[memo_key] = values
+            self.ctx.set_results[memo_key] = values
         self._settle_settings(server, values)
 
     def _settle_settings(self, server: PgServer, values: dict[str, str | None]) -> None:
