@@ -185,15 +185,36 @@ def _take_all(pieces: list[bytes], stream: bytes, refused: bool) -> None:
     assert not buf, "take_messages left a complete stream in the buffer"
     assert wire.encode(taken) == stream
     assert syncs == sum(kind in b"QSF" for kind, _ in taken)
+    for kind, payload in taken:
+        _names(kind, payload)
+
+
+def _names(kind: int, payload: bytes) -> None:
+    """The statement and portal names a client message carries, read as the proxy maps
+    them (statements.py): read or refused cleanly."""
+    with contextlib.suppress(wire.ProtocolViolation):
+        if kind in b"PB":
+            _, at = wire.split_name(payload)
+            if kind == 66:
+                wire.split_name(payload, at)
+        elif kind in b"CD" and payload[:1] == b"S":
+            wire.split_name(payload, 1)
 
 
 def frontend_bytes(draw: Draw) -> None:
     """Any bytes, cut two ways: the scanner's results do not depend on the cutting (it is
-    refused both ways or neither)."""
+    refused both ways or neither); take_messages and the names in what it takes are read
+    or refused cleanly."""
     pieces = draw.chunked(draw.rest())
     whole = _scan_frontend([b"".join(pieces)])
     cut = _scan_frontend(pieces)
     assert whole == cut, (whole, cut)
+    buf = bytearray()
+    with contextlib.suppress(wire.ProtocolViolation):
+        for piece in pieces:
+            buf += piece
+            for kind, payload in wire.take_messages(buf)[0]:
+                _names(kind, payload)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,17 +284,19 @@ def scram_server(draw: Draw) -> None:
     if draw.chance(8):
         first = draw.bytes(60)
     mutated = first != original
-    payload = wire.sasl_initial_response("SCRAM-SHA-256", first)[5:]
+    message = wire.sasl_initial_response("SCRAM-SHA-256", first)
     if draw.chance(8):
-        payload = draw.bytes(60)
+        message = b"p" + draw.bytes(60)
         mutated = True
     try:
-        _, data = wire.parse_sasl_initial(payload)
+        _, data = wire.parse_sasl_initial(_read_password(draw, message))
         server_first = server.handle_client_first(data)
         final = client.handle_server_first(server_first)
         changed = _maybe_flip(draw, final)
         mutated = mutated or changed != final
-        server_final = server.handle_client_final(changed)
+        server_final = server.handle_client_final(
+            _read_password(draw, wire.password_message(changed))
+        )
         client.verify_server_final(server_final)
     except (wire.ProtocolViolation, ScramAuthFailed) as refusal:
         assert mutated or (isinstance(refusal, ScramAuthFailed) and password != PASSWORD)
@@ -283,6 +306,18 @@ def scram_server(draw: Draw) -> None:
         return
     assert server.authenticated
     assert password == PASSWORD or mutated, "a wrong password was accepted"
+
+
+def _read_password(draw: Draw, message: bytes) -> bytes:
+    """An authentication message as login reads it, in random chunks; one that never
+    completes is refused as the login deadline would."""
+    buf = bytearray()
+    for piece in draw.chunked(message):
+        buf += piece
+        payload = wire.split_password_message(buf)
+        if payload is not None:
+            return payload
+    raise wire.ProtocolViolation("incomplete authentication message")
 
 
 def scram_client(draw: Draw) -> None:
