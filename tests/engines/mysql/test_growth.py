@@ -76,3 +76,34 @@ def test_memoized_set_outcomes_stay_within_their_capacity(my_proxy: MyProxy) -> 
         cur.execute("SELECT @@SESSION.sort_buffer_size")
         assert cur.fetchone() == (65536 + 59,)
     assert len(memo) == 20
+
+
+def test_a_session_carrying_too_many_variables_is_pinned_and_keeps_them(
+    my_proxy: MyProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the cap each variable a client sets is carried (and replayed on every
+    borrow) for good; past it the session keeps its server connection, which holds them."""
+    monkeypatch.setattr(frontend, "MAX_CARRIED_STATE", 20)  # 1,000 in production
+    with my_proxy.connect() as conn, conn.cursor() as cur:
+        for n in range(60):
+            cur.execute(f"SET @v{n} = {n}")
+        (client,) = my_proxy.embedded.proxy().runtime.clients
+        assert client.pin_reason == frontend.SESSION_STATE_SIZE  # type: ignore[attr-defined]
+        assert len(client.wanted) <= 21  # type: ignore[attr-defined]
+        assert len(client.touched) == 0  # type: ignore[attr-defined]
+        cur.execute("SELECT @v0, @v59")
+        assert cur.fetchone() == (0, 59)
+
+
+def test_a_pinned_session_does_not_track_the_variables_it_sets(my_proxy: MyProxy) -> None:
+    """Without it a pinned session (whose server connection holds its state anyway) adds
+    the name of every variable it sets to a set the proxy never clears."""
+    with my_proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("CREATE TEMPORARY TABLE pinned (a INT)")
+        for n in range(100):
+            cur.execute(f"SET @w{n} = {n}")
+        (client,) = my_proxy.embedded.proxy().runtime.clients
+        assert client.pin_reason is not None  # type: ignore[attr-defined]
+        assert len(client.touched) == 0  # type: ignore[attr-defined]
+        cur.execute("SELECT @w99")
+        assert cur.fetchone() == (99,)

@@ -33,6 +33,10 @@ log = logging.getLogger("dbmux.mysql")
 CURSOR = "cursor"  # COM_STMT_EXECUTE that opens a server-side cursor
 SET_OPTION = "set_option"  # COM_SET_OPTION changes how the server connection parses
 MAX_CLIENT_STATEMENTS = 10_000  # prepared statements one client may hold at once
+# Variables a session may have the proxy carry to each server connection it borrows; past
+# that it is pinned (SESSION_STATE_SIZE) and its server connection holds them, as directly.
+MAX_CARRIED_STATE = 1000
+SESSION_STATE_SIZE = "session_state_size"
 INBOX_LIMIT = 1 << 20  # stop reading a client that sends this much ahead of its replies
 DEFAULT_COMMAND_LIMIT = 64 << 20  # until the server's max_allowed_packet is known
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
@@ -571,6 +575,8 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             if self.pin_reason is None:
                 self.pin(verdict.reason)
             return
+        if self.pin_reason is not None:
+            return  # its own server connection holds the state: nothing to follow
         aliases = self.ctx.aliases
         system_vars = {aliases.get(name, name) for name in verdict.system_vars}
         names = system_vars | {"@" + name for name in verdict.user_vars}
@@ -909,7 +915,10 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         self.schema_touched = False
         self.memo_text = None
         server.applied = dict(self.wanted)
-        self._give_back(server)
+        if len(self.wanted) > MAX_CARRIED_STATE:
+            self.pin(SESSION_STATE_SIZE)
+        else:
+            self._give_back(server)
         self._end_command()
 
     # -- prepared statements ------------------------------------------------------------------
