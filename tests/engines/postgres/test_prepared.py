@@ -8,6 +8,8 @@ import asyncpg
 import psycopg
 import pytest
 
+from tests.pgraw import RawClient
+
 POOL_OF_THREE = {"max_connections_percent": 6}
 
 
@@ -76,6 +78,11 @@ async def test_a_bounded_cache_evicts_and_prepares_again(start_proxy):
                 assert await statement.fetchval(5) == 5 + k
         (pool,) = proxy.pools.pools.values()
         assert all(len(server.prepared) <= 3 for server in [*pool.idle, *pool.lent])
+        # The Closes went before the batch's Sync: nothing of theirs reaches the next client.
+        async with await RawClient.connect(proxy.host, proxy.port) as raw:
+            await raw.login("app", "app-secret", "app")
+            replies = await raw.simple_query("SELECT 1")
+            assert [m.kind for m in replies] == [b"T", b"D", b"C", b"Z"]
     finally:
         await conn.close()
 

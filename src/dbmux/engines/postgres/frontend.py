@@ -255,7 +255,10 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
                 end = body.find(b"\0", name_end + 1)
                 verdict = classify(body[name_end + 1 : end]) if end > 0 else UNREADABLE
                 if self.rewriting and verdict.reason is None:
-                    self.parsed_settings[body[:name_end]] = verdict.settings
+                    if verdict.settings:
+                        self.parsed_settings[body[:name_end]] = verdict.settings
+                    else:
+                        self.parsed_settings.pop(body[:name_end], None)
                     continue
             if verdict.reason is not None:
                 if verdict.reason in (PREPARED_STATEMENT, DISCARD) and self.rewriting:

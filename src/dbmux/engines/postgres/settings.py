@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("dbmux.postgres")
 
 SET_RESULTS_CAPACITY = 10_000  # remembered SET statement outcomes per proxy (LRU)
+# Settings a session may have the proxy carry to each server connection it borrows; past
+# that it is pinned (SESSION_STATE_SIZE) and its server connection holds them, as directly.
+MAX_CARRIED_SETTINGS = 1000
+SESSION_STATE_SIZE = "session_state_size"
 
 
 class SettingsMixin:
@@ -126,8 +130,13 @@ class SettingsMixin:
             else:
                 wanted[name] = value
         server.applied = dict(wanted)
+        if len(wanted) > MAX_CARRIED_SETTINGS and self.pin_reason is None:
+            self.pin(SESSION_STATE_SIZE)  # from now on this server connection holds them
         if self._has_waiting_requests:
             self.on_connection(server)  # what the client sent meanwhile runs right here
+        elif self.pin_reason is not None:
+            self.waiting = False
+            self._attach(server)
         else:
             self.waiting = False
             pool.release(server)

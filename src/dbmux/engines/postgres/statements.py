@@ -56,8 +56,9 @@ class StatementsMixin:
         that would keep more than MAX_CLIENT_STATEMENTS is ended (53400), as a server ends
         one that exhausts its memory, rather than let one client grow the proxy without
         bound."""
-        names = {body[: body.find(b"\0")] for kind, body in messages if kind == 80}
-        names.discard(b"")
+        names = {body[: body.find(b"\0")] for kind, body in messages if kind == 80 and body[0]}
+        if not names:
+            return False
         if len(self.statements) + len(names - self.statements.keys()) <= MAX_CLIENT_STATEMENTS:
             return False
         self.fatal(
@@ -81,7 +82,7 @@ class StatementsMixin:
                 self._held_for_wait = True
                 self.hold_reading()
             return
-        if self._answered(server):
+        if self.queue and self.queue[0][0] == 80 and self._answered(server):
             self._refuse_taken_names()  # nothing is in flight: the answers stay in order
         if not self.queue:
             return
@@ -139,16 +140,21 @@ class StatementsMixin:
             # its statements exist under those names too.
             for name, (_, rest) in list(self.statements.items()):
                 batch.ensure(name, rest)
-        syncs = [i for i, (kind, _) in enumerate(self.queue) if kind in wire.SYNCING_TYPES]
-        last_sync = syncs[-1] if syncs else len(self.queue)
-        for i, (kind, body) in enumerate(self.queue):
+        queue = self.queue
+        # The Closes of evicted statements go just before the last Sync (usually the last
+        # message): after it, their answers could come when the connection is lent again.
+        last_sync = len(queue)
+        while last_sync and queue[last_sync - 1][0] not in wire.SYNCING_TYPES:
+            last_sync -= 1
+        last_sync = last_sync - 1 if last_sync else len(queue)
+        for i, (kind, body) in enumerate(queue):
             if i == last_sync:
                 batch.evict()
             try:
                 batch.add(kind, body, self.shared_seen)
             except wire.ProtocolViolation:
                 batch.out.append(wire.encode([(kind, body)]))  # malformed: the server refuses it
-        if last_sync == len(self.queue):
+        if last_sync == len(queue):
             batch.evict()
         return b"".join(batch.out)
 
@@ -218,7 +224,7 @@ class _Batch:
                 plan.close(b"", injected=False)
         elif kind in wire.SYNCING_TYPES:
             plan.sync()
-        self.out.append(wire.encode([(kind, body)]))
+        self.out.append(wire.frame(kind, body))
 
     def _named_parse(self, name: bytes, rest: bytes, seen: set[bytes]) -> bytes:
         """What a Parse of `name` becomes (b"": it was added as a creating Parse)."""

@@ -671,6 +671,13 @@ def take_messages(buf: bytearray) -> tuple[list[tuple[int, bytes]], int]:
     return messages, syncs
 
 
+def frame(kind: int, body: bytes) -> bytes:
+    return _TYPE_BYTES[kind] + _I32.pack(len(body) + 4) + body
+
+
+_TYPE_BYTES = [bytes((kind,)) for kind in range(256)]
+
+
 def encode(messages: list[tuple[int, bytes]]) -> bytes:
     return b"".join(bytes((kind,)) + _I32.pack(len(body) + 4) + body for kind, body in messages)
 
@@ -681,6 +688,13 @@ def split_name(payload: bytes, start: int = 0) -> tuple[bytes, int]:
     if end < 0:
         raise ProtocolViolation("a name in the message is not NUL-terminated")
     return payload[start:end], end + 1
+
+
+def bound_statement(body: bytes) -> bytes | None:
+    """The statement a Bind names (None: malformed, for the server to refuse)."""
+    portal_end = body.find(b"\0")
+    end = body.find(b"\0", portal_end + 1) if portal_end >= 0 else -1
+    return body[portal_end + 1 : end] if end >= 0 else None
 
 
 def parse_message(name: bytes, rest: bytes) -> bytes:
