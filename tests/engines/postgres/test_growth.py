@@ -10,6 +10,7 @@ import secrets
 import asyncpg
 import pytest
 
+from dbmux.engines.postgres import settings
 from dbmux.engines.postgres.engine import PgContext
 from tests.conftest import APP_DB
 from tests.engines.postgres.test_lifecycle import connect, wait_until
@@ -106,3 +107,22 @@ async def test_the_owners_of_closed_server_connections_are_forgotten(start_proxy
     finally:
         for c in conns:
             await c.close()
+
+
+async def test_a_session_carrying_too_many_settings_is_pinned_and_keeps_them(
+    proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the cap each setting a client sets is carried (and applied on every borrow)
+    for good; past it the session keeps its server connection, which holds them."""
+    monkeypatch.setattr(settings, "MAX_CARRIED_SETTINGS", 20)  # 1,000 in production
+    conn = await connect(proxy)
+    try:
+        for n in range(60):
+            await conn.execute(f"SET myapp.k{n} = '{n}'")
+        (client,) = proxy.embedded.proxy().runtime.clients
+        assert client.pin_reason == settings.SESSION_STATE_SIZE
+        assert len(client.wanted) <= 21
+        assert await conn.fetchval("SELECT current_setting('myapp.k0')") == "0"
+        assert await conn.fetchval("SELECT current_setting('myapp.k59')") == "59"
+    finally:
+        await conn.close()
