@@ -11,9 +11,11 @@ from collections.abc import Callable
 import pymysql
 import pytest
 
+from dbmux.embedded import EmbeddedDbmux
 from dbmux.engines.mysql import wire
+from dbmux.rechunk import Rechunker
 from tests.conftest import wait_until
-from tests.engines.mysql.conftest import MyProxy, server_connections
+from tests.engines.mysql.conftest import MyProxy, my_proxy_config, server_connections
 from tests.engines.mysql.test_backpressure import buffered_for_clients
 from tests.engines.mysql.test_bad_input import err_of, logged_in
 from tests.myraw import WAIT
@@ -280,3 +282,34 @@ async def read_until_closed(raw) -> bytes:
     except ConnectionResetError:
         pass
     return b"".join(chunks)
+
+
+async def test_a_session_whose_state_read_back_fails_gets_error_2013_then_the_close(
+    mariadb, tmp_path
+) -> None:
+    """After a transaction that changed session variables, dbmux reads them back before the
+    connection goes back to the pool; when the server connection dies then, the client's
+    state is unknown and it must go, with an ERR saying so rather than a bare close. The
+    read-back is caught in flight by cutting every server connection behind a hop that
+    delays what it relays; where the cut comes too late (the read-back done), we try again."""
+    server_side = Rechunker(mariadb.host, mariadb.port, seed=7, max_delay=0.3)
+    config = my_proxy_config(server_side.start(), tmp_path, {}, [])
+    try:
+        with EmbeddedDbmux(config) as embedded:
+            proxy = MyProxy(embedded, *embedded.address())
+            for _ in range(10):
+                async with await logged_in(proxy) as raw:
+                    reply = await raw.query("SET @lost = 1")
+                    assert reply[0][:1] == b"\0", reply
+                    server_side.cut_all()  # while dbmux reads back @lost, most likely
+                    try:
+                        sent = await raw.read_all(timeout=3)
+                    except AssertionError:
+                        continue  # the read-back was done: the client was not touched
+                error = err_of(sent)
+                assert error.code == wire.CR_SERVER_LOST[0]
+                assert "reading back" in error.message
+                return
+            raise AssertionError("the cut never came during a read-back")
+    finally:
+        server_side.stop()

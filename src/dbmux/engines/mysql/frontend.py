@@ -872,7 +872,12 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             log.warning("closing client %s: cannot read its session state: %s", self.user, error)
             self._detach()
             server.close()
-            self.close_transport()
+            # The reply was relayed whole: the ERR stands between commands, as a goodbye.
+            self._leave(
+                0,
+                wire.CR_SERVER_LOST,
+                f"Lost the server connection while reading back this session's state ({error})",
+            )
             return
         if schema is not None:
             self.schema = server.schema = schema
@@ -1186,7 +1191,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             return
         if self._replay_after_loss(server, reason):
             return
-        if server.scanner.busy:
+        if server.scanner.busy and server.relaying:
             if seq is None:  # the reply was cut inside a packet: the stream cannot go on
                 self.close_transport()
                 return
@@ -1199,4 +1204,5 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             self.touched.clear()
             self._end_command()
         elif server.scanner.status & wire.SERVER_STATUS_IN_TRANS:
+            # (Lost during the proxy's own exchange, which its task answers, the same.)
             self.transaction_lost = reason
