@@ -197,6 +197,11 @@ SPEC: list[tuple[str, str | None]] = [
     ("SELECT set_config('SEARCH_PATH', current_setting('x.y'), true)", TEMPORARY_OBJECT),
     ("SELECT set_config(name, value, true) FROM settings", TEMPORARY_OBJECT),
     ("SELECT set_config('search_path', 'public', true)", None),
+    ("SELECT set_config('search_path', $1, false)", SET_VARIABLE),  # the value is not here
+    ("SELECT set_config('search_path', E'app, public', false)", SET_VARIABLE),
+    ("SELECT set_config('search_path', E'pg\\x5Ftemp', false)", TEMPORARY_OBJECT),
+    ("SET search_path = E'pg\\u005ftemp'", TEMPORARY_OBJECT),
+    ("SET search_path = E'app'", SET_VARIABLE),
     ("SELECT set_config('work_mem', 'pg_temp', true)", None),
     ("CREATE UNLOGGED TABLE t (id int)", None),
     ("CREATE TABLE t (id int)", None),

@@ -208,9 +208,42 @@ def _set_config_is_session(arguments: list[list[Token]]) -> bool:
 
 
 def _literal(argument: list[Token]) -> str | None:
-    """The value of an argument that is one plain string literal, else None."""
-    if len(argument) == 1 and argument[0].kind == "string" and argument[0].text[:1] == "'":
-        return argument[0].text[1:-1].replace("''", "'")
+    """The value of an argument that is one string literal, else None."""
+    return _string_value(argument[0]) if len(argument) == 1 else None
+
+
+_E_ESCAPE = re.compile(
+    r"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL
+)
+_E_NAMED = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _e_unescape(match: re.Match[str]) -> str:
+    code = match[1]
+    if code[0] in "xuU" and len(code) > 1:
+        return chr(min(int(code[1:], 16), 0x10FFFF))
+    if code[0] in "01234567":
+        return chr(int(code, 8))
+    return _E_NAMED.get(code, code)
+
+
+def _may_name_pg_temp(value: list[Token]) -> bool:
+    """Whether a set_config value may hold pg_temp: a literal that names it, or an
+    expression the lexer cannot evaluate. A bound parameter ($1) is not in the text: it is
+    taken as not naming it (see the known limit above)."""
+    if len(value) == 1 and value[0].kind == "param":
+        return False
+    literal = _literal(value) if value else None
+    return literal is None or _names_pg_temp(literal)
+
+
+def _string_value(token: Token) -> str | None:
+    """The value of a '...' or E'...' literal; None for other tokens (a dollar-quoted
+    string is lexed without its text)."""
+    if token.kind == "string" and token.text[:1] == "'":
+        return token.text[1:-1].replace("''", "'")
+    if token.kind == "estring":
+        return _E_ESCAPE.sub(_e_unescape, token.text[2:-1].replace("''", "'"))
     return None
 
 
@@ -238,8 +271,8 @@ def _function_effects(tokens: list[Token]) -> Iterator[Effect]:
             arguments = _arguments(tokens, i + 1)
             named = _literal(arguments[0])
             setting = named.lower() if named else None
-            value = _literal(arguments[1]) if len(arguments) > 1 else None
-            if setting in (None, "search_path") and (value is None or _names_pg_temp(value)):
+            value = arguments[1] if len(arguments) > 1 else []
+            if setting in (None, "search_path") and _may_name_pg_temp(value):
                 yield TEMPORARY_OBJECT, None  # even transaction-local: see _sets_pg_temp
             elif _set_config_is_session(arguments):
                 # set_config('name', ...): a literal name can be replayed; nothing else can.
@@ -313,7 +346,8 @@ def _is_reset(tokens: list[Token]) -> bool:
 # - a search_path that may hold pg_temp (SET [LOCAL] search_path, SET SCHEMA, set_config):
 #   with pg_temp first, an unqualified CREATE TABLE t makes a temporary table, and a
 #   transaction-local setting is enough for that (the table outlives the transaction).
-# Known limit: functions and DO blocks may create temporary objects unseen (DO pins anyway).
+# Known limits: functions and DO blocks may create temporary objects unseen (DO pins anyway);
+# a search_path given to set_config as a bound parameter is not in the text, and is replayed.
 _TEMP = ("TEMP", "TEMPORARY")
 _PG_TEMP = re.compile(r"pg_temp(?:_\d+)?", re.IGNORECASE)
 # Clauses that may follow SELECT ... INTO temp, where `temp` is then a table's name.
@@ -384,12 +418,12 @@ def _sets_pg_temp(tokens: list[Token], words: list[str]) -> bool:
     names = _set_settings(tokens)
     if names is not None and "search_path" not in names:
         return False
-    # E'...' and dollar-quoted values (lexed without their text) may spell anything.
-    return any(
-        t.kind == "estring"
-        or (t.kind == "string" and (not t.text.startswith("'") or _names_pg_temp(t.text)))
-        for t in tokens
-    )
+    for token in tokens:
+        if token.kind in ("string", "estring"):
+            value = _string_value(token)  # None: dollar-quoted, which may spell anything
+            if value is None or _names_pg_temp(value):
+                return True
+    return False
 
 
 def _statement_effect(tokens: list[Token]) -> Effect:
