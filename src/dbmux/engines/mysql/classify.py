@@ -21,9 +21,16 @@ Correct before fast:
 - Most queries never reach the lexer: `might_matter` clears them with a few C-level scans of
   the lower-cased text, and only text that might leave state is lexed.
 
+The same lexer finds KILL (`find_kill`): the ids a client knows are dbmux's, and any KILL that
+reached the server as typed could end connections lent to other clients, so the proxy carries
+out the plain statement itself and refuses every other form, including dynamic SQL whose text
+it cannot read (PREPARE ... FROM @v, EXECUTE IMMEDIATE CONCAT(...)).
+
 Known limits:
 
 - CALL runs a procedure whose effects the text does not show; like RDS Proxy it does not pin.
+  A procedure made outside dbmux may also KILL; one made through dbmux with KILL or dynamic
+  SQL in its body is refused. A column aliased `prepare` before FROM reads as dynamic SQL.
   User variables passed as whole arguments (OUT parameters) are reported as assigned.
 - The body of CREATE PROCEDURE/FUNCTION/TRIGGER/EVENT/PACKAGE does not run now. A body that is
   one statement ends at the first semicolon; a compound body (BEGIN ... END, IF, LOOP...) is
