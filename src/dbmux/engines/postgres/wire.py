@@ -572,10 +572,10 @@ class FrontendScanner:
     def feed(self, data: bytes) -> bytes:
         """Scan one chunk; return the bytes to relay now, asking for `syncs` ReadyForQuery
         replies."""
-        self.syncs = 0
         if self._held.parts:
             joined = self._held.add(data)
             if joined is None:
+                self.syncs = 0
                 return b""
             data, pos = joined, 0
         else:
@@ -583,10 +583,17 @@ class FrontendScanner:
         n = len(data)
         if pos >= n:
             self._skip = pos - n
+            self.syncs = 0
             return data
+        syncs = 0
+        parses, closes = self.open_parses, self.open_closes
+        # Each exit sets `relayed`: up to where the bytes go now (a held or diverted rest
+        # follows); `need` > 0 holds the message at `pos` until that many bytes are in.
+        need = 0
         while True:
             if pos + 5 > n:
-                return self._hold(data, pos, 5)
+                need = 5
+                break
             kind = data[pos]
             length = _unpack_u32(data, pos + 1)[0]
             if length < 4 or length > FRONTEND_LIMITS[kind]:
@@ -594,55 +601,55 @@ class FrontendScanner:
             end = pos + 1 + length
             if kind == 81 or kind == 80:  # Q, P: their text decides session state
                 if end > n:
-                    return self._hold(data, pos, end - pos)
+                    need = end - pos
+                    break
                 if kind == 80:
-                    if data[pos + 5] != 0:  # a named statement
-                        return self._divert(data, pos)
-                    self.open_parses += 1
+                    if data[pos + 5]:  # a named statement
+                        self.diverted = data[pos:]
+                        break
+                    parses += 1
                 self.statements.append((kind, data[pos + 5 : end]))
-            elif kind == 66 or kind == 68 or kind == 67:  # B, D, C: the names they use
-                if end > n and pos + 7 > n:
-                    return self._hold(data, pos, min(end, pos + 7) - pos)
-                if _names_something(kind, data, pos, end):
-                    return self._divert(data, pos)
+            elif kind == 66:  # Bind: a named portal or statement
+                if length >= 6:  # (shorter: malformed, relayed for the server to refuse)
+                    if pos + 7 > n:
+                        need = 7
+                        break
+                    if data[pos + 5 : pos + 7] != b"\0\0":
+                        self.diverted = data[pos:]
+                        break
+            elif kind == 68 or kind == 67:  # Describe, Close: a statement's name
+                if length >= 6:
+                    if pos + 7 > n:
+                        need = 7
+                        break
+                    if data[pos + 5] == 83 and data[pos + 6]:
+                        self.diverted = data[pos:]
+                        break
                 if kind == 67:
-                    self.open_closes += 1
+                    closes += 1
             elif kind == 88:  # X
                 self.terminated = True
-                self._skip = 0
-                return data[:pos]
+                break
             if kind in SYNCING_TYPES:
-                self.syncs += 1
+                syncs += 1
                 self.last_kind = self.asked = kind
-                self.open_parses = self.open_closes = 0
+                parses = closes = 0
             elif kind not in COPY_TYPES:
                 self.last_kind = kind
                 if kind != FLUSH:
                     self.asked = kind
             if end >= n:
                 self._skip = end - n
+                self.syncs = syncs
+                self.open_parses, self.open_closes = parses, closes
                 return data
             pos = end
-
-    def _hold(self, data: bytes, pos: int, need: int) -> bytes:
-        self._held.hold(data, pos, need)
+        self.syncs = syncs
+        self.open_parses, self.open_closes = parses, closes
         self._skip = 0
+        if need:
+            self._held.hold(data, pos, need)
         return data[:pos]
-
-    def _divert(self, data: bytes, pos: int) -> bytes:
-        self.diverted = data[pos:]
-        self._skip = 0
-        return data[:pos]
-
-
-def _names_something(kind: int, data: bytes, pos: int, end: int) -> bool:
-    """A Bind with a named portal or statement, or a Describe or Close of a named statement.
-    (One too short to name anything is relayed: the server refuses it as malformed.)"""
-    if end - pos < 7:
-        return False
-    if kind == 66:
-        return data[pos + 5] != 0 or data[pos + 6] != 0
-    return data[pos + 5] != 80 and data[pos + 6] != 0  # 'P' portals are the session's own
 
 
 # ---------------------------------------------------------------------------------------------
