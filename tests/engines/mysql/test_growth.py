@@ -107,3 +107,24 @@ def test_a_pinned_session_does_not_track_the_variables_it_sets(my_proxy: MyProxy
         assert len(client.touched) == 0  # type: ignore[attr-defined]
         cur.execute("SELECT @w99")
         assert cur.fetchone() == (99,)
+
+
+async def test_the_texts_a_client_keeps_prepared_are_bounded_in_bytes_too(
+    my_proxy: MyProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without it a client under the statement count still makes the proxy hold up to
+    10,000 texts of a whole command each (gigabytes); past the byte cap, 1461 as well."""
+    monkeypatch.setattr(frontend, "MAX_CLIENT_STATEMENT_BYTES", 10_000)  # 64 MiB in production
+    async with await RawMy.connect(my_proxy.host, my_proxy.port) as raw:
+        _, ok = await raw.login(MY_USER, MY_PASSWORD, MY_DB)
+        assert ok[0] == 0, ok
+        texts = [b"SELECT ? /* %d %s */" % (n, b"x" * 3000) for n in range(4)]
+        replies = []
+        for text in texts:
+            raw.command(b"\x16" + text)
+            replies.append((await raw.response(wire.RESPONSE_PREPARE))[0])
+        assert [r[0] for r in replies] == [0, 0, 0, 0xFF]
+        assert int.from_bytes(replies[-1][1:3], "little") == 1461
+        raw.command(b"\x19" + replies[0][1:5])  # COM_STMT_CLOSE of the first: no reply
+        raw.command(b"\x16" + texts[3])
+        assert (await raw.response(wire.RESPONSE_PREPARE))[0][0] == 0

@@ -33,6 +33,7 @@ log = logging.getLogger("dbmux.mysql")
 CURSOR = "cursor"  # COM_STMT_EXECUTE that opens a server-side cursor
 SET_OPTION = "set_option"  # COM_SET_OPTION changes how the server connection parses
 MAX_CLIENT_STATEMENTS = 10_000  # prepared statements one client may hold at once
+MAX_CLIENT_STATEMENT_BYTES = 64 << 20  # ...and the bytes of their texts
 # Variables a session may have the proxy carry to each server connection it borrows; past
 # that it is pinned (SESSION_STATE_SIZE) and its server connection holds them, as directly.
 MAX_CARRIED_STATE = 1000
@@ -123,6 +124,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         self.want_insert_id = False  # the command reads LAST_INSERT_ID()
         self.pending_schema: str | None = None  # COM_INIT_DB sent, not yet answered
         self.statements: dict[int, ClientStatement] = {}
+        self.statement_bytes = 0  # the length of their texts
         self.next_statement_id = 1
         self.last_prepared = 0
         # Texts of the server statements holding this client's long data: the session keeps
@@ -936,11 +938,15 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
                 "KILL and dynamic SQL cannot be prepared through dbmux: they could end server "
                 "connections lent to other clients; send KILL <connection id> as a query",
             )
-        if len(self.statements) >= MAX_CLIENT_STATEMENTS:
+        if (
+            len(self.statements) >= MAX_CLIENT_STATEMENTS
+            or self.statement_bytes + len(text) > MAX_CLIENT_STATEMENT_BYTES
+        ):
             raise CommandFailed(
                 wire.ER_MAX_PREPARED_STMT_COUNT_REACHED,
-                f"Can't create more than {MAX_CLIENT_STATEMENTS} prepared statements on one "
-                "connection through dbmux; close some with COM_STMT_CLOSE",
+                f"Can't create more than {MAX_CLIENT_STATEMENTS} prepared statements (or "
+                f"{MAX_CLIENT_STATEMENT_BYTES >> 20} MiB of their texts) on one connection "
+                "through dbmux; close some with COM_STMT_CLOSE",
             )
         verdict = self._verdict(text)
         server = await self._borrow()
@@ -954,6 +960,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         statement_id = self.next_statement_id
         self.next_statement_id = statement_id % 0xFFFFFFFE + 1
         self.statements[statement_id] = ClientStatement(text, statement.params, verdict)
+        self.statement_bytes += len(text)
         self.last_prepared = statement_id
         first, *rest = statement.reply
         self.reply(wire.with_statement_id(first, statement_id), *rest)
@@ -1052,6 +1059,8 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         """COM_STMT_CLOSE (no reply). The server statement stays, shared by text; long data
         the client sent for it goes, as it would with the statement on a direct connection."""
         statement = self.statements.pop(wire.statement_id(payload), None)
+        if statement is not None:
+            self.statement_bytes -= len(statement.text)
         server = self.server
         if statement is None or server is None or statement.text not in self.long_data:
             return
@@ -1114,6 +1123,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         self.touched.clear()
         self.schema_touched = False
         self.statements.clear()
+        self.statement_bytes = 0
         self.insert_id = 0
         self.pin_reason = None
         self.long_data.clear()
