@@ -540,15 +540,7 @@ def hostile_proxy(request: pytest.FixtureRequest) -> Any:
     ("hostile_proxy", "moves"),
     [
         ("postgres", "postgres"),
-        pytest.param(
-            "postgres",
-            "postgres-names",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="issue 10.2: a client can still Close/Parse the proxy's shared statement "
-                "names; the fix is in progress in statements.py (remove this mark when it lands)",
-            ),
-        ),
+        ("postgres", "postgres-names"),
         ("mysql", "mysql"),
     ],
     indirect=["hostile_proxy"],
