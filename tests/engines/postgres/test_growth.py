@@ -135,3 +135,19 @@ async def test_a_session_carrying_too_many_settings_is_pinned_and_keeps_them(
         assert await conn.fetchval("SELECT current_setting('myapp.k59')") == "59"
     finally:
         await conn.close()
+
+
+async def test_a_pinned_session_stops_collecting_what_it_sets(proxy) -> None:
+    """A pinned session keeps its server connection, so its SETs need no carrying: noting
+    every one of them would grow the proxy with each new text for as long as it lives."""
+    conn = await asyncpg.connect(proxy.url())
+    try:
+        await conn.execute("LISTEN pinned_here")
+        for n in range(200):
+            await conn.execute(f"SET application_name = 'pinned {n}'")
+        (session,) = proxy.embedded.proxy().runtime.clients
+        assert session.pin_reason == "listen"
+        assert len(session.touched) <= 1 and len(session.set_texts) <= 1
+        assert await conn.fetchval("SHOW application_name") == "pinned 199"
+    finally:
+        await conn.close()

@@ -265,7 +265,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
                     self._statements_dropped(body)
                 if self.pin_reason is None:
                     self.pin(verdict.reason)
-            elif verdict.settings:
+            elif verdict.settings and self.pin_reason is None:  # (pinned: nothing to carry)
                 self.touched |= verdict.settings
                 if verdict.resets and self.login_settings:
                     self.resets |= verdict.resets
