@@ -10,6 +10,7 @@ import contextlib
 from dbmux.engines.mysql import wire
 from tests.engines.mysql.conftest import MyProxy
 from tests.engines.mysql.test_bad_input import assert_serves_a_good_client, bystander, logged_in
+from tests.myraw import WAIT
 
 __all__ = ["bystander"]  # the fixture, used by name
 
@@ -46,6 +47,11 @@ async def test_a_client_that_pipelines_pings_and_never_reads_holds_a_bounded_buf
                 await asyncio.wait_for(raw.writer.drain(), 2.0)
         assert max(buffered_for_clients(my_proxy)) < BOUND
         await assert_serves_a_good_client(my_proxy)
-        # The answers were only held back: reading them lets the proxy go on.
+        # The answers were only held back: reading them lets the proxy go on, to the last.
         first = await raw.response(wire.RESPONSE_SIMPLE)
         assert first[0][:1] == b"\0"
+        answer = len(wire.packet(1, first[0]))
+        left = (sent // len(PING) - 1) * answer
+        while left:
+            left -= len(await asyncio.wait_for(raw.reader.read(min(left, 1 << 20)), WAIT))
+        assert any(p.endswith(b"42") for p in await raw.query("SELECT 40 + 2"))

@@ -498,7 +498,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
 
     def on_write_blocked(self, blocked: bool) -> None:
         super().on_write_blocked(blocked)
-        if not blocked and not self.busy and self.inbox:
+        if not blocked and self.relaying and not self.busy and self.inbox:
             self._next_commands()
 
     def _violation(self, error: tuple[int, str], message: str) -> None:
