@@ -242,12 +242,12 @@ def assert_one_result_then_maybe_an_error(stream: bytes) -> None:
     assert bytes(buf) == (header + ROW)[: len(buf)], f"garbage at the end: {bytes(buf[:16])!r}"
 
 
-@pytest.mark.parametrize("ending", ["kill", "idle_timeout"])
+@pytest.mark.parametrize("ending", ["kill", "idle_timeout", "shutdown"])
 async def test_a_client_ended_mid_result_reads_no_proxy_packet_inside_a_relayed_one(
     start_my_proxy: Callable[..., MyProxy], ending: str
 ) -> None:
-    """KILL from another client and the idle timeout end a client the proxy may be
-    relaying a big result to: an ERR written into the middle of a row packet makes the
+    """KILL from another client, the idle timeout and a shutdown end a client the proxy may
+    be relaying a big result to: an ERR written into the middle of a row packet makes the
     driver read garbage lengths (a hang or a nonsense error) instead of a clean end."""
     proxy = start_my_proxy(idle_client_timeout=1 if ending == "idle_timeout" else 1800)
     async with await logged_in(proxy) as victim:
@@ -265,6 +265,8 @@ async def test_a_client_ended_mid_result_reads_no_proxy_packet_inside_a_relayed_
             # A killed client that does not read is reset, not left to hold its server
             # connection until it reads the rest.
             wait_until(lambda: proxy.pools.lent_count == 0, "the server connection freed")
+        elif ending == "shutdown":
+            await asyncio.to_thread(proxy.embedded.stop)  # must not wait for the victim
         else:
             await asyncio.sleep(2.5)  # idle_client_timeout: no client byte for a second
         rest = await read_until_closed(victim)
