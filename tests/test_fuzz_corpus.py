@@ -3,6 +3,8 @@ through both engines' parsers, and the findings of the fuzzers kept as tests."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,20 @@ def test_a_set_after_a_leading_form_feed_is_seen() -> None:
     for blank in (b"\f", b"\v"):
         verdict = Classifier(replay_settings=True).verdict(blank + b"SET work_mem = 1234")
         assert verdict.settings == frozenset({"work_mem"})
+
+
+@pytest.mark.xfail(strict=True, reason="reported to the lead: pinning._AFTER_SEMICOLON backtracks")
+def test_comments_after_a_semicolon_cost_the_classifier_linear_time() -> None:
+    """Found by the fuzzer: the fast path's regex for a statement after a semicolon
+    backtracks exponentially over line or block comments, so "SELECT 1;" and 30 "-- " (or
+    "/**/ ") hold the event loop, and every client of the proxy, for hours. Run in a child
+    process with a deadline, since a regex in C cannot be interrupted."""
+    check = (
+        "from dbmux.engines.postgres.pinning import might_pin\n"
+        "might_pin(b'SELECT 1;' + b'-- ' * 40)\n"
+        "might_pin(b'SELECT 1;' + b'/**/ ' * 40)\n"
+    )
+    try:
+        subprocess.run([sys.executable, "-c", check], check=True, timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail("might_pin did not finish in 5 s")
