@@ -86,7 +86,6 @@ def test_a_server_naming_an_absurd_scram_iteration_count_is_refused() -> None:
             client.handle_server_first(f"r=abcdef,s=c2FsdA==,i={count}".encode())
 
 
-@pytest.mark.xfail(strict=True, reason="reported to the lead: pinning.might_pin misses it")
 def test_a_set_after_a_leading_form_feed_is_seen() -> None:
     """Found by the fuzzer: PostgreSQL reads a form feed (and from 16 on a vertical tab) as a
     blank, so "\\fSET work_mem = ..." runs the SET; the classifier's fast path does not strip
@@ -97,7 +96,6 @@ def test_a_set_after_a_leading_form_feed_is_seen() -> None:
         assert verdict.settings == frozenset({"work_mem"})
 
 
-@pytest.mark.xfail(strict=True, reason="reported to the lead: pinning._AFTER_SEMICOLON backtracks")
 def test_comments_after_a_semicolon_cost_the_classifier_linear_time() -> None:
     """Found by the fuzzer: the fast path's regex for a statement after a semicolon
     backtracks exponentially over line or block comments, so "SELECT 1;" and 30 "-- " (or
