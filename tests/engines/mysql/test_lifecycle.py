@@ -172,6 +172,18 @@ def test_kill_query_with_the_proxys_connection_id_stops_that_clients_query_only(
         assert caught.value.args[0] == 1094
 
 
+@pytest.mark.parametrize("spelling", ["KILL {id}", "KILL CONNECTION {id}", "/*x*/ KILL HARD {id}"])
+def test_a_client_that_kills_its_own_connection_is_told_so(my_proxy: MyProxy, spelling) -> None:
+    """Directly, a connection that KILLs itself gets 1927 "Connection was killed" as the
+    answer; through dbmux it used to see a bare close (2013, as if the server had died)."""
+    with my_proxy.connect() as conn:
+        with pytest.raises(pymysql.err.OperationalError) as caught:
+            one(conn, spelling.format(id=conn.thread_id()))
+        assert caught.value.args[0] == 1927
+    with my_proxy.connect() as other:
+        assert one(other, "SELECT 'alive'") == ("alive",)
+
+
 def test_an_idle_server_connection_is_pinged_and_kept_when_it_answers(start_my_proxy) -> None:
     pool = {"max_connections_percent": 2, "max_idle_connections_percent": 2}
     proxy = start_my_proxy(pool={**pool, "idle_check_interval": 0.5})

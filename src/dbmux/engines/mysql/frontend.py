@@ -1172,7 +1172,8 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             self.cancelling = server
             self._forward(b"\x03KILL QUERY %d" % server.thread_id, wire.RESPONSE_SIMPLE)
         elif target is self and not query:
-            self.close_transport()
+            # As the server answers a connection that kills itself: the ERR is the reply.
+            self._leave(1, wire.ER_CONNECTION_KILLED, "Connection was killed")
         else:
             self.ok()
 
