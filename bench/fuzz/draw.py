@@ -3,7 +3,7 @@ importable without atheris, so `make test` replays the corpus with the same mean
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -125,3 +125,9 @@ _SEPARATORS = (
     "\U0001f600",
 )
 _WORD_CHARS = "abcdefghijklmnopqrstuvwxyz_0123456789$ABCXYZ"
+
+
+def run_one(harnesses: Sequence[Callable[[Draw], None]], data: bytes) -> None:
+    """A fuzzer input: its first byte picks the harness, the rest drives it."""
+    draw = Draw(data)
+    harnesses[draw.byte() % len(harnesses)](draw)

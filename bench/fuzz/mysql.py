@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from bench.fuzz.draw import Draw, sql_text
+from bench.fuzz.draw import Draw, run_one, sql_text
 from bench.fuzz.logged import assert_nothing_logged
 from dbmux.auth import mysql as auth
 from dbmux.engines.mysql import classify, wire
@@ -395,6 +395,5 @@ HARNESSES: tuple[Callable[[Draw], None], ...] = (
 
 
 def one_input(data: bytes) -> None:
-    """The fuzzer's entry point: the first byte picks the harness, the rest drives it."""
-    draw = Draw(data)
-    HARNESSES[draw.byte() % len(HARNESSES)](draw)
+    """The fuzzer's entry point."""
+    run_one(HARNESSES, data)

@@ -12,7 +12,7 @@ import base64
 import contextlib
 from collections.abc import Callable
 
-from bench.fuzz.draw import Draw, sql_text
+from bench.fuzz.draw import Draw, run_one, sql_text
 from dbmux.auth.scram import ScramAuthFailed, ScramClient, ScramError, ScramServer, ScramVerifier
 from dbmux.engines.postgres import pinning, wire
 from dbmux.engines.postgres.login import LoginRefused, parse_options
@@ -494,6 +494,5 @@ HARNESSES: tuple[Callable[[Draw], None], ...] = (
 
 
 def one_input(data: bytes) -> None:
-    """The fuzzer's entry point: the first byte picks the harness, the rest drives it."""
-    draw = Draw(data)
-    HARNESSES[draw.byte() % len(HARNESSES)](draw)
+    """The fuzzer's entry point."""
+    run_one(HARNESSES, data)

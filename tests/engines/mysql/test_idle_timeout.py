@@ -14,16 +14,7 @@ from tests.conftest import wait_until
 from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 from tests.engines.mysql.test_lifecycle import one
 from tests.myraw import RawMy
-
-IDLE = 1  # idle_client_timeout of these tests, in seconds; each client is busy 3 times that
-BUSY = 3.5  # seconds the slow reader spreads its reading over
-ROWS, ROW = 8000, 1000  # an 8 MB result: far more than the socket buffers on its way hold
-
-
-async def pace(start: float, done: float) -> None:
-    """Sleep until `done` (a fraction) of the reading should be over, so it lasts BUSY s."""
-    loop = asyncio.get_running_loop()
-    await asyncio.sleep(max(0.0, start + BUSY * done - loop.time()))
+from tests.slow_reader import IDLE, ROW, ROWS, pace
 
 
 async def expect_timeout_error(raw: RawMy) -> None:

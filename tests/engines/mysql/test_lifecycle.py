@@ -27,6 +27,13 @@ def one(conn, sql: str, args: tuple = ()):
         return cur.fetchone()
 
 
+def kill_server_connection(proxy: MyProxy, mariadb, client) -> None:
+    """End, from the server side, the connection `client` holds, and wait for dbmux to see it."""
+    (thread,) = one(client, "SELECT CONNECTION_ID()")
+    mariadb.sql(f"KILL CONNECTION {thread}")
+    wait_until(lambda: proxy.pools.budget.open == 0, "the proxy noticed the loss")
+
+
 @pytest.fixture
 def single(start_my_proxy: Callable[..., MyProxy]) -> MyProxy:
     """One server connection; a borrow waits at most half a second."""
@@ -89,9 +96,7 @@ def test_a_killed_server_connection_fails_the_transaction_and_the_next_one_works
 ) -> None:
     with single.connect(autocommit=False) as client:
         one(client, "INSERT INTO items (client, note) VALUES (41, 'lost')")
-        (thread,) = one(client, "SELECT CONNECTION_ID()")
-        mariadb.sql(f"KILL CONNECTION {thread}")
-        wait_until(lambda: single.pools.budget.open == 0, "the proxy noticed the loss")
+        kill_server_connection(single, mariadb, client)
         with pytest.raises(pymysql.err.OperationalError) as caught:
             one(client, "SELECT 1")
         assert caught.value.args[0] == 2013
@@ -220,9 +225,7 @@ def test_a_driver_whose_pinned_server_connection_dies_sees_error_2013(
 ) -> None:
     with single.connect() as client:
         one(client, "SELECT GET_LOCK('dbmux-lost', 1)")
-        (thread,) = one(client, "SELECT CONNECTION_ID()")
-        mariadb.sql(f"KILL CONNECTION {thread}")
-        wait_until(lambda: single.pools.budget.open == 0, "the proxy noticed the loss")
+        kill_server_connection(single, mariadb, client)
         with pytest.raises(pymysql.err.OperationalError) as caught:
             one(client, "SELECT 1")
         assert caught.value.args[0] == 2013

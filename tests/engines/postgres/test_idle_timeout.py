@@ -10,16 +10,7 @@ import socket
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
 from tests.engines.postgres.test_lifecycle import POOL_OF_ONE, connect, wait_until
 from tests.pgraw import RawClient, query
-
-IDLE = 1  # idle_client_timeout of these tests, in seconds; each client is busy 3 times that
-BUSY = 3.5  # seconds the slow reader spreads its reading over
-ROWS, ROW = 8000, 1000  # an 8 MB result: far more than the socket buffers on its way hold
-
-
-async def pace(start: float, done: float) -> None:
-    """Sleep until `done` (a fraction) of the reading should be over, so it lasts BUSY s."""
-    loop = asyncio.get_running_loop()
-    await asyncio.sleep(max(0.0, start + BUSY * done - loop.time()))
+from tests.slow_reader import IDLE, ROW, ROWS, pace
 
 
 async def test_a_client_waiting_for_a_long_query_is_not_idle(start_proxy) -> None:

@@ -153,7 +153,7 @@ class StatementsMixin:
             try:
                 batch.add(kind, body, self.shared_seen)
             except wire.ProtocolViolation:
-                batch.out.append(wire.encode([(kind, body)]))  # malformed: the server refuses it
+                batch.out.append(wire.frame(kind, body))  # malformed: the server refuses it
         if last_sync == len(queue):
             batch.evict()
         return b"".join(batch.out)

@@ -686,7 +686,7 @@ _TYPE_BYTES = [bytes((kind,)) for kind in range(256)]
 
 
 def encode(messages: list[tuple[int, bytes]]) -> bytes:
-    return b"".join(bytes((kind,)) + _I32.pack(len(body) + 4) + body for kind, body in messages)
+    return b"".join(frame(kind, body) for kind, body in messages)
 
 
 def split_name(payload: bytes, start: int = 0) -> tuple[bytes, int]:
