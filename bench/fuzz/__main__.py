@@ -33,7 +33,9 @@ TARGETS = {
     ),
     "mysql": (
         "src/dbmux/engines/mysql/wire.py",
-        "src/dbmux/engines/mysql/classify.py",
+        "src/dbmux/engines/mysql/pinning.py",
+        "src/dbmux/engines/mysql/lexer.py",
+        "src/dbmux/engines/mysql/kill.py",
         "src/dbmux/auth/mysql.py",
     ),
 }

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from bench.fuzz.draw import Draw, run_one, sql_text
 from bench.fuzz.logged import assert_nothing_logged
 from dbmux.auth import mysql as auth
-from dbmux.engines.mysql import classify, wire
+from dbmux.engines.mysql import pinning, wire
 
 TEXT_CHARS = "abcxyz_-.@'\"`\\\u00e9 "
 SQL_WORDS = (
@@ -30,7 +30,7 @@ SQL_WORDS = (
 )  # fmt: skip
 STATUSES = (0x0000, 0x0001, 0x0002, 0x0003, 0x4002)  # none ends a result early
 
-UNREADABLE = classify.Verdict(reason=classify.UNCLASSIFIED)
+UNREADABLE = pinning.Verdict(reason=pinning.UNCLASSIFIED)
 RSA_KEY = auth.RsaKey.generate()
 
 
@@ -346,20 +346,20 @@ def classify_sql(draw: Draw) -> None:
     """Any query text, in every classifier mode, gets a verdict without a logged error; a
     text the fast path lets through (might_matter False) leaves no state when fully read
     (or cannot be read: an unterminated quote, which the server refuses too)."""
-    classifier = classify.Classifier(
+    classifier = pinning.Classifier(
         exclude_variable_sets=draw.below(2) == 1, replay_settings=draw.below(2) == 1
     )
     sql = sql_text(draw, SQL_WORDS) if draw.below(4) else draw.rest()
     classifier.verdict(sql)
     assert_nothing_logged()
-    if len(sql) <= classify.MAX_STATEMENT_SIZE and not classify.might_matter(sql):
-        fast_path = classify.might_matter
-        classify.might_matter = lambda _sql: True
+    if len(sql) <= pinning.MAX_STATEMENT_SIZE and not pinning.might_matter(sql):
+        fast_path = pinning.might_matter
+        pinning.might_matter = lambda _sql: True
         try:
             full = classifier.verdict(sql)
         finally:
-            classify.might_matter = fast_path
-        assert full in (classify.NO_STATE, UNREADABLE), (sql, full)
+            pinning.might_matter = fast_path
+        assert full in (pinning.NO_STATE, UNREADABLE), (sql, full)
         assert_nothing_logged()
 
 

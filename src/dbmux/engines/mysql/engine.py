@@ -7,23 +7,34 @@ import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from dbmux.auth.mysql import RsaKey
 from dbmux.auth.secrets import Credentials
 from dbmux.bounded import MEMO_TEXT_LIMIT, LruDict
 from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
-from dbmux.engines.base import Engine, ProbeResult, ServerConnection, ServerError
+from dbmux.engines.base import (
+    Engine,
+    ErrorKind,
+    PoolKey,
+    ProbeResult,
+    ProxyRuntime,
+    ServerConnection,
+    ServerError,
+)
 from dbmux.engines.mysql import wire
 from dbmux.engines.mysql.backend import NATIVE, SHA2, MyServer, open_server, read_greeting
-from dbmux.engines.mysql.classify import Classifier
 from dbmux.engines.mysql.frontend import MyClient
-from dbmux.pool import PoolKey, PoolSet
-from dbmux.targets import TargetHealth
+from dbmux.engines.mysql.pinning import Classifier
 
-if TYPE_CHECKING:
-    from dbmux.proxy import ProxyRuntime
-
+# Error numbers (and the core's own 08001, no writer) by what they mean to the core.
+ERROR_KINDS = {
+    "1045": ErrorKind.AUTH,  # access denied
+    "1044": ErrorKind.AUTH,  # access denied to the database
+    "1040": ErrorKind.BUSY,  # too many connections
+    "2003": ErrorKind.GONE,  # cannot connect
+    "2013": ErrorKind.GONE,  # lost connection
+    "08001": ErrorKind.GONE,
+}
 SET_RESULTS_CAPACITY = 10_000  # remembered outcomes of SET statements per proxy (LRU)
 PROBE_WAIT = 10.0  # seconds the first client waits for a writer to show to it
 BINARY_CHARSET = 63
@@ -72,7 +83,7 @@ class MyContext:
         self.targets = self.runtime.targets
         # Clients of the writer's endpoint (not a read-only one, where a refused write is
         # the right answer) get writes the old writer refused run again on the next one.
-        self.follows_writer = isinstance(self.pools, PoolSet)
+        self.follows_writer = self.pools.follows_writer
         types = {login.auth_type for login in self.users.values()}
         self.default_plugin = (
             SHA2 if types == {ClientPasswordAuthType.MYSQL_CACHING_SHA2_PASSWORD} else NATIVE
@@ -90,12 +101,7 @@ class MyContext:
                 if self._greeting is None:
                     # Any healthy instance of the group will do (they run the same server);
                     # with none known yet, wait for the writer.
-                    targets = self.runtime.targets
-                    healthy = [i for i in targets.instances if i.health is TargetHealth.AVAILABLE]
-                    instance = targets.writer or (healthy[0] if healthy else None)
-                    if instance is None:
-                        instance = await targets.wait_for_writer(PROBE_WAIT)
-                    target = instance.target
+                    target = await self.runtime.targets.any_available(PROBE_WAIT)
                     self._greeting = await read_greeting(target.host, target.port)
                     if "mariadb" not in self._greeting.version.lower():
                         self.aliases = MYSQL_ALIASES
@@ -117,6 +123,14 @@ class MysqlEngine(Engine):
     prepared_capacity = 500
     _context: MyContext | None = None  # shared by the proxy's listeners
     read_only_statement = "SET SESSION TRANSACTION READ ONLY"
+    auth_types = (
+        ClientPasswordAuthType.MYSQL_NATIVE_PASSWORD,
+        ClientPasswordAuthType.MYSQL_CACHING_SHA2_PASSWORD,
+    )
+
+    @staticmethod
+    def classify_error(error: ServerError) -> ErrorKind:
+        return ERROR_KINDS.get(error.code, ErrorKind.OTHER)
 
     def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
         if self._context is not None:

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 from dbmux.auth import mysql as auth
 from dbmux.auth.admission import Refusal, source_address
 from dbmux.engines.base import ClientSession, ServerError
-from dbmux.engines.mysql import classify, state, wire
+from dbmux.engines.mysql import pinning, state, wire
 from dbmux.engines.mysql.backend import NATIVE, MyServer
+from dbmux.engines.mysql.kill import find_kill
 from dbmux.engines.mysql.replay import ReplayMixin, TransactionLog
 from dbmux.framed import ClientEnd, ConnectionClosed
 from dbmux.pool import Borrower, BorrowTimeout, Lender
@@ -66,7 +67,7 @@ class ClientStatement:
 
     text: bytes
     params: int
-    verdict: classify.Verdict
+    verdict: pinning.Verdict
     types: bytes | None = None  # the parameter types its last execute sent
 
 
@@ -559,7 +560,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             self.reply_error(wire.ER_UNKNOWN_COM_ERROR, f"Unknown command 0x{command:02x}")
 
     def _query(self, payload: bytes, frame: bytes | None = None) -> None:
-        kill = classify.find_kill(payload[1:])
+        kill = find_kill(payload[1:])
         if kill is not None:
             if kill.refusal:
                 self.reply_error(ER_NOT_SUPPORTED_YET, kill.refusal)
@@ -567,11 +568,11 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
                 self._kill(kill.connection_id, query=kill.query)
             return
         verdict = self._verdict(payload[1:])
-        if verdict is not classify.NO_STATE:
+        if verdict is not pinning.NO_STATE:
             self._note(verdict, payload[1:])
         self._forward(payload, wire.RESPONSE_RESULT, frame=frame)
 
-    def _note(self, verdict: classify.Verdict, text: bytes | None) -> None:
+    def _note(self, verdict: pinning.Verdict, text: bytes | None) -> None:
         """What a statement about to run does to the session."""
         if verdict.reason is not None:
             if self.pin_reason is None:
@@ -584,7 +585,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         names = system_vars | {"@" + name for name in verdict.user_vars}
         if any(not set(name) <= _NAME_CHARS for name in system_vars):
             if self.pin_reason is None:
-                self.pin(classify.UNCLASSIFIED)  # a name the proxy will not put in SQL
+                self.pin(pinning.UNCLASSIFIED)  # a name the proxy will not put in SQL
             return
         if names:
             memoizable = (
@@ -932,7 +933,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
 
     async def _prepare(self, payload: bytes) -> None:
         text = payload[1:]
-        if classify.find_kill(text) is not None:  # its execute would reach the server as is
+        if find_kill(text) is not None:  # its execute would reach the server as is
             raise CommandFailed(
                 ER_NOT_SUPPORTED_YET,
                 "KILL and dynamic SQL cannot be prepared through dbmux: they could end server "
@@ -989,7 +990,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         except CommandFailed as failure:
             self.reply_error(failure.error, failure.message)
             return
-        if statement.verdict is not classify.NO_STATE:
+        if statement.verdict is not pinning.NO_STATE:
             self._note(statement.verdict, None)
         opens_cursor = payload[0] == wire.COM_STMT_EXECUTE and payload[5:6] not in (b"", b"\0")
         if opens_cursor and self.pin_reason is None:

@@ -21,11 +21,6 @@ Correct before fast:
 - Most queries never reach the lexer: `might_matter` clears them with a few C-level scans of
   the lower-cased text, and only text that might leave state is lexed.
 
-The same lexer finds KILL (`find_kill`): the ids a client knows are dbmux's, and any KILL that
-reached the server as typed could end connections lent to other clients, so the proxy carries
-out the plain statement itself and refuses every other form, including dynamic SQL whose text
-it cannot read (PREPARE ... FROM @v, EXECUTE IMMEDIATE CONCAT(...)).
-
 Known limits:
 
 - CALL runs a procedure whose effects the text does not show; like RDS Proxy it does not pin.
@@ -51,6 +46,21 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
+
+from dbmux.engines.mysql.lexer import (
+    ANSI_QUOTES,
+    DEFAULT,
+    NO_BACKSLASH_ESCAPES,
+    SCOPES,
+    Reading,
+    Token,
+    Unterminated,
+    at_depth_zero,
+    keyword,
+    punct_at,
+    split,
+    word_at,
+)
 
 log = logging.getLogger("dbmux.mysql")
 
@@ -133,150 +143,8 @@ def might_matter(sql: bytes) -> bool:
     return 59 in low and _AFTER_SEMICOLON.search(low) is not None  # ;
 
 
-# ---------------------------------------------------------------------------------------------
-# Lexer
-
-
-class Unterminated(Exception):
-    """A quote or comment does not end: the lexer cannot follow the text."""
-
-
 class _Unsure(Exception):
     """A statement the classifier cannot read with confidence."""
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    # word, quoted (a backtick identifier), string, uservar, sysvar (session), globalvar
-    # (@@GLOBAL., @@PERSIST.), other (punctuation and operators, := included)
-    kind: str
-    text: str  # words upper-cased, identifiers unquoted, variables lower-cased, strings raw
-
-
-_NAME = r"[A-Za-z0-9_$\x80-\U0010ffff]+"
-_BACKTICK = r"`(?:[^`]|``)*`"
-# SET [scope] name = ..., @@scope.name: True for the session, False for the server.
-_SCOPES = {"SESSION": True, "LOCAL": True, "GLOBAL": False, "PERSIST": False, "PERSIST_ONLY": False}
-
-
-class _Reading:
-    """How strings are lexed: with or without backslash escapes in '...' and "..."."""
-
-    __slots__ = ("double_escapes", "pattern", "single_escapes")
-
-    def __init__(self, *, single_escapes: bool, double_escapes: bool) -> None:
-        self.single_escapes = single_escapes
-        self.double_escapes = double_escapes
-        single = r"'(?:[^'\\]|\\.|'')*'" if single_escapes else r"'(?:[^']|'')*'"
-        double = r'"(?:[^"\\]|\\.|"")*"' if double_escapes else r'"(?:[^"]|"")*"'
-        quoted = f"{_BACKTICK}|{single}|{double}"
-        pattern = rf"""
-              (?P<space>[ \t\n\r\f\v]+)
-            | (?P<comment>\#[^\n]*|--(?=[\x00-\x20\x7f]|\Z)[^\n]*)
-            | (?P<executable>/\*[Mm]?!\d*)
-            | (?P<block>/\*)
-            | (?P<close>\*/)
-            | (?P<string>{single}|{double}|[xXbB]'[^']*')
-            | (?P<quoted>{_BACKTICK})
-            | (?P<sysvar>@@\s*(?:(?P<scope>(?i:global|session|local|persist_only|persist))\s*\.\s*)?
-                (?P<name>{_NAME}|{quoted})(?:\s*\.\s*(?P<component>{_NAME}|{_BACKTICK}))?)
-            | (?P<uservar>@(?:[A-Za-z0-9_$.\x80-\U0010ffff]+|{quoted}))
-            | (?P<word>{_NAME})
-            | (?P<assign>:=)
-            | (?P<semicolon>;)
-            | (?P<other>.)
-        """
-        self.pattern = re.compile(pattern, re.VERBOSE | re.DOTALL | re.ASCII)
-
-    def unquote(self, text: str) -> str:
-        """The name a quoted identifier or variable name spells."""
-        quote = text[0]
-        body = text[1:-1].replace(quote * 2, quote)
-        escapes = self.single_escapes if quote == "'" else quote == '"' and self.double_escapes
-        return _ESCAPE.sub(_unescape, body) if escapes else body
-
-    def token(self, kind: str, match: re.Match[str]) -> Token:
-        text = match.group()
-        if kind == "word":
-            return Token(kind, _keyword(text))
-        if kind == "quoted":
-            return Token(kind, self.unquote(text))
-        if kind == "uservar":
-            name = text[1:]
-            return Token(kind, (self.unquote(name) if name[0] in "'\"`" else name).lower())
-        if kind == "sysvar":
-            name = match["name"]  # quoted without escapes, as might_matter reads it
-            name = name[1:-1].replace(name[0] * 2, name[0]) if name[0] in "'\"`" else name
-            if match["component"]:
-                component = match["component"]
-                name += "." + (self.unquote(component) if component[0] == "`" else component)
-            session = _SCOPES.get((match["scope"] or "SESSION").upper(), True)
-            return Token(kind if session else "globalvar", name.lower())
-        if kind == "other" and text in "'\"`":
-            raise Unterminated(f"unterminated {text}")
-        return Token("other" if kind == "assign" else kind, text)
-
-
-def _keyword(word: str) -> str:
-    """A word as keywords and built-in names are compared: upper-cased, ASCII only (str.upper
-    turns "\\u017fet", with a long s, into SET)."""
-    return word.upper() if word.isascii() else word
-
-
-_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
-_ESCAPED = {"0": "\0", "b": "\b", "n": "\n", "r": "\r", "t": "\t", "Z": "\x1a"}
-
-
-def _unescape(match: re.Match[str]) -> str:
-    char = match.group(1)
-    return _ESCAPED.get(char, char)
-
-
-_DEFAULT = _Reading(single_escapes=True, double_escapes=True)
-_NO_BACKSLASH_ESCAPES = _Reading(single_escapes=False, double_escapes=False)
-_ANSI_QUOTES = _Reading(single_escapes=True, double_escapes=False)  # "..." is an identifier
-
-
-def _split(text: str, reading: _Reading) -> Iterator[list[Token]]:
-    pattern = reading.pattern
-    statement: list[Token] = []
-    executable = False  # inside /*! ... */, whose content is code
-    pos, end = 0, len(text)
-    while pos < end:
-        match = pattern.match(text, pos)
-        assert match is not None  # `other` matches any character
-        kind = match.lastgroup or "other"
-        pos = match.end()
-        if kind in ("space", "comment"):
-            continue
-        if kind == "block":
-            close = text.find("*/", pos)
-            if close < 0:
-                raise Unterminated("unterminated comment")
-            pos = close + 2
-        elif kind == "executable":
-            executable = True
-        elif kind == "close" and executable:
-            executable = False
-        elif kind == "close":
-            statement.append(Token("other", "*"))
-            pos -= 1
-        elif kind == "semicolon":
-            if statement:
-                yield statement
-            statement = []
-        else:
-            statement.append(reading.token(kind, match))
-    if executable:
-        raise Unterminated("unterminated executable comment")
-    if statement:
-        yield statement
-
-
-def split_statements(text: str) -> Iterator[list[Token]]:
-    """Yield each statement's tokens (no blanks or comments), as the default sql_mode reads
-    them; raise Unterminated on a quote or comment that does not end."""
-    return _split(text, _DEFAULT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,30 +193,6 @@ class _Effects:
         )
 
 
-def _word(tokens: list[Token], i: int) -> str:
-    """The keyword at tokens[i], or "" (not a word, or past the end)."""
-    if i < len(tokens) and tokens[i].kind == "word":
-        return tokens[i].text
-    return ""
-
-
-def _punct(tokens: list[Token], i: int) -> str:
-    """The punctuation or operator at tokens[i], or ""."""
-    if 0 <= i < len(tokens) and tokens[i].kind == "other":
-        return tokens[i].text
-    return ""
-
-
-def _at_depth_zero(tokens: list[Token]) -> Iterator[tuple[int, Token]]:
-    """The tokens outside any parentheses, with their index."""
-    depth = 0
-    for i, token in enumerate(tokens):
-        if token.kind == "other" and token.text in "()":
-            depth += 1 if token.text == "(" else -1
-        elif depth == 0:
-            yield i, token
-
-
 _USER_LOCKS = frozenset({"GET_LOCK", "SERVICE_GET_READ_LOCKS", "SERVICE_GET_WRITE_LOCKS"})
 _ROW_COUNTS = frozenset({"FOUND_ROWS", "ROW_COUNT"})
 _LAST_INSERT_ID_VARS = frozenset({"identity", "last_insert_id"})
@@ -357,9 +201,9 @@ _LAST_INSERT_ID_VARS = frozenset({"identity", "last_insert_id"})
 def _function_name(token: Token) -> str:
     """The built-in a call token may name (quoted names too; "..." under ANSI_QUOTES)."""
     if token.kind in ("word", "quoted"):
-        return _keyword(token.text)
+        return keyword(token.text)
     if token.kind == "string" and token.text[0] == '"':
-        return _keyword(token.text[1:-1])
+        return keyword(token.text[1:-1])
     return ""
 
 
@@ -369,7 +213,7 @@ def _scan(tokens: list[Token], effects: _Effects) -> None:
     for i, token in enumerate(tokens):
         kind = token.kind
         if kind == "uservar":
-            if _punct(tokens, i + 1) == ":=":
+            if punct_at(tokens, i + 1) == ":=":
                 effects.user_var(token.text)
         elif kind == "sysvar":
             if token.text in _LAST_INSERT_ID_VARS:
@@ -380,17 +224,17 @@ def _scan(tokens: list[Token], effects: _Effects) -> None:
             j = i + 1
             while j < len(tokens) and tokens[j].kind == "uservar":
                 effects.user_var(tokens[j].text)
-                if _punct(tokens, j + 1) != ",":
+                if punct_at(tokens, j + 1) != ",":
                     break
                 j += 2
-        elif _punct(tokens, i + 1) == "(" and (i == 0 or _punct(tokens, i - 1) != "."):
+        elif punct_at(tokens, i + 1) == "(" and (i == 0 or punct_at(tokens, i - 1) != "."):
             name = _function_name(token)  # a qualified db.name( is a stored function
             if name in _USER_LOCKS:
                 effects.pin(USER_LOCK)
             elif name in _ROW_COUNTS:
                 effects.pin(FOUND_ROWS)
             elif name == "LAST_INSERT_ID":
-                if _punct(tokens, i + 2) == ")":
+                if punct_at(tokens, i + 2) == ")":
                     effects.last_insert_id = True
                 else:
                     effects.pin(FOUND_ROWS)  # LAST_INSERT_ID(expr) sets the value
@@ -405,9 +249,9 @@ _CHARSET_VARS = (
 
 
 def _set(tokens: list[Token], effects: _Effects) -> bool:
-    head, second = _word(tokens, 1), _word(tokens, 2)
+    head, second = word_at(tokens, 1), word_at(tokens, 2)
     if head == "STATEMENT":  # MariaDB: the variables hold for the statement after FOR only
-        for i, token in _at_depth_zero(tokens):
+        for i, token in at_depth_zero(tokens):
             if token.kind == "word" and token.text == "FOR" and i + 1 < len(tokens):
                 _scan(tokens[2:i], effects)
                 return _statement(tokens[i + 1 :], effects)
@@ -421,8 +265,8 @@ def _set(tokens: list[Token], effects: _Effects) -> bool:
             raise _Unsure("SET RESOURCE GROUP of this session")
     elif head == "TRANSACTION":
         effects.pin(SET_TRANSACTION)  # the next transaction only
-    elif head in _SCOPES and second == "TRANSACTION":
-        if _SCOPES[head]:
+    elif head in SCOPES and second == "TRANSACTION":
+        if SCOPES[head]:
             _transaction_characteristics(tokens[3:], effects)
     else:
         _assignments(tokens[1:], effects)
@@ -451,7 +295,7 @@ def _assignments(tokens: list[Token], effects: _Effects) -> None:
     counts unless the whole statement reads."""
     items: list[list[Token]] = []
     start = 0
-    for i, token in _at_depth_zero(tokens):
+    for i, token in at_depth_zero(tokens):
         if token.kind == "other" and token.text == ",":
             items.append(tokens[start:i])
             start = i + 1
@@ -459,9 +303,9 @@ def _assignments(tokens: list[Token], effects: _Effects) -> None:
     session = True
     assignments: list[_Assignment] = []
     for item in items:
-        scoped = _word(item, 0) in _SCOPES and len(item) > 1
+        scoped = word_at(item, 0) in SCOPES and len(item) > 1
         if scoped:
-            session = _SCOPES[item[0].text]
+            session = SCOPES[item[0].text]
         assignments.append(_assignment(item[1:] if scoped else item, session))
     for system_vars, user_vars, value in assignments:
         for name in system_vars:
@@ -472,10 +316,10 @@ def _assignments(tokens: list[Token], effects: _Effects) -> None:
 
 
 def _assignment(item: list[Token], session: bool) -> _Assignment:
-    head = _word(item, 0)
-    if head in ("NAMES", "CHARSET") or (head == "CHARACTER" and _word(item, 1) == "SET"):
+    head = word_at(item, 0)
+    if head in ("NAMES", "CHARSET") or (head == "CHARACTER" and word_at(item, 1) == "SET"):
         value = item[2:] if head == "CHARACTER" else item[1:]
-        if not value or _punct(value, 0) == "=":
+        if not value or punct_at(value, 0) == "=":
             raise _Unsure("SET NAMES or CHARACTER SET without a character set")
         return _CHARSET_VARS, (), []
     if not item:
@@ -485,14 +329,14 @@ def _assignment(item: list[Token], session: bool) -> _Assignment:
     if target.kind in ("word", "quoted") or (target.kind == "string" and target.text[0] == '"'):
         if target.kind == "string":  # an identifier under ANSI_QUOTES
             name = target.text[1:-1].replace('""', '"').lower()
-        if _punct(item, 1) == "." and len(item) > 2 and item[2].kind in ("word", "quoted"):
+        if punct_at(item, 1) == "." and len(item) > 2 and item[2].kind in ("word", "quoted"):
             name, at = f"{name}.{item[2].text.lower()}", 3  # a structured variable
         kind = "sysvar" if session else "globalvar"
     elif target.kind in ("uservar", "sysvar", "globalvar"):
         kind = target.kind
     else:
         raise _Unsure("SET of something that is not a variable")
-    if _punct(item, at) not in ("=", ":=") or at + 1 >= len(item):
+    if punct_at(item, at) not in ("=", ":=") or at + 1 >= len(item):
         raise _Unsure("SET without a value")
     value = item[at + 1 :]
     if kind == "uservar":
@@ -508,14 +352,14 @@ def _defined_kind(tokens: list[Token]) -> str:
     ALGORITHM =, DEFINER =, SQL SECURITY and AGGREGATE."""
     i = 1
     while True:
-        word = _word(tokens, i)
-        if word == "OR" and _word(tokens, i + 1) == "REPLACE":
+        word = word_at(tokens, i)
+        if word == "OR" and word_at(tokens, i + 1) == "REPLACE":
             i += 2
         elif word == "ALGORITHM":
             i += 3
         elif word == "DEFINER":
             i = _after_user(tokens, i + 2)
-        elif word == "SQL" and _word(tokens, i + 1) == "SECURITY":
+        elif word == "SQL" and word_at(tokens, i + 1) == "SECURITY":
             i += 3
         elif word == "AGGREGATE":
             i += 1
@@ -526,12 +370,12 @@ def _defined_kind(tokens: list[Token]) -> str:
 def _after_user(tokens: list[Token], i: int) -> int:
     """The index after a user name: CURRENT_USER[()], name, name@host ('u'@'h' lexes as a
     name and a user variable)."""
-    if _word(tokens, i) in ("CURRENT_USER", "CURRENT_ROLE"):
-        return i + 3 if _punct(tokens, i + 1) == "(" and _punct(tokens, i + 2) == ")" else i + 1
+    if word_at(tokens, i) in ("CURRENT_USER", "CURRENT_ROLE"):
+        return i + 3 if punct_at(tokens, i + 1) == "(" and punct_at(tokens, i + 2) == ")" else i + 1
     i += 1
     if i < len(tokens) and tokens[i].kind == "uservar":
         return i + 1
-    return i + 2 if _punct(tokens, i) == "@" else i
+    return i + 2 if punct_at(tokens, i) == "@" else i
 
 
 def _compound_body(tokens: list[Token]) -> bool:
@@ -539,14 +383,14 @@ def _compound_body(tokens: list[Token]) -> bool:
     for i, token in enumerate(tokens):
         if token.kind != "word":
             continue
-        word, after = token.text, _punct(tokens, i + 1) or _word(tokens, i + 1)
+        word, after = token.text, punct_at(tokens, i + 1) or word_at(tokens, i + 1)
         if word in ("BEGIN", "DECLARE", "LOOP", "WHILE", "CASE"):
             return True
         if (word == "REPEAT" and after != "(") or (
             word == "IF" and after not in ("(", "NOT", "EXISTS")
         ):
             return True
-        if word == "FOR" and _word(tokens, i + 2) == "IN":
+        if word == "FOR" and word_at(tokens, i + 2) == "IN":
             return True
     return False
 
@@ -605,7 +449,7 @@ def _assigned_by_verb(verb: str, tokens: list[Token]) -> Iterator[str]:
     for i, token in enumerate(tokens):
         if token.kind != "uservar":
             continue
-        before, after = _punct(tokens, i - 1), _punct(tokens, i + 1)
+        before, after = punct_at(tokens, i - 1), punct_at(tokens, i + 1)
         if (
             verb == "LOAD"
             or (verb == "CALL" and before in ("(", ",") and after in (",", ")"))
@@ -616,11 +460,11 @@ def _assigned_by_verb(verb: str, tokens: list[Token]) -> Iterator[str]:
 
 def _statement(tokens: list[Token], effects: _Effects) -> bool:
     """Add one statement's effects; True when the rest of the text is not top-level code."""
-    verb = _word(tokens, 0)
-    if tokens[0].kind in ("word", "quoted") and _punct(tokens, 1) == ":":
+    verb = word_at(tokens, 0)
+    if tokens[0].kind in ("word", "quoted") and punct_at(tokens, 1) == ":":
         effects.pin(UNCLASSIFIED)  # a labelled compound statement
         return True
-    begin_work = len(tokens) == 1 or (len(tokens) == 2 and _word(tokens, 1) == "WORK")
+    begin_work = len(tokens) == 1 or (len(tokens) == 2 and word_at(tokens, 1) == "WORK")
     if verb in _COMPOUND or (verb == "BEGIN" and not begin_work):
         effects.pin(UNCLASSIFIED)  # compound syntax (BEGIN NOT ATOMIC): code the lexer cannot run
         return True
@@ -647,12 +491,12 @@ def _statement(tokens: list[Token], effects: _Effects) -> bool:
     return False
 
 
-def _read(text: str, reading: _Reading, effects: _Effects, *, strict: bool) -> None:
+def _read(text: str, reading: Reading, effects: _Effects, *, strict: bool) -> None:
     """Add the effects of every statement as `reading` lexes them. A quote or comment that
     does not end is UNCLASSIFIED in the strict (default) reading; in another reading it ends
     the text, as the server in that mode rejects it."""
     try:
-        for statement in _split(text, reading):
+        for statement in split(text, reading):
             try:
                 if _statement(statement, effects):
                     return
@@ -661,114 +505,6 @@ def _read(text: str, reading: _Reading, effects: _Effects, *, strict: bool) -> N
     except Unterminated:
         if strict:
             effects.pin(UNCLASSIFIED)
-
-
-# ---------------------------------------------------------------------------------------------
-# KILL: the ids a client knows are the proxy's, so the proxy carries out KILL itself. Server
-# thread ids are visible (CONNECTION_ID(), the process list), and a KILL that reached the
-# server as typed could end connections lent to other clients of the same user.
-
-
-@dataclass(frozen=True, slots=True)
-class Kill:
-    """A KILL in a query text: the connection id it names, when it is one plain statement the
-    proxy carries out itself; else why the text is refused."""
-
-    connection_id: int = 0
-    query: bool = False  # KILL QUERY: the running statement only
-    refusal: str = ""
-
-
-_KILL_WORDS = re.compile(rb"kill|prepare|immediate", re.IGNORECASE)
-_NOT_ALONE = Kill(
-    refusal="dbmux runs KILL only as KILL [HARD|SOFT] [CONNECTION|QUERY] <connection id>, "
-    "alone in its query, with the id dbmux gave the client: anything else could reach "
-    "server connections that dbmux lends to other clients"
-)
-_USER = Kill(
-    refusal="KILL USER is refused by dbmux: it would end server connections lent to "
-    "other clients of the same user; KILL each connection id instead"
-)
-_QUERY_ID = Kill(
-    refusal="KILL QUERY ID is refused by dbmux: query ids are the server's, "
-    "shared by the clients of a pooled connection; use KILL QUERY <connection id>"
-)
-_DYNAMIC = Kill(
-    refusal="dbmux refuses PREPARE ... FROM and EXECUTE IMMEDIATE with a text it cannot read "
-    "(an expression or variable) or that holds a KILL: it could end server connections "
-    "lent to other clients; use a string literal"
-)
-
-
-def find_kill(sql: bytes) -> Kill | None:
-    """The KILL a query text runs, directly or through dynamic SQL (PREPARE ... FROM,
-    EXECUTE IMMEDIATE), in any way the server may read it; None when it runs none."""
-    if _KILL_WORDS.search(sql) is None:
-        return None
-    text = sql.decode(errors="replace")
-    found = _kills(text, _DEFAULT, strict=True)
-    if "\\" in text:
-        found += _kills(text, _NO_BACKSLASH_ESCAPES, strict=False)
-        found += _kills(text, _ANSI_QUOTES, strict=False)
-    if not found:
-        return None
-    return found[0] if len(set(found)) == 1 else _NOT_ALONE
-
-
-def _kills(text: str, reading: _Reading, *, strict: bool) -> list[Kill]:
-    """Each KILL or dynamic SQL of the text as `reading` lexes it. A quote or comment that
-    does not end is refused in the strict reading (the server may read further) and ends
-    the text in the others."""
-    statements: list[list[Token]] = []
-    try:
-        statements.extend(_split(text, reading))
-    except Unterminated:
-        if strict:
-            return [_NOT_ALONE]
-    found: list[Kill] = []
-    for tokens in statements:
-        for i, token in enumerate(tokens):
-            if token.kind != "word" or _punct(tokens, i - 1) == ".":  # t.kill is a column
-                continue
-            if token.text == "KILL":  # reserved: only ever the statement
-                alone = i == 0 and len(statements) == 1
-                found.append(_plain_kill(tokens[1:]) if alone else _NOT_ALONE)
-            elif token.text == "PREPARE" and _word(tokens, i + 2) == "FROM":
-                found += _dynamic(tokens[i + 3 :], reading)
-            elif token.text == "EXECUTE" and _word(tokens, i + 1) == "IMMEDIATE":
-                end = next(
-                    (j for j, t in _at_depth_zero(tokens) if j > i and t.text == "USING"), None
-                )
-                found += _dynamic(tokens[i + 2 : end], reading)
-    return found
-
-
-def _plain_kill(args: list[Token]) -> Kill:
-    """KILL [HARD | SOFT] [CONNECTION | QUERY [ID]] {id | USER name}, after the KILL."""
-    words = [t.text if t.kind == "word" else "" for t in args]
-    at = 1 if words[:1] in (["HARD"], ["SOFT"]) else 0
-    query = words[at : at + 1] == ["QUERY"]
-    if query or words[at : at + 1] == ["CONNECTION"]:
-        at += 1
-    if query and words[at : at + 1] == ["ID"]:
-        return _QUERY_ID
-    if words[at : at + 1] == ["USER"]:
-        return _USER
-    if len(args) == at + 1 and words[at].isascii() and words[at].isdigit():
-        return Kill(int(words[at]), query)
-    return _NOT_ALONE
-
-
-def _dynamic(expression: list[Token], reading: _Reading) -> list[Kill]:
-    """The text of dynamic SQL: a string literal is read in turn (with an optional charset
-    introducer), anything else cannot be read."""
-    introducer = _word(expression, 0)
-    if len(expression) == 2 and (introducer[:1] == "_" or introducer == "N"):
-        expression = expression[1:]
-    if len(expression) != 1 or expression[0].kind != "string" or expression[0].text[0] not in "'\"":
-        return [_DYNAMIC]
-    inner = reading.unquote(expression[0].text)
-    return [_DYNAMIC] if find_kill(inner.encode()) is not None else []
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -792,10 +528,10 @@ class Classifier:
         try:
             text = sql.decode(errors="replace")
             effects = _Effects(self.replay_settings, self.exclude_variable_sets)
-            _read(text, _DEFAULT, effects, strict=True)
+            _read(text, DEFAULT, effects, strict=True)
             if "\\" in text:
-                _read(text, _NO_BACKSLASH_ESCAPES, effects, strict=False)
-                _read(text, _ANSI_QUOTES, effects, strict=False)
+                _read(text, NO_BACKSLASH_ESCAPES, effects, strict=False)
+                _read(text, ANSI_QUOTES, effects, strict=False)
             return effects.verdict()
         except Exception:  # a bug must cost this client a pin, not its query
             log.exception("cannot classify a %d-byte query (pinned)", len(sql))

@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dbmux.engines.mysql import classify
-from dbmux.engines.mysql.classify import (
+from dbmux.engines.mysql import pinning
+from dbmux.engines.mysql.lexer import Unterminated, split_statements
+from dbmux.engines.mysql.pinning import (
     FOUND_ROWS,
     GLOBAL_READ_LOCK,
     HANDLER,
@@ -34,10 +35,8 @@ from dbmux.engines.mysql.classify import (
     USER_LOCK,
     XA_TRANSACTION,
     Classifier,
-    Unterminated,
     Verdict,
     might_matter,
-    split_statements,
 )
 
 
@@ -627,7 +626,7 @@ def test_replay_mode_has_no_size_rule_and_ignores_exclude_variable_sets() -> Non
 
 def lexer_verdict(sql: bytes, classifier: Classifier | None = None) -> Verdict:
     """What the classifier decides when the fast path lets everything through."""
-    with mock.patch.object(classify, "might_matter", return_value=True):
+    with mock.patch.object(pinning, "might_matter", return_value=True):
         return (classifier or Classifier()).verdict(sql)
 
 
@@ -890,7 +889,7 @@ def test_any_text_is_classified_without_raising_and_the_fast_path_agrees(
     fragments: list[str], separators: list[str]
 ) -> None:
     sql = "".join(f + s for f, s in zip(fragments, separators, strict=False)).encode()
-    with mock.patch.object(classify, "log") as log:
+    with mock.patch.object(pinning, "log") as log:
         for classifier in (
             Classifier(),
             Classifier(replay_settings=False),
@@ -915,100 +914,15 @@ def test_table_rows_with_fragments_spliced_in_are_classified_and_the_fast_path_a
     for position, fragment in insertions:
         at = position % (len(sql) + 1)
         sql = sql[:at] + fragment + sql[at:]
-    with mock.patch.object(classify, "log") as log:
+    with mock.patch.object(pinning, "log") as log:
         assert_fast_path_agrees(sql.encode())
     assert not log.exception.called, "the classifier raised"
 
 
 def test_a_bug_in_the_classifier_costs_a_pin_not_the_query() -> None:
     with (
-        mock.patch.object(classify, "_statement", side_effect=RuntimeError("bug")),
-        mock.patch.object(classify, "log") as log,
+        mock.patch.object(pinning, "_statement", side_effect=RuntimeError("bug")),
+        mock.patch.object(pinning, "log") as log,
     ):
         assert Classifier().verdict(b"SET @x = 1") == pin(UNCLASSIFIED)
     log.exception.assert_called_once()
-
-
-# ---------------------------------------------------------------------------------------------
-# KILL: carried out by the proxy on its own connection ids, or refused; never sent as typed.
-
-KILL_RULES: list[tuple[str, classify.Kill | None]] = [
-    ("KILL 5", classify.Kill(5)),
-    ("kill 5;", classify.Kill(5)),
-    ("KILL/**/5", classify.Kill(5)),
-    ("/*x*/KILL 5", classify.Kill(5)),
-    ("kill\n5", classify.Kill(5)),
-    ("# note\nKILL 5 -- why", classify.Kill(5)),
-    ("KILL HARD 5", classify.Kill(5)),
-    ("KILL SOFT CONNECTION 5", classify.Kill(5)),
-    ("KILL CONNECTION 5", classify.Kill(5)),
-    ("KILL QUERY 5", classify.Kill(5, query=True)),
-    ("KILL SOFT QUERY 5", classify.Kill(5, query=True)),
-    ("/*!KILL 5*/", classify.Kill(5)),
-    ("/*!50000 KILL QUERY 5 */", classify.Kill(5, query=True)),
-    ("/*M!100000 KILL 5*/", classify.Kill(5)),
-    ("KILL QUERY ID 5", classify._QUERY_ID),
-    ("KILL USER 'app'", classify._USER),
-    ("KILL HARD QUERY USER app", classify._USER),
-    ("KILL ?", classify._NOT_ALONE),
-    ("KILL @id", classify._NOT_ALONE),
-    ("KILL (5)", classify._NOT_ALONE),
-    ("KILL 5 + 0", classify._NOT_ALONE),
-    ("KILL 0x5", classify._NOT_ALONE),
-    ("KILL CONNECTION_ID()", classify._NOT_ALONE),
-    ("SELECT 1; KILL 5", classify._NOT_ALONE),
-    ("KILL 5; SELECT 1", classify._NOT_ALONE),
-    ("KILL 5; KILL 6", classify._NOT_ALONE),
-    ("SET STATEMENT max_statement_time = 1 FOR KILL 5", classify._NOT_ALONE),
-    ("BEGIN NOT ATOMIC KILL 5; END", classify._NOT_ALONE),
-    ("CREATE PROCEDURE p() KILL 5", classify._NOT_ALONE),
-    ("CREATE EVENT e ON SCHEDULE EVERY 1 SECOND DO KILL 5", classify._NOT_ALONE),
-    # Unterminated: the server may read further than the lexer can.
-    ("SELECT 'x; KILL 5", classify._NOT_ALONE),
-    ("KILL 5 /* x", classify._NOT_ALONE),
-    # The backslash readings: `'a\'` ends elsewhere under NO_BACKSLASH_ESCAPES.
-    ("KILL 'a\\' ; KILL 5 -- '", classify._NOT_ALONE),
-    ("SELECT 'a\\' ; KILL 5 -- '", classify._NOT_ALONE),
-    # Dynamic SQL: a literal is read in turn; anything else cannot be.
-    ("PREPARE s FROM 'KILL 5'", classify._DYNAMIC),
-    ("PREPARE s FROM _latin1'KILL 5'", classify._DYNAMIC),
-    ("PREPARE s FROM 'KI' 'LL 5'", classify._DYNAMIC),
-    ("PREPARE s FROM @sql", classify._DYNAMIC),
-    ("PREPARE s FROM 0x4b494c4c2035", classify._DYNAMIC),
-    ("PREPARE s FROM X'4b494c4c2035'", classify._DYNAMIC),
-    ("EXECUTE IMMEDIATE 'KILL 5'", classify._DYNAMIC),
-    ("EXECUTE IMMEDIATE CONCAT('KI', 'LL 5')", classify._DYNAMIC),
-    ("EXECUTE IMMEDIATE 'EXECUTE IMMEDIATE ''KILL 5'''", classify._DYNAMIC),
-    ("BEGIN NOT ATOMIC DECLARE v TEXT; PREPARE s FROM v; EXECUTE s; END", classify._DYNAMIC),
-    ("PREPARE s FROM 'SELECT ?'", None),
-    ("PREPARE s FROM N'SELECT 1'", None),
-    ("EXECUTE IMMEDIATE 'SELECT ?' USING 1", None),
-    ("EXECUTE s USING @a", None),
-    ("DEALLOCATE PREPARE s", None),
-    # KILL in strings, comments, quoted names and after a dot is no statement.
-    ("SELECT 'KILL 5'", None),
-    ("SELECT 1 -- KILL 5", None),
-    ("SELECT 1 /* KILL 5 */", None),
-    ("SELECT `kill` FROM t", None),
-    ("SELECT t.kill FROM t", None),
-    ("SELECT killed, skill FROM t", None),
-    ("SELECT 1", None),
-]
-
-
-@pytest.mark.parametrize(("sql", "expected"), KILL_RULES)
-def test_kill_in_every_spelling_is_found(sql: str, expected: classify.Kill | None) -> None:
-    assert classify.find_kill(sql.encode()) == expected
-
-
-def test_every_refusal_says_why() -> None:
-    for refusal in (classify._NOT_ALONE, classify._USER, classify._QUERY_ID, classify._DYNAMIC):
-        assert refusal.refusal and "dbmux" in refusal.refusal and refusal.connection_id == 0
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
-@given(text=st.text(alphabet="KILkil 5;'\"\\/*!-#\n`.()?@PREPAREFROMexecuteIMMEDIATE"))
-def test_find_kill_reads_any_text_without_raising(text: str) -> None:
-    """Hostile text never crashes the reader: it finds a KILL, a refusal, or nothing."""
-    found = classify.find_kill(text.encode())
-    assert found is None or isinstance(found, classify.Kill)
