@@ -27,7 +27,7 @@ from typing import Any
 from bench import failover, report
 from bench.mysql import MysqlBench
 from bench.postgres import PostgresBench
-from bench.report import DBMUX_TARGETS, DEFAULT_TARGETS, TARGETS, RunResult
+from bench.report import BASELINE, DBMUX_TARGETS, DEFAULT_TARGETS, TARGETS, RunResult
 from bench.runner import (
     MAX_CONNECTIONS,
     POOL_PERCENT,
@@ -70,7 +70,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="T[,..]",
         help=f"targets to run, in this order, for every workload whose database has them: "
         f"{', '.join(TARGETS)} (default: {defaults}; plus dbmux-pin, dbmux with "
-        "session_state: pin, for set-heavy)",
+        f"session_state: pin, for set-heavy; plus {BASELINE} with --baseline)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="SRC",
+        help=f"also run target {BASELINE}: dbmux as configured for target dbmux, but from "
+        "SRC, the src/ directory of another checkout (a git worktree of an older commit, "
+        "say), with this venv's python and PYTHONPATH=SRC; the report puts it beside dbmux "
+        f"with a ratio dbmux/{BASELINE}",
     )
     parser.add_argument(
         "--pgbouncer-auth",
@@ -105,6 +114,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     if args.target_list == []:
         parser.error("--targets names no target")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()  # the proxy runs in a temp dir
+        if not (args.baseline / "dbmux" / "__init__.py").is_file():
+            parser.error(f"--baseline {args.baseline} holds no dbmux package (want a src/ dir)")
+    elif BASELINE in (args.target_list or ()):
+        parser.error(f"target {BASELINE} needs --baseline SRC")
     if args.workloads and not any(targets_for(args, _BY_KEY[k]) for k in args.workloads):
         parser.error("--targets names no target the selected workloads' databases have")
     if args.duration < 1:

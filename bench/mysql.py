@@ -16,7 +16,14 @@ from bench import storm, sysbench
 from bench.client import ClientResult
 from bench.monitor import ConnectionSampler, MariaDBAdmin
 from bench.report import NOISY, RatioTarget, Workload
-from bench.runner import MAX_CONNECTIONS, POOL_SIZE, Bench, out, proxy_versions
+from bench.runner import (
+    MAX_CONNECTIONS,
+    POOL_SIZE,
+    Bench,
+    dbmux_versions,
+    out,
+    proxy_versions,
+)
 from bench.targets import Target
 from dbmux.testing import MariaDBServer
 
@@ -117,13 +124,10 @@ class MysqlBench(Bench):
             "sysbench": sysbench.sysbench_version(self.sysbench)
             if self.sysbench
             else "sysbench not installed",
-            **proxy_versions(),
+            **proxy_versions(self.args.baseline),
         }
         v = self.versions
-        out(
-            f"{v['sysbench']}; {v['dbmux']} ({v['dbmux_git']}); "
-            f"pool {POOL_SIZE} server connections per proxy"
-        )
+        out(f"{v['sysbench']}; {dbmux_versions(v)}; pool {POOL_SIZE} server connections per proxy")
         out()
 
     def _options(self, port: int) -> list[str]:

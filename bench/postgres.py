@@ -11,7 +11,14 @@ from bench import pgbench
 from bench.client import ClientResult
 from bench.monitor import ConnectionSampler, PostgresAdmin
 from bench.report import NOISY, RatioTarget, Workload
-from bench.runner import MAX_CONNECTIONS, POOL_SIZE, Bench, out, proxy_versions
+from bench.runner import (
+    MAX_CONNECTIONS,
+    POOL_SIZE,
+    Bench,
+    dbmux_versions,
+    out,
+    proxy_versions,
+)
 from bench.targets import PgBouncer, Target
 from dbmux.testing import PostgresCluster
 
@@ -125,11 +132,11 @@ class PostgresBench(Bench):
         self.versions = {
             "postgres": server_version,
             "pgbench": pgbench.pgbench_version(self.pgbench),
-            **proxy_versions(),
+            **proxy_versions(self.args.baseline),
         }
         v = self.versions
         out(
-            f"{v['pgbench']}; {v['pgbouncer']}; {v['dbmux']} ({v['dbmux_git']}); "
+            f"{v['pgbench']}; {v['pgbouncer']}; {dbmux_versions(v)}; "
             f"pool {POOL_SIZE} server connections per proxy"
         )
         out()

@@ -8,14 +8,20 @@ from typing import Any
 
 from bench.client import ClientResult
 
-TARGETS = ("direct", "pgbouncer", "dbmux", "dbmux-pin")
+# dbmux-before: dbmux as configured for "dbmux", run from the source tree --baseline names.
+BASELINE = "dbmux-before"
+TARGETS = ("direct", "pgbouncer", "dbmux", "dbmux-pin", BASELINE)
 # The targets each database's workloads can run, and those they run unless --targets names
-# them (besides each workload's extra_targets).
-ENGINE_TARGETS = {"postgresql": TARGETS, "mysql": ("direct", "dbmux")}
+# them (besides each workload's extra_targets, and dbmux-before with --baseline).
+ENGINE_TARGETS = {"postgresql": TARGETS, "mysql": ("direct", "dbmux", BASELINE)}
 DEFAULT_TARGETS = {"postgresql": ("direct", "pgbouncer", "dbmux"), "mysql": ("direct", "dbmux")}
 # The proxy settings each dbmux target adds to its config.
-DBMUX_TARGETS: dict[str, dict[str, Any]] = {"dbmux": {}, "dbmux-pin": {"session_state": "pin"}}
-_LETTERS = {"direct": "d", "pgbouncer": "p", "dbmux": "x", "dbmux-pin": "pin"}
+DBMUX_TARGETS: dict[str, dict[str, Any]] = {
+    "dbmux": {},
+    "dbmux-pin": {"session_state": "pin"},
+    BASELINE: {},
+}
+_LETTERS = {"direct": "d", "pgbouncer": "p", "dbmux": "x", "dbmux-pin": "pin", BASELINE: "b"}
 _NAMES = {"direct": "direct", "pgbouncer": "PgBouncer"}
 NOISY = 10.0  # per cent of all cores used by processes outside the benchmark
 
@@ -151,7 +157,7 @@ def fmt_ratio(a: float | None, b: float | None) -> str:
 
 
 def progress_prefix(i: int, n: int, target: str, workload: Workload) -> str:
-    return f"[{i:>2}/{n}] {target:<9} {workload.title:<26} ..."
+    return f"[{i:>2}/{n}] {target:<12} {workload.title:<26} ..."
 
 
 def progress_result(r: RunResult) -> str:
@@ -212,16 +218,17 @@ def table(
     order = " / ".join(_LETTERS[t] for t in targets)
     defaults = DEFAULT_TARGETS[workloads[0].engine]
     tps_columns = [*defaults, *(t for t in targets if t not in defaults)]
-    pgbouncer = "pgbouncer" in tps_columns
+    # What dbmux's tps and latency are compared with besides direct access.
+    against = [t for t in ("pgbouncer", BASELINE) if t in tps_columns]
     qps, reconnects = (_reported(results, workloads, a) for a in ("qps", "reconnects"))
     head = [
         "workload",
         *(f"{t} tps" for t in tps_columns),
-        *(["dbmux/pgbouncer"] if pgbouncer else []),
+        *(f"dbmux/{t}" for t in against),
         "dbmux/direct",
         *([f"qps ({order})"] if qps else []),
         f"latency avg ms ({order})",
-        *(["latency dbmux/pgbouncer"] if pgbouncer else []),
+        *(f"latency dbmux/{t}" for t in against),
         f"failures ({order})",
         *([f"reconnects ({order})"] if reconnects else []),
         f"peak server conns ({order})",
@@ -246,15 +253,11 @@ def table(
         row = [
             w.title,
             *(tps(t) for t in tps_columns),
-            *([fmt_ratio(get("dbmux", "tps"), get("pgbouncer", "tps"))] if pgbouncer else []),
+            *(fmt_ratio(get("dbmux", "tps"), get(t, "tps")) for t in against),
             fmt_ratio(get("dbmux", "tps"), get("direct", "tps")),
             *([cell(lambda r: fmt_tps(r.client.qps))] if qps else []),
             cell(lambda r: f"{r.latency:.2f}" if r.latency else "-"),
-            *(
-                [fmt_ratio(get("dbmux", "latency"), get("pgbouncer", "latency"))]
-                if pgbouncer
-                else []
-            ),
+            *(fmt_ratio(get("dbmux", "latency"), get(t, "latency")) for t in against),
             cell(lambda r: str(r.failures)),
             *([cell(lambda r: _reported_count(r.client.reconnects))] if reconnects else []),
             cell(lambda r: _count(r.peak_server_connections)),

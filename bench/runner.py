@@ -20,6 +20,7 @@ from bench import profile, report
 from bench.client import ClientResult
 from bench.monitor import ConnectionSampler, Snapshot
 from bench.report import (
+    BASELINE,
     DBMUX_TARGETS,
     DEFAULT_TARGETS,
     ENGINE_TARGETS,
@@ -33,6 +34,7 @@ MAX_CONNECTIONS = 100
 POOL_PERCENT = 20  # of max_connections: a pool of 20, as PgBouncer's default_pool_size
 POOL_SIZE = MAX_CONNECTIONS * POOL_PERCENT // 100
 RESULTS = Path(__file__).resolve().parent / "results"
+SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 def out(text: str = "", end: str = "\n") -> None:
@@ -41,10 +43,11 @@ def out(text: str = "", end: str = "\n") -> None:
 
 def targets_for(args: argparse.Namespace, workload: Workload) -> list[str]:
     """--targets as given (those the workload's database has), else the database's default
-    targets and the workload's extra ones."""
+    targets, dbmux-before if --baseline, and the workload's extra ones."""
     if args.target_list is not None:
         return [t for t in args.target_list if t in ENGINE_TARGETS[workload.engine]]
-    return [*DEFAULT_TARGETS[workload.engine], *workload.extra_targets]
+    baseline = [BASELINE] if args.baseline else []
+    return [*DEFAULT_TARGETS[workload.engine], *baseline, *workload.extra_targets]
 
 
 def all_targets(args: argparse.Namespace, workloads: list[Workload]) -> list[str]:
@@ -59,17 +62,17 @@ def borrow_timeout(args: argparse.Namespace, workload: Workload) -> float | None
     return min(workload.borrow_timeout, args.duration / 2)
 
 
-def _git_revision() -> str:
-    repo = Path(__file__).resolve().parent.parent
+def _git_revision(src: Path) -> str:
+    """The commit of the checkout that holds src, and whether src differs from it."""
     try:
         rev = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             timeout=10,
         ).stdout.strip()
         diff = subprocess.run(
-            ["git", "-C", str(repo), "diff", "HEAD", "--", "src"],
+            ["git", "-C", str(src), "diff", "HEAD", "--", "."],
             capture_output=True,
             timeout=10,
         ).stdout
@@ -81,9 +84,22 @@ def _git_revision() -> str:
 
 
 @functools.cache
-def proxy_versions() -> dict[str, str]:
-    """pgbouncer, dbmux and dbmux_git (the source the dbmux runs are of)."""
-    return {**target_versions(), "dbmux_git": _git_revision()}
+def proxy_versions(baseline: Path | None) -> dict[str, str]:
+    """pgbouncer, dbmux and dbmux_git (the source the dbmux runs are of); with --baseline,
+    dbmux_before_src and dbmux_before_git (the source the dbmux-before runs are of)."""
+    versions = {**target_versions(), "dbmux_git": _git_revision(SRC)}
+    if baseline is not None:
+        versions["dbmux_before_src"] = str(baseline)
+        versions["dbmux_before_git"] = _git_revision(baseline)
+    return versions
+
+
+def dbmux_versions(versions: dict[str, str]) -> str:
+    """The dbmux part of a section's versions line: which source each dbmux target runs."""
+    text = f"{versions['dbmux']} ({versions['dbmux_git']})"
+    if "dbmux_before_src" in versions:
+        text += f"; {BASELINE}: {versions['dbmux_before_src']} ({versions['dbmux_before_git']})"
+    return text
 
 
 class Bench:
@@ -157,6 +173,7 @@ class Bench:
             dbname=self.dbname,
             max_connections_percent=POOL_PERCENT,
             name=name,
+            source=self.args.baseline if name == BASELINE else None,
             engine_family=self.family,
             proxy_settings=DBMUX_TARGETS[name],
             pool_settings=pool,

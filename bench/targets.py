@@ -141,6 +141,10 @@ class ProcessTarget(Target):
     def _write_config(self) -> None:
         raise NotImplementedError
 
+    def _env(self) -> dict[str, str] | None:
+        """The process's environment; None: ours."""
+        return None
+
     def start(self, timeout: float = 20.0) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"dbmux-bench-{self.name}-"))
         self.log = self.workdir / self.log_name
@@ -153,6 +157,7 @@ class ProcessTarget(Target):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
+                env=self._env(),
                 start_new_session=True,  # Ctrl-C is ours to handle; we stop it in order
             )
         _live.add(self.proc)
@@ -274,7 +279,9 @@ ignore_startup_parameters = extra_float_digits,options
 class Dbmux(ProcessTarget):
     """`dbmux serve` from this venv, one proxy with a pool of max_connections_percent.
 
-    name: the target's name ("dbmux", or a variant such as "dbmux-pin"); engine_family:
+    name: the target's name ("dbmux", or a variant such as "dbmux-pin"); source: another
+    checkout's src/ directory to run dbmux from (same venv and python, PYTHONPATH=source, so
+    `import dbmux` finds that tree before the venv's editable install); engine_family:
     POSTGRESQL or MYSQL; proxy_settings and pool_settings: extra keys for the proxy and its
     connection_pool_config; targets: the target group's instances as (host, port), by
     default the upstream alone; group_settings: extra keys for the target group
@@ -289,6 +296,7 @@ class Dbmux(ProcessTarget):
         *args: object,
         max_connections_percent: int,
         name: str = "dbmux",
+        source: Path | None = None,
         engine_family: str = "POSTGRESQL",
         proxy_settings: dict[str, object] | None = None,
         pool_settings: dict[str, object] | None = None,
@@ -300,6 +308,7 @@ class Dbmux(ProcessTarget):
         self.targets = list(targets) if targets else [(HOST, self.upstream_port)]
         self.group_settings = dict(group_settings or {})
         self.name = name
+        self.source = source
         self.engine_family = engine_family
         self.percent = max_connections_percent
         self.proxy_settings = dict(proxy_settings or {})
@@ -335,6 +344,12 @@ class Dbmux(ProcessTarget):
             ],
         }
         (self.workdir / "dbmux.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def _env(self) -> dict[str, str] | None:
+        if self.source is None:
+            return None
+        path = filter(None, [str(self.source), os.environ.get("PYTHONPATH")])
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
     def _command(self) -> list[str]:
         assert self.workdir is not None
