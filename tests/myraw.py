@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 
 from dbmux.auth.mysql import native_scramble
-from dbmux.engines.mysql import wire
+from dbmux.engines.mysql import handshake, wire
 
 WAIT = 10.0
 CLIENT_CAPABILITIES = (
-    wire.CLIENT_PROTOCOL_41
-    | wire.CLIENT_SECURE_CONNECTION
-    | wire.CLIENT_PLUGIN_AUTH
-    | wire.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
-    | wire.CLIENT_CONNECT_WITH_DB
-    | wire.CLIENT_TRANSACTIONS
-    | wire.CLIENT_LONG_PASSWORD
-    | wire.CLIENT_MULTI_RESULTS
+    handshake.CLIENT_PROTOCOL_41
+    | handshake.CLIENT_SECURE_CONNECTION
+    | handshake.CLIENT_PLUGIN_AUTH
+    | handshake.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
+    | handshake.CLIENT_CONNECT_WITH_DB
+    | handshake.CLIENT_TRANSACTIONS
+    | handshake.CLIENT_LONG_PASSWORD
+    | handshake.CLIENT_MULTI_RESULTS
 )
 
 
@@ -25,7 +25,7 @@ class RawMy:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
-        self.greeting: wire.Greeting | None = None
+        self.greeting: handshake.Greeting | None = None
 
     @classmethod
     async def connect(cls, host: str, port: int) -> RawMy:
@@ -42,8 +42,8 @@ class RawMy:
     ) -> tuple[int, bytes]:
         """Greeting, handshake response, and the server's answer (OK or ERR)."""
         _, payload = await self.packet()
-        self.greeting = wire.parse_greeting(payload)
-        response = wire.build_handshake_response(
+        self.greeting = handshake.parse_greeting(payload)
+        response = handshake.build_handshake_response(
             capabilities=capabilities,
             charset=45,
             user=user,

@@ -18,6 +18,7 @@ import pytest
 
 from dbmux.auth import scram
 from dbmux.auth.mysql import native_scramble
+from dbmux.engines.mysql import handshake
 from dbmux.engines.mysql import wire as mywire
 from dbmux.metrics import ProxyMetrics
 from dbmux.proxy import ProxyRuntime
@@ -151,8 +152,8 @@ class MySide:
         """A raw login, the first of its character set, so the proxy checks it on a server."""
         sock = await connect_from("127.0.0.1", self.proxy.host, self.proxy.port)
         _, payload = await read_packet(sock)
-        nonce = mywire.parse_greeting(payload).nonce
-        response = mywire.build_handshake_response(
+        nonce = handshake.parse_greeting(payload).nonce
+        response = handshake.build_handshake_response(
             capabilities=CLIENT_CAPABILITIES,
             charset=8,  # latin1
             user=MY_USER,

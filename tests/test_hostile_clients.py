@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from dbmux.engines.mysql import wire
+from dbmux.engines.mysql import handshake, wire
 from tests import pgraw
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
 from tests.engines.mysql.conftest import (  # noqa: F401 (fixtures, used by name)
@@ -195,7 +195,7 @@ class PgAttacker:
 
 # -- MySQL -----------------------------------------------------------------------------------
 
-MY_CAPABILITIES = CLIENT_CAPABILITIES | wire.CLIENT_MULTI_STATEMENTS
+MY_CAPABILITIES = CLIENT_CAPABILITIES | handshake.CLIENT_MULTI_STATEMENTS
 
 
 def text_rows(payloads: list[bytes]) -> list[list[bytes | None]]:

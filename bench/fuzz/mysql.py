@@ -15,7 +15,7 @@ from collections.abc import Callable
 from bench.fuzz.draw import Draw, run_one, sql_text
 from bench.fuzz.logged import assert_nothing_logged
 from dbmux.auth import mysql as auth
-from dbmux.engines.mysql import pinning, wire
+from dbmux.engines.mysql import handshake, pinning, wire
 
 TEXT_CHARS = "abcxyz_-.@'\"`\\\u00e9 "
 SQL_WORDS = (
@@ -247,17 +247,19 @@ def _flags(draw: Draw, always: int) -> int:
     return caps
 
 
-def handshake(draw: Draw) -> None:
+def handshake_response(draw: Draw) -> None:
     """A client's handshake response as drivers build it is read back exactly; any other
     payload is read or refused with ProtocolViolation."""
     if draw.below(2):
         with contextlib.suppress(wire.ProtocolViolation):
-            wire.parse_handshake_response(draw.rest())
+            handshake.parse_handshake_response(draw.rest())
         return
-    caps = _flags(draw, wire.CLIENT_PROTOCOL_41 | wire.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA)
+    caps = _flags(
+        draw, handshake.CLIENT_PROTOCOL_41 | handshake.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
+    )
     user, database = draw.text(TEXT_CHARS, 10), draw.text(TEXT_CHARS, 10)
     auth_response, plugin = draw.bytes(40), draw.text(TEXT_CHARS, 10)
-    payload = wire.build_handshake_response(
+    payload = handshake.build_handshake_response(
         capabilities=caps,
         charset=draw.byte(),
         user=user,
@@ -265,10 +267,10 @@ def handshake(draw: Draw) -> None:
         database=database,
         plugin=plugin,
     )
-    parsed = wire.parse_handshake_response(payload)
+    parsed = handshake.parse_handshake_response(payload)
     assert (parsed.user, parsed.auth_response) == (user, auth_response)
-    assert parsed.database == (database if caps & wire.CLIENT_CONNECT_WITH_DB else "")
-    assert parsed.plugin == (plugin if caps & wire.CLIENT_PLUGIN_AUTH else "")
+    assert parsed.database == (database if caps & handshake.CLIENT_CONNECT_WITH_DB else "")
+    assert parsed.plugin == (plugin if caps & handshake.CLIENT_PLUGIN_AUTH else "")
 
 
 def greeting(draw: Draw) -> None:
@@ -276,12 +278,12 @@ def greeting(draw: Draw) -> None:
     or refused with ProtocolViolation."""
     if draw.below(2):
         with contextlib.suppress(wire.ProtocolViolation):
-            wire.parse_greeting(draw.rest())
+            handshake.parse_greeting(draw.rest())
         return
-    caps = _flags(draw, wire.CLIENT_SECURE_CONNECTION | wire.CLIENT_PLUGIN_AUTH)
-    if caps & wire.CLIENT_LONG_PASSWORD:
+    caps = _flags(draw, handshake.CLIENT_SECURE_CONNECTION | handshake.CLIENT_PLUGIN_AUTH)
+    if caps & handshake.CLIENT_LONG_PASSWORD:
         caps &= 0xFFFFFFFF  # MySQL: no extended capabilities
-    sent = wire.Greeting(
+    sent = handshake.Greeting(
         version=draw.text(TEXT_CHARS, 12),
         thread_id=draw.below(1 << 32),
         nonce=auth.new_nonce(),
@@ -290,14 +292,14 @@ def greeting(draw: Draw) -> None:
         status=draw.below(1 << 16),
         plugin=draw.pick(("mysql_native_password", "caching_sha2_password", "")),
     )
-    assert wire.parse_greeting(wire.build_greeting(sent)) == sent
+    assert handshake.parse_greeting(handshake.build_greeting(sent)) == sent
 
 
 def commands(draw: Draw) -> None:
     """COM_CHANGE_USER and statement commands of any shape are read or refused cleanly."""
     payload = draw.rest()
     with contextlib.suppress(wire.ProtocolViolation):
-        wire.parse_change_user(payload, _flags(Draw(payload[:5]), 0))
+        handshake.parse_change_user(payload, _flags(Draw(payload[:5]), 0))
     try:
         wire.statement_id(payload)
         wire.execute_types(payload, payload[0] if payload else 0)
@@ -386,7 +388,7 @@ HARNESSES: tuple[Callable[[Draw], None], ...] = (
     packet_bytes,
     response_stream,
     response_bytes,
-    handshake,
+    handshake_response,
     greeting,
     commands,
     classify_sql,

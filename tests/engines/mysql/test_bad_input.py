@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dbmux.engines.mysql import wire
+from dbmux.engines.mysql import handshake, wire
 from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 from tests.myraw import CLIENT_CAPABILITIES, RawMy
 
@@ -167,17 +167,17 @@ async def test_max_command_size_defaults_to_the_servers_max_allowed_packet(
 
 
 async def test_compression_and_tls_requests_are_refused_clearly(my_proxy: MyProxy) -> None:
-    for flag in (wire.CLIENT_COMPRESS, wire.CLIENT_SSL):
+    for flag in (handshake.CLIENT_COMPRESS, handshake.CLIENT_SSL):
         async with await RawMy.connect(my_proxy.host, my_proxy.port) as raw:
             await raw.packet()
-            caps = wire.SERVER_BASE_CAPABILITIES | flag
-            if flag == wire.CLIENT_SSL:
+            caps = handshake.SERVER_BASE_CAPABILITIES | flag
+            if flag == handshake.CLIENT_SSL:
                 raw.send(wire.packet(1, caps.to_bytes(4, "little") + bytes(28)))
             else:
                 raw.send(
                     wire.packet(
                         1,
-                        wire.build_handshake_response(
+                        handshake.build_handshake_response(
                             capabilities=caps,
                             charset=45,
                             user=MY_USER,

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbmux.engines.mysql import wire
+from dbmux.engines.mysql import handshake, wire
 from tests.engines.mysql.conftest import MyProxy
 from tests.engines.mysql.test_bad_input import bystanding, logged_in
 from tests.myraw import WAIT
@@ -141,7 +141,7 @@ def test_a_client_that_does_not_allow_local_files_is_refused_as_directly(
 async def test_bytes_after_the_file_are_the_clients_next_command(my_proxy: MyProxy, table):
     """A client may send its next command right behind the file's last (empty) packet, in
     the same write: it is a command, not more of the file."""
-    async with await logged_in(my_proxy, wire.CLIENT_LOCAL_FILES) as raw:
+    async with await logged_in(my_proxy, handshake.CLIENT_LOCAL_FILES) as raw:
         raw.command(b"\x03LOAD DATA LOCAL INFILE 'x.csv' INTO TABLE loaded (n)")
         seq, request = await raw.packet()
         assert request == b"\xfbx.csv"
@@ -210,7 +210,7 @@ async def test_a_big_upload_is_streamed_to_the_server_not_buffered(my_proxy: MyP
     chunk = line * 64  # 64 kB per packet
     packets = 512  # 32 MB
     try:
-        async with await logged_in(my_proxy, wire.CLIENT_LOCAL_FILES) as raw:
+        async with await logged_in(my_proxy, handshake.CLIENT_LOCAL_FILES) as raw:
             raw.command(b"\x03" + load_sql(Path("big.csv")).encode())
             seq, request = await raw.packet()
             assert request[:1] == b"\xfb"

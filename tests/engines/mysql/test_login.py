@@ -12,7 +12,7 @@ import pymysql
 import pytest
 
 from dbmux.auth.mysql import encrypt_password
-from dbmux.engines.mysql import wire
+from dbmux.engines.mysql import handshake, wire
 from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 from tests.myraw import RawMy
 
@@ -65,10 +65,10 @@ async def test_caching_sha2_full_authentication_accepts_the_right_password(sha2_
     where the password itself (RSA-encrypted) decides."""
     async with await RawMy.connect(sha2_proxy.host, sha2_proxy.port) as raw:
         _, payload = await raw.packet()
-        greeting = wire.parse_greeting(payload)
+        greeting = handshake.parse_greeting(payload)
         assert greeting.plugin == "caching_sha2_password"
-        response = wire.build_handshake_response(
-            capabilities=wire.SERVER_BASE_CAPABILITIES,
+        response = handshake.build_handshake_response(
+            capabilities=handshake.SERVER_BASE_CAPABILITIES,
             charset=45,
             user=MY_USER,
             auth_response=b"\x01" * 32,  # not the scramble of any password

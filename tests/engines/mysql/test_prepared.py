@@ -10,7 +10,7 @@ from collections.abc import Callable
 import mysql.connector
 import pytest
 
-from dbmux.engines.mysql import wire
+from dbmux.engines.mysql import handshake, wire
 from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 from tests.myraw import RawMy
 
@@ -120,9 +120,9 @@ async def test_mariadb_bulk_execute_gets_its_types_on_another_connection_too(
     """COM_STMT_BULK_EXECUTE (MariaDB): many rows in one command, types sent once."""
     proxy = start_my_proxy(pool={"max_connections_percent": 4})
     bulk_caps = (
-        (wire.SERVER_BASE_CAPABILITIES & ~wire.CLIENT_LONG_PASSWORD)
-        | wire.MARIADB_CLIENT_STMT_BULK_OPERATIONS
-        | wire.CLIENT_MULTI_RESULTS
+        (handshake.SERVER_BASE_CAPABILITIES & ~handshake.CLIENT_LONG_PASSWORD)
+        | handshake.MARIADB_CLIENT_STMT_BULK_OPERATIONS
+        | handshake.CLIENT_MULTI_RESULTS
     )
     async with (
         await RawMy.connect(proxy.host, proxy.port) as raw,
@@ -131,7 +131,7 @@ async def test_mariadb_bulk_execute_gets_its_types_on_another_connection_too(
         # Both clients ask for bulk operations: they share one pool of two connections.
         assert (await raw.login(MY_USER, MY_PASSWORD, MY_DB, bulk_caps))[1][:1] == b"\0"
         assert raw.greeting is not None
-        assert raw.greeting.capabilities & wire.MARIADB_CLIENT_STMT_BULK_OPERATIONS
+        assert raw.greeting.capabilities & handshake.MARIADB_CLIENT_STMT_BULK_OPERATIONS
         assert (await other.login(MY_USER, MY_PASSWORD, MY_DB, bulk_caps))[1][:1] == b"\0"
         raw.command(b"\x16INSERT INTO items (client, note) VALUES (?, ?)")
         statement = wire.parse_prepare_ok((await raw.response(wire.RESPONSE_PREPARE))[0])

@@ -1,5 +1,5 @@
-"""MySQL framing and the response scanner, on bytes: packets of every size, handshakes, and
-the end of every kind of response found whatever the chunking."""
+"""MySQL framing and the response scanner, on bytes: packets of every size, and the end of
+every kind of response found whatever the chunking."""
 
 from __future__ import annotations
 
@@ -114,46 +114,6 @@ def test_lenenc_integers_round_trip_at_every_width() -> None:
     for value in (0, 250, 251, 65535, 65536, (1 << 24) - 1, 1 << 24, (1 << 64) - 1):
         encoded = wire.lenenc_int(value)
         assert wire.read_lenenc(encoded + b"tail", 0) == (value, len(encoded))
-
-
-# -- handshake
-
-
-def test_a_greeting_built_by_the_proxy_parses_back() -> None:
-    greeting = wire.Greeting(
-        "10.11.6-MariaDB",
-        7,
-        bytes(range(33, 53)),
-        wire.PROXY_CAPABILITIES & ~wire.CLIENT_LONG_PASSWORD,
-        45,
-        SERVER_STATUS_AUTOCOMMIT,
-        "mysql_native_password",
-    )
-    assert wire.parse_greeting(wire.build_greeting(greeting)) == greeting
-
-
-def test_a_handshake_response_carries_mariadb_extended_capabilities() -> None:
-    caps = wire.SERVER_BASE_CAPABILITIES & ~wire.CLIENT_LONG_PASSWORD
-    caps |= wire.MARIADB_CLIENT_STMT_BULK_OPERATIONS
-    payload = wire.build_handshake_response(
-        capabilities=caps,
-        charset=45,
-        user="app",
-        auth_response=b"\x01" * 20,
-        database="app",
-        plugin="mysql_native_password",
-    )
-    parsed = wire.parse_handshake_response(payload)
-    assert (parsed.capabilities, parsed.user, parsed.database) == (caps, "app", "app")
-    assert parsed.auth_response == b"\x01" * 20
-    assert parsed.plugin == "mysql_native_password"
-
-
-def test_an_ssl_request_is_recognised_and_pre_41_clients_are_refused() -> None:
-    ssl = (wire.CLIENT_PROTOCOL_41 | wire.CLIENT_SSL).to_bytes(4, "little") + bytes(28)
-    assert wire.parse_handshake_response(ssl).ssl_request
-    with pytest.raises(ProtocolViolation, match=r"4\.1"):
-        wire.parse_handshake_response(bytes(40))
 
 
 # -- the response scanner

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from dbmux.auth import mysql as auth
 from dbmux.auth.secrets import Credentials
 from dbmux.engines.base import ServerConnection, ServerError
-from dbmux.engines.mysql import state, wire
+from dbmux.engines.mysql import handshake, state, wire
 from dbmux.framed import ConnectionClosed, ServerEnd
 
 if TYPE_CHECKING:
@@ -52,12 +52,12 @@ class MyServer(ServerEnd, ServerConnection):
         self.host = host
         self.port = port
         self.capabilities = capabilities
-        self.deprecate_eof = bool(capabilities & wire.CLIENT_DEPRECATE_EOF)
+        self.deprecate_eof = bool(capabilities & handshake.CLIENT_DEPRECATE_EOF)
         self.scanner = wire.ResponseScanner(
-            self.deprecate_eof, local_files=bool(capabilities & wire.CLIENT_LOCAL_FILES)
+            self.deprecate_eof, local_files=bool(capabilities & handshake.CLIENT_LOCAL_FILES)
         )
         self.client: MyClient | None = None
-        self.greeting: wire.Greeting | None = None
+        self.greeting: handshake.Greeting | None = None
         self.thread_id = 0
         # Session state the proxy put here for borrowers: variables (`name` for system
         # variables, `@name` for user variables) as SQL literals, and the current schema.
@@ -75,12 +75,12 @@ class MyServer(ServerEnd, ServerConnection):
 
     async def login(self, credentials: Credentials, database: str, charset: int) -> None:
         seq, payload = await self.read(wire.split_packet)
-        self.greeting = greeting = wire.parse_greeting(payload)
+        self.greeting = greeting = handshake.parse_greeting(payload)
         self.thread_id = greeting.thread_id
         self.capabilities &= greeting.capabilities
         plugin = greeting.plugin if greeting.plugin in (NATIVE, SHA2) else NATIVE
         nonce = greeting.nonce
-        response = wire.build_handshake_response(
+        response = handshake.build_handshake_response(
             capabilities=self.capabilities,
             charset=charset,
             user=credentials.username,
@@ -286,13 +286,13 @@ def _scramble(plugin: str, password: str, nonce: bytes) -> bytes:
     return auth.native_scramble(password, nonce)
 
 
-async def read_greeting(host: str, port: int) -> wire.Greeting:
+async def read_greeting(host: str, port: int) -> handshake.Greeting:
     """The server's greeting, without logging in: what the proxy shows its own clients."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
     try:
         header = await asyncio.wait_for(reader.readexactly(4), CONNECT_TIMEOUT)
         length = int.from_bytes(header[:3], "little")
-        return wire.parse_greeting(await reader.readexactly(length))
+        return handshake.parse_greeting(await reader.readexactly(length))
     finally:
         writer.close()
 

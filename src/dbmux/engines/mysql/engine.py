@@ -21,7 +21,7 @@ from dbmux.engines.base import (
     ServerConnection,
     ServerError,
 )
-from dbmux.engines.mysql import wire
+from dbmux.engines.mysql import handshake
 from dbmux.engines.mysql.backend import NATIVE, SHA2, MyServer, open_server, read_greeting
 from dbmux.engines.mysql.frontend import MyClient
 from dbmux.engines.mysql.pinning import Classifier
@@ -69,7 +69,7 @@ class MyContext:
     sessions: dict[int, MyClient] = field(default_factory=dict)
     # The classifier's names of variables that this server spells otherwise.
     aliases: dict[str, str] = field(default_factory=dict)
-    _greeting: wire.Greeting | None = None
+    _greeting: handshake.Greeting | None = None
     _greeting_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -93,7 +93,7 @@ class MyContext:
     def plugin_for(auth_type: ClientPasswordAuthType | None) -> str:
         return SHA2 if auth_type is ClientPasswordAuthType.MYSQL_CACHING_SHA2_PASSWORD else NATIVE
 
-    async def server_greeting(self) -> wire.Greeting:
+    async def server_greeting(self) -> handshake.Greeting:
         """The database's greeting (version, capabilities, charset), read once without
         logging in: clients see the server they would see directly."""
         if self._greeting is None:
@@ -165,7 +165,9 @@ class MysqlEngine(Engine):
         session_init: tuple[str, ...],
         read_limit: bool,
     ) -> ServerConnection:
-        capabilities = (key.variant & wire.SESSION_CAPABILITIES) | wire.SERVER_BASE_CAPABILITIES
+        capabilities = (
+            key.variant & handshake.SESSION_CAPABILITIES
+        ) | handshake.SERVER_BASE_CAPABILITIES
         return await open_server(
             target.host,
             target.port,
@@ -184,7 +186,7 @@ class MysqlEngine(Engine):
             target.port,
             credentials,
             "",
-            capabilities=wire.SERVER_BASE_CAPABILITIES,
+            capabilities=handshake.SERVER_BASE_CAPABILITIES,
             charset=BINARY_CHARSET,
             session_init=(),
             read_limit=False,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from dbmux.auth import mysql as auth
 from dbmux.auth.admission import Refusal, source_address
 from dbmux.engines.base import ClientSession, ServerError
-from dbmux.engines.mysql import pinning, state, wire
+from dbmux.engines.mysql import handshake, pinning, state, wire
 from dbmux.engines.mysql.backend import NATIVE, MyServer
 from dbmux.engines.mysql.kill import find_kill
 from dbmux.engines.mysql.replay import ReplayMixin, TransactionLog
@@ -285,12 +285,12 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             self.release_reading()
         self.nonce = auth.new_nonce()
         self.connection_id = ctx.new_connection_id(self)
-        offered = greeting.capabilities & wire.PROXY_CAPABILITIES
+        offered = greeting.capabilities & handshake.PROXY_CAPABILITIES
         self.write(
             wire.packet(
                 0,
-                wire.build_greeting(
-                    wire.Greeting(
+                handshake.build_greeting(
+                    handshake.Greeting(
                         greeting.version,
                         self.connection_id,
                         self.nonce,
@@ -303,10 +303,10 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             )
         )
         seq, payload = await self.read(wire.split_login_packet)
-        response = wire.parse_handshake_response(payload)
+        response = handshake.parse_handshake_response(payload)
         if response.ssl_request:
             raise LoginRefused(seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "TLS is not available")
-        if response.capabilities & wire.CLIENT_COMPRESS:
+        if response.capabilities & handshake.CLIENT_COMPRESS:
             raise LoginRefused(
                 seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "compression is not supported by dbmux"
             )
@@ -317,7 +317,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         if refusal is not None:
             raise too_many(seq + 1, refusal)
         deadline.reschedule(None)  # proved: no longer a pending login
-        database = response.database if self.capabilities & wire.CLIENT_CONNECT_WITH_DB else ""
+        database = response.database if self.capabilities & handshake.CLIENT_CONNECT_WITH_DB else ""
         await self._join_pool(database, response.charset, seq + 1)
         self.reply(wire.ok_packet(), seq=seq + 1)
         ctx.metrics.client_connections_setup_succeeded.value += 1
@@ -339,11 +339,11 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         # Unknown users go through the same exchange, so the reply does not tell who exists.
         password = login.credentials.password if login else secrets.token_hex(16)
         if (plugin or NATIVE) != method:
-            if not self.capabilities & wire.CLIENT_PLUGIN_AUTH:
+            if not self.capabilities & handshake.CLIENT_PLUGIN_AUTH:
                 raise LoginRefused(
                     seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, f"the client cannot use {method}"
                 )
-            self.write(wire.packet(seq + 1, wire.auth_switch_request(method, self.nonce)))
+            self.write(wire.packet(seq + 1, handshake.auth_switch_request(method, self.nonce)))
             seq, response = await self.read(wire.split_login_packet)
         if method == NATIVE:
             ok = auth.verify_native(password, self.nonce, response)
@@ -379,7 +379,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
     async def _join_pool(self, database: str, charset: int, seq: int) -> None:
         """Pick the pool of this (database, user, capabilities, charset); its first client
         checks with a real server connection that the database accepts the login."""
-        self.variant = (self.capabilities & wire.SESSION_CAPABILITIES) | charset << 48
+        self.variant = (self.capabilities & handshake.SESSION_CAPABILITIES) | charset << 48
         self.pool = pool = self.ctx.pools.get(database, self.user, self.variant)
         self.schema = database
         if pool.server_facts is None:
@@ -1132,7 +1132,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
     async def _change_user(self, payload: bytes) -> None:
         """COM_CHANGE_USER: log in again as another user (checked by the proxy, against the
         connection's nonce), then start over as a new session of that user's pool."""
-        change = wire.parse_change_user(payload, self.capabilities)
+        change = handshake.parse_change_user(payload, self.capabilities)
         try:
             seq = await self._authenticate(change.user, change.plugin, change.auth_response, 0)
         except LoginRefused as refusal:
