@@ -36,13 +36,15 @@ fuzz: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,fuzz]'
 	$(BIN)/python -m bench.fuzz --runs $(FUZZ_RUNS)
 
+# mypy reads its files and strictness from [tool.mypy] in pyproject.toml.
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -5,10 +5,11 @@ recently used entry makes room."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TypeVar
+from typing import TypeVar, overload
 
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
 
 # A SET statement longer than this is not memoized: real ones are short, and the memo's
 # memory is its capacity times its longest key.
@@ -23,7 +24,13 @@ class LruDict(OrderedDict[K, V]):
         super().__init__()
         self.capacity = capacity
 
-    def get(self, key: K, default: V | None = None) -> V | None:  # type: ignore[override]
+    @overload
+    def get(self, key: K, default: None = None, /) -> V | None: ...
+    @overload
+    def get(self, key: K, default: V, /) -> V: ...
+    @overload
+    def get(self, key: K, default: T, /) -> V | T: ...
+    def get(self, key: K, default: T | None = None, /) -> V | T | None:
         if key not in self:
             return default
         self.move_to_end(key)
@@ -34,3 +41,22 @@ class LruDict(OrderedDict[K, V]):
         self.move_to_end(key)
         if len(self) > self.capacity:
             self.popitem(last=False)
+
+
+SET_RESULTS_CAPACITY = 10_000  # remembered SET statement outcomes per proxy (LRU)
+
+
+class SetResults:
+    """What SET statements leave in a session, by (scope, statement text): a SET whose
+    outcome does not depend on the session (literal values, on its own) is read back once per
+    scope (the engine's: pool key or variant) and its values reused after that."""
+
+    def __init__(self, capacity: int = SET_RESULTS_CAPACITY) -> None:
+        self._values: LruDict[tuple[object, bytes], dict[str, str | None]] = LruDict(capacity)
+
+    def get(self, scope: object, text: bytes) -> dict[str, str | None] | None:
+        return self._values.get((scope, text))
+
+    def remember(self, scope: object, text: bytes, values: dict[str, str | None]) -> None:
+        if len(text) <= MEMO_TEXT_LIMIT:
+            self._values[(scope, text)] = values

@@ -165,7 +165,7 @@ class LoginThrottle:
     def _delay(self, count: int) -> float:
         if not self.cap or count <= self.FREE:
             return 0.0
-        return min(self.cap, self.FIRST_DELAY * 2 ** min(count - self.FREE - 1, 32))
+        return min(self.cap, self.FIRST_DELAY * 2.0 ** min(count - self.FREE - 1, 32))
 
     def before_check(self, address: str) -> float:
         """Seconds to wait before checking a password from `address`: the next free turn

@@ -187,7 +187,8 @@ _TRUE_LITERALS = frozenset({"TRUE", "'T'", "'TRUE'", "'ON'", "'YES'", "'Y'", "'1
 
 def _arguments(tokens: list[Token], at: int) -> list[list[Token]]:
     """The arguments of the call whose opening parenthesis is tokens[at]."""
-    depth, arguments = 0, [[]]
+    depth = 0
+    arguments: list[list[Token]] = [[]]
     for token in tokens[at:]:
         text = token.text
         if text == "(":
@@ -313,7 +314,7 @@ def _set_settings(tokens: list[Token]) -> frozenset[str] | None:
             if tuple(words[1 : 1 + len(keywords)]) == keywords:
                 return frozenset(names)
         start = 2 if words[1:2] == ["SESSION"] else 1
-    name = []
+    name: list[str] = []
     for token in tokens[start:]:
         if token.text in ("=", "TO") and token.kind in ("other", "word") and name:
             break

@@ -8,7 +8,8 @@ row data: only the few messages the proxy must understand are sliced out.
 from __future__ import annotations
 
 import struct
-from collections import deque
+from collections import OrderedDict, deque
+from typing import Any
 
 MAX_MESSAGE = 1 << 30  # PostgreSQL's own limit for a single message
 MAX_STARTUP = 10_000  # the server refuses longer startup packets too
@@ -21,6 +22,8 @@ CANCEL_REQUEST = 80877102
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _HEADER = struct.Struct("!cI")
+# One Sync group of a ReplyPlan: [parses, closes, failed], mutated in place.
+_Group = list[Any]
 _unpack_u32 = _U32.unpack_from
 
 MAX_SMALL_MESSAGE = 10_000  # PostgreSQL's limit for messages that carry no user data
@@ -229,7 +232,8 @@ def read_cstr(payload: bytes, pos: int = 0) -> tuple[str, int]:
 
 def parse_data_row(payload: bytes) -> list[str | None]:
     count = struct.unpack_from("!h", payload)[0]
-    pos, values = 2, []
+    pos = 2
+    values: list[str | None] = []
     for _ in range(count):
         size = _I32.unpack_from(payload, pos)[0]
         pos += 4
@@ -312,7 +316,7 @@ class ReplyPlan:
 
     def __init__(
         self,
-        prepared: dict[bytes, None],
+        prepared: OrderedDict[bytes, None],
         statements: dict[bytes, tuple[bytes, bytes]],
         *,
         groups_in_flight: int = 0,
@@ -323,7 +327,7 @@ class ReplyPlan:
         self.statements = statements
         self.parses_seen = self.closes_seen = 0
         # Requests relayed before the plan began have no entries: their answers pass.
-        self.groups: deque[list] = deque([[], [], False] for _ in range(groups_in_flight))
+        self.groups: deque[_Group] = deque([[], [], False] for _ in range(groups_in_flight))
         unknown_parse: tuple[bytes, bytes, bool, bool] = (b"", b"", False, False)
         self.groups.append([[unknown_parse] * open_parses, [(b"", False)] * open_closes, False])
 
@@ -377,7 +381,7 @@ class ReplyPlan:
             self._skip_rest(group)
             self.parses_seen = self.closes_seen = 0
 
-    def _skip_rest(self, group: list) -> None:
+    def _skip_rest(self, group: _Group) -> None:
         for entry in group[0][self.parses_seen :]:
             self._undo_parse(entry)
         for statement, _ in group[1][self.closes_seen :]:
@@ -396,7 +400,7 @@ class ReplyPlan:
     def _undo_close(self, statement: bytes) -> None:
         if statement:  # still there: first in line to be closed again
             self.prepared[statement] = None
-            self.prepared.move_to_end(statement, last=False)  # type: ignore[attr-defined]
+            self.prepared.move_to_end(statement, last=False)
 
 
 class BackendScanner:
@@ -490,10 +494,10 @@ class BackendScanner:
                         client_pid = self.pid_map.get(data[pos + 5 : pos + 9])
                         if client_pid is not None:
                             data = data[: pos + 5] + client_pid + data[pos + 9 :]
-                elif kind == 49:
-                    drop = plan.parse_complete()  # type: ignore[union-attr]
-                elif kind == 51:
-                    drop = plan.close_complete()  # type: ignore[union-attr]
+                elif kind == 49 and plan is not None:
+                    drop = plan.parse_complete()
+                elif kind == 51 and plan is not None:
+                    drop = plan.close_complete()
                 elif not _is_fatal(data[pos + 5 : end]):
                     self.errors += 1
                     self.answer = kind  # (a FATAL one answers nothing: the server is leaving)
