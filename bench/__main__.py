@@ -39,7 +39,7 @@ from bench.runner import (
     out,
     targets_for,
 )
-from dbmux.testing import CommandError, ServerError
+from dbmux.testing import CommandError, ServerStartError
 
 BENCHES: tuple[type[Bench], ...] = (PostgresBench, MysqlBench)
 WORKLOADS = tuple(w for b in BENCHES for w in b.workloads)
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 bench.start()
                 completed = bench.run_all(numbers, total)
-            except (ServerError, CommandError) as error:  # MariaDB not installed, say
+            except (ServerStartError, CommandError) as error:  # MariaDB not installed, say
                 out(f"{bench.engine} section NOT run: its server could not be set up:\n{error}")
                 broken = True
             finally:

@@ -5,7 +5,7 @@ was dropped, and whether any acknowledged commit was lost or written twice.
 Each (database, side) gets a fresh primary and replica: PostgreSQL with synchronous streaming
 replication, failed by SIGKILL; MariaDB with GTID replication, failed by a clean switchover.
 dbmux runs as `dbmux serve` in a process of its own, as in the rest of the benchmark. The
-drill itself is dbmux.drill (shared with ``dbmux demo``). See bench/README.md.
+drill itself is dbmux.demo.drill (shared with ``dbmux demo``). See bench/README.md.
 
     python -m bench.failover [--only postgresql,mysql] [--writers 50] [--after 5]
     python -m bench --only failover            # the same, from the benchmark's entry point
@@ -22,9 +22,10 @@ from typing import Any
 
 from bench.runner import RESULTS, out
 from bench.targets import Dbmux, TargetError
-from dbmux import drill
-from dbmux.drill import APP_DB, APP_USER, Drill, DrillResult, Timeline
-from dbmux.testing import CommandError, ServerError
+from dbmux.demo.drill import PAUSE, Drill
+from dbmux.demo.drill_pairs import APP_DB, APP_USER, driver_missing, open_pair
+from dbmux.demo.drill_result import DrillResult, Timeline, seconds, summary_rows
+from dbmux.testing import CommandError, ServerStartError
 
 DATABASES = ("postgresql", "mysql")
 SIDES = ("direct", "dbmux")
@@ -78,8 +79,8 @@ def add_arguments(
     parser.add_argument(
         "--pause",
         type=float,
-        default=drill.PAUSE,
-        help=f"seconds each writer waits after an acknowledged insert (default: {drill.PAUSE:g})",
+        default=PAUSE,
+        help=f"seconds each writer waits after an acknowledged insert (default: {PAUSE:g})",
     )
     parser.add_argument(
         "--probe-interval",
@@ -137,7 +138,7 @@ def run_side(database: str, side: str, args: argparse.Namespace) -> DrillResult:
         "tick": progress.tick,
         "tick_interval": 0.1,
     }
-    with drill.open_pair(database, clients) as db:
+    with open_pair(database, clients) as db:
         if side == "direct":
             Drill(result, db, db.connect_writer, reconnect=True, **options).run_sync()
             progress.end()
@@ -182,14 +183,14 @@ def run_all(databases: list[str], args: argparse.Namespace) -> dict[str, dict[st
         f"{args.before:g} s of writes, the failover, {args.after:g} s after writes resumed"
     )
     for database in databases:
-        missing = drill.driver_missing(database)
+        missing = driver_missing(database)
         if missing:
             out(f"  {NAMES[database]}: NOT run, {missing} is not installed")
             continue
         for side in SIDES:
             try:
                 results.setdefault(database, {})[side] = run_side(database, side, args)
-            except (ServerError, CommandError, TargetError, RuntimeError) as error:
+            except (ServerStartError, CommandError, TargetError, RuntimeError) as error:
                 out(f"  {NAMES[database]} {side}: NOT run: {error}")
     return results
 
@@ -209,7 +210,7 @@ def report(results: dict[str, dict[str, DrillResult]]) -> list[str]:
         columns = [s for s in SIDES if s in sides]
         rows: dict[str, list[str]] = {}
         for side in columns:
-            for what, value in drill.summary_rows(sides[side]):
+            for what, value in summary_rows(sides[side]):
                 rows.setdefault(what, ["-"] * len(columns))[columns.index(side)] = value
         w0 = max(len(k) for k in rows)
         widths = [
@@ -233,7 +234,7 @@ def report(results: dict[str, dict[str, DrillResult]]) -> list[str]:
             for what, met in r.verdicts():
                 detail = ""
                 if what.startswith("write gap"):
-                    detail = f" ({drill.seconds(r.gap)} vs {drill.seconds(r.promotion)})"
+                    detail = f" ({seconds(r.gap)} vs {seconds(r.promotion)})"
                 lines.append(f"  {side}: {what}{detail}: {_verdict(met)}")
             if r.problem:
                 lines.append(f"  {side}: PROBLEM: {r.problem}")

@@ -1,5 +1,5 @@
 """The driver scenarios of the re-chunking loop tests with many random seeds: every write cut
-at random points and delayed on both sides of dbmux (dbmux.rechunk), each iteration with a
+at random points and delayed on both sides of dbmux (dbmux.testing.rechunk), each iteration with a
 deadline, so a hang that one seed in fifty shows is found and its seed printed.
 
 Each run is a fresh seed, a fresh dbmux (a pool of two, so shared statements are often
@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.runner import out
-from dbmux.embedded import EmbeddedDbmux
-from dbmux.rechunk import Rechunker
-from dbmux.scenarios import (
+from dbmux.testing import MariaDBServer, PostgresCluster
+from dbmux.testing.embedded import EmbeddedDbmux
+from dbmux.testing.rechunk import Rechunker
+from dbmux.testing.scenarios import (
     BY_NAME,
     POSTGRESQL,
     SCENARIOS,
@@ -36,7 +37,6 @@ from dbmux.scenarios import (
     ScenarioFailed,
     run_many,
 )
-from dbmux.testing import MariaDBServer, PostgresCluster
 
 USER, PASSWORD, DATABASE = "app", "app-secret", "app"
 RUNS = 20

@@ -1,7 +1,7 @@
 """The connect-per-request storm against MariaDB: many PyMySQL clients at once, each
 invocation connecting, running one short transaction and disconnecting, for --duration.
 
-It is the demo's Lambda-style workload (dbmux.storm), timed, with a point select as the
+It is the demo's Lambda-style workload (dbmux.demo.storm), timed, with a point select as the
 transaction, from a table of its own (TABLE, made by create_table(); the storm runs
 whether sysbench is installed or not). It runs as a child process (`python -m bench.storm`),
 as pgbench and sysbench do, so its CPU time is measured apart from the benchmark's and its
@@ -25,7 +25,7 @@ from typing import Any
 from bench import client
 from bench.client import ClientResult
 from bench.sysbench import client_env
-from dbmux.storm import PhaseResult, pymysql_invocations, run_clients
+from dbmux.demo.storm import PhaseResult, pymysql_invocations, run_clients
 
 TABLE = "storm_accounts"
 _PASSWORD = "DBMUX_BENCH_PASSWORD"  # the password reaches the child here, not in its argv
@@ -70,7 +70,7 @@ def run(
     grace: float = 60.0,
 ) -> StormResult:
     """Storm host:port for `duration` s; killed if it runs grace s longer (an invocation
-    under way at the deadline may take up to dbmux.storm.INVOCATION_TIMEOUT to finish)."""
+    under way at the deadline may take up to dbmux.demo.storm.INVOCATION_TIMEOUT to finish)."""
     cmd = [sys.executable, "-m", "bench.storm", "--host", host, "--port", str(port)]
     cmd += ["--user", user, "--database", database, "--clients", str(clients)]
     cmd += ["--rows", str(rows)]

@@ -19,11 +19,11 @@ from typing import Any, Protocol
 import pytest
 import yaml
 
-from dbmux.embedded import EmbeddedDbmux
 from dbmux.metrics import ProxyMetrics
 from dbmux.pool import PoolSet
-from dbmux.rechunk import Rechunker
 from dbmux.testing import PostgresCluster
+from dbmux.testing.embedded import EmbeddedDbmux
+from dbmux.testing.rechunk import Rechunker
 
 APP_USER, APP_PASSWORD, APP_DB = "app", "app-secret", "app"
 # 20% (the tests' max_connections_percent) of 50 is a pool of 10.

@@ -13,8 +13,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from dbmux.embedded import EmbeddedDbmux
 from dbmux.testing import PostgresCluster
+from dbmux.testing.embedded import EmbeddedDbmux
 from tests.conftest import (
     APP_DB,
     APP_PASSWORD,

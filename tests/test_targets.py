@@ -13,9 +13,9 @@ import psycopg
 import pytest
 
 from dbmux.config import TargetRole
-from dbmux.embedded import EmbeddedDbmux
 from dbmux.targets import HealthReason, TargetHealth
 from dbmux.testing import PostgresCluster
+from dbmux.testing.embedded import EmbeddedDbmux
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, WAIT, group_config, wait_until
 
 

@@ -22,9 +22,9 @@ from tests.pgraw import ProtocolFailure, RawClient
 
 from bench.fuzz import mysql as my_harness
 from bench.fuzz import postgres as pg_harness
-from dbmux.embedded import EmbeddedDbmux
 from dbmux.engines.mysql import wire as my_wire
 from dbmux.testing import MariaDBServer, PostgresCluster
+from dbmux.testing.embedded import EmbeddedDbmux
 
 BATCH = 10  # hostile sessions between two checks of the bystander
 PROGRESS = 3  # transactions the bystander must complete after each batch

@@ -92,7 +92,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging("warning")
-    from dbmux.demo import run_demo
+    from dbmux.demo.run import run_demo
 
     return run_demo(
         clients=args.clients,
@@ -105,8 +105,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dbmux",
-        description="A database proxy for PostgreSQL (and soon MySQL/MariaDB): a warm pool of "
-        "server connections multiplexed per transaction among many clients.",
+        description="A database proxy for PostgreSQL and MySQL/MariaDB: a warm pool of server "
+        "connections multiplexed per transaction among many clients.",
     )
     parser.add_argument("--version", action="version", version=f"dbmux {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

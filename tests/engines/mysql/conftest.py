@@ -14,11 +14,11 @@ import mysql.connector
 import pymysql
 import pytest
 
-from dbmux.embedded import EmbeddedDbmux
 from dbmux.metrics import ProxyMetrics
 from dbmux.pool import PoolSet
-from dbmux.rechunk import Rechunker
 from dbmux.testing import MariaDBServer
+from dbmux.testing.embedded import EmbeddedDbmux
+from dbmux.testing.rechunk import Rechunker
 from tests.conftest import RECHUNK_SEED, Address, group_config
 
 MY_USER, MY_PASSWORD, MY_DB = "app", "app-secret", "app"

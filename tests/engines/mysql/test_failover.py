@@ -11,9 +11,9 @@ import pymysql
 import pytest
 
 from dbmux.config import TargetRole
-from dbmux.embedded import EmbeddedDbmux
 from dbmux.targets import TargetHealth
 from dbmux.testing import MariaDBServer
+from dbmux.testing.embedded import EmbeddedDbmux
 from tests.conftest import WAIT, wait_until, writer_port
 from tests.engines.mysql.conftest import (
     MY_DB,

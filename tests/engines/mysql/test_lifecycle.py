@@ -11,9 +11,9 @@ from collections.abc import Callable
 import pymysql
 import pytest
 
-from dbmux.embedded import EmbeddedDbmux
 from dbmux.engines.mysql import wire
-from dbmux.rechunk import Rechunker
+from dbmux.testing.embedded import EmbeddedDbmux
+from dbmux.testing.rechunk import Rechunker
 from tests.conftest import wait_until
 from tests.engines.mysql.conftest import MyProxy, my_proxy_config, server_connections
 from tests.engines.mysql.test_backpressure import buffered_for_clients

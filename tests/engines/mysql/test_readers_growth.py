@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pymysql
 import pytest
 
-from dbmux.embedded import EmbeddedDbmux
+from dbmux.testing.embedded import EmbeddedDbmux
 from tests.conftest import wait_until
 from tests.engines.mysql.conftest import (
     MY_DB,

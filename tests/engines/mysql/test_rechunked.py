@@ -1,5 +1,5 @@
 """Real MySQL drivers through dbmux with every write on both sides cut at random points and
-delayed (dbmux.rechunk): driver -> relay -> dbmux -> relay -> MariaDB. A packet header split
+delayed (dbmux.testing.rechunk): driver -> relay -> dbmux -> relay -> MariaDB. A packet header split
 after one byte, a 16 MiB packet's continuation arriving late, several result sets trickling
 in: code that takes one read for one packet fails here. The cuts follow DBMUX_RECHUNK_SEED
 (1 by default); bench.rechunk runs the loops with many random seeds."""
@@ -17,8 +17,8 @@ import pymysql.cursors
 import pytest
 from pymysql.constants import CLIENT
 
-from dbmux.rechunk import Rechunker
-from dbmux.scenarios import BY_NAME, MYSQL, SCENARIOS, Endpoint, run_many
+from dbmux.testing.rechunk import Rechunker
+from dbmux.testing.scenarios import BY_NAME, MYSQL, SCENARIOS, Endpoint, run_many
 from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, RechunkedMyProxy
 
 pytestmark = pytest.mark.timeout(90)

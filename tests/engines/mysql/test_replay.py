@@ -12,10 +12,10 @@ import mysql.connector
 import pymysql
 import pytest
 
-from dbmux.embedded import EmbeddedDbmux
 from dbmux.engines.mysql import wire
 from dbmux.engines.mysql.replay import may_run_again
 from dbmux.testing import MariaDBServer
+from dbmux.testing.embedded import EmbeddedDbmux
 from tests.conftest import WAIT, wait_until
 from tests.engines.mysql.conftest import (
     MY_DB,

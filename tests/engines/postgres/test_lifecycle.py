@@ -13,8 +13,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from dbmux.embedded import EmbeddedDbmux
 from dbmux.testing import PostgresCluster
+from dbmux.testing.embedded import EmbeddedDbmux
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
 
 POOL_OF_ONE = {"max_connections_percent": 2}  # 2% of max_connections 50

@@ -1,7 +1,7 @@
 """Real drivers through dbmux with every write on both sides cut at random points and delayed
-(dbmux.rechunk): driver -> relay -> dbmux -> relay -> PostgreSQL. Code that takes one read for
-one message, or assumes a peer waits for an answer before sending more, fails here even when
-loopback happens to deliver whole messages. The cuts follow DBMUX_RECHUNK_SEED (1 by default);
+(dbmux.testing.rechunk): driver -> relay -> dbmux -> relay -> PostgreSQL. Code that takes one
+read for one message, or assumes a peer waits for an answer before sending more, fails here even
+when loopback happens to deliver whole messages. The cuts follow DBMUX_RECHUNK_SEED (1 by default);
 bench.rechunk runs the loops with many random seeds."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from dbmux.rechunk import Rechunker
-from dbmux.scenarios import BY_NAME, POSTGRESQL, SCENARIOS, Endpoint, run_many
+from dbmux.testing.rechunk import Rechunker
+from dbmux.testing.scenarios import BY_NAME, POSTGRESQL, SCENARIOS, Endpoint, run_many
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, RechunkedProxy
 
 pytestmark = pytest.mark.timeout(90)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from dbmux.rechunk import Cuts, Rechunker
+from dbmux.testing.rechunk import Cuts, Rechunker
 
 pytestmark = pytest.mark.timeout(60)
 DEADLINE = 20.0  # seconds for one exchange through the relay

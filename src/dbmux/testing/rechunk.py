@@ -8,7 +8,7 @@ of one connection come from a random.Random seeded by (seed, relay name, connect
 direction) and are placed by stream position, not by how reads happened to arrive, so a
 failing seed cuts the same bytes the same way again.
 
-The hop runs on its own thread and event loop (as dbmux.embedded does) so that blocking
+The hop runs on its own thread and event loop (as dbmux.testing.embedded does) so that blocking
 drivers in the caller's thread work through it.
 """
 

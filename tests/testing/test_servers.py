@@ -1,4 +1,5 @@
-"""dbmux.testing against real throwaway servers: one PostgreSQL and one MariaDB per module."""
+"""The throwaway servers of dbmux.testing, started for real: one PostgreSQL and one MariaDB
+per module."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dbmux.testing import CommandError, MariaDBServer, PostgresCluster, ServerError
+from dbmux.testing import CommandError, MariaDBServer, PostgresCluster, ServerStartError
 
 
 def _pid_alive(pid: int) -> bool:
@@ -159,7 +160,7 @@ def test_postgres_lost_port_race_then_cleanup_leaves_nothing() -> None:
     assert not base.exists()
     assert not _pid_alive(pid)
     cluster.cleanup()  # idempotent
-    with pytest.raises(ServerError):
+    with pytest.raises(ServerStartError):
         cluster.start()
 
 
@@ -167,7 +168,7 @@ def test_postgres_explicit_port_in_use_fails_with_log_tail() -> None:
     with _occupy(0) as s:
         cluster = PostgresCluster(port=s.getsockname()[1])
         try:
-            with pytest.raises(ServerError, match=r"(?s)last lines of.*already in use"):
+            with pytest.raises(ServerStartError, match=r"(?s)last lines of.*already in use"):
                 cluster.start()
             assert not cluster.running
         finally:
@@ -177,7 +178,7 @@ def test_postgres_explicit_port_in_use_fails_with_log_tail() -> None:
 def test_postgres_start_failure_reports_log_tail() -> None:
     cluster = PostgresCluster(settings={"shared_buffers": "lots"})
     try:
-        with pytest.raises(ServerError) as info:
+        with pytest.raises(ServerStartError) as info:
             cluster.start()
         assert "shared_buffers" in str(info.value)
         assert "last lines of" in str(info.value)
@@ -275,14 +276,14 @@ def test_mariadb_lost_port_race_then_cleanup_leaves_nothing() -> None:
     assert not base.exists()
     assert proc.poll() is not None
     server.cleanup()  # idempotent
-    with pytest.raises(ServerError):
+    with pytest.raises(ServerStartError):
         server.start()
 
 
 def test_mariadb_start_failure_reports_log_tail() -> None:
     server = MariaDBServer(settings={"no_such_option": "1"})
     try:
-        with pytest.raises(ServerError) as info:
+        with pytest.raises(ServerStartError) as info:
             server.start()
         assert "no-such-option" in str(info.value)
         assert not server.running

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from dbmux import drill
-from dbmux.drill import Drill, DrillResult
+from dbmux.demo.drill import Drill
+from dbmux.demo.drill_pairs import embedded_dbmux, open_pair
+from dbmux.demo.drill_result import DrillResult
 
 WRITERS, IDLE = 5, 2
 
@@ -15,7 +16,7 @@ WRITERS, IDLE = 5, 2
 def through_dbmux() -> tuple[DrillResult, int, int | None]:
     """(the drill's result, the replica's port, the port of dbmux's writer afterwards)."""
     result = DrillResult("dbmux", "PostgreSQL", WRITERS, IDLE)
-    with drill.open_pair("postgresql", WRITERS + IDLE) as db, drill.embedded_dbmux(db) as mux:
+    with open_pair("postgresql", WRITERS + IDLE) as db, embedded_dbmux(db) as mux:
         host, port = mux.address()
         targets = mux.proxy().targets
         run = Drill(

@@ -8,21 +8,18 @@ from collections import Counter
 
 import pytest
 
-from dbmux.demo import (
+from dbmux.demo.drill_result import DrillResult
+from dbmux.demo.failover import failover_exit_code, failover_report, format_failover
+from dbmux.demo.report import (
     TOO_MANY_CLIENTS,
     TOO_MANY_CONNECTIONS,
     DemoReport,
-    PhaseResult,
     conclusion,
-    failover_exit_code,
-    failover_report,
-    format_failover,
     format_report,
     progress_line,
-    run_demo,
-    storm_report,
 )
-from dbmux.drill import DrillResult
+from dbmux.demo.run import run_demo, storm_report
+from dbmux.demo.storm import PhaseResult
 
 CLIENTS, MAX_CONNECTIONS = 120, 30
 

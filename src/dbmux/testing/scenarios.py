@@ -1,6 +1,6 @@
 """Driver scenarios that keep many messages in flight (pipelines, executemany, prepared
 statements, errors in the middle of a batch), for the loop tests and bench.rechunk to run many
-times through the re-chunking relay (dbmux.rechunk).
+times through the re-chunking relay (dbmux.testing.rechunk).
 
 Each scenario is one iteration: it connects, works, checks what it got and disconnects, and
 leaves no rows or tables behind (it rolls back), so it can run any number of times on one
@@ -23,7 +23,7 @@ import mysql.connector
 import psycopg
 from pymysql.constants import CLIENT
 
-from dbmux.rechunk import Rechunker
+from dbmux.testing.rechunk import Rechunker
 
 POSTGRESQL, MYSQL = "POSTGRESQL", "MYSQL"
 

@@ -68,7 +68,7 @@ class PhaseResult:
 Invocation = Callable[[PhaseResult, int], Awaitable[None]]
 
 
-def classify(error: BaseException) -> str:
+def classify_outcome(error: BaseException) -> str:
     """The failure cause: a MySQL error code (PyMySQL), a SQLSTATE (asyncpg), "timeout", or
     the exception's class.
 
@@ -94,7 +94,7 @@ async def invoke(phase: PhaseResult, number: int, invocation: Invocation) -> Non
         async with asyncio.timeout(INVOCATION_TIMEOUT):
             await invocation(phase, number)
     except Exception as error:  # every failure is counted by its cause
-        cause = classify(error)
+        cause = classify_outcome(error)
         phase.failures[cause] += 1
         message = str(error) or (
             f"no answer within {INVOCATION_TIMEOUT:g} s" if cause == TIMEOUT else "(no message)"
