@@ -46,17 +46,17 @@ class LruDict(OrderedDict[K, V]):
 SET_RESULTS_CAPACITY = 10_000  # remembered SET statement outcomes per proxy (LRU)
 
 
-class SetResults:
+class SetResults(LruDict[tuple[object, bytes], dict[str, str | None]]):
     """What SET statements leave in a session, by (scope, statement text): a SET whose
     outcome does not depend on the session (literal values, on its own) is read back once per
     scope (the engine's: pool key or variant) and its values reused after that."""
 
     def __init__(self, capacity: int = SET_RESULTS_CAPACITY) -> None:
-        self._values: LruDict[tuple[object, bytes], dict[str, str | None]] = LruDict(capacity)
+        super().__init__(capacity)
 
-    def get(self, scope: object, text: bytes) -> dict[str, str | None] | None:
-        return self._values.get((scope, text))
+    def outcome(self, scope: object, text: bytes) -> dict[str, str | None] | None:
+        return self.get((scope, text))
 
     def remember(self, scope: object, text: bytes, values: dict[str, str | None]) -> None:
         if len(text) <= MEMO_TEXT_LIMIT:
-            self._values[(scope, text)] = values
+            self[(scope, text)] = values

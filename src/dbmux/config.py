@@ -16,6 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from dbmux.engines import ENGINES, engine_class
+
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the file and the bad field."""
@@ -28,11 +30,6 @@ class FieldError(ValueError):
     def __init__(self, path: str, text: str) -> None:
         super().__init__(text)
         self.path = path
-
-
-class EngineFamily(StrEnum):
-    POSTGRESQL = "POSTGRESQL"
-    MYSQL = "MYSQL"
 
 
 class IamAuth(StrEnum):
@@ -175,7 +172,7 @@ class Endpoint(_Model):
 
 class ProxyConfig(_Model):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
-    engine_family: EngineFamily
+    engine_family: str  # a key of dbmux.engines.ENGINES
     listen: Address
     require_tls: bool = False
     idle_client_timeout: float = Field(1800, gt=0)
@@ -204,6 +201,13 @@ class ProxyConfig(_Model):
 
     _listen = field_validator("listen", mode="before")(_address)
 
+    @field_validator("engine_family")
+    @classmethod
+    def _registered_engine(cls, family: str) -> str:
+        if family not in ENGINES:
+            raise ValueError(f"unknown engine family {family!r}; use one of {', '.join(ENGINES)}")
+        return family
+
     @model_validator(mode="after")
     def _only_what_exists(self) -> ProxyConfig:
         """Settings whose feature has not landed are refused, never silently ignored: a
@@ -220,13 +224,14 @@ class ProxyConfig(_Model):
 
     @model_validator(mode="after")
     def _auth_types_fit_engine(self) -> ProxyConfig:
-        prefix = "POSTGRES_" if self.engine_family is EngineFamily.POSTGRESQL else "MYSQL_"
+        accepted = engine_class(self.engine_family).auth_types
         for i, entry in enumerate(self.auth):
             kind = entry.client_password_auth_type
-            if kind is not None and not kind.value.startswith(prefix):
+            if kind is not None and kind not in accepted:
                 raise FieldError(
                     f"auth.{i}.client_password_auth_type",
-                    f"{kind.value} does not fit engine_family {self.engine_family.value}",
+                    f"{kind.value} does not fit engine_family {self.engine_family}; "
+                    f"use one of {', '.join(a.value for a in accepted)}",
                 )
         return self
 

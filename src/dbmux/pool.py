@@ -12,13 +12,12 @@ import contextlib
 import logging
 import math
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from dbmux.config import ConnectionPoolConfig
-from dbmux.engines.base import ServerConnection
+from dbmux.engines.base import Borrower, BorrowTimeout, Lender, PoolKey, ServerConnection
 from dbmux.metrics import ProxyMetrics
 
 log = logging.getLogger("dbmux.pool")
@@ -28,19 +27,6 @@ IDLE_GRACE = 5.0  # seconds a connection must sit idle before it counts towards 
 # client reconnecting at once finds what the pool learned of the server).
 POOL_LINGER = 5.0
 PING_TIMEOUT = 5.0  # seconds an idle connection's health check may take
-
-
-class BorrowTimeout(Exception):
-    """No server connection became free within connection_borrow_timeout."""
-
-
-@dataclass(frozen=True, slots=True)
-class PoolKey:
-    database: str
-    user: str
-    # Engine-defined: what else must match for clients to share server connections (MySQL:
-    # the capabilities and character set the connection was opened with).
-    variant: int = 0
 
 
 Opener = Callable[[PoolKey, bool], Awaitable[ServerConnection]]
@@ -53,7 +39,7 @@ class TargetBudget:
     after the first connection has asked; until then one connection at a time is opened.
     """
 
-    def __init__(self, config: ConnectionPoolConfig) -> None:
+    def __init__(self, config: ConnectionPoolConfig, on_trouble: Callable[[], None]) -> None:
         self.config = config
         self.limit: int | None = None
         self.max_idle = 0
@@ -64,8 +50,8 @@ class TargetBudget:
         self.generation = 0
         self.relearn = False  # the next connection reads the (new) writer's max_connections
         # Called when a connection cannot be opened or closes while lent: the instance may
-        # have failed over, so its role is probed at once.
-        self.on_trouble: Callable[[], None] = lambda: None
+        # have failed over, so its role is probed at once (TargetGroup.suspect).
+        self.on_trouble = on_trouble
 
     def learn_server_limit(self, max_connections: int, reserved: int) -> None:
         """Size the budget as a percentage of the database's max_connections, never more than
@@ -113,96 +99,27 @@ class TargetBudget:
         return sum(len(p.idle) for p in self.pools)
 
 
-class Borrower(ABC):
-    """A client waiting for a connection. It is called back rather than awaiting a future, so
-    a transaction that has to queue costs no task, future or timer of its own."""
-
-    @abstractmethod
-    def on_connection(self, conn: ServerConnection) -> None:
-        """Here is the connection asked for; it is lent to you now."""
-
-    @abstractmethod
-    def on_borrow_failed(self, error: Exception) -> None:
-        """No connection: BorrowTimeout, or why opening one failed."""
-
-
-class Lender(ABC):
-    """What client sessions borrow from: one Pool, or a read-only endpoint's choice among
-    its replicas' pools (readers.ReplicaPool)."""
-
-    key: PoolKey
-    # ParameterStatus-like facts of the server (engine-defined), learned at first connect.
-    server_facts: dict[str, str] | None
+class BudgetLender(Lender):
+    """A Lender whose connections come from a TargetBudget (the one last borrowed from,
+    for a read-only endpoint's choice among replicas)."""
 
     @property
     @abstractmethod
-    def budget(self) -> TargetBudget:
-        """The budget connections come from (the one last borrowed from), for messages."""
+    def budget(self) -> TargetBudget: ...
 
     @property
     def timeout(self) -> float:
         return self.budget.config.connection_borrow_timeout
 
     def borrow_hint(self) -> str:
-        """What a borrow timeout tells the client: the setting and the pool it waited for."""
         return (
             f"connection_borrow_timeout is {self.timeout:g} s; the pool holds "
             f"{self.budget.limit} connections (max_connections_percent "
             f"{self.budget.config.max_connections_percent})"
         )
 
-    @abstractmethod
-    def try_borrow(self) -> ServerConnection | None:
-        """The hot path: an idle connection right now, or None."""
 
-    @abstractmethod
-    def request(self, borrower: Borrower) -> ServerConnection | None:
-        """A connection now, or None and `borrower` is called back later (FIFO), at the
-        latest after connection_borrow_timeout."""
-
-    @abstractmethod
-    def withdraw(self, borrower: Borrower) -> None:
-        """The borrower left before it was served."""
-
-    def release(self, conn: ServerConnection) -> None:
-        """Give a lent connection back to the pool it came from."""
-        conn.pool.release(conn) if conn.pool is not None else conn.close()
-
-    async def borrow(self) -> ServerConnection:
-        """Wait for a connection, up to connection_borrow_timeout."""
-        future: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
-        borrower = _FutureBorrower(self, future)
-        conn = self.request(borrower)
-        if conn is not None:
-            return conn
-        try:
-            return await future
-        except asyncio.CancelledError:
-            self.withdraw(borrower)
-            if future.done() and not future.cancelled() and future.exception() is None:
-                self.release(future.result())
-            raise
-
-
-class _FutureBorrower(Borrower):
-    """Adapts the callbacks to an awaitable, for the rare places that wait (logins)."""
-
-    def __init__(self, pool: Lender, future: asyncio.Future[ServerConnection]) -> None:
-        self.pool = pool
-        self.future = future
-
-    def on_connection(self, conn: ServerConnection) -> None:
-        if self.future.done():
-            self.pool.release(conn)
-        else:
-            self.future.set_result(conn)
-
-    def on_borrow_failed(self, error: Exception) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-
-
-class Pool(Lender):
+class Pool(BudgetLender):
     """The server connections of one (database, user) on one target."""
 
     def __init__(
@@ -410,13 +327,17 @@ class PoolSet:
 
     def __init__(
         self,
-        config: ConnectionPoolConfig,
         opener: Opener,
         metrics: ProxyMetrics,
-        budget: TargetBudget | None = None,
+        budget: TargetBudget,
+        *,
+        follows_writer: bool = True,
+        owns_budget: bool = True,
     ) -> None:
-        self.budget = budget or TargetBudget(config)
-        self.owns_budget = budget is None  # the owner sweeps all the budget's pools
+        self.budget = budget
+        self.owns_budget = owns_budget  # the owner sweeps all the budget's pools
+        # Its connections go to the writer (a read-only endpoint's replicas have their own).
+        self.follows_writer = follows_writer
         self.opener = opener
         self.metrics = metrics
         self.pools: dict[PoolKey, Pool] = {}

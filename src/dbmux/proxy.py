@@ -6,67 +6,30 @@ import asyncio
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbmux.auth.admission import Admission, LoginThrottle
-from dbmux.auth.secrets import Credentials, read_secret
-from dbmux.config import (
-    ClientPasswordAuthType,
-    Config,
-    Endpoint,
-    EngineFamily,
-    ProxyConfig,
-    Target,
-    TargetRole,
+from dbmux.auth.secrets import read_secret
+from dbmux.config import Config, Endpoint, ProxyConfig, Target, TargetRole
+from dbmux.engines import engine_class
+from dbmux.engines.base import (
+    Clock,
+    PoolKey,
+    ProbeResult,
+    ProxyRuntime,
+    ServerConnection,
+    ServerError,
+    UserSecret,
 )
-from dbmux.engines.base import ClientSession, Engine, ProbeResult, ServerConnection, ServerError
 from dbmux.metrics import ProxyMetrics, Registry
-from dbmux.pool import Opener, PoolKey, PoolSet
+from dbmux.pool import Opener, PoolSet, TargetBudget
 from dbmux.readers import ReplicaRoute
-from dbmux.targets import GONE_ERRORS, Instance, TargetGroup
+from dbmux.session import ClientSession
+from dbmux.targets import Instance, TargetGroup
 
 log = logging.getLogger("dbmux.proxy")
 
 JANITOR_INTERVAL = 1.0
-
-
-@dataclass(slots=True)
-class Clock:
-    """A coarse clock the janitor advances, so the hot path reads an attribute, not the OS."""
-
-    now: float = field(default_factory=time.monotonic)
-
-
-@dataclass(frozen=True, slots=True)
-class UserSecret:
-    credentials: Credentials
-    auth_type: ClientPasswordAuthType | None
-
-
-@dataclass
-class ProxyRuntime:
-    """What an engine needs to serve one proxy's clients."""
-
-    config: ProxyConfig
-    pools: PoolSet | ReplicaRoute  # what this listener's clients borrow from
-    users: dict[str, UserSecret]
-    metrics: ProxyMetrics
-    clock: Clock
-    targets: TargetGroup
-    clients: set[ClientSession]
-    admission: Admission  # the bound on clients that have not proved a password yet
-    throttle: LoginThrottle  # failed logins, per user and source address
-
-
-def engine_for(family: EngineFamily) -> Engine:
-    if family is EngineFamily.POSTGRESQL:
-        from dbmux.engines.postgres.engine import PostgresEngine
-
-        return PostgresEngine()
-    from dbmux.engines.mysql.engine import MysqlEngine
-
-    return MysqlEngine()
 
 
 def load_users(config: ProxyConfig, base_dir: Path) -> dict[str, UserSecret]:
@@ -82,19 +45,19 @@ class Proxy:
 
     def __init__(self, config: ProxyConfig, *, registry: Registry, base_dir: Path) -> None:
         self.config = config
-        self.engine = engine_for(config.engine_family)
+        self.engine = engine_class(config.engine_family)()
         self.metrics = ProxyMetrics(registry, config.name)
         self.users = load_users(config, base_dir)
-        self.pool_config = pool_config = config.target_group.connection_pool_config
+        self.pool_config = config.target_group.connection_pool_config
         self.targets = TargetGroup(
             list(config.target_group.targets),
             self._probe,
+            self.engine.classify_error,
             interval=config.target_group.probe_interval,
             on_writer_change=self._writer_changed,
             on_probed=self._probed,
         )
-        self.pools = PoolSet(pool_config, self._writer_opener(read_only=False), self.metrics)
-        self.pools.budget.on_trouble = self.targets.suspect
+        self.pools = PoolSet(self._writer_opener(read_only=False), self.metrics, self._budget())
         read_only = [e for e in config.endpoints if e.target_role is TargetRole.READ_ONLY]
         self.routes = {e.name: self._route(e) for e in read_only}
         self._measure_lag = any(e.max_replica_lag is not None for e in config.endpoints)
@@ -160,7 +123,10 @@ class Proxy:
         fallback = None
         if endpoint.fallback_to_writer:
             opener = self._writer_opener(read_only=True)
-            fallback = PoolSet(self.pool_config, opener, self.metrics, self.pools.budget)
+            budget = self.pools.budget  # the writer's, shared
+            fallback = PoolSet(
+                opener, self.metrics, budget, follows_writer=False, owns_budget=False
+            )
         return ReplicaRoute(
             endpoint,
             self.targets.instances,
@@ -187,40 +153,27 @@ class Proxy:
             conn.generation = generation
             return conn
 
-        pools = PoolSet(self.pool_config, open_to_replica, self.metrics)
-        pools.budget.on_trouble = self.targets.suspect
+        pools = PoolSet(open_to_replica, self.metrics, self._budget(), follows_writer=False)
         return pools
+
+    def _budget(self) -> TargetBudget:
+        """A budget for one target; trouble with its connections probes the targets."""
+        return TargetBudget(self.pool_config, self.targets.suspect)
 
     async def _open(
         self, key: PoolKey, read_limit: bool, session_init: tuple[str, ...]
     ) -> ServerConnection:
-        """A connection to the writer; during a failover, wait for the next one."""
-        secret = self.users[key.user]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.pool_config.connection_borrow_timeout
-        while True:
-            writer = await self.targets.wait_for_writer(max(0.0, deadline - loop.time()))
-            generation = self.targets.generation
-            try:
-                conn = await self.engine.connect(
-                    writer.target,
-                    secret.credentials,
-                    key,
-                    session_init=session_init,
-                    read_limit=read_limit,
-                )
-            except ServerError as error:
-                # Nothing was sent for the client yet, so trying the next writer is safe.
-                remaining = deadline - loop.time()
-                if error.code not in GONE_ERRORS or remaining <= 0:
-                    raise
-                if await self.targets.still_writer(writer, remaining):
-                    raise
-                continue
-            if generation == self.targets.generation:
-                conn.generation = generation
-                return conn
-            conn.close()  # the writer changed while we logged in: go to the new one
+        """A connection to the writer; during a failover, to the next one."""
+        credentials = self.users[key.user].credentials
+
+        async def connect(target: Target) -> ServerConnection:
+            return await self.engine.connect(
+                target, credentials, key, session_init=session_init, read_limit=read_limit
+            )
+
+        return await self.targets.connect_to_writer(
+            connect, self.pool_config.connection_borrow_timeout
+        )
 
     async def _probe(self, target: Target) -> ProbeResult:
         credentials = next(iter(self.users.values())).credentials
@@ -264,7 +217,7 @@ class Proxy:
         log.info(
             "proxy %s (%s) listening on %s, targets %s",
             self.config.name,
-            self.config.engine_family.value,
+            self.config.engine_family,
             ", ".join(f"{h}:{p}" for h, p in self.addresses),
             ", ".join(i.name for i in self.targets.instances),
         )

@@ -18,8 +18,8 @@ from collections import deque
 from collections.abc import Callable
 
 from dbmux.config import Endpoint
-from dbmux.engines.base import ServerConnection, ServerError
-from dbmux.pool import POOL_LINGER, Borrower, Lender, Pool, PoolKey, PoolSet, TargetBudget
+from dbmux.engines.base import Borrower, PoolKey, ServerConnection, ServerError
+from dbmux.pool import POOL_LINGER, BudgetLender, Pool, PoolSet, TargetBudget
 from dbmux.targets import Instance
 
 log = logging.getLogger("dbmux.readers")
@@ -27,6 +27,8 @@ log = logging.getLogger("dbmux.readers")
 
 class ReplicaRoute:
     """One read-only endpoint's replicas: their pools and the choice among them."""
+
+    follows_writer = False
 
     def __init__(
         self,
@@ -167,7 +169,7 @@ class ReplicaRoute:
             )
 
 
-class ReplicaPool(Lender):
+class ReplicaPool(BudgetLender):
     """What clients of one (database, user) on a read-only endpoint borrow through: each
     borrow goes to the pool the route chooses at that moment."""
 

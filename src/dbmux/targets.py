@@ -1,5 +1,5 @@
 """Target groups: the database instances behind a proxy, their roles and health, and which
-one is the writer.
+one is the writer. The one module where a failover is noticed and waited on.
 
 Every instance is probed on its own schedule (`probe_interval`) with a fresh login and the
 engine's role query (PostgreSQL pg_is_in_recovery(), MySQL @@read_only). Trouble seen on the
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from dbmux.config import Target, TargetRole
-from dbmux.engines.base import ProbeResult, ServerError
+from dbmux.engines.base import ErrorKind, ProbeResult, ServerConnection, ServerError
 from dbmux.framed import ConnectionClosed
 
 log = logging.getLogger("dbmux.targets")
@@ -48,13 +48,6 @@ class HealthReason(StrEnum):
     PENDING_PROXY_CAPACITY = "PENDING_PROXY_CAPACITY"  # no connection slot left for dbmux
 
 
-# Error codes that mean the login itself was refused (PostgreSQL SQLSTATE, MySQL errno).
-AUTH_ERRORS = frozenset({"28P01", "28000", "1045", "1044"})
-# ...that it has no connection slot left (the pool may use them all).
-BUSY_ERRORS = frozenset({"53300", "1040"})
-# ...and that the instance is unreachable, shutting down or starting: it may have failed over.
-GONE_ERRORS = frozenset({"08001", "08006", "57P01", "57P03", "2003", "2013"})
-
 # Probe one instance's role (and replica lag); raises ServerError/OSError when it cannot.
 Probe = Callable[[Target], Awaitable[ProbeResult]]
 
@@ -71,6 +64,7 @@ class Instance:
     lag: float | None = None  # a replica's replay delay, when some endpoint limits it
     probed_at: float = 0.0  # when the last finished probe began (what it found is that new)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _probed: asyncio.Event = field(default_factory=asyncio.Event)  # set when a probe ends
 
     @property
     def name(self) -> str:
@@ -92,6 +86,7 @@ class TargetGroup:
         self,
         targets: list[Target],
         probe: Probe,
+        classify: Callable[[ServerError], ErrorKind],
         *,
         interval: float,
         on_writer_change: Callable[[Instance | None, Instance | None], None],
@@ -99,12 +94,14 @@ class TargetGroup:
     ) -> None:
         self.instances = [Instance(t) for t in targets]
         self.probe = probe
+        self.classify = classify  # the engine's reading of its error codes
         self.interval = interval
         self.on_writer_change = on_writer_change
         self.on_probed = on_probed  # after every probe (read-only endpoints re-route)
         self.writer: Instance | None = None
         self.generation = 0  # grows at every writer change
         self._writer_known = asyncio.Event()
+        self._changed = asyncio.Event()  # set (and replaced) at every writer change
         self._suspected_at = 0.0
         self._writer_lost_at = 0.0  # when the last writer was lost (0: never)
         self._tasks: list[asyncio.Task[None]] = []
@@ -140,30 +137,70 @@ class TargetGroup:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._writer_known.wait(), timeout)
         if self.writer is None:
-            raise ServerError(
-                "no writer among the proxy's targets: "
-                + "; ".join(f"{i.name} {i.health.value} {i.description}" for i in self.instances),
-                code="08001",
-            )
+            raise self.no_writer()
         return self.writer
+
+    def no_writer(self) -> ServerError:
+        return ServerError(
+            "no writer among the proxy's targets: "
+            + "; ".join(f"{i.name} {i.health.value} {i.description}" for i in self.instances),
+            code="08001",
+        )
+
+    async def any_available(self, timeout: float) -> Target:
+        """A target that answers: the writer, else any healthy instance, else the writer
+        once there is one."""
+        healthy = [i for i in self.instances if i.health is TargetHealth.AVAILABLE]
+        instance = self.writer or (healthy[0] if healthy else None)
+        if instance is None:
+            instance = await self.wait_for_writer(timeout)
+        return instance.target
 
     async def wait_for_change(self, generation: int, timeout: float) -> bool:
         """Wait until the writer is no longer the one of `generation`; False on timeout."""
-        deadline = time.monotonic() + timeout
-        while self.generation == generation:
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.01)
+        if self.generation != generation:
+            return True
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
         return True
 
-    async def still_writer(self, instance: Instance, timeout: float) -> bool:
+    async def connect_to_writer(
+        self, connect: Callable[[Target], Awaitable[ServerConnection]], timeout: float
+    ) -> ServerConnection:
+        """A connection to the writer, opened by `connect`. During a failover this waits for
+        the next writer; a writer found gone (nothing was sent for a client yet, so trying
+        the next one is safe) is probed, and the next writer tried, up to `timeout`
+        seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            writer = await self.wait_for_writer(max(0.0, deadline - loop.time()))
+            generation = self.generation
+            try:
+                conn = await connect(writer.target)
+            except ServerError as error:
+                remaining = deadline - loop.time()
+                if self.classify(error) is not ErrorKind.GONE or remaining <= 0:
+                    raise
+                if await self._still_writer(writer, remaining):
+                    raise
+                continue
+            if generation == self.generation:
+                conn.generation = generation
+                return conn
+            conn.close()  # the writer changed while it logged in: go to the new one
+
+    async def _still_writer(self, instance: Instance, timeout: float) -> bool:
         """Probe `instance` now and tell whether it is still the writer (what to do when a
         connection to it failed: wait for the next writer, or report the failure)."""
         asked = time.monotonic()
         instance._wake.set()
-        deadline = asked + min(timeout, PROBE_TIMEOUT + self.interval)
-        while instance.probed_at < asked and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(timeout, PROBE_TIMEOUT + self.interval)):
+                while instance.probed_at < asked:
+                    await instance._probed.wait()
         return self.writer is instance
 
     async def _watch(self, instance: Instance) -> None:
@@ -191,12 +228,13 @@ class TargetGroup:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 found = await self.probe(instance.target)
         except ServerError as error:
-            if error.code in BUSY_ERRORS and instance.health is TargetHealth.AVAILABLE:
+            kind = self.classify(error)
+            if kind is ErrorKind.BUSY and instance.health is TargetHealth.AVAILABLE:
                 return  # full, so alive: its role has not changed by refusing a login
             reason = HealthReason.CONNECTION_FAILED
-            if error.code in AUTH_ERRORS:
+            if kind is ErrorKind.AUTH:
                 reason = HealthReason.AUTH_FAILURE
-            elif error.code in BUSY_ERRORS:
+            elif kind is ErrorKind.BUSY:
                 reason = HealthReason.PENDING_PROXY_CAPACITY  # its role is not known yet
             self._mark(instance, TargetHealth.UNAVAILABLE, reason, str(error))
         except ConnectionClosed as error:
@@ -214,6 +252,8 @@ class TargetGroup:
             instance.lag = found.lag
             self._mark(instance, TargetHealth.AVAILABLE, None, "")
         instance.probed_at = began
+        instance._probed.set()
+        instance._probed = asyncio.Event()
         self._choose_writer()
         self.on_probed(instance)
 
@@ -255,6 +295,8 @@ class TargetGroup:
             return
         self.writer = chosen
         self.generation += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
         if chosen is None:
             self._writer_lost_at = time.monotonic()
             self._writer_known.clear()

@@ -1,4 +1,11 @@
-"""What an engine provides to the engine-agnostic core (pool, proxy, session lifecycle)."""
+"""The whole interface between the engine-agnostic core and an engine.
+
+What an engine implements (`Engine`, `ServerConnection`; its client sessions extend
+`dbmux.session.ClientSession`) and everything of the core it sees: the runtime of one proxy
+(`ProxyRuntime`), what sessions borrow from (`Lender`, `Pools`), and the failover interface
+(`Failover`). An engine imports nothing else from the core; the core never imports an engine
+(the registry in `dbmux.engines` names them).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,25 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from dbmux.auth.admission import Admission, LoginThrottle
     from dbmux.auth.secrets import Credentials
-    from dbmux.config import Target
-    from dbmux.pool import Lender, Pool, PoolKey
-    from dbmux.proxy import ProxyRuntime
+    from dbmux.config import ClientPasswordAuthType, ProxyConfig, Target
+    from dbmux.metrics import ProxyMetrics
+    from dbmux.session import ClientSession
+
+
+class ErrorKind(Enum):
+    """What a database error means to the core (each engine maps its own codes)."""
+
+    AUTH = "auth"  # the login itself was refused
+    BUSY = "busy"  # no connection slot left on the instance
+    GONE = "gone"  # unreachable, shutting down or starting: it may have failed over
+    OTHER = "other"
 
 
 class ServerError(Exception):
@@ -35,6 +53,14 @@ class ProbeResult:
     lag: float | None = None
 
 
+class Home(Protocol):
+    """The pool a server connection belongs to."""
+
+    def release(self, conn: ServerConnection) -> None: ...
+
+    def forget(self, conn: ServerConnection) -> None: ...
+
+
 class ServerConnection(ABC):
     """One authenticated connection to a database instance.
 
@@ -44,11 +70,13 @@ class ServerConnection(ABC):
     """
 
     def __init__(self) -> None:
-        self.pool: Pool | None = None
+        self.pool: Home | None = None
         self.created_at = time.monotonic()
         self.idle_since = self.created_at
-        # Set when the borrower left state on the connection that must be cleared first.
+        # Set when the borrower left state on the connection that must be cleared first:
+        # an open transaction (needs_reset), or session state too (discard_needed).
         self.needs_reset = False
+        self.discard_needed = False
         self.closed = False
         # Cancel requests sent to the database for this connection and not yet answered:
         # the connection is not lent again until they finish, so a late cancel cannot hit
@@ -110,6 +138,13 @@ class Engine(ABC):
     # Makes a session's transactions read-only by default: a read-only endpoint's
     # connections to the writer (when it falls back to it) start with it.
     read_only_statement: str
+    # The client_password_auth_type values this engine accepts, the first the default.
+    auth_types: tuple[ClientPasswordAuthType, ...]
+
+    @staticmethod
+    @abstractmethod
+    def classify_error(error: ServerError) -> ErrorKind:
+        """What a database error of this engine means to the core."""
 
     @abstractmethod
     def serve(self, proxy: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
@@ -135,28 +170,156 @@ class Engine(ABC):
         replica is behind (raise if it cannot be reached or refuses the login)."""
 
 
-class ClientSession(ABC):
-    """What the core needs of any engine's client connection."""
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    database: str
+    user: str
+    # Engine-defined: what else must match for clients to share server connections (MySQL:
+    # the capabilities and character set the connection was opened with).
+    variant: int = 0
 
-    last_active: float
-    logged_in: bool
-    transport: asyncio.Transport | None
-    pool: Lender | None  # what it borrows from (the janitor keeps pools clients use)
+
+class BorrowTimeout(Exception):
+    """No server connection became free within connection_borrow_timeout."""
+
+
+class Borrower(ABC):
+    """A client waiting for a connection. It is called back rather than awaiting a future, so
+    a transaction that has to queue costs no task, future or timer of its own."""
 
     @abstractmethod
-    def expire(self, reason: str) -> None:
-        """Tell the client, in its protocol, why it is disconnected, then disconnect."""
+    def on_connection(self, conn: Any) -> None:
+        """Here is the connection asked for (the engine's ServerConnection); it is lent to
+        you now."""
+
+    @abstractmethod
+    def on_borrow_failed(self, error: Exception) -> None:
+        """No connection: BorrowTimeout, or why opening one failed."""
+
+
+class Lender(ABC):
+    """What client sessions borrow from: one pool, or a read-only endpoint's choice among its
+    replicas' pools."""
+
+    key: PoolKey
+    # ParameterStatus-like facts of the server (engine-defined), learned at first connect.
+    server_facts: dict[str, str] | None
 
     @property
     @abstractmethod
-    def in_flight(self) -> bool:
-        """Something the client asked for is not answered yet: a request at the server, a
-        reply still being relayed, a wait for a server connection. A client is idle only
-        when it is silent with nothing in flight (idle_client_timeout)."""
+    def timeout(self) -> float:
+        """connection_borrow_timeout: how long a borrower waits."""
+
+    @abstractmethod
+    def borrow_hint(self) -> str:
+        """What a borrow timeout tells the client: the setting and the pool it waited for."""
+
+    @abstractmethod
+    def try_borrow(self) -> Any:
+        """The hot path: an idle connection right now (the engine's ServerConnection), or
+        None."""
+
+    @abstractmethod
+    def request(self, borrower: Borrower) -> Any:
+        """A connection now, or None and `borrower` is called back later (FIFO), at the
+        latest after connection_borrow_timeout."""
+
+    @abstractmethod
+    def withdraw(self, borrower: Borrower) -> None:
+        """The borrower left before it was served."""
+
+    def release(self, conn: ServerConnection) -> None:
+        """Give a lent connection back to the pool it came from (or close it, if it has
+        none)."""
+        conn.pool.release(conn) if conn.pool is not None else conn.close()
+
+    async def borrow(self) -> Any:
+        """Wait for a connection (the engine's ServerConnection), up to
+        connection_borrow_timeout."""
+        future: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
+        borrower = _FutureBorrower(self, future)
+        conn = self.request(borrower)
+        if conn is not None:
+            return conn
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.withdraw(borrower)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())
+            raise
+
+
+class _FutureBorrower(Borrower):
+    """Adapts the callbacks to an awaitable, for the rare places that wait (logins)."""
+
+    def __init__(self, pool: Lender, future: asyncio.Future[ServerConnection]) -> None:
+        self.pool = pool
+        self.future = future
+
+    def on_connection(self, conn: ServerConnection) -> None:
+        if self.future.done():
+            self.pool.release(conn)
+        else:
+            self.future.set_result(conn)
+
+    def on_borrow_failed(self, error: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class Pools(Protocol):
+    """What one listener's sessions borrow from: a Lender per (database, user, variant)."""
 
     @property
-    def active(self) -> bool:
-        """Not idle: something in flight, or the end of a reply the client has not read yet
-        (the server has answered, but the proxy still holds bytes to write to the client)."""
-        transport = self.transport
-        return self.in_flight or (transport is not None and transport.get_write_buffer_size() > 0)
+    def follows_writer(self) -> bool:
+        """Its connections go to the writer (not to a read-only endpoint's replicas)."""
+
+    def get(self, database: str, user: str, variant: int = 0) -> Lender: ...
+
+
+class Failover(Protocol):
+    """The one way an engine takes part in failover: it reports trouble, and waits for the
+    writer (events, never polls)."""
+
+    @property
+    def generation(self) -> int:
+        """Grows at every writer change."""
+
+    def suspect(self) -> None:
+        """Something went wrong on the hot path: probe the targets now."""
+
+    async def wait_for_change(self, generation: int, timeout: float) -> bool:
+        """Wait until the writer is no longer the one of `generation`; False on timeout."""
+
+    async def any_available(self, timeout: float) -> Target:
+        """A target that answers (the writer, else any healthy one, else the writer once
+        there is one); raise ServerError after `timeout`."""
+
+
+@dataclass(slots=True)
+class Clock:
+    """A coarse clock the janitor advances, so the hot path reads an attribute, not the OS."""
+
+    now: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class UserSecret:
+    credentials: Credentials
+    auth_type: ClientPasswordAuthType | None
+
+
+@dataclass
+class ProxyRuntime:
+    """What an engine needs to serve one listener's clients."""
+
+    config: ProxyConfig
+    pools: Pools  # what this listener's clients borrow from
+    users: dict[str, UserSecret]
+    metrics: ProxyMetrics
+    clock: Clock
+    targets: Failover
+    clients: set[ClientSession]
+    admission: Admission  # the bound on clients that have not proved a password yet
+    throttle: LoginThrottle  # failed logins, per user and source address

@@ -9,23 +9,34 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from dbmux.auth.scram import ScramVerifier
 from dbmux.auth.secrets import Credentials
-from dbmux.bounded import LruDict
+from dbmux.bounded import LruDict, SetResults
 from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
-from dbmux.engines.base import Engine, ProbeResult, ServerConnection
+from dbmux.engines.base import (
+    Engine,
+    ErrorKind,
+    PoolKey,
+    ProbeResult,
+    ProxyRuntime,
+    ServerConnection,
+    ServerError,
+)
 from dbmux.engines.postgres.backend import open_server
 from dbmux.engines.postgres.frontend import PgClient
 from dbmux.engines.postgres.pinning import Classifier
-from dbmux.engines.postgres.settings import SET_RESULTS_CAPACITY
-from dbmux.pool import PoolKey
 
-if TYPE_CHECKING:
-    from dbmux.proxy import ProxyRuntime
-
-
+# SQLSTATEs by what they mean to the core.
+ERROR_KINDS = {
+    "28P01": ErrorKind.AUTH,  # invalid password
+    "28000": ErrorKind.AUTH,  # invalid authorization (no such user, pg_hba)
+    "53300": ErrorKind.BUSY,  # too many connections
+    "08001": ErrorKind.GONE,  # cannot connect (also the core's: no writer)
+    "08006": ErrorKind.GONE,  # connection failure
+    "57P01": ErrorKind.GONE,  # admin shutdown
+    "57P03": ErrorKind.GONE,  # cannot connect now (starting up, shutting down)
+}
 SPELLINGS_CAPACITY = 1000  # learned spellings of startup setting values, per proxy
 PROBE_DATABASE = "postgres"  # every cluster has it, and PUBLIC may connect to it
 # A replica that has replayed all it received is not behind, however old its last replayed
@@ -82,10 +93,8 @@ class PgContext:
     statement_names: StatementNames = field(default_factory=lambda: StatementNames())
     # Server process id -> process id of the client that last used it (NotificationResponse).
     session_ids: dict[bytes, bytes] = field(default_factory=dict)
-    # SET statement text -> the values it leaves (see PgClient._memo_key).
-    set_results: LruDict[tuple[PoolKey, bytes], dict[str, str | None]] = field(
-        default_factory=lambda: LruDict(SET_RESULTS_CAPACITY)
-    )
+    # (pool key, SET statement text) -> the values it leaves (see PgClient._memo_key).
+    set_results: SetResults = field(default_factory=SetResults)
 
     def __post_init__(self) -> None:
         # Flattened for the hot path: one attribute read instead of two.
@@ -111,6 +120,14 @@ class PostgresEngine(Engine):
     prepared_capacity = 500
     _context: PgContext | None = None  # shared by the proxy's listeners
     read_only_statement = "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
+    auth_types = (
+        ClientPasswordAuthType.POSTGRES_SCRAM_SHA_256,
+        ClientPasswordAuthType.POSTGRES_MD5,
+    )
+
+    @staticmethod
+    def classify_error(error: ServerError) -> ErrorKind:
+        return ERROR_KINDS.get(error.code, ErrorKind.OTHER)
 
     def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
         if self._context is not None:
@@ -124,7 +141,7 @@ class PostgresEngine(Engine):
         users = {
             name: Login(
                 secret.credentials,
-                secret.auth_type or ClientPasswordAuthType.POSTGRES_SCRAM_SHA_256,
+                secret.auth_type or self.auth_types[0],
                 ScramVerifier.from_password(secret.credentials.password),
             )
             for name, secret in runtime.users.items()

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from dbmux.engines.base import ClientSession, ServerError
+from dbmux.engines.base import ServerError
 from dbmux.engines.postgres import wire
 from dbmux.engines.postgres.backend import PgServer, send_cancel
 from dbmux.engines.postgres.login import LoginMixin
@@ -27,8 +27,7 @@ from dbmux.engines.postgres.pinning import (
 from dbmux.engines.postgres.replay import rerunnable, rerunnable_messages
 from dbmux.engines.postgres.settings import SettingsMixin
 from dbmux.engines.postgres.statements import StatementsMixin
-from dbmux.framed import ClientEnd
-from dbmux.pool import Borrower, BorrowTimeout, Lender
+from dbmux.session import ClientSession, Failure, Leftover
 
 if TYPE_CHECKING:
     from dbmux.engines.postgres.engine import PgContext
@@ -36,21 +35,30 @@ if TYPE_CHECKING:
 log = logging.getLogger("dbmux.postgres")
 
 UNREADABLE = Verdict(UNCLASSIFIED)
+# SQLSTATE of each failure the session reports (see dbmux.session.Failure).
+FAILURE_CODES = {
+    Failure.TOO_MANY_CLIENTS: "53300",
+    Failure.LOGIN_TIMEOUT: "08P01",
+    Failure.PROTOCOL_VIOLATION: "08P01",
+    Failure.INTERNAL: "XX000",
+    Failure.TERMINATED: "57P01",
+    Failure.BORROW_TIMEOUT: "53300",
+    Failure.NO_SERVER: "08006",
+}
 
 
-class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSession, Borrower):
+class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
     """One client connection."""
 
+    protocol_violation = wire.ProtocolViolation
+    server: PgServer | None
+
     def __init__(self, ctx: PgContext) -> None:
-        super().__init__()
+        super().__init__(ctx.runtime)
         self.ctx = ctx
         self.scanner = wire.FrontendScanner()
-        self.server: PgServer | None = None
-        self.pool: Lender | None = None
-        self.user = ""
         self.outstanding = 0  # requests sent to the server and not yet answered by ReadyForQuery
         self.tx_status = wire.IDLE
-        self.pin_reason: str | None = None
         self.wanted: dict[str, str] = {}  # this session's settings that differ from defaults
         self.pending: list[bytes] = []  # bytes waiting for a server connection
         # What was last relayed to a server, for transaction_replay: bytes, or (named
@@ -58,7 +66,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         self.last_sent = b""
         self.last_queue: list[tuple[int, bytes]] = []
         self.pending_syncs = 0
-        self.waiting = False  # queued in the pool, or bringing a server's settings to ours
+        # (`waiting` also covers bringing a server's settings to ours.)
         self._held_for_wait = False  # reading paused because more came while waiting
         self.server_params_changed = False
         # Named prepared statements: once the client uses them, its messages are read whole
@@ -84,54 +92,35 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         # next Sync.
         self.refusing = False
         self.lost_reason = ""
-        self.last_active = ctx.clock.now
-        self.logged_in = False
         # Bound once: the relay reads them for every chunk.
         self._clock = ctx.clock
         self._requests = ctx.metrics.query_requests
         self._classify = ctx.classifier.verdict
         self.key = (0, 0)
         self.pid_bytes = b"\0\0\0\0"  # the process id this client was given, as sent
-        self._task: asyncio.Task[None] | None = None
 
     # -- connection lifecycle ---------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        ctx = self.ctx
-        ctx.metrics.client_connections_received.value += 1
-        ctx.clients.add(self)
-        self._task = self.ctx.loop.create_task(self._login())
+    def forget(self) -> None:
+        self.ctx.cancel_keys.pop(self.key, None)
 
-    def on_closed(self, exc: Exception | None) -> None:
-        ctx = self.ctx
-        ctx.clients.discard(self)
-        ctx.cancel_keys.pop(self.key, None)
-        ctx.metrics.client_connections_closed.value += 1
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        if self.waiting and self.pool is not None:
-            self.pool.withdraw(self)
-        server = self.server
-        if server is None:
-            return
-        self._detach()
+    def leftover(self, server: PgServer) -> Leftover:
         scanner = self.scanner
-        unsynced = scanner.last_kind not in wire.COMPLETE_TYPES  # Parse/Bind/... with no Sync
-        if self.outstanding > 0 or unsynced or scanner.mid_message:
-            # Mid-request its state is unknown: close it, and cancel what it runs so the
-            # database does not finish work nobody waits for.
-            if self.outstanding > 0:
-                cancel_server(server)
-            server.close()
-            return
-        if self.tx_status != wire.IDLE or self.pin_reason is not None:
-            server.needs_reset = True  # roll back what is open...
-            server.discard_needed = self.pin_reason is not None  # ...and the session's state
-        server.pool.release(server) if server.pool else server.close()
+        if self.outstanding > 0:  # the database would finish work nobody waits for
+            return Leftover.RUNNING
+        if scanner.last_kind not in wire.COMPLETE_TYPES or scanner.mid_message:
+            return Leftover.UNKNOWN  # Parse/Bind/... with no Sync, or half a message
+        if self.pin_reason is not None:
+            return Leftover.SESSION
+        return Leftover.TRANSACTION if self.tx_status != wire.IDLE else Leftover.NOTHING
 
-    def expire(self, reason: str) -> None:
-        self.fatal("57P01", f"terminating connection: {reason}")
+    def cancel(self, server: PgServer) -> None:
+        cancel_server(server)
+
+    def fail(self, failure: Failure, text: str, hint: str = "") -> None:
+        if failure is Failure.PROTOCOL_VIOLATION:
+            text = f"protocol violation: {text}"
+        self.fatal(FAILURE_CODES[failure], text, hint=hint)
 
     def fatal(self, code: str, text: str, *, hint: str = "") -> None:
         """Send FATAL and close: the client's own fault or a refusal. Only at a message
@@ -161,7 +150,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             data = scanner.feed(data)
         except wire.ProtocolViolation as error:
             self.ctx.metrics.client_protocol_errors.value += 1
-            self.fatal("08P01", f"protocol violation: {error}")
+            self.fail(Failure.PROTOCOL_VIOLATION, str(error))
             return
         self.last_active = self._clock.now
         if scanner.statements:
@@ -191,10 +180,12 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             self.last_sent = data
             server.transport.write(data)
             return
+        pool = self.pool
+        assert pool is not None  # set at login, before the relay starts
         if not self.pending and not self.waiting:
-            server = self.pool.try_borrow()  # type: ignore[union-attr]
+            server = pool.try_borrow()
             if server is not None and server.applied == self.wanted:
-                self._attach(server)
+                self.attach(server)
                 self.outstanding += syncs
                 server.scanner.answer = 0
                 self.last_sent = data
@@ -211,7 +202,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             return
         self.waiting = True
         if server is None:
-            server = self.pool.request(self)  # type: ignore[union-attr]
+            server = pool.request(self)
         if server is not None:
             self.on_connection(server)
 
@@ -275,20 +266,14 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
                 else:
                     self.unmemoizable = True
 
-    def pin(self, reason: str) -> None:
-        self.pin_reason = reason
-        self.ctx.metrics.count_pin(reason)
-        if self.ctx.config.debug_logging:
-            log.info("client %s pinned to its server connection: %s", self.user, reason)
-
-    def on_connection(self, server: PgServer) -> None:  # type: ignore[override]
+    def on_connection(self, server: PgServer) -> None:
         """The pool lends us a server: bring its settings to ours if needed, then relay
         what waited."""
         if server.applied != self.wanted:
             self._task = self.ctx.loop.create_task(self._apply_settings(server))
             return
         self.waiting = False
-        self._attach(server)
+        self.attach(server)
         if self.rewriting:
             self._send_queue()
             self._stop_holding_for_wait()
@@ -307,19 +292,11 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             self._held_for_wait = False
             self.release_reading()
 
-    def on_borrow_failed(self, error: Exception) -> None:
-        self.waiting = False
-        if isinstance(error, BorrowTimeout):
-            self.ctx.metrics.borrow_timeouts.value += 1
-            pool = self.pool
-            assert pool is not None
-            self._refuse_pending(
-                "53300", "timed out waiting for a database connection", pool.borrow_hint()
-            )
-        elif isinstance(error, ServerError):
-            self._refuse_pending(error.code or "08006", str(error))
-        else:
-            self._refuse_pending("08006", f"no database connection: {error}")
+    def refuse_request(
+        self, failure: Failure, text: str, hint: str = "", error: ServerError | None = None
+    ) -> None:
+        code = (error.code or "08006") if error is not None else FAILURE_CODES[failure]
+        self._refuse_pending(code, text, hint)
 
     async def _apply_settings(self, server: PgServer) -> None:
         pool = self.pool
@@ -327,11 +304,11 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         try:
             await server.apply_settings(self.wanted, pool.server_facts or {})
         except ServerError as error:
-            pool.release(server)
+            self.give_back(server=server)
             self.on_borrow_failed(error)
             return
         except asyncio.CancelledError:
-            server.close()
+            self.give_back(Leftover.UNKNOWN, server)
             raise
         server.applied = dict(self.wanted)
         self.on_connection(server)
@@ -371,9 +348,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
             self.refusing = False
             self.write(wire.ready_for_query() * syncs)
 
-    def _attach(self, server: PgServer) -> None:
-        self.server = server
-        server.client = self
+    def attach(self, server: PgServer) -> None:
+        super().attach(server)
         self.errors_at_attach = server.scanner.errors
         owners = self.ctx.session_ids
         owners[server.pid_bytes] = self.pid_bytes
@@ -381,14 +357,10 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         if self.rewriting:
             server.scanner.plan = wire.ReplyPlan(server.prepared, self.statements)
 
-    def _detach(self) -> PgServer | None:
-        server = self.server
-        if server is None:
-            return None
-        self.drop_holds(server)
-        server.scanner.plan = None
-        server.client = None
-        self.server = None
+    def detach(self) -> PgServer | None:
+        server: PgServer | None = super().detach()
+        if server is not None:
+            server.scanner.plan = None
         return server
 
     # -- relay: server to client -----------------------------------------------------------
@@ -410,18 +382,17 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         scanner = self.scanner
         if scanner.mid_message or scanner.last_kind not in wire.COMPLETE_TYPES:
             return  # more of the client's batch is on its way to this server
-        server = self._detach()
-        assert server is not None and server.pool is not None
         if self.touched or self.server_params_changed:
-            self._follow_settings(server)
+            self._follow_settings(self.detach())
             return
-        server.pool.release(server)
+        self.give_back()
 
     def _flush_pending(self) -> None:
         """Send what waited through the normal borrow path."""
         if self._has_waiting_requests and not self.waiting:
             self.waiting = True
-            server = self.pool.request(self)  # type: ignore[union-attr]
+            assert self.pool is not None
+            server = self.pool.request(self)
             if server is not None:
                 self.on_connection(server)
 
@@ -429,7 +400,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
         """The server connection died under this client."""
         if server.scanner.plan is not None:
             server.scanner.plan.lost()  # names it was parsing were never created
-        self._detach()
+        self.detach()
         self.ctx.metrics.database_connections_lost.value += 1
         if self.is_closed:
             return
@@ -504,8 +475,6 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientEnd, ClientSess
     @property
     def in_flight(self) -> bool:
         return self.outstanding > 0 or self.waiting  # sent and unanswered, or queued
-
-    # -- backpressure -----------------------------------------------------------------------
 
 
 def cancel_server(server: PgServer) -> None:

@@ -9,7 +9,7 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
-from dbmux.auth.admission import Refusal, source_address
+from dbmux.auth.admission import source_address
 from dbmux.auth.md5 import md5_password_hash, verify_md5_response
 from dbmux.auth.scram import (
     ScramAuthFailed,
@@ -19,10 +19,8 @@ from dbmux.auth.scram import (
     mock_verifier,
 )
 from dbmux.config import ClientPasswordAuthType
-from dbmux.engines.base import ServerError
+from dbmux.engines.base import BorrowTimeout, Lender, ServerError
 from dbmux.engines.postgres import wire
-from dbmux.framed import ConnectionClosed
-from dbmux.pool import BorrowTimeout, Lender
 
 if TYPE_CHECKING:
     from dbmux.engines.postgres.backend import PgServer
@@ -71,34 +69,11 @@ def parse_options(options: str) -> dict[str, str]:
 class LoginMixin:
     """PgClient's login conversation (runs once, before the relay starts)."""
 
-    async def _login(self) -> None:
-        ctx = self.ctx
-        admission = ctx.runtime.admission
-        admission.enter(self, self._drop_pending)
+    async def log_in(self, deadline: asyncio.Timeout) -> None:
         try:
-            async with asyncio.timeout(ctx.config.client_login_timeout) as deadline:
-                await self._startup(deadline)
+            await self._startup(deadline)
         except LoginRefused as refusal:
             self.fatal(refusal.code, refusal.text, hint=refusal.hint)
-        except wire.ProtocolViolation as error:
-            ctx.metrics.client_protocol_errors.value += 1
-            self.fatal("08P01", f"invalid startup: {error}")
-        except TimeoutError:
-            self.fatal(
-                "08P01",
-                "login took too long",
-                hint=f"client_login_timeout is {ctx.config.client_login_timeout} s",
-            )
-        except ConnectionClosed:
-            self.close_transport()
-        except Exception:  # a bug must cost this client only, and say so
-            log.exception("login of a client failed unexpectedly")
-            self.fatal("XX000", "internal error in the proxy during login")
-        finally:
-            admission.leave(self)
-
-    def _drop_pending(self, refusal: Refusal) -> None:
-        self.fatal("53300", refusal.text, hint=refusal.hint)
 
     async def _startup(self, deadline: asyncio.Timeout) -> None:
         ctx = self.ctx
@@ -249,12 +224,13 @@ class LoginMixin:
             raise LoginRefused(error.code or "22023", str(error)) from None
         finally:
             if server is not None:
-                pool.release(server)
+                self.give_back(server=server)
         return facts
 
     async def _borrow_for_login(self, pool: Lender) -> PgServer:
         try:
-            return await pool.borrow()  # type: ignore[return-value]
+            server: PgServer = await pool.borrow()
+            return server
         except BorrowTimeout:
             raise LoginRefused(
                 "53300", "timed out waiting for a database connection", pool.borrow_hint()

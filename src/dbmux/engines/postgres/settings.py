@@ -7,18 +7,16 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from dbmux.bounded import MEMO_TEXT_LIMIT
-from dbmux.engines.base import ServerError
+from dbmux.engines.base import PoolKey, ServerError
 from dbmux.engines.postgres import wire
 from dbmux.engines.postgres.pinning import ALL_SETTINGS
-from dbmux.pool import PoolKey
+from dbmux.session import Leftover
 
 if TYPE_CHECKING:
     from dbmux.engines.postgres.backend import PgServer
 
 log = logging.getLogger("dbmux.postgres")
 
-SET_RESULTS_CAPACITY = 10_000  # remembered SET statement outcomes per proxy (LRU)
 # Settings a session may have the proxy carry to each server connection it borrows; past
 # that it is pinned (SESSION_STATE_SIZE) and its server connection holds them, as directly.
 MAX_CARRIED_SETTINGS = 1000
@@ -35,10 +33,10 @@ class SettingsMixin:
         self.server_params_changed = False
         if not self.ctx.classifier.replay_settings:
             if self._settings_drifted(server):
-                self._attach(server)
+                self.attach(server)
                 self.pin("set_variable")
                 return
-            server.pool.release(server)  # type: ignore[union-attr]
+            self.give_back(server=server)
             return
         pool = self.pool
         assert pool is not None and pool.server_facts is not None
@@ -52,7 +50,7 @@ class SettingsMixin:
         self.touched.clear()
         self.set_texts.clear()
         self.unmemoizable = False
-        known = self.ctx.set_results.get(memo_key) if memo_key else None
+        known = self.ctx.set_results.outcome(*memo_key) if memo_key else None
         if not restore and (not names or known is not None):
             self._settle_settings(server, known or {})
         else:
@@ -77,8 +75,6 @@ class SettingsMixin:
         serves every later run of that text."""
         if self.unmemoizable or len(self.set_texts) != 1 or self.pool is None:
             return None
-        if len(self.set_texts[0]) > MEMO_TEXT_LIMIT:
-            return None
         if server.scanner.errors != self.errors_at_attach:
             return None
         return self.pool.key, self.set_texts[0]
@@ -98,15 +94,15 @@ class SettingsMixin:
             values = await server.read_settings(names) if names else {}
         except ServerError as error:
             log.warning("could not read back session settings; closing that connection: %s", error)
-            server.close()
+            self.give_back(Leftover.UNKNOWN, server)
             self.waiting = False
             self._flush_pending()
             return
         except asyncio.CancelledError:
-            server.close()
+            self.give_back(Leftover.UNKNOWN, server)
             raise
         if memo_key is not None:
-            self.ctx.set_results[memo_key] = values
+            self.ctx.set_results.remember(*memo_key, values)
         self._settle_settings(server, values)
 
     def _settle_settings(self, server: PgServer, values: dict[str, str | None]) -> None:
@@ -136,10 +132,10 @@ class SettingsMixin:
             self.on_connection(server)  # what the client sent meanwhile runs right here
         elif self.pin_reason is not None:
             self.waiting = False
-            self._attach(server)
+            self.attach(server)
         else:
             self.waiting = False
-            pool.release(server)
+            self.give_back(server=server)
 
     def _settings_drifted(self, server: PgServer) -> bool:
         """A reported setting changed by something the classifier did not see (a function's

@@ -75,7 +75,8 @@ class StatementsMixin:
         if server is None:
             if not self.waiting:
                 self.waiting = True
-                server = self.pool.request(self)  # type: ignore[union-attr]
+                assert self.pool is not None
+                server = self.pool.request(self)
                 if server is not None:
                     self.on_connection(server)
             elif not self._held_for_wait:

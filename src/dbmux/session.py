@@ -1,0 +1,213 @@
+"""The engine-agnostic client session: what happens to a client connection of any engine,
+from accept to close.
+
+It owns the lifecycle both engines share: the proxy's count of clients, the login deadline
+and the bound on pending logins, attaching and detaching a server connection, pinning (with
+its reason), the refusal of a request that got no server connection, expiry, and the ONE
+place a server connection is given back (`give_back`: reset, release or close). An engine's
+session subclasses it and supplies the protocol: its login conversation, its words for each
+failure, what a closing client leaves on its server connection, and the relay itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import abstractmethod
+from enum import Enum
+from typing import Any
+
+from dbmux.engines.base import Borrower, BorrowTimeout, Lender, ProxyRuntime, ServerError
+from dbmux.framed import ClientEnd, ConnectionClosed
+
+log = logging.getLogger("dbmux.session")
+
+
+class Failure(Enum):
+    """What went wrong, for the engine to word in its protocol."""
+
+    TOO_MANY_CLIENTS = "too many clients"  # max_client_connections, max_pending_logins
+    LOGIN_TIMEOUT = "login timeout"  # client_login_timeout
+    PROTOCOL_VIOLATION = "protocol violation"  # the client sent what the protocol forbids
+    INTERNAL = "internal error"  # a bug in the proxy, costing this client only
+    TERMINATED = "terminated"  # idle_client_timeout, shutdown
+    BORROW_TIMEOUT = "borrow timeout"  # connection_borrow_timeout (the request fails)
+    NO_SERVER = "no server connection"  # one could not be opened (the request fails)
+
+
+class Leftover(Enum):
+    """What a client leaves on the server connection it gives back."""
+
+    NOTHING = "nothing"  # lend it again as it is
+    TRANSACTION = "transaction"  # an open transaction: roll back first
+    SESSION = "session"  # session state too (a pinned session): clear it all first
+    UNKNOWN = "unknown"  # stopped mid-request: its state is unknown, close it
+    RUNNING = "running"  # a request still runs there: cancel it, and close
+
+
+class ClientSession(ClientEnd, Borrower):
+    """One client connection of any engine."""
+
+    # The engine's exception for malformed client input (its wire.ProtocolViolation).
+    protocol_violation: type[Exception]
+
+    def __init__(self, runtime: ProxyRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.server: Any = None  # the engine's server connection, while it has one
+        self.pool: Lender | None = None  # what it borrows from, once logged in
+        self.user = ""
+        self.pin_reason: str | None = None  # why it keeps its server connection, if it does
+        self.waiting = False  # queued in the pool for a server connection
+        self.logged_in = False
+        self.last_active = runtime.clock.now
+        self._task: asyncio.Task[None] | None = None  # the login, or a round trip of its own
+
+    # -- what each engine supplies ------------------------------------------------------------
+
+    @abstractmethod
+    async def log_in(self, deadline: asyncio.Timeout) -> None:
+        """The engine's login conversation, refusals in its own words included; on success
+        it sets `pool` and `logged_in` and starts relaying. `deadline` is
+        client_login_timeout's, for the engine to lift once the password is proved."""
+
+    @abstractmethod
+    def fail(self, failure: Failure, text: str, hint: str = "") -> None:
+        """Tell the client why it is disconnected, in its protocol, where it can read it
+        (at a message boundary), and close."""
+
+    @abstractmethod
+    def refuse_request(
+        self, failure: Failure, text: str, hint: str = "", error: ServerError | None = None
+    ) -> None:
+        """Answer the request waiting for a server connection with an error (the
+        database's `error`, if it gave one); the client keeps its connection."""
+
+    @abstractmethod
+    def leftover(self, server: Any) -> Leftover:
+        """What this client, closing now, leaves on `server`."""
+
+    def cancel(self, server: Any) -> None:
+        """Stop what `server` runs for this client (Leftover.RUNNING); by default the close
+        that follows is all there is."""
+
+    def forget(self) -> None:
+        """The client is gone: drop it from the engine's own registries (cancel keys,
+        connection ids)."""
+
+    @property
+    @abstractmethod
+    def in_flight(self) -> bool:
+        """Something the client asked for is not answered yet: a request at the server, a
+        reply still being relayed, a wait for a server connection. A client is idle only
+        when it is silent with nothing in flight (idle_client_timeout)."""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.runtime.metrics.client_connections_received.value += 1
+        self.runtime.clients.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._login())
+
+    async def _login(self) -> None:
+        runtime = self.runtime
+        limit = runtime.config.client_login_timeout
+        runtime.admission.enter(
+            self, lambda refusal: self.fail(Failure.TOO_MANY_CLIENTS, refusal.text, refusal.hint)
+        )
+        try:
+            async with asyncio.timeout(limit) as deadline:
+                await self.log_in(deadline)
+        except TimeoutError:
+            self.fail(
+                Failure.LOGIN_TIMEOUT, "login took too long", f"client_login_timeout is {limit:g} s"
+            )
+        except ConnectionClosed:
+            self.close_transport()
+        except self.protocol_violation as error:
+            runtime.metrics.client_protocol_errors.value += 1
+            self.fail(Failure.PROTOCOL_VIOLATION, str(error))
+        except Exception:  # a bug must cost this client only, and say so
+            log.exception("login of a client failed unexpectedly")
+            self.fail(Failure.INTERNAL, "internal error in the proxy during login")
+        finally:
+            runtime.admission.leave(self)
+
+    def on_closed(self, exc: Exception | None) -> None:
+        runtime = self.runtime
+        runtime.clients.discard(self)
+        runtime.metrics.client_connections_closed.value += 1
+        self.forget()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self.waiting and self.pool is not None:
+            self.pool.withdraw(self)
+        if self.server is not None:
+            self.give_back(self.leftover(self.server))
+
+    def expire(self, reason: str) -> None:
+        """idle_client_timeout or shutdown."""
+        self.fail(Failure.TERMINATED, f"terminating connection: {reason}")
+
+    def pin(self, reason: str) -> None:
+        """Keep this server connection for the rest of the session, because of `reason`."""
+        self.pin_reason = reason
+        self.runtime.metrics.count_pin(reason)
+        if self.runtime.config.debug_logging:
+            log.info("client %s pinned to its server connection: %s", self.user, reason)
+
+    # -- the server connection ----------------------------------------------------------------
+
+    def attach(self, server: Any) -> None:
+        self.server = server
+        server.client = self
+
+    def detach(self) -> Any:
+        """Part from the server connection (if any) and return it."""
+        server = self.server
+        if server is None:
+            return None
+        self.drop_holds(server)
+        server.client = None
+        self.server = None
+        return server
+
+    def give_back(self, left: Leftover = Leftover.NOTHING, server: Any = None) -> None:
+        """The one place a server connection leaves its client: detached (when it is the
+        attached one), then reset and released, or closed when its state is unknown."""
+        if server is None or server is self.server:
+            server = self.detach()
+            if server is None:
+                return
+        if left is Leftover.RUNNING:
+            self.cancel(server)
+        if left is Leftover.RUNNING or left is Leftover.UNKNOWN:
+            server.close()
+            return
+        if left is not Leftover.NOTHING:
+            server.needs_reset = True
+            server.discard_needed = left is Leftover.SESSION
+        if server.pool is not None:
+            server.pool.release(server)
+        else:
+            server.close()
+
+    def on_borrow_failed(self, error: Exception) -> None:
+        self.waiting = False
+        pool = self.pool
+        if isinstance(error, BorrowTimeout) and pool is not None:
+            self.runtime.metrics.borrow_timeouts.value += 1
+            text = "timed out waiting for a database connection"
+            self.refuse_request(Failure.BORROW_TIMEOUT, text, pool.borrow_hint())
+        elif isinstance(error, ServerError):
+            self.refuse_request(Failure.NO_SERVER, str(error), error=error)
+        else:
+            self.refuse_request(Failure.NO_SERVER, f"no database connection: {error}")
+
+    @property
+    def active(self) -> bool:
+        """Not idle: something in flight, or the end of a reply the client has not read yet
+        (the server has answered, but the proxy still holds bytes to write to the client)."""
+        transport = self.transport
+        return self.in_flight or (transport is not None and transport.get_write_buffer_size() > 0)
