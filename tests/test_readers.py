@@ -1,6 +1,7 @@
 """Read-only endpoints against a real PostgreSQL primary and two streaming replicas: reads
 spread over the replicas, never a write on one, a lagging replica skipped, the writer as a
-read-only fallback, and a promoted replica leaving the read-only side."""
+read-only fallback, and a promoted replica leaving the read-only side; then the same choices
+of the replica route built directly, over pools of fake server connections."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from dbmux.config import Endpoint, Target, TargetRole
+from dbmux.engines.base import ServerConnection, ServerError
+from dbmux.pool import PoolSet
+from dbmux.readers import ReplicaRoute
+from dbmux.targets import Instance, TargetHealth
 from dbmux.testing import PostgresCluster
 from dbmux.testing.embedded import EmbeddedDbmux
 from tests.conftest import (
@@ -25,6 +31,8 @@ from tests.conftest import (
     writer_port,
 )
 from tests.pgraw import RawClient, i32, msg
+from tests.test_pool import pools_of
+from tests.waiting import eventually
 
 LAG_LIMIT = 1.0  # seconds, for the endpoints that limit replication lag
 
@@ -155,7 +163,8 @@ async def test_a_read_waits_for_a_replica_when_none_fits(dbmux, clusters, laggin
     await asyncio.to_thread(lagging, first, second)
     conn = await asyncpg.connect(url(dbmux, "fresh"))
     read = asyncio.create_task(conn.fetchval("SELECT inet_server_port()"))
-    await asyncio.sleep(0.5)
+    route = dbmux.proxy().routes["fresh"]
+    await eventually(lambda: bool(route.parked), "the read waits for a replica")
     assert not read.done(), "a read ran although no replica fits the endpoint"
     second.psql("SELECT pg_wal_replay_resume()")
     assert await asyncio.wait_for(read, WAIT) == second.port
@@ -177,7 +186,7 @@ def test_a_promoted_replica_leaves_the_read_only_side(tmp_path: Path) -> None:
                 assert asyncio.run(ports_serving(dbmux, "ro")) == {second.port}
 
 
-async def test_a_cancel_request_reaches_a_client_of_another_endpoint(dbmux) -> None:
+async def test_a_cancel_request_reaches_a_client_of_another_endpoint(dbmux, clusters) -> None:
     """Cancel keys belong to the proxy, not the listener: a driver's cancel connection to
     the proxy's main address stops a query that runs through its read-only endpoint."""
     ro_host, ro_port = dbmux.address(endpoint="ro")
@@ -185,8 +194,111 @@ async def test_a_cancel_request_reaches_a_client_of_another_endpoint(dbmux) -> N
     async with await RawClient.connect(ro_host, ro_port) as raw:
         (key,) = [m for m in await raw.login(APP_USER, APP_PASSWORD, APP_DB) if m.kind == b"K"]
         await raw.send(msg(b"Q", b"SELECT pg_sleep(30)\0"))
-        await asyncio.sleep(0.3)
+        sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'"
+        await asyncio.to_thread(
+            wait_until, lambda: any(c.psql(sleeping) == "1" for c in clusters), "the query runs"
+        )
         async with await RawClient.connect(main_host, main_port) as canceller:
             await canceller.send(i32(16) + i32(80877102) + key.payload)
         errors = [m.fields["C"] for m in await raw.read_until_ready() if m.kind == b"E"]
         assert errors == ["57014"]  # canceling statement due to user request
+
+
+# ---------------------------------------------------------------------------------------------
+# The replica route built directly: instances set by the test, pools of FakeServers.
+
+
+def replica(port: int, lag: float | None = 0.0) -> Instance:
+    """An instance a probe found to be a replica, `lag` seconds behind."""
+    instance = Instance(Target(host="127.0.0.1", port=port))
+    instance.health, instance.role, instance.lag = TargetHealth.AVAILABLE, TargetRole.READ_ONLY, lag
+    return instance
+
+
+def route_over(
+    instances: list[Instance], *, fallback: bool = False, timeout: float = WAIT
+) -> ReplicaRoute:
+    """A read-only endpoint limited to LAG_LIMIT over `instances`, each probed once."""
+    endpoint = Endpoint(
+        name="ro",
+        listen="127.0.0.1:0",
+        target_role=TargetRole.READ_ONLY,
+        max_replica_lag=LAG_LIMIT,
+        fallback_to_writer=fallback,
+    )
+
+    def pools(instance: Instance | None = None) -> PoolSet:
+        return pools_of(max_connections_percent=100).pools  # ten connections each
+
+    route = ReplicaRoute(endpoint, instances, pools, pools() if fallback else None, timeout)
+    for instance in instances:
+        route.instance_probed(instance)
+    return route
+
+
+def served_by(route: ReplicaRoute, conn: ServerConnection) -> str:
+    """Which replica (or the writer) a connection is to."""
+    for name, pools in route.sets.items():
+        if conn.pool in pools.pools.values():
+            return name
+    assert route.fallback is not None and conn.pool in route.fallback.pools.values()
+    return "writer"
+
+
+async def test_a_borrow_goes_to_the_least_busy_replica_that_is_not_lagging() -> None:
+    first, second = replica(1), replica(2)
+    route = route_over([first, second])
+    pool = route.get(APP_DB, APP_USER)
+    held = [await pool.borrow(), await pool.borrow()]
+    assert {served_by(route, c) for c in held} == {first.name, second.name}
+    first.lag = LAG_LIMIT + 1
+    route.instance_probed(first)
+    more = [await pool.borrow() for _ in range(3)]
+    assert {served_by(route, c) for c in more} == {second.name}
+
+
+async def test_a_borrow_with_no_usable_replica_waits_for_one() -> None:
+    first = replica(1, lag=None)  # replication stopped: lag unknown
+    route = route_over([first])
+    borrowing = asyncio.create_task(route.get(APP_DB, APP_USER).borrow())
+    await eventually(lambda: bool(route.parked), "the borrower waits for a replica")
+    assert not borrowing.done()
+    first.lag = 0.0
+    route.instance_probed(first)
+    conn = await asyncio.wait_for(borrowing, WAIT)
+    assert served_by(route, conn) == first.name and not route.parked
+
+
+async def test_a_borrow_with_no_usable_replica_fails_at_the_timeout_naming_the_replicas() -> None:
+    route = route_over([replica(1, lag=LAG_LIMIT + 1)], timeout=0.05)
+    with pytest.raises(ServerError) as caught:
+        await asyncio.wait_for(route.get(APP_DB, APP_USER).borrow(), WAIT)
+    assert caught.value.code == "08001"
+    assert f"max_replica_lag {LAG_LIMIT}" in str(caught.value)
+    assert "127.0.0.1:1 READ_ONLY AVAILABLE lag 2 s" in str(caught.value)
+
+
+async def test_with_no_usable_replica_the_writer_serves_when_the_endpoint_falls_back() -> None:
+    first = replica(1, lag=LAG_LIMIT + 1)
+    route = route_over([first], fallback=True)
+    pool = route.get(APP_DB, APP_USER)
+    assert served_by(route, await pool.borrow()) == "writer"
+    first.lag = 0.0
+    route.instance_probed(first)
+    assert served_by(route, await pool.borrow()) == first.name
+
+
+async def test_a_promoted_replica_loses_its_connections_and_its_reads() -> None:
+    first, second = replica(1), replica(2)
+    route = route_over([first, second])
+    pool = route.get(APP_DB, APP_USER)
+    conns = [await pool.borrow() for _ in range(4)]
+    for conn in conns:
+        pool.release(conn)
+    on_first = [c for c in conns if served_by(route, c) == first.name]
+    assert on_first and all(not c.closed for c in on_first)
+    first.role = TargetRole.READ_WRITE
+    route.instance_probed(first)
+    assert all(c.closed for c in on_first)
+    assert route.sets[first.name].budget.open == 0
+    assert {served_by(route, await pool.borrow()) for _ in range(3)} == {second.name}

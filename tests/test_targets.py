@@ -1,22 +1,29 @@
 """Target groups against a real PostgreSQL primary and streaming replica: roles and health
-as probes find them, and a failover that clients live through without reconnecting."""
+as probes find them, and a failover that clients live through without reconnecting; then
+the group built directly, its probes answered by the test: split brain, failover waits and
+why a target is unavailable."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import psycopg
 import pytest
 
-from dbmux.config import TargetRole
-from dbmux.targets import HealthReason, TargetHealth
+from dbmux.config import Target, TargetRole
+from dbmux.engines.base import ErrorKind, ProbeResult, ServerError
+from dbmux.framed import ConnectionClosed
+from dbmux.targets import HealthReason, Instance, TargetGroup, TargetHealth
 from dbmux.testing import PostgresCluster
 from dbmux.testing.embedded import EmbeddedDbmux
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, WAIT, group_config, wait_until
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -256,3 +263,173 @@ async def test_a_server_closing_idle_connections_is_probed_at_once(cluster, tmp_
         assert targets.writer.target.port == replica.port
         assert await conn.fetchval("SELECT inet_server_port()") == replica.port
         await conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The target group built directly: probes that answer what the test says, no database.
+
+
+class Answers:
+    """What each instance (by port) answers to a probe; the test changes it as it goes."""
+
+    def __init__(self, **by_port: ProbeResult | Exception) -> None:
+        self.by_port = {int(port.removeprefix("p")): a for port, a in by_port.items()}
+        self.calls = dict.fromkeys(self.by_port, 0)  # probes begun, per port
+
+    def __setitem__(self, port: int, answer: ProbeResult | Exception) -> None:
+        self.by_port[port] = answer
+
+    async def __call__(self, target: Target) -> ProbeResult:
+        self.calls[target.port] += 1
+        answer = self.by_port[target.port]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+WRITER, REPLICA = ProbeResult(writable=True), ProbeResult(writable=False)
+PRIMARY, SECONDARY = 1001, 1002
+
+
+def classify(error: ServerError) -> ErrorKind:
+    """A test engine's reading of its error codes (they are its own)."""
+    return {"auth": ErrorKind.AUTH, "busy": ErrorKind.BUSY, "gone": ErrorKind.GONE}.get(
+        error.code, ErrorKind.OTHER
+    )
+
+
+@dataclass
+class Group:
+    """A started TargetGroup, the answers its probes get and the writer changes it made."""
+
+    targets: TargetGroup
+    answers: Answers
+    changes: list[tuple[int | None, int | None]]
+
+    def instance(self, port: int) -> Instance:
+        return next(i for i in self.targets.instances if i.target.port == port)
+
+    async def probed(self) -> None:
+        """Wait until every instance was probed again, with the answers as they are now
+        (a second probe begun means the first one begun after this call has ended)."""
+        calls = self.answers.calls
+        wanted = {port: n + 2 for port, n in calls.items()}
+        self.targets.suspect()
+        await eventually(lambda: all(calls[p] >= n for p, n in wanted.items()), "probed again")
+
+
+@contextlib.asynccontextmanager
+async def group(answers: Answers) -> AsyncIterator[Group]:
+    changes: list[tuple[int | None, int | None]] = []
+
+    def changed(old: Instance | None, new: Instance | None) -> None:
+        changes.append((old and old.target.port, new and new.target.port))
+
+    targets = TargetGroup(
+        [Target(host="127.0.0.1", port=port) for port in answers.by_port],
+        answers,
+        classify,
+        interval=0.02,
+        on_writer_change=changed,
+    )
+    targets.start()
+    try:
+        running = Group(targets, answers, changes)
+        await running.probed()
+        yield running
+    finally:
+        targets.stop()
+
+
+async def test_the_writer_is_the_instance_that_accepts_writes() -> None:
+    async with group(Answers(p1001=WRITER, p1002=REPLICA)) as g:
+        assert g.targets.writer is g.instance(PRIMARY)
+        assert g.instance(SECONDARY).is_replica
+        assert g.changes == [(None, PRIMARY)]
+
+
+async def test_a_second_writable_instance_is_invalid_replication_state() -> None:
+    """A split brain: the writer stays, the other writable instance is not followed (its
+    writes would be lost) and is reported INVALID_REPLICATION_STATE until the writer goes."""
+    async with group(Answers(p1001=WRITER, p1002=REPLICA)) as g:
+        generation = g.targets.generation
+        g.answers[SECONDARY] = WRITER
+        await g.targets.wait_for_writer(1)
+        for _ in range(3):
+            await g.probed()
+            other = g.instance(SECONDARY)
+            assert (other.health, other.reason) == (
+                TargetHealth.UNAVAILABLE,
+                HealthReason.INVALID_REPLICATION_STATE,
+            )
+            assert g.targets.writer is g.instance(PRIMARY)
+            assert g.targets.generation == generation
+        g.answers[PRIMARY] = OSError("connection refused")
+        await eventually(lambda: g.targets.writer is other, "the other writable one followed")
+        assert g.instance(PRIMARY).reason is HealthReason.UNREACHABLE
+        assert g.changes[-1] == (None, SECONDARY)
+
+
+async def test_two_writable_instances_from_the_start_make_one_writer() -> None:
+    async with group(Answers(p1001=WRITER, p1002=WRITER)) as g:
+        writers = [i for i in g.targets.instances if i.is_writer]
+        invalid = [
+            i for i in g.targets.instances if i.reason is HealthReason.INVALID_REPLICATION_STATE
+        ]
+        assert writers == [g.targets.writer] and len(invalid) == 1
+        assert len(g.changes) == 1
+
+
+async def test_clients_wait_for_the_next_writer_during_a_failover() -> None:
+    async with group(Answers(p1001=WRITER, p1002=REPLICA)) as g:
+        generation = g.targets.generation
+        g.answers[PRIMARY] = ServerError("the database system is shutting down", code="gone")
+        await eventually(lambda: g.targets.writer is None, "the writer lost")
+        assert g.targets.failing_over
+        waiting = asyncio.create_task(g.targets.wait_for_writer(WAIT))
+        changed = asyncio.create_task(g.targets.wait_for_change(generation, WAIT))
+        await g.probed()
+        assert not waiting.done()
+        g.answers[SECONDARY] = WRITER  # promoted
+        assert await asyncio.wait_for(waiting, WAIT) is g.instance(SECONDARY)
+        assert await asyncio.wait_for(changed, WAIT)
+        assert g.changes == [(None, PRIMARY), (PRIMARY, None), (None, SECONDARY)]
+        assert g.instance(PRIMARY).reason is HealthReason.CONNECTION_FAILED
+
+
+async def test_with_no_writer_a_wait_ends_in_error_08001_naming_every_target() -> None:
+    async with group(Answers(p1001=REPLICA, p1002=OSError("no route to host"))) as g:
+        with pytest.raises(ServerError) as caught:
+            await g.targets.wait_for_writer(0.05)
+        assert caught.value.code == "08001"
+        assert "127.0.0.1:1001 AVAILABLE" in str(caught.value)
+        assert "127.0.0.1:1002 UNAVAILABLE no route to host" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (ServerError("password authentication failed", code="auth"), HealthReason.AUTH_FAILURE),
+        (ServerError("too many connections", code="busy"), HealthReason.PENDING_PROXY_CAPACITY),
+        (ServerError("anything else", code="XX000"), HealthReason.CONNECTION_FAILED),
+        (ConnectionClosed("closed"), HealthReason.CONNECTION_FAILED),
+        (OSError("connection refused"), HealthReason.UNREACHABLE),
+    ],
+)
+async def test_a_probe_that_fails_says_why_the_target_is_unavailable(error, reason) -> None:
+    async with group(Answers(p1001=WRITER, p1002=error)) as g:
+        failed = g.instance(SECONDARY)
+        assert (failed.health, failed.reason) == (TargetHealth.UNAVAILABLE, reason)
+        assert failed.description == str(error)
+
+
+async def test_a_writer_that_is_full_stays_the_writer() -> None:
+    """A login refused for lack of connection slots proves the instance alive: its role did
+    not change (the pool itself may hold every slot)."""
+    async with group(Answers(p1001=WRITER, p1002=REPLICA)) as g:
+        g.answers[PRIMARY] = ServerError("too many connections", code="busy")
+        await g.probed()
+        await g.probed()
+        assert g.targets.writer is g.instance(PRIMARY)
+        assert g.instance(PRIMARY).health is TargetHealth.AVAILABLE
+        assert g.changes == [(None, PRIMARY)]
