@@ -8,7 +8,7 @@ import secrets
 import pymysql
 import pytest
 
-from dbmux.engines.mysql import frontend, wire
+from dbmux.engines.mysql import settings, statements, wire
 from dbmux.engines.mysql.engine import MyContext
 from tests.conftest import wait_until
 from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
@@ -46,7 +46,7 @@ async def test_a_client_cannot_prepare_more_statements_than_the_limit(
 ) -> None:
     """Without the cap a client's COM_STMT_PREPAREs grow its statement map in the proxy
     without bound. Past it, the server's own error 1461; closing one makes room."""
-    monkeypatch.setattr(frontend, "MAX_CLIENT_STATEMENTS", 50)  # 10,000 in production
+    monkeypatch.setattr(statements, "MAX_CLIENT_STATEMENTS", 50)  # 10,000 in production
     async with await RawMy.connect(my_proxy.host, my_proxy.port) as raw:
         _, ok = await raw.login(MY_USER, MY_PASSWORD, MY_DB)
         assert ok[0] == 0, ok
@@ -83,12 +83,12 @@ def test_a_session_carrying_too_many_variables_is_pinned_and_keeps_them(
 ) -> None:
     """Without the cap each variable a client sets is carried (and replayed on every
     borrow) for good; past it the session keeps its server connection, which holds them."""
-    monkeypatch.setattr(frontend, "MAX_CARRIED_STATE", 20)  # 1,000 in production
+    monkeypatch.setattr(settings, "MAX_CARRIED_STATE", 20)  # 1,000 in production
     with my_proxy.connect() as conn, conn.cursor() as cur:
         for n in range(60):
             cur.execute(f"SET @v{n} = {n}")
         (client,) = my_proxy.embedded.proxy().runtime.clients
-        assert client.pin_reason == frontend.SESSION_STATE_SIZE  # type: ignore[attr-defined]
+        assert client.pin_reason == settings.SESSION_STATE_SIZE  # type: ignore[attr-defined]
         assert len(client.wanted) <= 21  # type: ignore[attr-defined]
         assert len(client.touched) == 0  # type: ignore[attr-defined]
         cur.execute("SELECT @v0, @v59")
@@ -114,7 +114,7 @@ async def test_the_texts_a_client_keeps_prepared_are_bounded_in_bytes_too(
 ) -> None:
     """Without it a client under the statement count still makes the proxy hold up to
     10,000 texts of a whole command each (gigabytes); past the byte cap, 1461 as well."""
-    monkeypatch.setattr(frontend, "MAX_CLIENT_STATEMENT_BYTES", 10_000)  # 64 MiB in production
+    monkeypatch.setattr(statements, "MAX_CLIENT_STATEMENT_BYTES", 10_000)  # 64 MiB in production
     async with await RawMy.connect(my_proxy.host, my_proxy.port) as raw:
         _, ok = await raw.login(MY_USER, MY_PASSWORD, MY_DB)
         assert ok[0] == 0, ok

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from dbmux.auth import mysql as auth
 from dbmux.auth.secrets import Credentials
 from dbmux.engines.base import ServerConnection, ServerError
-from dbmux.engines.mysql import handshake, state, wire
+from dbmux.engines.mysql import handshake, settings, wire
 from dbmux.framed import ConnectionClosed, ServerEnd
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ class MyServer(ServerEnd, ServerConnection):
         changes = {key: value for key, value in wanted.items() if applied.get(key) != value}
         changes.update((key, "NULL") for key in applied if key not in wanted)
         if changes:
-            await self.query(state.set_statement(changes))
+            await self.query(settings.set_statement(changes))
         self.applied = dict(wanted)
         if schema != self.schema and schema:
             await self.exchange(bytes((wire.COM_INIT_DB,)) + schema.encode(), wire.RESPONSE_SIMPLE)

@@ -1,6 +1,9 @@
 """Client side of the MySQL engine: one command at a time, a server connection borrowed for
 each transaction, and the session's state carried from one server connection to the next.
 
+Login (login.py), prepared statements (statements.py), session state (settings.py) and
+transaction replay (replay.py) are mixins of the same MyClient, kept in their own modules.
+
 MySQL clients send a command and wait for its reply, so the client is served strictly in
 order: while a command is answered, later ones wait in the inbox. A server connection goes
 back to the pool when a reply ends with SERVER_STATUS_IN_TRANS clear, unless the session is
@@ -10,19 +13,23 @@ pinned or holds long data for a statement.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import secrets
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dbmux.auth import mysql as auth
-from dbmux.auth.admission import Refusal, source_address
 from dbmux.engines.base import ClientSession, ServerError
-from dbmux.engines.mysql import handshake, pinning, state, wire
-from dbmux.engines.mysql.backend import NATIVE, MyServer
-from dbmux.engines.mysql.kill import find_kill
+from dbmux.engines.mysql import wire
+from dbmux.engines.mysql.backend import MyServer
+from dbmux.engines.mysql.kill import ER_NOT_SUPPORTED_YET, find_kill
+from dbmux.engines.mysql.login import LoginMixin, borrow_hint, error_of
+from dbmux.engines.mysql.pinning import NO_STATE
 from dbmux.engines.mysql.replay import ReplayMixin, TransactionLog
+from dbmux.engines.mysql.settings import SettingsMixin
+from dbmux.engines.mysql.statements import (
+    ClientStatement,
+    CommandFailed,
+    Request,
+    StatementsMixin,
+)
 from dbmux.framed import ClientEnd, ConnectionClosed
 from dbmux.pool import Borrower, BorrowTimeout, Lender
 
@@ -31,76 +38,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dbmux.mysql")
 
-CURSOR = "cursor"  # COM_STMT_EXECUTE that opens a server-side cursor
 SET_OPTION = "set_option"  # COM_SET_OPTION changes how the server connection parses
-MAX_CLIENT_STATEMENTS = 10_000  # prepared statements one client may hold at once
-MAX_CLIENT_STATEMENT_BYTES = 64 << 20  # ...and the bytes of their texts
-# Variables a session may have the proxy carry to each server connection it borrows; past
-# that it is pinned (SESSION_STATE_SIZE) and its server connection holds them, as directly.
-MAX_CARRIED_STATE = 1000
-SESSION_STATE_SIZE = "session_state_size"
 INBOX_LIMIT = 1 << 20  # stop reading a client that sends this much ahead of its replies
-DEFAULT_COMMAND_LIMIT = 64 << 20  # until the server's max_allowed_packet is known
-_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
-ER_NOT_SUPPORTED_YET = (1235, "42000")  # a KILL dbmux cannot carry out for the client
 
 
-class LoginRefused(Exception):
-    """Login ends with this ERR packet (sequence id `seq`) and the connection is closed."""
-
-    def __init__(self, seq: int, error: tuple[int, str], message: str) -> None:
-        super().__init__(message)
-        self.seq, self.error, self.message = seq, error, message
-
-
-class CommandFailed(Exception):
-    """A command is answered with this ERR packet; the client keeps its connection."""
-
-    def __init__(self, error: tuple[int, str], message: str) -> None:
-        super().__init__(message)
-        self.error, self.message = error, message
-
-
-@dataclass(slots=True)
-class ClientStatement:
-    """A statement the client prepared, under the id the proxy gave it."""
-
-    text: bytes
-    params: int
-    verdict: pinning.Verdict
-    types: bytes | None = None  # the parameter types its last execute sent
-
-
-# A command on its way to a server: payload, reply shape, statement, packet as sent.
-Request = tuple[bytes, "int | None", "ClientStatement | None", "bytes | None"]
-
-
-def borrow_hint(pool: Lender) -> str:
-    return f"timed out waiting for a database connection: {pool.borrow_hint()}"
-
-
-def too_many(seq: int, refusal: Refusal) -> LoginRefused:
-    """MySQL's "Too many connections" (1040), saying which limit was reached."""
-    return LoginRefused(
-        seq, wire.ER_CON_COUNT_ERROR, f"Too many connections: {refusal.text} ({refusal.hint})"
-    )
-
-
-def command_limit(setting: int | None, facts: dict[str, str] | None) -> int:
-    """Bytes of one command the proxy buffers: max_command_size, else the server's own
-    max_allowed_packet (past which it refuses a command anyway)."""
-    if setting is not None:
-        return setting
-    known = (facts or {}).get("max_allowed_packet", "")
-    return int(known) if known.isdigit() else DEFAULT_COMMAND_LIMIT
-
-
-def error_of(error: ServerError) -> tuple[int, str]:
-    code = int(error.code) if error.code.isdigit() else wire.CR_SERVER_LOST[0]
-    return code, str(error.fields.get("state", "HY000"))
-
-
-class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
+class MyClient(
+    LoginMixin,
+    StatementsMixin,
+    SettingsMixin,
+    ReplayMixin,
+    ClientEnd,
+    ClientSession,
+    Borrower,
+):
     """One MySQL client connection."""
 
     def __init__(self, ctx: MyContext) -> None:
@@ -234,177 +184,6 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         self.ctx.metrics.count_pin(reason)
         if self.ctx.config.debug_logging:
             log.info("client %s pinned to its server connection: %s", self.user, reason)
-
-    # -- login --------------------------------------------------------------------------------
-
-    async def _login(self) -> None:
-        ctx = self.ctx
-        admission = ctx.runtime.admission
-        admission.enter(self, self._drop_pending)
-        try:
-            async with asyncio.timeout(ctx.config.client_login_timeout) as deadline:
-                await self._handshake(deadline)
-        except LoginRefused as refusal:
-            self.write(wire.packet(refusal.seq, wire.err_packet(refusal.error, refusal.message)))
-            self.close_transport()
-        except wire.ProtocolViolation as error:
-            ctx.metrics.client_protocol_errors.value += 1
-            self.write(wire.packet(2, wire.err_packet(wire.ER_NET_READ_ERROR, str(error))))
-            self.close_transport()
-        except TimeoutError:
-            limit = ctx.config.client_login_timeout
-            message = f"login took too long: client_login_timeout is {limit:g} s"
-            self.write(wire.packet(2, wire.err_packet(wire.ER_NET_READ_ERROR, message)))
-            self.close_transport()
-        except ConnectionClosed:
-            self.close_transport()
-        except Exception:  # a bug must cost this client only, and say so
-            log.exception("login of a client failed unexpectedly")
-            self.close_transport()
-        finally:
-            admission.leave(self)
-
-    def _drop_pending(self, refusal: Refusal) -> None:
-        # Sequence id 2 answers a handshake response, 0 comes instead of the greeting.
-        error = too_many(2 if self.nonce else 0, refusal)
-        self.write(wire.packet(error.seq, wire.err_packet(error.error, error.message)))
-        self.close_transport()
-
-    async def _handshake(self, deadline: asyncio.Timeout) -> None:
-        ctx = self.ctx
-        admission = ctx.runtime.admission
-        refusal = admission.refusal()
-        if refusal is not None:
-            raise too_many(0, refusal)
-        self.hold_reading()  # nothing is due from the client before the greeting
-        try:
-            greeting = await ctx.server_greeting()
-        except (OSError, TimeoutError, ServerError, wire.ProtocolViolation) as error:
-            raise LoginRefused(0, (2003, "HY000"), f"cannot reach the database: {error}") from None
-        finally:
-            self.release_reading()
-        self.nonce = auth.new_nonce()
-        self.connection_id = ctx.new_connection_id(self)
-        offered = greeting.capabilities & handshake.PROXY_CAPABILITIES
-        self.write(
-            wire.packet(
-                0,
-                handshake.build_greeting(
-                    handshake.Greeting(
-                        greeting.version,
-                        self.connection_id,
-                        self.nonce,
-                        offered,
-                        greeting.charset,
-                        wire.SERVER_STATUS_AUTOCOMMIT,
-                        ctx.default_plugin,
-                    )
-                ),
-            )
-        )
-        seq, payload = await self.read(wire.split_login_packet)
-        response = handshake.parse_handshake_response(payload)
-        if response.ssl_request:
-            raise LoginRefused(seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "TLS is not available")
-        if response.capabilities & handshake.CLIENT_COMPRESS:
-            raise LoginRefused(
-                seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "compression is not supported by dbmux"
-            )
-        self.capabilities = response.capabilities & offered
-        self.user = response.user
-        seq = await self._authenticate(response.user, response.plugin, response.auth_response, seq)
-        refusal = admission.admit(self)  # again: others may have logged in meanwhile
-        if refusal is not None:
-            raise too_many(seq + 1, refusal)
-        deadline.reschedule(None)  # proved: no longer a pending login
-        database = response.database if self.capabilities & handshake.CLIENT_CONNECT_WITH_DB else ""
-        await self._join_pool(database, response.charset, seq + 1)
-        self.reply(wire.ok_packet(), seq=seq + 1)
-        ctx.metrics.client_connections_setup_succeeded.value += 1
-        self.logged_in = True
-        self.last_active = ctx.clock.now
-        leftover = self.start_relaying()
-        if leftover:
-            self.relay(leftover)
-
-    async def _authenticate(self, user: str, plugin: str, response: bytes, seq: int) -> int:
-        """Check the client's password against the proxy's secret with the user's plugin
-        (switching plugins if the client started with another); the last sequence id."""
-        ctx = self.ctx
-        throttle = ctx.runtime.throttle
-        address = source_address(self.transport)
-        await throttle.sit_out(self, throttle.before_check(address))
-        login = ctx.users.get(user)
-        method = ctx.plugin_for(login.auth_type if login else None)
-        # Unknown users go through the same exchange, so the reply does not tell who exists.
-        password = login.credentials.password if login else secrets.token_hex(16)
-        if (plugin or NATIVE) != method:
-            if not self.capabilities & handshake.CLIENT_PLUGIN_AUTH:
-                raise LoginRefused(
-                    seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, f"the client cannot use {method}"
-                )
-            self.write(wire.packet(seq + 1, handshake.auth_switch_request(method, self.nonce)))
-            seq, response = await self.read(wire.split_login_packet)
-        if method == NATIVE:
-            ok = auth.verify_native(password, self.nonce, response)
-        elif auth.verify_sha2(password, self.nonce, response):
-            self.write(wire.packet(seq + 1, b"\x01\x03"))  # fast authentication succeeded
-            seq += 1
-            ok = True
-        else:
-            ok, seq = await self._full_sha2_auth(password, seq)
-        if not ok or login is None:
-            ctx.metrics.client_connections_setup_failed_auth.value += 1
-            await throttle.sit_out(self, throttle.failed(user, address))
-            using = "YES" if response else "NO"
-            raise LoginRefused(
-                seq + 1,
-                wire.ER_ACCESS_DENIED_ERROR,
-                f"Access denied for user '{user}'@'{address or '?'}' (using password: {using})",
-            )
-        return seq
-
-    async def _full_sha2_auth(self, password: str, seq: int) -> tuple[bool, int]:
-        """caching_sha2_password full authentication: the client fetches the proxy's RSA key
-        and sends its password encrypted (without TLS, a cleartext password is refused)."""
-        self.write(wire.packet(seq + 1, b"\x01\x04"))
-        seq, data = await self.read(wire.split_login_packet)
-        if data != b"\x02":
-            return False, seq
-        self.write(wire.packet(seq + 1, b"\x01" + self.ctx.rsa_key.public_pem))
-        seq, data = await self.read(wire.split_login_packet)
-        sent = self.ctx.rsa_key.decrypt_password(data, self.nonce)
-        return sent is not None and hmac.compare_digest(sent, password), seq
-
-    async def _join_pool(self, database: str, charset: int, seq: int) -> None:
-        """Pick the pool of this (database, user, capabilities, charset); its first client
-        checks with a real server connection that the database accepts the login."""
-        self.variant = (self.capabilities & handshake.SESSION_CAPABILITIES) | charset << 48
-        self.pool = pool = self.ctx.pools.get(database, self.user, self.variant)
-        self.schema = database
-        if pool.server_facts is None:
-            # Nothing is due from the client until the OK: what it sends meanwhile (for up
-            # to connection_borrow_timeout) stays in the kernel's buffer, not the proxy's.
-            self.hold_reading()
-            try:
-                pool.server_facts = await self._read_server_facts(pool, seq)
-            finally:
-                self.release_reading()
-        self.reader.limit = command_limit(self.ctx.config.max_command_size, pool.server_facts)
-
-    async def _read_server_facts(self, pool: Lender, seq: int) -> dict[str, str]:
-        """A pool's first client checks on a server connection that the database accepts
-        the login, and learns what the server allows (max_allowed_packet)."""
-        try:
-            server = await pool.borrow()
-        except BorrowTimeout:
-            raise LoginRefused(seq, wire.ER_CON_COUNT_ERROR, borrow_hint(pool)) from None
-        except ServerError as error:
-            raise LoginRefused(seq, error_of(error), str(error)) from None
-        try:
-            return await server.read_facts()
-        finally:
-            pool.release(server)
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -568,38 +347,9 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
                 self._kill(kill.connection_id, query=kill.query)
             return
         verdict = self._verdict(payload[1:])
-        if verdict is not pinning.NO_STATE:
+        if verdict is not NO_STATE:
             self._note(verdict, payload[1:])
         self._forward(payload, wire.RESPONSE_RESULT, frame=frame)
-
-    def _note(self, verdict: pinning.Verdict, text: bytes | None) -> None:
-        """What a statement about to run does to the session."""
-        if verdict.reason is not None:
-            if self.pin_reason is None:
-                self.pin(verdict.reason)
-            return
-        if self.pin_reason is not None:
-            return  # its own server connection holds the state: nothing to follow
-        aliases = self.ctx.aliases
-        system_vars = {aliases.get(name, name) for name in verdict.system_vars}
-        names = system_vars | {"@" + name for name in verdict.user_vars}
-        if any(not set(name) <= _NAME_CHARS for name in system_vars):
-            if self.pin_reason is None:
-                self.pin(pinning.UNCLASSIFIED)  # a name the proxy will not put in SQL
-            return
-        if names:
-            memoizable = (
-                text is not None
-                and not verdict.user_vars
-                and not self.touched
-                and b"@" not in text
-                and b"(" not in text
-                and b";" not in text.rstrip(b"; \t\r\n")
-            )
-            self.memo_text = text if memoizable else None
-            self.touched |= names
-        self.schema_touched |= verdict.schema
-        self.want_insert_id = verdict.last_insert_id
 
     def _start(self, coro: object) -> None:
         """Serve a command that needs the proxy's own round trips."""
@@ -622,13 +372,6 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             self.close_transport()
 
     # -- borrowing ----------------------------------------------------------------------------
-
-    def _in_step(self, server: MyServer) -> bool:
-        return (
-            server.applied == self.wanted
-            and server.schema == self.schema
-            and (not self.want_insert_id or server.insert_id == self.insert_id)
-        )
 
     def _forward(
         self,
@@ -707,12 +450,6 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
             raise
         self.on_connection(server)
 
-    async def _bring_in_step(self, server: MyServer) -> None:
-        await server.apply_state(self.wanted, self.schema)
-        if self.want_insert_id and server.insert_id != self.insert_id:
-            await server.query(f"SELECT LAST_INSERT_ID({self.insert_id:d})")
-            server.insert_id = self.insert_id
-
     def on_borrow_failed(self, error: Exception) -> None:
         self.waiting = None
         pool = self.pool
@@ -763,39 +500,6 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
         server.client = None
         self.server = None
         return server
-
-    # -- a write the writer refused as read-only ---------------------------------------------
-
-    def retry_on_next_writer(self, server: MyServer, refusal: bytes) -> bool:
-        """The writer refused the command as read-only, before running it: a switchover
-        has begun. A command that opened no transaction and is not part of one waits for
-        the next writer (up to connection_borrow_timeout) and runs there, once; the client
-        sees the refusal only if no new writer comes. True if the refusal is held.
-        Either way the targets are probed at once. (On a read-only endpoint the refusal is
-        the right answer, and says nothing of the writer.)"""
-        if not self.ctx.follows_writer:
-            return False
-        self.ctx.targets.suspect()
-        request = self.sent
-        if request is None or request is self.retried or self._holds(server):
-            return False
-        self.retried = request
-        self._give_back(server)
-        self._start(self._rerun(request, refusal))
-        return True
-
-    async def _rerun(self, request: Request, refusal: bytes) -> None:
-        targets = self.ctx.targets
-        pool = self.pool
-        assert pool is not None
-        if not await targets.wait_for_change(targets.generation, pool.timeout):
-            self.write(refusal)
-            self._end_command()
-            return
-        self.waiting = request
-        server = pool.request(self)
-        if server is not None:
-            self.on_connection(server)
 
     # -- replies ------------------------------------------------------------------------------
 
@@ -864,292 +568,7 @@ class MyClient(ReplayMixin, ClientEnd, ClientSession, Borrower):
     def in_flight(self) -> bool:
         return self.busy  # a command is being answered, or waits for a server connection
 
-    async def _learn_state(self, server: MyServer) -> None:
-        """Read back the variables and schema the transaction may have changed. The reply
-        has been relayed already; the client's next command waits until this is done."""
-        readback = state.Readback(sorted(self.touched), self.schema_touched)
-        memo_key = (self.variant, self.memo_text) if self.memo_text else None
-        try:
-            values, schema = await self._read_state(server, readback)
-        except Exception as error:
-            log.warning("closing client %s: cannot read its session state: %s", self.user, error)
-            self._detach()
-            server.close()
-            # The reply was relayed whole: the ERR stands between commands, as a goodbye.
-            self._leave(
-                0,
-                wire.CR_SERVER_LOST,
-                f"Lost the server connection while reading back this session's state ({error})",
-            )
-            return
-        if schema is not None:
-            self.schema = server.schema = schema
-        if memo_key is not None:
-            self.ctx.remember_set(memo_key, values)
-        self._settle(server, values)
-
-    async def _read_state(
-        self, server: MyServer, readback: state.Readback
-    ) -> tuple[dict[str, str | None], str | None]:
-        try:
-            columns, rows = await server.query(readback.sql)
-            return readback.values(columns, rows[0])
-        except ServerError:
-            pass
-        # One of them is no session variable (the SET failed too): read them one by one.
-        values: dict[str, str | None] = {}
-        for key in readback.keys:
-            single = state.Readback([key], False)
-            try:
-                columns, rows = await server.query(single.sql)
-            except ServerError:
-                continue
-            values.update(single.values(columns, rows[0])[0])
-        schema = None
-        if readback.schema:
-            _, rows = await server.query("SELECT DATABASE()")
-            schema = (rows[0][0] or b"").decode(errors="replace")
-        return values, schema
-
-    def _settle(self, server: MyServer, values: dict[str, str | None]) -> None:
-        """Take the values read back as the session's own; the server now holds them."""
-        for key in self.touched:
-            value = values.get(key)
-            if value is None:
-                self.wanted.pop(key, None)
-            else:
-                self.wanted[key] = value
-        self.touched.clear()
-        self.schema_touched = False
-        self.memo_text = None
-        server.applied = dict(self.wanted)
-        if len(self.wanted) > MAX_CARRIED_STATE:
-            self.pin(SESSION_STATE_SIZE)
-        else:
-            self._give_back(server)
-        self._end_command()
-
-    # -- prepared statements ------------------------------------------------------------------
-
-    async def _prepare(self, payload: bytes) -> None:
-        text = payload[1:]
-        if find_kill(text) is not None:  # its execute would reach the server as is
-            raise CommandFailed(
-                ER_NOT_SUPPORTED_YET,
-                "KILL and dynamic SQL cannot be prepared through dbmux: they could end server "
-                "connections lent to other clients; send KILL <connection id> as a query",
-            )
-        if (
-            len(self.statements) >= MAX_CLIENT_STATEMENTS
-            or self.statement_bytes + len(text) > MAX_CLIENT_STATEMENT_BYTES
-        ):
-            raise CommandFailed(
-                wire.ER_MAX_PREPARED_STMT_COUNT_REACHED,
-                f"Can't create more than {MAX_CLIENT_STATEMENTS} prepared statements (or "
-                f"{MAX_CLIENT_STATEMENT_BYTES >> 20} MiB of their texts) on one connection "
-                "through dbmux; close some with COM_STMT_CLOSE",
-            )
-        verdict = self._verdict(text)
-        server = await self._borrow()
-        try:
-            statement = await server.prepare(text)
-        except ServerError as error:
-            raise CommandFailed(error_of(error), str(error)) from None
-        finally:
-            if self.server is server:
-                self._release_if_idle_quietly(server)
-        statement_id = self.next_statement_id
-        self.next_statement_id = statement_id % 0xFFFFFFFE + 1
-        self.statements[statement_id] = ClientStatement(text, statement.params, verdict)
-        self.statement_bytes += len(text)
-        self.last_prepared = statement_id
-        first, *rest = statement.reply
-        self.reply(wire.with_statement_id(first, statement_id), *rest)
-        self._end_command()
-
-    def _release_if_idle_quietly(self, server: MyServer) -> None:
-        """Give back a connection borrowed only for the proxy's own work."""
-        if not (self._holds(server) or self.touched):
-            self._give_back(server)
-
-    def _statement(self, payload: bytes) -> ClientStatement:
-        statement_id = wire.statement_id(payload)
-        if statement_id == 0xFFFFFFFF:  # MariaDB: the statement prepared last
-            statement_id = self.last_prepared
-        statement = self.statements.get(statement_id)
-        if statement is None:
-            raise CommandFailed(
-                wire.ER_UNKNOWN_STMT_HANDLER,
-                f"Unknown prepared statement handler ({statement_id}) given to dbmux",
-            )
-        return statement
-
-    def _execute(self, payload: bytes) -> None:
-        try:
-            statement = self._statement(payload)
-        except CommandFailed as failure:
-            self.reply_error(failure.error, failure.message)
-            return
-        if statement.verdict is not pinning.NO_STATE:
-            self._note(statement.verdict, None)
-        opens_cursor = payload[0] == wire.COM_STMT_EXECUTE and payload[5:6] not in (b"", b"\0")
-        if opens_cursor and self.pin_reason is None:
-            self.pin(CURSOR)  # COM_STMT_FETCH must reach the same connection
-        self._forward(payload, wire.RESPONSE_RESULT, statement)
-
-    async def _prepare_then_send(
-        self,
-        payload: bytes,
-        statement: ClientStatement,
-        kind: int | None,
-    ) -> None:
-        server = await self._borrow()
-        try:
-            await server.prepare(statement.text)
-        except ServerError as error:
-            self._release_if_idle_quietly(server)
-            raise CommandFailed(error_of(error), str(error)) from None
-        self._send_statement(server, payload, statement, kind)
-
-    def _send_statement(
-        self, server: MyServer, payload: bytes, statement: ClientStatement, kind: int | None
-    ) -> None:
-        """Relay a statement command under the server's statement id, with the parameter
-        types the server statement needs (it may never have seen this client's)."""
-        self.busy = kind is not None
-        ours = server.prepared[statement.text]
-        server.prepared.move_to_end(statement.text)
-        out = wire.with_statement_id(payload, ours.statement_id)
-        command = payload[0]
-        if statement.params and command == wire.COM_STMT_EXECUTE:
-            flag_at, types = wire.execute_types(payload, statement.params)
-            if types is not None:
-                statement.types = ours.types = types
-            elif statement.types is not None and ours.types != statement.types:
-                out = wire.with_execute_types(out, flag_at, statement.types)
-                ours.types = statement.types
-        elif statement.params and command == wire.COM_STMT_BULK_EXECUTE and len(payload) >= 7:
-            flags = payload[5] | payload[6] << 8
-            if flags & 128:  # SEND_TYPES_TO_SERVER
-                statement.types = ours.types = payload[7 : 7 + 2 * statement.params]
-            elif statement.types is not None and ours.types != statement.types:
-                flags |= 128
-                out = out[:5] + bytes((flags & 0xFF, flags >> 8)) + statement.types + out[7:]
-                ours.types = statement.types
-        if command in (wire.COM_STMT_EXECUTE, wire.COM_STMT_BULK_EXECUTE, wire.COM_STMT_RESET):
-            # Only this statement's long data is used up: another's still sits on its own
-            # server statement, which other clients share once the connection goes back.
-            self.long_data.discard(statement.text)
-        if kind is not None:
-            server.scanner.expect(kind)
-        server.transport.write(wire.packet(0, out))  # type: ignore[union-attr]
-        if kind is None:
-            self._end_command()
-
-    def _send_long_data(self, payload: bytes) -> None:
-        """Long data stays on the server statement until that statement's execute (or reset):
-        the session keeps its server connection until then. No reply."""
-        try:
-            statement = self._statement(payload)
-        except CommandFailed:
-            return  # the server would ignore it too; the execute reports the error
-        self.long_data.add(statement.text)
-        self._forward(payload, None, statement)
-
-    def _close_statement(self, payload: bytes) -> None:
-        """COM_STMT_CLOSE (no reply). The server statement stays, shared by text; long data
-        the client sent for it goes, as it would with the statement on a direct connection."""
-        statement = self.statements.pop(wire.statement_id(payload), None)
-        if statement is not None:
-            self.statement_bytes -= len(statement.text)
-        server = self.server
-        if statement is None or server is None or statement.text not in self.long_data:
-            return
-        self.long_data.discard(statement.text)
-        self._start(self._drop_long_data(server, statement.text))
-
-    async def _drop_long_data(self, server: MyServer, text: bytes) -> None:
-        """Clear long data on a shared server statement (COM_STMT_RESET, the proxy's own
-        command), then give the connection back if nothing else holds it."""
-        ours = server.prepared.get(text)
-        try:
-            if ours is not None:  # else evicted from the server, and its long data with it
-                reset = bytes((wire.COM_STMT_RESET, 0, 0, 0, 0))
-                await server.exchange(
-                    wire.with_statement_id(reset, ours.statement_id), wire.RESPONSE_SIMPLE
-                )
-        except ServerError:
-            server.needs_reset = server.discard_needed = True  # reset before anyone uses it
-        except (ConnectionClosed, OSError):
-            pass  # server_lost has dealt with the session; the close has no reply
-        if self.server is server:
-            self._release_if_idle(server)
-        else:
-            self._end_command()
-
-    def _reset_statement(self, payload: bytes) -> None:
-        try:
-            statement = self._statement(payload)
-        except CommandFailed as failure:
-            self.reply_error(failure.error, failure.message)
-            return
-        server = self.server
-        if server is not None and statement.text in server.prepared:
-            self._send(server, (payload, wire.RESPONSE_SIMPLE, statement, None))
-        else:
-            self.ok()  # nothing of it sits on any server connection
-
-    def _fetch(self, payload: bytes) -> None:
-        try:
-            statement = self._statement(payload)
-        except CommandFailed as failure:
-            self.reply_error(failure.error, failure.message)
-            return
-        server = self.server
-        if server is None or statement.text not in server.prepared:
-            self.reply_error(wire.ER_UNKNOWN_STMT_HANDLER, "the statement has no open cursor")
-            return
-        self._send(server, (payload, wire.RESPONSE_ROWS, statement, None))
-
-    # -- session commands ---------------------------------------------------------------------
-
-    def _reset_session(self) -> None:
-        """COM_RESET_CONNECTION: the session starts over (its schema stays, as on a server);
-        a connection it held is reset before anyone else uses it."""
-        server = self._detach()
-        if server is not None:
-            server.needs_reset = server.discard_needed = True
-            server.pool.release(server) if server.pool else server.close()
-        self.wanted = {}
-        self.touched.clear()
-        self.schema_touched = False
-        self.statements.clear()
-        self.statement_bytes = 0
-        self.insert_id = 0
-        self.pin_reason = None
-        self.long_data.clear()
-
-    async def _change_user(self, payload: bytes) -> None:
-        """COM_CHANGE_USER: log in again as another user (checked by the proxy, against the
-        connection's nonce), then start over as a new session of that user's pool."""
-        change = handshake.parse_change_user(payload, self.capabilities)
-        try:
-            seq = await self._authenticate(change.user, change.plugin, change.auth_response, 0)
-        except LoginRefused as refusal:
-            self.reply_error(refusal.error, refusal.message, seq=refusal.seq)
-            self.close_transport()
-            return
-        self._reset_session()
-        self.user = change.user
-        charset = change.charset if change.charset is not None else self.variant >> 48
-        try:
-            await self._join_pool(change.database, charset, seq + 1)
-        except LoginRefused as refusal:
-            self.reply_error(refusal.error, refusal.message, seq=refusal.seq)
-            self.close_transport()
-            return
-        self.reply(wire.ok_packet(), seq=seq + 1)
-        self._end_command()
+    # -- KILL ---------------------------------------------------------------------------------
 
     def _kill(self, connection_id: int, *, query: bool) -> None:
         """KILL [QUERY] names the connection id the proxy gave a client: stop what that

@@ -36,6 +36,7 @@ class Kill:
     refusal: str = ""
 
 
+ER_NOT_SUPPORTED_YET = (1235, "42000")  # a KILL dbmux cannot carry out for the client
 _KILL_WORDS = re.compile(rb"kill|prepare|immediate", re.IGNORECASE)
 _NOT_ALONE = Kill(
     refusal="dbmux runs KILL only as KILL [HARD|SOFT] [CONNECTION|QUERY] <connection id>, "

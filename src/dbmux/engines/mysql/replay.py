@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 from dbmux.engines.base import ServerError
 from dbmux.engines.mysql import wire
 from dbmux.framed import ConnectionClosed
-from dbmux.pool import BorrowTimeout
+from dbmux.pool import BorrowTimeout, Lender
 
 if TYPE_CHECKING:
     from dbmux.engines.mysql.backend import MyServer
+    from dbmux.engines.mysql.engine import MyContext
+    from dbmux.engines.mysql.statements import Request
 
-Request = tuple[bytes, Any, Any, Any]  # frontend.Request: payload, kind, statement, frame
 
 _LEADING = rb"(?:\s+|/\*.*?\*/|(?:--\s|#)[^\n]*\n)*"
 # What may run again inside a transaction (or with autocommit off): it commits nothing.
@@ -85,6 +86,32 @@ class ReplayMixin:
     replaying: bool
     _replay_queue: deque[tuple[Request, bytes]]
     _after_replay: tuple[Request | None, str, int]
+    busy: bool
+    ctx: MyContext
+    insert_id: int
+    pin_reason: str | None
+    pool: Lender | None
+    retried: Request | None
+    schema: str
+    sent: Request | None
+    server: MyServer | None
+    touched: set[str]
+    transaction_lost: str
+    waiting: Request | None
+    wanted: dict[str, str]
+
+    if TYPE_CHECKING:  # provided by MyClient and the classes it mixes in
+
+        def _attach(self, server: MyServer) -> None: ...
+        def _detach(self) -> MyServer | None: ...
+        def _end_command(self) -> None: ...
+        def _give_back(self, server: MyServer) -> None: ...
+        def _holds(self, server: MyServer) -> bool: ...
+        def _send(self, server: MyServer, request: Request) -> None: ...
+        def _start(self, coro: object) -> None: ...
+        def on_connection(self, conn: MyServer) -> None: ...
+        def reply_error(self, error: tuple[int, str], message: str, *, seq: int = 1) -> None: ...
+        def write(self, data: bytes) -> None: ...
 
     def _command_sent(self, request: Request) -> None:
         replay_log = self.replay_log
@@ -199,6 +226,39 @@ class ReplayMixin:
         else:
             self.transaction_lost = why
         self._end_command()
+
+    # -- a write the writer refused as read-only
+
+    def retry_on_next_writer(self, server: MyServer, refusal: bytes) -> bool:
+        """The writer refused the command as read-only, before running it: a switchover
+        has begun. A command that opened no transaction and is not part of one waits for
+        the next writer (up to connection_borrow_timeout) and runs there, once; the client
+        sees the refusal only if no new writer comes. True if the refusal is held.
+        Either way the targets are probed at once. (On a read-only endpoint the refusal is
+        the right answer, and says nothing of the writer.)"""
+        if not self.ctx.follows_writer:
+            return False
+        self.ctx.targets.suspect()
+        request = self.sent
+        if request is None or request is self.retried or self._holds(server):
+            return False
+        self.retried = request
+        self._give_back(server)
+        self._start(self._rerun(request, refusal))
+        return True
+
+    async def _rerun(self, request: Request, refusal: bytes) -> None:
+        targets = self.ctx.targets
+        pool = self.pool
+        assert pool is not None
+        if not await targets.wait_for_change(targets.generation, pool.timeout):
+            self.write(refusal)
+            self._end_command()
+            return
+        self.waiting = request
+        server = pool.request(self)
+        if server is not None:
+            self.on_connection(server)
 
 
 def may_run_again(request: Request, status: int) -> bool:

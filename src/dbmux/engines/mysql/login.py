@@ -1,0 +1,283 @@
+"""Login of a MySQL client: the handshake, the password checked against the proxy's own
+secret (mysql_native_password, or caching_sha2_password with its RSA exchange), the pool it
+joins and what the pool's first client learns from a server; COM_CHANGE_USER logs in again."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from dbmux.auth import mysql as auth
+from dbmux.auth.admission import Refusal, source_address
+from dbmux.engines.base import ServerError
+from dbmux.engines.mysql import handshake, wire
+from dbmux.engines.mysql.backend import NATIVE
+from dbmux.framed import ConnectionClosed
+from dbmux.pool import BorrowTimeout, Lender
+
+if TYPE_CHECKING:
+    from dbmux.engines.mysql.engine import MyContext
+
+_T = TypeVar("_T")
+log = logging.getLogger("dbmux.mysql")
+
+DEFAULT_COMMAND_LIMIT = 64 << 20  # until the server's max_allowed_packet is known
+
+
+class LoginRefused(Exception):
+    """Login ends with this ERR packet (sequence id `seq`) and the connection is closed."""
+
+    def __init__(self, seq: int, error: tuple[int, str], message: str) -> None:
+        super().__init__(message)
+        self.seq, self.error, self.message = seq, error, message
+
+
+def borrow_hint(pool: Lender) -> str:
+    return f"timed out waiting for a database connection: {pool.borrow_hint()}"
+
+
+def too_many(seq: int, refusal: Refusal) -> LoginRefused:
+    """MySQL's "Too many connections" (1040), saying which limit was reached."""
+    return LoginRefused(
+        seq, wire.ER_CON_COUNT_ERROR, f"Too many connections: {refusal.text} ({refusal.hint})"
+    )
+
+
+def command_limit(setting: int | None, facts: dict[str, str] | None) -> int:
+    """Bytes of one command the proxy buffers: max_command_size, else the server's own
+    max_allowed_packet (past which it refuses a command anyway)."""
+    if setting is not None:
+        return setting
+    known = (facts or {}).get("max_allowed_packet", "")
+    return int(known) if known.isdigit() else DEFAULT_COMMAND_LIMIT
+
+
+def error_of(error: ServerError) -> tuple[int, str]:
+    code = int(error.code) if error.code.isdigit() else wire.CR_SERVER_LOST[0]
+    return code, str(error.fields.get("state", "HY000"))
+
+
+class LoginMixin:
+    """MyClient's login and COM_CHANGE_USER."""
+
+    capabilities: int
+    connection_id: int
+    ctx: MyContext
+    last_active: float
+    logged_in: bool
+    nonce: bytes
+    pool: Lender | None
+    reader: wire.PacketReader
+    schema: str
+    transport: asyncio.Transport | None
+    user: str
+    variant: int
+
+    if TYPE_CHECKING:  # provided by MyClient and the classes it mixes in
+
+        def _end_command(self) -> None: ...
+        def _reset_session(self) -> None: ...
+        def close_transport(self, *, abort: bool = False) -> None: ...
+        def hold_reading(self) -> None: ...
+        async def read(self, split: Callable[[bytearray], _T | None]) -> _T: ...
+        def relay(self, data: bytes) -> None: ...
+        def release_reading(self) -> None: ...
+        def reply(self, *payloads: bytes, seq: int = 1) -> None: ...
+        def reply_error(self, error: tuple[int, str], message: str, *, seq: int = 1) -> None: ...
+        def start_relaying(self) -> bytes: ...
+        def write(self, data: bytes) -> None: ...
+
+    async def _login(self) -> None:
+        ctx = self.ctx
+        admission = ctx.runtime.admission
+        admission.enter(self, self._drop_pending)
+        try:
+            async with asyncio.timeout(ctx.config.client_login_timeout) as deadline:
+                await self._handshake(deadline)
+        except LoginRefused as refusal:
+            self.write(wire.packet(refusal.seq, wire.err_packet(refusal.error, refusal.message)))
+            self.close_transport()
+        except wire.ProtocolViolation as error:
+            ctx.metrics.client_protocol_errors.value += 1
+            self.write(wire.packet(2, wire.err_packet(wire.ER_NET_READ_ERROR, str(error))))
+            self.close_transport()
+        except TimeoutError:
+            limit = ctx.config.client_login_timeout
+            message = f"login took too long: client_login_timeout is {limit:g} s"
+            self.write(wire.packet(2, wire.err_packet(wire.ER_NET_READ_ERROR, message)))
+            self.close_transport()
+        except ConnectionClosed:
+            self.close_transport()
+        except Exception:  # a bug must cost this client only, and say so
+            log.exception("login of a client failed unexpectedly")
+            self.close_transport()
+        finally:
+            admission.leave(self)
+
+    def _drop_pending(self, refusal: Refusal) -> None:
+        # Sequence id 2 answers a handshake response, 0 comes instead of the greeting.
+        error = too_many(2 if self.nonce else 0, refusal)
+        self.write(wire.packet(error.seq, wire.err_packet(error.error, error.message)))
+        self.close_transport()
+
+    async def _handshake(self, deadline: asyncio.Timeout) -> None:
+        ctx = self.ctx
+        admission = ctx.runtime.admission
+        refusal = admission.refusal()
+        if refusal is not None:
+            raise too_many(0, refusal)
+        self.hold_reading()  # nothing is due from the client before the greeting
+        try:
+            greeting = await ctx.server_greeting()
+        except (OSError, TimeoutError, ServerError, wire.ProtocolViolation) as error:
+            raise LoginRefused(0, (2003, "HY000"), f"cannot reach the database: {error}") from None
+        finally:
+            self.release_reading()
+        self.nonce = auth.new_nonce()
+        self.connection_id = ctx.new_connection_id(self)
+        offered = greeting.capabilities & handshake.PROXY_CAPABILITIES
+        self.write(
+            wire.packet(
+                0,
+                handshake.build_greeting(
+                    handshake.Greeting(
+                        greeting.version,
+                        self.connection_id,
+                        self.nonce,
+                        offered,
+                        greeting.charset,
+                        wire.SERVER_STATUS_AUTOCOMMIT,
+                        ctx.default_plugin,
+                    )
+                ),
+            )
+        )
+        seq, payload = await self.read(wire.split_login_packet)
+        response = handshake.parse_handshake_response(payload)
+        if response.ssl_request:
+            raise LoginRefused(seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "TLS is not available")
+        if response.capabilities & handshake.CLIENT_COMPRESS:
+            raise LoginRefused(
+                seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "compression is not supported by dbmux"
+            )
+        self.capabilities = response.capabilities & offered
+        self.user = response.user
+        seq = await self._authenticate(response.user, response.plugin, response.auth_response, seq)
+        refusal = admission.admit(self)  # again: others may have logged in meanwhile
+        if refusal is not None:
+            raise too_many(seq + 1, refusal)
+        deadline.reschedule(None)  # proved: no longer a pending login
+        database = response.database if self.capabilities & handshake.CLIENT_CONNECT_WITH_DB else ""
+        await self._join_pool(database, response.charset, seq + 1)
+        self.reply(wire.ok_packet(), seq=seq + 1)
+        ctx.metrics.client_connections_setup_succeeded.value += 1
+        self.logged_in = True
+        self.last_active = ctx.clock.now
+        leftover = self.start_relaying()
+        if leftover:
+            self.relay(leftover)
+
+    async def _authenticate(self, user: str, plugin: str, response: bytes, seq: int) -> int:
+        """Check the client's password against the proxy's secret with the user's plugin
+        (switching plugins if the client started with another); the last sequence id."""
+        ctx = self.ctx
+        throttle = ctx.runtime.throttle
+        address = source_address(self.transport)
+        await throttle.sit_out(self, throttle.before_check(address))
+        login = ctx.users.get(user)
+        method = ctx.plugin_for(login.auth_type if login else None)
+        # Unknown users go through the same exchange, so the reply does not tell who exists.
+        password = login.credentials.password if login else secrets.token_hex(16)
+        if (plugin or NATIVE) != method:
+            if not self.capabilities & handshake.CLIENT_PLUGIN_AUTH:
+                raise LoginRefused(
+                    seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, f"the client cannot use {method}"
+                )
+            self.write(wire.packet(seq + 1, handshake.auth_switch_request(method, self.nonce)))
+            seq, response = await self.read(wire.split_login_packet)
+        if method == NATIVE:
+            ok = auth.verify_native(password, self.nonce, response)
+        elif auth.verify_sha2(password, self.nonce, response):
+            self.write(wire.packet(seq + 1, b"\x01\x03"))  # fast authentication succeeded
+            seq += 1
+            ok = True
+        else:
+            ok, seq = await self._full_sha2_auth(password, seq)
+        if not ok or login is None:
+            ctx.metrics.client_connections_setup_failed_auth.value += 1
+            await throttle.sit_out(self, throttle.failed(user, address))
+            using = "YES" if response else "NO"
+            raise LoginRefused(
+                seq + 1,
+                wire.ER_ACCESS_DENIED_ERROR,
+                f"Access denied for user '{user}'@'{address or '?'}' (using password: {using})",
+            )
+        return seq
+
+    async def _full_sha2_auth(self, password: str, seq: int) -> tuple[bool, int]:
+        """caching_sha2_password full authentication: the client fetches the proxy's RSA key
+        and sends its password encrypted (without TLS, a cleartext password is refused)."""
+        self.write(wire.packet(seq + 1, b"\x01\x04"))
+        seq, data = await self.read(wire.split_login_packet)
+        if data != b"\x02":
+            return False, seq
+        self.write(wire.packet(seq + 1, b"\x01" + self.ctx.rsa_key.public_pem))
+        seq, data = await self.read(wire.split_login_packet)
+        sent = self.ctx.rsa_key.decrypt_password(data, self.nonce)
+        return sent is not None and hmac.compare_digest(sent, password), seq
+
+    async def _join_pool(self, database: str, charset: int, seq: int) -> None:
+        """Pick the pool of this (database, user, capabilities, charset); its first client
+        checks with a real server connection that the database accepts the login."""
+        self.variant = (self.capabilities & handshake.SESSION_CAPABILITIES) | charset << 48
+        self.pool = pool = self.ctx.pools.get(database, self.user, self.variant)
+        self.schema = database
+        if pool.server_facts is None:
+            # Nothing is due from the client until the OK: what it sends meanwhile (for up
+            # to connection_borrow_timeout) stays in the kernel's buffer, not the proxy's.
+            self.hold_reading()
+            try:
+                pool.server_facts = await self._read_server_facts(pool, seq)
+            finally:
+                self.release_reading()
+        self.reader.limit = command_limit(self.ctx.config.max_command_size, pool.server_facts)
+
+    async def _read_server_facts(self, pool: Lender, seq: int) -> dict[str, str]:
+        """A pool's first client checks on a server connection that the database accepts
+        the login, and learns what the server allows (max_allowed_packet)."""
+        try:
+            server = await pool.borrow()
+        except BorrowTimeout:
+            raise LoginRefused(seq, wire.ER_CON_COUNT_ERROR, borrow_hint(pool)) from None
+        except ServerError as error:
+            raise LoginRefused(seq, error_of(error), str(error)) from None
+        try:
+            return await server.read_facts()
+        finally:
+            pool.release(server)
+
+    async def _change_user(self, payload: bytes) -> None:
+        """COM_CHANGE_USER: log in again as another user (checked by the proxy, against the
+        connection's nonce), then start over as a new session of that user's pool."""
+        change = handshake.parse_change_user(payload, self.capabilities)
+        try:
+            seq = await self._authenticate(change.user, change.plugin, change.auth_response, 0)
+        except LoginRefused as refusal:
+            self.reply_error(refusal.error, refusal.message, seq=refusal.seq)
+            self.close_transport()
+            return
+        self._reset_session()
+        self.user = change.user
+        charset = change.charset if change.charset is not None else self.variant >> 48
+        try:
+            await self._join_pool(change.database, charset, seq + 1)
+        except LoginRefused as refusal:
+            self.reply_error(refusal.error, refusal.message, seq=refusal.seq)
+            self.close_transport()
+            return
+        self.reply(wire.ok_packet(), seq=seq + 1)
+        self._end_command()
