@@ -18,10 +18,10 @@ import pytest
 
 from dbmux.auth import scram
 from dbmux.auth.mysql import native_scramble
+from dbmux.engines.base import ProxyRuntime
 from dbmux.engines.mysql import handshake
 from dbmux.engines.mysql import wire as mywire
 from dbmux.metrics import ProxyMetrics
-from dbmux.proxy import ProxyRuntime
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, WAIT, RunningProxy, wait_until
 from tests.engines.mysql.conftest import (  # noqa: F401  (fixtures used through getfixturevalue)
     MY_DB,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from dbmux.auth.mysql import RsaKey
 from dbmux.auth.secrets import Credentials
-from dbmux.bounded import MEMO_TEXT_LIMIT, LruDict
+from dbmux.bounded import SetResults
 from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
 from dbmux.engines.base import (
     Engine,
@@ -35,7 +35,6 @@ ERROR_KINDS = {
     "2013": ErrorKind.GONE,  # lost connection
     "08001": ErrorKind.GONE,
 }
-SET_RESULTS_CAPACITY = 10_000  # remembered outcomes of SET statements per proxy (LRU)
 PROBE_WAIT = 10.0  # seconds the first client waits for a writer to show to it
 BINARY_CHARSET = 63
 # MySQL (5.7.20 and later, and 8, which dropped the old names) spells the transaction
@@ -62,9 +61,7 @@ class MyContext:
     rsa_key: RsaKey = field(default_factory=RsaKey.generate)
     # SET statement text (per pool variant) -> the values it leaves, for SETs whose outcome
     # does not depend on the session (literal values only).
-    set_results: LruDict[tuple[int, bytes], dict[str, str | None]] = field(
-        default_factory=lambda: LruDict(SET_RESULTS_CAPACITY)
-    )
+    set_results: SetResults = field(default_factory=SetResults)
     # The connection id each client was given in its greeting -> that client (for KILL).
     sessions: dict[int, MyClient] = field(default_factory=dict)
     # The classifier's names of variables that this server spells otherwise.
@@ -111,10 +108,6 @@ class MyContext:
         connection_id = next(self._ids) & 0xFFFFFFFF
         self.sessions[connection_id] = client
         return connection_id
-
-    def remember_set(self, key: tuple[int, bytes], values: dict[str, str | None]) -> None:
-        if len(key[1]) <= MEMO_TEXT_LIMIT:
-            self.set_results[key] = values
 
 
 class MysqlEngine(Engine):

@@ -16,11 +16,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from dbmux.engines.base import ClientSession, ServerError
+from dbmux.engines.base import BorrowTimeout, ServerError
 from dbmux.engines.mysql import wire
 from dbmux.engines.mysql.backend import MyServer
 from dbmux.engines.mysql.kill import ER_NOT_SUPPORTED_YET, find_kill
-from dbmux.engines.mysql.login import LoginMixin, borrow_hint, error_of
+from dbmux.engines.mysql.login import LoginMixin, LoginRefused, borrow_hint, error_of, too_many
 from dbmux.engines.mysql.pinning import NO_STATE
 from dbmux.engines.mysql.replay import ReplayMixin, TransactionLog
 from dbmux.engines.mysql.settings import SettingsMixin
@@ -30,8 +30,8 @@ from dbmux.engines.mysql.statements import (
     Request,
     StatementsMixin,
 )
-from dbmux.framed import ClientEnd, ConnectionClosed
-from dbmux.pool import Borrower, BorrowTimeout, Lender
+from dbmux.framed import ConnectionClosed
+from dbmux.session import ClientSession, Failure, Leftover
 
 if TYPE_CHECKING:
     from dbmux.engines.mysql.engine import MyContext
@@ -47,24 +47,21 @@ class MyClient(
     StatementsMixin,
     SettingsMixin,
     ReplayMixin,
-    ClientEnd,
     ClientSession,
-    Borrower,
 ):
     """One MySQL client connection."""
 
+    protocol_violation = wire.ProtocolViolation
+    server: MyServer | None
+
     def __init__(self, ctx: MyContext) -> None:
-        super().__init__()
+        super().__init__(ctx.runtime)
         self.ctx = ctx
         self.reader = wire.PacketReader()
-        self.server: MyServer | None = None
-        self.pool: Lender | None = None
-        self.user = ""
         self.capabilities = 0
         self.variant = 0
         self.nonce = b""
         self.connection_id = 0
-        self.pin_reason: str | None = None
         # Session state: variables as SQL literals (`name` system, `@name` user), schema.
         self.wanted: dict[str, str] = {}
         self.schema = ""
@@ -86,13 +83,10 @@ class MyClient(
         self.retried: Request | None = None  # ...and the last one run again on a new writer
         self.replay_log = TransactionLog() if ctx.config.transaction_replay else None
         self.replaying = False  # running the logged transaction again on a new connection
-        self.waiting: Request | None = None  # command waiting for a server
+        self.queued: Request | None = None  # the command `waiting` for a server
         self.transaction_lost = ""  # why, when the server died under an open transaction
         self.cancelling: MyServer | None = None  # whose query our KILL QUERY stops
         self.upload: wire.UploadScanner | None = None  # a LOAD DATA LOCAL file coming
-        self.last_active = ctx.clock.now
-        self.logged_in = False
-        self._task: asyncio.Task[None] | None = None
         self._held = False  # reading paused: too much sent ahead of the replies
         self._clock = ctx.clock
         self._requests = ctx.metrics.query_requests
@@ -100,36 +94,29 @@ class MyClient(
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.ctx.metrics.client_connections_received.value += 1
-        self.ctx.clients.add(self)
-        self._task = self.ctx.loop.create_task(self._login())
+    def forget(self) -> None:
+        self.ctx.sessions.pop(self.connection_id, None)
 
-    def on_closed(self, exc: Exception | None) -> None:
-        ctx = self.ctx
-        ctx.clients.discard(self)
-        ctx.sessions.pop(self.connection_id, None)
-        ctx.metrics.client_connections_closed.value += 1
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        if self.waiting is not None and self.pool is not None:
-            self.pool.withdraw(self)
-        server = self._detach()
-        if server is None:
-            return
+    def leftover(self, server: MyServer) -> Leftover:
         if server.scanner.busy:
-            server.close()  # mid-reply: its state is unknown
-            return
+            return Leftover.UNKNOWN  # mid-reply
         if self.pin_reason is not None or self.long_data:
-            server.needs_reset = server.discard_needed = True
-        elif server.scanner.status & wire.SERVER_STATUS_IN_TRANS:
-            server.needs_reset = True
-        server.pool.release(server) if server.pool else server.close()
+            return Leftover.SESSION
+        if server.scanner.status & wire.SERVER_STATUS_IN_TRANS:
+            return Leftover.TRANSACTION
+        return Leftover.NOTHING
 
-    def expire(self, reason: str) -> None:
-        """Idle timeout or shutdown: MySQL's own goodbye (an ERR with sequence id 0)."""
-        self.goodbye(wire.ER_CLIENT_INTERACTION_TIMEOUT, f"terminating connection: {reason}")
+    def fail(self, failure: Failure, text: str, hint: str = "") -> None:
+        if failure is Failure.TERMINATED:  # MySQL's own goodbye (an ERR, sequence id 0)
+            self.goodbye(wire.ER_CLIENT_INTERACTION_TIMEOUT, text)
+        elif failure is Failure.TOO_MANY_CLIENTS:
+            # Sequence id 2 answers a handshake response, 0 comes instead of the greeting.
+            self.refuse_login(too_many(2 if self.nonce else 0, text, hint))
+        elif failure is Failure.INTERNAL:
+            self.close_transport()
+        else:  # during login: the reply to the handshake response
+            message = f"{text}: {hint}" if hint else text
+            self.refuse_login(LoginRefused(2, wire.ER_NET_READ_ERROR, message))
 
     def goodbye(self, error: tuple[int, str], message: str) -> None:
         """Close with an ERR first where the client can read it as one; in the middle of a
@@ -157,7 +144,7 @@ class MyClient(
         if not self.busy:
             return 0  # between commands: a goodbye, as servers send it
         if server is None:
-            return 1 if self.waiting is not None else None  # waiting to be lent a server
+            return 1 if self.waiting else None  # waiting to be lent a server
         scanner = server.scanner
         if self.replaying or not server.relaying or not scanner.busy or not scanner.at_boundary:
             return None
@@ -178,12 +165,6 @@ class MyClient(
         if server is not None:
             return server.scanner.status
         return wire.SERVER_STATUS_AUTOCOMMIT if self.wanted.get("autocommit") != "0" else 0
-
-    def pin(self, reason: str) -> None:
-        self.pin_reason = reason
-        self.ctx.metrics.count_pin(reason)
-        if self.ctx.config.debug_logging:
-            log.info("client %s pinned to its server connection: %s", self.user, reason)
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -388,7 +369,7 @@ class MyClient(
         server = self.server
         if server is not None and self.want_insert_id and server.insert_id != self.insert_id:
             # Mid-transaction on a connection whose LAST_INSERT_ID() is another client's.
-            self.waiting = request
+            self.queued, self.waiting = request, True
             self._task = self.ctx.loop.create_task(self._step_then_send(server))
             return
         if server is None:
@@ -396,13 +377,13 @@ class MyClient(
             assert pool is not None
             server = pool.try_borrow()
             if server is None or not self._in_step(server):
-                self.waiting = request
+                self.queued, self.waiting = request, True
                 if server is None:
                     server = pool.request(self)
                 if server is not None:
                     self.on_connection(server)
                 return
-            self._attach(server)
+            self.attach(server)
         self._send(server, request)
 
     def _send(self, server: MyServer, request: Request) -> None:
@@ -420,17 +401,17 @@ class MyClient(
             server.scanner.expect(kind)
         server.transport.write(frame or wire.packet(0, payload))  # type: ignore[union-attr]
 
-    def on_connection(self, conn: MyServer) -> None:  # type: ignore[override]
+    def on_connection(self, conn: MyServer) -> None:
         """The pool lends us a server: bring it to this session's state, then send."""
-        request = self.waiting
+        request = self.queued
         if request is None:  # the client left meanwhile
-            conn.pool.release(conn) if conn.pool else conn.close()
+            self.give_back(server=conn)
             return
         if not self._in_step(conn):
             self._task = self.ctx.loop.create_task(self._step_then_send(conn))
             return
-        self.waiting = None
-        self._attach(conn)
+        self.queued, self.waiting = None, False
+        self.attach(conn)
         self._send(conn, request)
 
     async def _step_then_send(self, server: MyServer) -> None:
@@ -438,29 +419,28 @@ class MyClient(
             await self._bring_in_step(server)
         except ServerError as error:
             if server is not self.server:
-                server.pool.release(server) if server.pool else server.close()
+                self.give_back(server=server)
             self.on_borrow_failed(error)
             return
         except (ConnectionClosed, OSError) as error:
-            server.close()
+            self.give_back(Leftover.UNKNOWN, server)
             self.on_borrow_failed(ServerError(str(error), code="2013"))
             return
         except asyncio.CancelledError:
-            server.close()
+            self.give_back(Leftover.UNKNOWN, server)
             raise
         self.on_connection(server)
 
-    def on_borrow_failed(self, error: Exception) -> None:
-        self.waiting = None
-        pool = self.pool
-        assert pool is not None
-        if isinstance(error, BorrowTimeout):
-            self.ctx.metrics.borrow_timeouts.value += 1
-            self.reply_error(wire.ER_CON_COUNT_ERROR, borrow_hint(pool))
-        elif isinstance(error, ServerError):
-            self.reply_error(error_of(error), str(error))
+    def refuse_request(
+        self, failure: Failure, text: str, hint: str = "", error: ServerError | None = None
+    ) -> None:
+        self.queued = None
+        if error is not None:
+            self.reply_error(error_of(error), text)
+        elif failure is Failure.BORROW_TIMEOUT:
+            self.reply_error(wire.ER_CON_COUNT_ERROR, f"{text}: {hint}")
         else:
-            self.reply_error(wire.CR_SERVER_LOST, f"no database connection: {error}")
+            self.reply_error(wire.CR_SERVER_LOST, text)
         self._end_command()
 
     async def _borrow(self) -> MyServer:
@@ -471,34 +451,21 @@ class MyClient(
             pool = self.pool
             assert pool is not None
             try:
-                server = await pool.borrow()  # type: ignore[assignment]
+                server = await pool.borrow()
             except BorrowTimeout:
                 self.ctx.metrics.borrow_timeouts.value += 1
                 raise CommandFailed(wire.ER_CON_COUNT_ERROR, borrow_hint(pool)) from None
             except ServerError as error:
                 raise CommandFailed(error_of(error), str(error)) from None
-            self._attach(server)  # from here on_closed gives it back whatever happens
+            self.attach(server)  # from here on_closed gives it back whatever happens
         assert server is not None
         if not self._in_step(server):
             try:
                 await self._bring_in_step(server)
             except ServerError as error:
                 if fresh:
-                    self._give_back(server)
+                    self.give_back()
                 raise CommandFailed(error_of(error), str(error)) from None
-        return server
-
-    def _attach(self, server: MyServer) -> None:
-        self.server = server
-        server.client = self
-
-    def _detach(self) -> MyServer | None:
-        server = self.server
-        if server is None:
-            return None
-        self.drop_holds(server)
-        server.client = None
-        self.server = None
         return server
 
     # -- replies ------------------------------------------------------------------------------
@@ -534,22 +501,18 @@ class MyClient(
             or self.long_data
         )
 
-    def _give_back(self, server: MyServer) -> None:
-        self._detach()
-        server.pool.release(server)  # type: ignore[union-attr]
-
     def _release_if_idle(self, server: MyServer) -> None:
         if self._holds(server):
             self._end_command()
             return
         if self.touched or self.schema_touched:
-            memo = self.ctx.set_results.get((self.variant, self.memo_text or b""))
+            memo = self.ctx.set_results.outcome(self.variant, self.memo_text or b"")
             if memo is not None and len(self.touched) == len(memo):
                 self._settle(server, memo)
                 return
             self._task = self.ctx.loop.create_task(self._learn_state(server))
             return
-        self._give_back(server)
+        self.give_back()
         self._end_command()
 
     def _end_command(self) -> None:
@@ -602,7 +565,7 @@ class MyClient(
     def server_lost(self, server: MyServer) -> None:
         """The server connection died under this client."""
         seq = self._interjection(server)  # where the relayed reply, if any, was cut
-        self._detach()
+        self.detach()
         self.upload = None
         self.ctx.metrics.database_connections_lost.value += 1
         if self.is_closed:

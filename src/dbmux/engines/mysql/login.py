@@ -12,15 +12,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from dbmux.auth import mysql as auth
-from dbmux.auth.admission import Refusal, source_address
-from dbmux.engines.base import ServerError
+from dbmux.auth.admission import source_address
+from dbmux.engines.base import BorrowTimeout, Lender, ServerError
 from dbmux.engines.mysql import handshake, wire
 from dbmux.engines.mysql.backend import NATIVE
-from dbmux.framed import ConnectionClosed
-from dbmux.pool import BorrowTimeout, Lender
 
 if TYPE_CHECKING:
+    from dbmux.engines.mysql.backend import MyServer
     from dbmux.engines.mysql.engine import MyContext
+    from dbmux.session import Leftover
 
 _T = TypeVar("_T")
 log = logging.getLogger("dbmux.mysql")
@@ -40,11 +40,9 @@ def borrow_hint(pool: Lender) -> str:
     return f"timed out waiting for a database connection: {pool.borrow_hint()}"
 
 
-def too_many(seq: int, refusal: Refusal) -> LoginRefused:
+def too_many(seq: int, text: str, hint: str) -> LoginRefused:
     """MySQL's "Too many connections" (1040), saying which limit was reached."""
-    return LoginRefused(
-        seq, wire.ER_CON_COUNT_ERROR, f"Too many connections: {refusal.text} ({refusal.hint})"
-    )
+    return LoginRefused(seq, wire.ER_CON_COUNT_ERROR, f"Too many connections: {text} ({hint})")
 
 
 def command_limit(setting: int | None, facts: dict[str, str] | None) -> int:
@@ -80,6 +78,7 @@ class LoginMixin:
     if TYPE_CHECKING:  # provided by MyClient and the classes it mixes in
 
         def _end_command(self) -> None: ...
+        def give_back(self, left: Leftover = ..., server: MyServer | None = None) -> None: ...
         def _reset_session(self) -> None: ...
         def close_transport(self, *, abort: bool = False) -> None: ...
         def hold_reading(self) -> None: ...
@@ -91,37 +90,14 @@ class LoginMixin:
         def start_relaying(self) -> bytes: ...
         def write(self, data: bytes) -> None: ...
 
-    async def _login(self) -> None:
-        ctx = self.ctx
-        admission = ctx.runtime.admission
-        admission.enter(self, self._drop_pending)
+    async def log_in(self, deadline: asyncio.Timeout) -> None:
         try:
-            async with asyncio.timeout(ctx.config.client_login_timeout) as deadline:
-                await self._handshake(deadline)
+            await self._handshake(deadline)
         except LoginRefused as refusal:
-            self.write(wire.packet(refusal.seq, wire.err_packet(refusal.error, refusal.message)))
-            self.close_transport()
-        except wire.ProtocolViolation as error:
-            ctx.metrics.client_protocol_errors.value += 1
-            self.write(wire.packet(2, wire.err_packet(wire.ER_NET_READ_ERROR, str(error))))
-            self.close_transport()
-        except TimeoutError:
-            limit = ctx.config.client_login_timeout
-            message = f"login took too long: client_login_timeout is {limit:g} s"
-            self.write(wire.packet(2, wire.err_packet(wire.ER_NET_READ_ERROR, message)))
-            self.close_transport()
-        except ConnectionClosed:
-            self.close_transport()
-        except Exception:  # a bug must cost this client only, and say so
-            log.exception("login of a client failed unexpectedly")
-            self.close_transport()
-        finally:
-            admission.leave(self)
+            self.refuse_login(refusal)
 
-    def _drop_pending(self, refusal: Refusal) -> None:
-        # Sequence id 2 answers a handshake response, 0 comes instead of the greeting.
-        error = too_many(2 if self.nonce else 0, refusal)
-        self.write(wire.packet(error.seq, wire.err_packet(error.error, error.message)))
+    def refuse_login(self, refusal: LoginRefused) -> None:
+        self.write(wire.packet(refusal.seq, wire.err_packet(refusal.error, refusal.message)))
         self.close_transport()
 
     async def _handshake(self, deadline: asyncio.Timeout) -> None:
@@ -129,7 +105,7 @@ class LoginMixin:
         admission = ctx.runtime.admission
         refusal = admission.refusal()
         if refusal is not None:
-            raise too_many(0, refusal)
+            raise too_many(0, refusal.text, refusal.hint)
         self.hold_reading()  # nothing is due from the client before the greeting
         try:
             greeting = await ctx.server_greeting()
@@ -169,7 +145,7 @@ class LoginMixin:
         seq = await self._authenticate(response.user, response.plugin, response.auth_response, seq)
         refusal = admission.admit(self)  # again: others may have logged in meanwhile
         if refusal is not None:
-            raise too_many(seq + 1, refusal)
+            raise too_many(seq + 1, refusal.text, refusal.hint)
         deadline.reschedule(None)  # proved: no longer a pending login
         database = response.database if self.capabilities & handshake.CLIENT_CONNECT_WITH_DB else ""
         await self._join_pool(database, response.charset, seq + 1)
@@ -256,9 +232,10 @@ class LoginMixin:
         except ServerError as error:
             raise LoginRefused(seq, error_of(error), str(error)) from None
         try:
-            return await server.read_facts()
+            facts: dict[str, str] = await server.read_facts()
+            return facts
         finally:
-            pool.release(server)
+            self.give_back(server=server)
 
     async def _change_user(self, payload: bytes) -> None:
         """COM_CHANGE_USER: log in again as another user (checked by the proxy, against the

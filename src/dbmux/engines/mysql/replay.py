@@ -25,10 +25,10 @@ import re
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from dbmux.engines.base import ServerError
+from dbmux.engines.base import BorrowTimeout, Lender, ServerError
 from dbmux.engines.mysql import wire
 from dbmux.framed import ConnectionClosed
-from dbmux.pool import BorrowTimeout, Lender
+from dbmux.session import Leftover
 
 if TYPE_CHECKING:
     from dbmux.engines.mysql.backend import MyServer
@@ -97,15 +97,16 @@ class ReplayMixin:
     server: MyServer | None
     touched: set[str]
     transaction_lost: str
-    waiting: Request | None
+    queued: Request | None
+    waiting: bool
     wanted: dict[str, str]
 
     if TYPE_CHECKING:  # provided by MyClient and the classes it mixes in
 
-        def _attach(self, server: MyServer) -> None: ...
-        def _detach(self) -> MyServer | None: ...
+        def attach(self, server: MyServer) -> None: ...
+        def detach(self) -> MyServer | None: ...
         def _end_command(self) -> None: ...
-        def _give_back(self, server: MyServer) -> None: ...
+        def give_back(self, left: Leftover = ..., server: MyServer | None = None) -> None: ...
         def _holds(self, server: MyServer) -> bool: ...
         def _send(self, server: MyServer, request: Request) -> None: ...
         def _start(self, coro: object) -> None: ...
@@ -169,10 +170,10 @@ class ReplayMixin:
                 await server.query(f"SELECT LAST_INSERT_ID({replay_log.insert_id:d})")
                 server.insert_id = replay_log.insert_id
         except (ServerError, ConnectionClosed, OSError) as error:
-            server.close()
+            self.give_back(Leftover.UNKNOWN, server)
             self._replay_failed(f"could not prepare the session: {error}")
             return
-        self._attach(server)
+        self.attach(server)
         self.replaying = True
         self._replay_queue = deque(replay_log.entries)
         replay_log.entries = []
@@ -209,10 +210,7 @@ class ReplayMixin:
         self.replaying = False
         self._replay_queue = deque()
         replay_log.clear()
-        server = self._detach()
-        if server is not None:
-            server.needs_reset = True  # rolled back before anyone else uses it
-            server.pool.release(server) if server.pool else server.close()
+        self.give_back(Leftover.TRANSACTION)  # rolled back before anyone else uses it
         in_flight, reason, seq = self._after_replay
         why = f"{reason}; transaction_replay: {why}"
         if in_flight is not None:
@@ -243,7 +241,7 @@ class ReplayMixin:
         if request is None or request is self.retried or self._holds(server):
             return False
         self.retried = request
-        self._give_back(server)
+        self.give_back()
         self._start(self._rerun(request, refusal))
         return True
 
@@ -255,7 +253,7 @@ class ReplayMixin:
             self.write(refusal)
             self._end_command()
             return
-        self.waiting = request
+        self.queued, self.waiting = request, True
         server = pool.request(self)
         if server is not None:
             self.on_connection(server)

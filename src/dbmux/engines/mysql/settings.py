@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from dbmux.engines.base import ServerError
 from dbmux.engines.mysql import wire
 from dbmux.engines.mysql.pinning import UNCLASSIFIED, Verdict
+from dbmux.session import Leftover
 
 if TYPE_CHECKING:
     from dbmux.engines.mysql.backend import MyServer
@@ -175,9 +176,8 @@ class SettingsMixin:
 
     if TYPE_CHECKING:  # provided by MyClient and the classes it mixes in
 
-        def _detach(self) -> MyServer | None: ...
         def _end_command(self) -> None: ...
-        def _give_back(self, server: MyServer) -> None: ...
+        def give_back(self, left: Leftover = ..., server: MyServer | None = None) -> None: ...
         def _leave(self, seq: int | None, error: tuple[int, str], message: str) -> None: ...
         def pin(self, reason: str) -> None: ...
 
@@ -232,8 +232,7 @@ class SettingsMixin:
             values, schema = await self._read_state(server, readback)
         except Exception as error:
             log.warning("closing client %s: cannot read its session state: %s", self.user, error)
-            self._detach()
-            server.close()
+            self.give_back(Leftover.UNKNOWN)
             # The reply was relayed whole: the ERR stands between commands, as a goodbye.
             self._leave(
                 0,
@@ -244,7 +243,7 @@ class SettingsMixin:
         if schema is not None:
             self.schema = server.schema = schema
         if memo_key is not None:
-            self.ctx.remember_set(memo_key, values)
+            self.ctx.set_results.remember(*memo_key, values)
         self._settle(server, values)
 
     async def _read_state(
@@ -285,16 +284,13 @@ class SettingsMixin:
         if len(self.wanted) > MAX_CARRIED_STATE:
             self.pin(SESSION_STATE_SIZE)
         else:
-            self._give_back(server)
+            self.give_back()
         self._end_command()
 
     def _reset_session(self) -> None:
         """COM_RESET_CONNECTION: the session starts over (its schema stays, as on a server);
         a connection it held is reset before anyone else uses it."""
-        server = self._detach()
-        if server is not None:
-            server.needs_reset = server.discard_needed = True
-            server.pool.release(server) if server.pool else server.close()
+        self.give_back(Leftover.SESSION)
         self.wanted = {}
         self.touched.clear()
         self.schema_touched = False

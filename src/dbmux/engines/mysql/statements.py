@@ -17,6 +17,7 @@ from dbmux.framed import ConnectionClosed
 
 if TYPE_CHECKING:
     from dbmux.engines.mysql.backend import MyServer
+    from dbmux.session import Leftover
 
 CURSOR = "cursor"  # COM_STMT_EXECUTE that opens a server-side cursor
 MAX_CLIENT_STATEMENTS = 10_000  # prepared statements one client may hold at once
@@ -70,7 +71,7 @@ class StatementsMixin:
             statement: ClientStatement | None = None,
             frame: bytes | None = None,
         ) -> None: ...
-        def _give_back(self, server: MyServer) -> None: ...
+        def give_back(self, left: Leftover = ..., server: MyServer | None = None) -> None: ...
         def _holds(self, server: MyServer) -> bool: ...
         def _note(self, verdict: Verdict, text: bytes | None) -> None: ...
         def _release_if_idle(self, server: MyServer) -> None: ...
@@ -120,7 +121,7 @@ class StatementsMixin:
     def _release_if_idle_quietly(self, server: MyServer) -> None:
         """Give back a connection borrowed only for the proxy's own work."""
         if not (self._holds(server) or self.touched):
-            self._give_back(server)
+            self.give_back()
 
     def _statement(self, payload: bytes) -> ClientStatement:
         statement_id = wire.statement_id(payload)
