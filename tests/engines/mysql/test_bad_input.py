@@ -94,15 +94,6 @@ async def test_garbage_instead_of_a_handshake_response(my_proxy: MyProxy, bystan
     await assert_serves_a_good_client(my_proxy)
 
 
-async def test_a_command_with_a_wrong_sequence_id_is_refused(my_proxy: MyProxy, bystander) -> None:
-    async with await logged_in(my_proxy) as raw:
-        raw.send(wire.packet(5, b"\x03SELECT 1"))
-        error = err_of(await raw.read_all())
-    assert error.code == wire.ER_NET_PACKETS_OUT_OF_ORDER[0]
-    assert my_proxy.metrics.client_protocol_errors.value == 1
-    await assert_serves_a_good_client(my_proxy)
-
-
 async def test_an_empty_packet_is_a_protocol_error(my_proxy: MyProxy, bystander) -> None:
     async with await logged_in(my_proxy) as raw:
         raw.send(wire.packet(0, b""))

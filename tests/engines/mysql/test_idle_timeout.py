@@ -1,18 +1,15 @@
-"""idle_client_timeout counts silence with nothing in flight, and nothing else: a client whose
-query runs, whose result it is still reading, or who waits for a server connection is not
-idle, however long that takes; a silent one is still told ERR 4031 and disconnected."""
+"""idle_client_timeout counts silence with nothing in flight: a client reading a long result
+slowly is not idle, however long that takes; once it has it all and stays silent, it is told
+ERR 4031 and disconnected. (The cases both engines share: tests/test_session.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from collections.abc import Callable
 
 from dbmux.engines.mysql import wire
-from tests.conftest import wait_until
 from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
-from tests.engines.mysql.test_lifecycle import one
 from tests.myraw import RawMy
 from tests.slow_reader import IDLE, ROW, ROWS, pace
 
@@ -24,17 +21,6 @@ async def expect_timeout_error(raw: RawMy) -> None:
     assert int.from_bytes(payload[1:3], "little") == wire.ER_CLIENT_INTERACTION_TIMEOUT[0]
     assert b"idle_client_timeout" in payload
     assert await raw.read_all() == b""
-
-
-def test_a_client_waiting_for_a_long_query_is_not_idle(
-    start_my_proxy: Callable[..., MyProxy],
-) -> None:
-    """Without it a query running longer than idle_client_timeout ends with ERR 4031 and a
-    closed connection, as if the client that waits for its answer had gone silent."""
-    proxy = start_my_proxy(idle_client_timeout=IDLE)
-    with proxy.connect() as client:
-        assert one(client, "SELECT SLEEP(3)") == (0,)
-        assert one(client, "SELECT 2") == (2,)
 
 
 async def test_a_client_reading_a_long_result_slowly_is_not_idle_then_silence_is(
@@ -61,34 +47,4 @@ async def test_a_client_reading_a_long_result_slowly_is_not_idle_then_silence_is
             await pace(start, packets / ROWS)
         assert not scanner.failed
         assert packets > ROWS  # the rows, their column definition, the EOF packets
-        await expect_timeout_error(raw)
-
-
-def test_a_client_waiting_for_a_server_connection_is_not_idle(
-    start_my_proxy: Callable[..., MyProxy],
-) -> None:
-    """A client queued for the only server connection while another's query runs sends
-    nothing while it waits; without the check it is disconnected before it is served."""
-    proxy = start_my_proxy(idle_client_timeout=IDLE, pool={"max_connections_percent": 2})
-    with proxy.connect() as holder, proxy.connect() as waiter:
-        slept: list[tuple] = []
-        slow = threading.Thread(target=lambda: slept.append(one(holder, "SELECT SLEEP(3)")))
-        slow.start()
-        try:
-            wait_until(lambda: proxy.pools.lent_count == 1, "the holder's query runs")
-            assert one(waiter, "SELECT 2") == (2,)
-        finally:
-            slow.join(30)
-        assert slept == [(0,)]
-
-
-async def test_a_silent_client_is_still_disconnected_with_error_4031(
-    start_my_proxy: Callable[..., MyProxy],
-) -> None:
-    """The in-flight check must not keep a silent session alive, in a transaction or not."""
-    proxy = start_my_proxy(idle_client_timeout=IDLE)
-    async with await RawMy.connect(proxy.host, proxy.port) as raw:
-        _, ok = await raw.login(MY_USER, MY_PASSWORD, MY_DB)
-        assert ok[0] == 0, ok
-        await raw.query("START TRANSACTION")
         await expect_timeout_error(raw)

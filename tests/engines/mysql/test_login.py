@@ -108,12 +108,3 @@ def test_change_user_logs_in_again_and_starts_a_new_session(my_proxy: MyProxy) -
             conn.cmd_change_user(username=MY_USER, password="wrong", database=MY_DB)
     finally:
         conn.close()
-
-
-def test_max_client_connections_refuses_with_1040(start_my_proxy) -> None:
-    proxy = start_my_proxy(max_client_connections=2)
-    with proxy.connect(), proxy.connect():
-        with pytest.raises(pymysql.err.OperationalError) as caught:
-            proxy.connect()
-        assert caught.value.args[0] == 1040
-        assert "max_client_connections" in caught.value.args[1]

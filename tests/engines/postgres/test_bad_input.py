@@ -336,7 +336,6 @@ BAD_MESSAGES_AFTER_LOGIN = {
     "nul_type": msg(b"\0", b"\0\0\0\0"),
     "startup_packet_again": startup_packet(APP_STARTUP),
     "password_message_after_login": msg(b"p", b"app-secret\0"),
-    "http_request": b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
 }
 
 

@@ -34,26 +34,6 @@ async def wait_until(predicate, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_borrow_timeout_gives_53300_naming_the_setting_and_keeps_the_client(start_proxy):
-    proxy = start_proxy(pool={**POOL_OF_ONE, "connection_borrow_timeout": 0.5})
-    holder = await connect(proxy)
-    waiter = await connect(proxy)
-    try:
-        tx = holder.transaction()
-        await tx.start()
-        await holder.execute("SELECT 1")
-        with pytest.raises(asyncpg.PostgresError) as caught:
-            await waiter.fetchval("SELECT 2")
-        assert caught.value.sqlstate == "53300"
-        assert "connection_borrow_timeout" in caught.value.hint
-        assert proxy.metrics.borrow_timeouts.value == 1
-        await tx.commit()
-        assert await waiter.fetchval("SELECT 3") == 3  # same client connection, now served
-    finally:
-        await holder.close()
-        await waiter.close()
-
-
 async def test_waiting_clients_are_served_in_turn_by_a_pool_of_one(start_proxy):
     proxy = start_proxy(pool=POOL_OF_ONE)
 
@@ -67,22 +47,6 @@ async def test_waiting_clients_are_served_in_turn_by_a_pool_of_one(start_proxy):
 
     assert await asyncio.gather(*(client(n) for n in range(30))) == list(range(30))
     assert proxy.pools.budget.open == 1
-
-
-async def test_client_gone_mid_transaction_rolls_back_and_frees_the_connection(start_proxy):
-    proxy = start_proxy(pool=POOL_OF_ONE)
-    leaver = await connect(proxy)
-    await leaver.execute("BEGIN")
-    await leaver.execute("INSERT INTO items (client, note) VALUES (-1, 'never committed')")
-    leaver.terminate()  # drop the socket without a word
-
-    other = await connect(proxy)
-    try:
-        assert await other.fetchval("SELECT count(*) FROM items WHERE client = -1") == 0
-        assert await other.fetchval("SELECT pg_current_xact_id_if_assigned()") is None
-        assert proxy.pools.budget.open == 1
-    finally:
-        await other.close()
 
 
 async def test_client_gone_during_a_running_query_cancels_it(pg, start_proxy):
@@ -122,21 +86,6 @@ async def test_server_connection_killed_mid_transaction(pg, proxy):
         assert not conn.is_in_transaction()
         assert await conn.fetchval("SELECT pg_backend_pid()") != pid
         assert proxy.metrics.database_connections_lost.value == 1
-    finally:
-        await conn.close()
-
-
-async def test_server_connection_killed_while_client_idle_in_transaction(pg, proxy):
-    conn = await connect(proxy)
-    try:
-        await conn.execute("BEGIN")
-        pid = await conn.fetchval("SELECT pg_backend_pid()")
-        await asyncio.to_thread(pg.psql, f"SELECT pg_terminate_backend({pid})")
-        await wait_until(lambda: proxy.metrics.database_connections_lost.value == 1)
-        with pytest.raises(asyncpg.PostgresError) as caught:
-            await conn.fetchval("SELECT 1")
-        assert caught.value.sqlstate == "08006"
-        assert await conn.fetchval("SELECT 2") == 2
     finally:
         await conn.close()
 
@@ -221,23 +170,6 @@ async def test_in_pin_mode_session_set_pins_and_does_not_leak_to_other_clients(s
         await setter.close()
 
 
-async def test_pinned_connection_is_reset_before_reuse(start_proxy):
-    proxy = start_proxy(pool=POOL_OF_ONE)
-    first = await connect(proxy)
-    await first.execute("CREATE TEMP TABLE scratch (x int)")
-    await first.execute("SET search_path = pg_temp, public")  # pinned: kept on this connection
-    assert proxy.metrics.pins("temporary_object") == 1
-    await first.close()
-
-    second = await connect(proxy)
-    try:
-        assert await second.fetchval("SELECT to_regclass('pg_temp.scratch') IS NULL") is True
-        assert await second.fetchval("SHOW search_path") == '"$user", public'
-        assert proxy.pools.budget.open == 1
-    finally:
-        await second.close()
-
-
 async def test_wrong_password_is_28P01_and_counted(proxy):
     with pytest.raises(asyncpg.InvalidPasswordError):
         await asyncpg.connect(proxy.url(password="wrong"))
@@ -261,28 +193,6 @@ async def test_md5_client_auth_when_the_auth_entry_asks_for_it(start_proxy, tmp_
 async def test_unknown_database_is_reported_by_the_server(proxy):
     with pytest.raises(asyncpg.InvalidCatalogNameError):
         await asyncpg.connect(proxy.url(db="no_such_db"))
-
-
-async def test_max_client_connections(start_proxy):
-    proxy = start_proxy(max_client_connections=2)
-    a, b = await connect(proxy), await connect(proxy)
-    try:
-        with pytest.raises(asyncpg.TooManyConnectionsError) as caught:
-            await connect(proxy)
-        assert "max_client_connections" in caught.value.hint
-        assert proxy.metrics.client_connections_refused.value == 1
-    finally:
-        await a.close()
-        await b.close()
-    c = await connect(proxy)
-    await c.close()
-
-
-async def test_idle_client_timeout_ends_the_session_with_57P01(start_proxy):
-    proxy = start_proxy(idle_client_timeout=1)
-    conn = await connect(proxy)
-    await wait_until(conn.is_closed, timeout=10)
-    assert len(proxy.embedded.proxy().runtime.clients) == 0
 
 
 async def test_init_query_still_holds_after_a_pinned_session_was_discarded(start_proxy):
