@@ -13,6 +13,7 @@ a real PostgreSQL and a real MariaDB.
 - a client keeps its connection when its server connection is lost, between transactions
   (no error) or inside one (the engine's error, then the next transaction runs);
 - a client that leaves mid-transaction has it rolled back and frees the connection;
+- what clients make the proxy hold stays bounded: the pools of databases nobody uses go;
 - bad input: garbage after login gets the engine's protocol error and the close, and the
   proxy serves others.
 """
@@ -20,6 +21,7 @@ a real PostgreSQL and a real MariaDB.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -198,7 +200,7 @@ class Engine:
 
     name: str
     start: Callable[..., Running]  # start(pool={...}, **proxy_settings)
-    connect: Callable[[Running], Awaitable[Client]]
+    connect: Callable[..., Awaitable[Client]]  # connect(proxy, database=the app's)
     login_raw: Callable[[Running], Awaitable[RawSession]]
     kill_server_connection: Callable[[int], None]  # by the id server_id_sql returns
     server_id_sql: str
@@ -211,6 +213,8 @@ class Engine:
     protocol_error: str
     garbage: bytes  # no message of the engine's protocol, refused as soon as it is in
     temporary_table_pin: str  # the pin reason metrics count
+    unknown_database: set[str]
+    other_database: str  # one that exists and the app's user may use
 
     async def server_id(self, client: Client) -> int:
         row = await client.query(self.server_id_sql)
@@ -222,14 +226,14 @@ def postgres(request: pytest.FixtureRequest) -> Engine:
     pg = request.getfixturevalue("pg")
     start_proxy = request.getfixturevalue("start_proxy")
 
-    async def connect(proxy: Running) -> Client:
+    async def connect(proxy: Running, database: str = APP_DB) -> Client:
         try:
             conn = await asyncpg.connect(
                 host=proxy.host,
                 port=proxy.port,
                 user=APP_USER,
                 password=APP_PASSWORD,
-                database=APP_DB,
+                database=database,
                 statement_cache_size=0,
                 timeout=WAIT,
             )
@@ -258,6 +262,8 @@ def postgres(request: pytest.FixtureRequest) -> Engine:
         protocol_error="08P01",
         garbage=b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",  # a length over 1 GiB
         temporary_table_pin="temporary_object",
+        unknown_database={"3D000"},
+        other_database="postgres",
     )
 
 
@@ -265,14 +271,14 @@ def mysql(request: pytest.FixtureRequest) -> Engine:
     server = request.getfixturevalue("mariadb")
     start_proxy = request.getfixturevalue("start_my_proxy")
 
-    async def connect(proxy: Running) -> Client:
+    async def connect(proxy: Running, database: str = MY_DB) -> Client:
         try:
             conn = await aiomysql.connect(
                 host=proxy.host,
                 port=proxy.port,
                 user=MY_USER,
                 password=MY_PASSWORD,
-                db=MY_DB,
+                db=database,
                 autocommit=True,
                 connect_timeout=WAIT,
             )
@@ -300,6 +306,8 @@ def mysql(request: pytest.FixtureRequest) -> Engine:
         # A short packet with sequence id 42 (a long one is only refused once it is all in).
         garbage=b"\x07\x00\x00\x2agarbage",
         temporary_table_pin="temporary_table",
+        unknown_database={"1044", "1049"},  # no access / unknown database
+        other_database="information_schema",
     )
 
 
@@ -485,3 +493,25 @@ async def test_garbage_after_login_is_a_protocol_error_and_others_are_served(
     await eventually(lambda: proxy.pools.lent_count == 0, "no server connection left lent")
     await bystander.close()
     await newcomer.close()
+
+
+async def test_pools_of_databases_nobody_uses_are_dropped(engine: Engine) -> None:
+    """Without it every database name a client ever tried keeps a pool (and a place in the
+    target's budget) for the life of the proxy. A pool whose connections were reaped
+    (idle_server_timeout) goes too; the one a client uses stays."""
+    proxy = engine.start(pool={"idle_server_timeout": 1})
+    stays = await engine.connect(proxy)
+    for _ in range(40):
+        with pytest.raises(Failure) as caught:
+            await engine.connect(proxy, database="nope_" + secrets.token_hex(4))
+        assert caught.value.code in engine.unknown_database
+    other = await engine.connect(proxy, database=engine.other_database)
+    assert await other.query("SELECT 1") == (1,)  # its pool opened a connection
+    await other.close()
+    pools = proxy.pools
+    assert len(pools.pools) > 40
+    await eventually(lambda: len(pools.pools) == 1, "unused pools dropped")
+    assert len(pools.budget.pools) == 1
+    assert next(iter(pools.pools)).database in (APP_DB, MY_DB)
+    assert await stays.query("SELECT 1") == (1,)
+    await stays.close()

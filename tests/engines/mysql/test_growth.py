@@ -1,16 +1,13 @@
-"""What one MySQL client can make the proxy hold stays bounded: pools for the databases it
-names, the prepared statements it keeps, the SET outcomes the proxy memoizes."""
+"""What one MySQL client can make the proxy hold stays bounded: the prepared statements it
+keeps, the SET outcomes the proxy memoizes. (Pools for the databases it names:
+tests/test_session.py, for both engines.)"""
 
 from __future__ import annotations
 
-import secrets
-
-import pymysql
 import pytest
 
 from dbmux.engines.mysql import settings, statements, wire
 from dbmux.engines.mysql.engine import MyContext
-from tests.conftest import wait_until
 from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 from tests.myraw import RawMy
 
@@ -19,26 +16,6 @@ def context(proxy: MyProxy) -> MyContext:
     ctx = proxy.embedded.proxy().engine._context  # type: ignore[attr-defined]
     assert ctx is not None
     return ctx
-
-
-def test_pools_of_databases_nobody_uses_are_dropped(my_proxy: MyProxy) -> None:
-    """Without it every database name a client ever tried keeps a pool (and a place in
-    the target's budget) for the life of the proxy."""
-    with my_proxy.connect() as stays:
-        for _ in range(40):
-            name = "nope_" + secrets.token_hex(4)
-            with pytest.raises(pymysql.err.OperationalError) as caught:
-                my_proxy.connect(database=name)
-            assert caught.value.args[0] in (1044, 1049)  # no access / unknown database
-        assert len(my_proxy.pools.pools) > 40
-        # The pools of the names tried go; the one a client uses stays.
-        pools = my_proxy.pools
-        wait_until(lambda: len(pools.pools) == 1, "unused pools dropped")
-        assert len(pools.budget.pools) == 1
-        assert next(iter(pools.pools)).database == MY_DB
-        with stays.cursor() as cur:
-            cur.execute("SELECT 1")
-            assert cur.fetchone() == (1,)
 
 
 async def test_a_client_cannot_prepare_more_statements_than_the_limit(

@@ -1,53 +1,24 @@
-"""What one PostgreSQL client can make the proxy hold stays bounded: pools for the databases
-it names, the spellings of the startup settings it sends, the SET outcomes the proxy
-memoizes, statement names for the texts it prepares, and the owners of server processes."""
+"""What one PostgreSQL client can make the proxy hold stays bounded: the spellings of the
+startup settings it sends, the SET outcomes the proxy memoizes, statement names for the texts
+it prepares, and the owners of server processes. (Pools for the databases it names:
+tests/test_session.py, for both engines.)"""
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 
 import asyncpg
 import pytest
 
 from dbmux.engines.postgres import settings
 from dbmux.engines.postgres.engine import PgContext
-from tests.conftest import APP_DB
 from tests.engines.postgres.test_lifecycle import connect, wait_until
-
-
-async def connect_to(proxy, database: str) -> asyncpg.Connection:
-    return await asyncpg.connect(proxy.url(db=database), statement_cache_size=0)
 
 
 def context(proxy) -> PgContext:
     ctx = proxy.embedded.proxy().engine._context
     assert ctx is not None
     return ctx
-
-
-async def test_pools_of_databases_nobody_uses_are_dropped(start_proxy) -> None:
-    """Without it every database name a client ever tried keeps a pool (and a place in
-    the target's budget) for the life of the proxy. A pool whose connections were reaped
-    (idle_server_timeout) goes too."""
-    proxy = start_proxy(pool={"idle_server_timeout": 1})
-    stays = await connect(proxy)
-    try:
-        for _ in range(40):
-            with pytest.raises(asyncpg.InvalidCatalogNameError):
-                await asyncpg.connect(proxy.url(db="nope_" + secrets.token_hex(4)))
-        other = await connect_to(proxy, "postgres")  # exists: its pool opens a connection
-        assert await other.fetchval("SELECT current_database()") == "postgres"
-        await other.close()
-        pools = proxy.pools
-        assert len(pools.pools) > 40
-        # The pools of the names tried go; the one a client uses stays.
-        await wait_until(lambda: len(pools.pools) == 1, timeout=30)
-        assert len(pools.budget.pools) == 1
-        assert next(iter(pools.pools)).database == APP_DB
-        assert await stays.fetchval("SELECT 1") == 1
-    finally:
-        await stays.close()
 
 
 async def test_learned_spellings_of_startup_settings_stay_within_their_capacity(proxy) -> None:
