@@ -72,7 +72,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         users = load_users(proxy, config.base_dir)
         targets = ", ".join(f"{t.host}:{t.port}" for t in proxy.target_group.targets)
         print(
-            f"proxy {proxy.name}: {proxy.engine_family.value} on {proxy.listen} -> {targets}; "
+            f"proxy {proxy.name}: {proxy.engine_family} on {proxy.listen} -> {targets}; "
             f"users: {', '.join(sorted(users))}"
             + ("; transaction_replay" if proxy.transaction_replay else "")
         )
