@@ -25,6 +25,8 @@ MAX_CONNECTIONS = 10  # the database's max_connections, as a first connection re
 class FakeServer(ServerConnection):
     """A server connection that only records what the pool asked of it."""
 
+    goodbye = b"bye"
+
     def __init__(self, number: int, server_limit: tuple[int, int] | None) -> None:
         super().__init__()
         self.number = number
@@ -32,7 +34,14 @@ class FakeServer(ServerConnection):
         self.resets = 0
         self.pings = 0
         self.answers_pings = True
+        self.sent = b""
         self.graceful: bool | None = None  # how it was closed
+
+    async def read_server_limit(self) -> None:
+        self.server_limit = (MAX_CONNECTIONS, 0)
+
+    async def start_session(self) -> None:
+        pass
 
     async def reset(self) -> None:
         self.resets += 1
@@ -42,8 +51,11 @@ class FakeServer(ServerConnection):
         if not self.answers_pings:
             raise ConnectionError("no answer")
 
-    def disconnect(self, graceful: bool) -> None:
-        self.graceful = graceful
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def close_transport(self, *, abort: bool = False) -> None:
+        self.graceful = not abort and self.sent.endswith(self.goodbye)
 
 
 @dataclass
@@ -160,7 +172,7 @@ async def test_a_connection_left_dirty_is_reset_before_the_next_borrower_gets_it
 
 
 async def test_connections_idle_past_idle_server_timeout_are_closed() -> None:
-    target = pools_of(idle_server_timeout=60)
+    target = pools_of(idle_server_timeout=60, max_idle_connections_percent=20)  # no cap here
     pool = target.pools.get("app", "app")
     old, new = await asyncio.gather(pool.borrow(), pool.borrow())
     pool.release(old)
