@@ -26,13 +26,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from dbmux.demo.drill_pairs import OP_TIMEOUT, Client, Connect, DrillDatabase
 from dbmux.demo.drill_result import DrillResult
 from dbmux.demo.storm import classify_outcome
+
+T = TypeVar("T")
 
 RANGE = 10_000_000  # numbers each writer owns: writer w inserts w * RANGE + 1, + 2, ...
 RETRY_DELAY = 0.05  # seconds a writer waits after a failed insert before the next one
@@ -172,7 +174,7 @@ class Drill:
 
     def run_sync(self) -> DrillResult:
         """run() on an event loop of its own (uvloop where installed)."""
-        return run(self.run())  # type: ignore[no-any-return]
+        return run(self.run())
 
     async def run(self) -> DrillResult:
         """Connect, write, fail over, write on, stop, check; the result is also self.result."""
@@ -262,10 +264,10 @@ class Drill:
         r.rows_checked = True
 
 
-def run(coro: Awaitable[Any]) -> Any:
+def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run the drill's coroutine on uvloop where installed (as the demo does)."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    return uvloop.run(coro)  # type: ignore[arg-type]
+        return asyncio.run(coro)
+    return uvloop.run(coro)

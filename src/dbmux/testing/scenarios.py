@@ -15,7 +15,7 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiomysql
 import asyncpg
@@ -139,8 +139,8 @@ async def psycopg_async_pipeline(endpoint: Endpoint) -> None:
             expect(await curs[0].fetchone(), (0,), "first result read mid-pipeline")
             await pipeline.sync()
             curs += [await conn.execute("select %s::text || 'x'", (str(i),)) for i in range(4)]
-        expect([(await c.fetchone())[0] for c in curs[1:8]], [i * 2 for i in range(1, 8)], "ints")
-        expect([(await c.fetchone())[0] for c in curs[8:]], [f"{i}x" for i in range(4)], "texts")
+        expect([await c.fetchone() for c in curs[1:8]], [(i * 2,) for i in range(1, 8)], "ints")
+        expect([await c.fetchone() for c in curs[8:]], [(f"{i}x",) for i in range(4)], "texts")
         try:
             async with conn.pipeline():
                 before = await conn.execute("select 1")
@@ -240,7 +240,8 @@ def mysql_connector_prepared(endpoint: Endpoint) -> None:
         cur.execute("select count(*), max(a) from prepmany where a < %s", (100,))
         expect(cur.fetchall(), [(20, 19)], "rows of the first executemany")
         cur.execute("select repeat('x', %s) from seq_1_to_200", (5000,))
-        expect(sum(len(r[0]) for r in cur.fetchall()), 200 * 5000, "a 1 MB prepared result")
+        rows = cast("list[tuple[Any, ...]]", cur.fetchall())  # tuples: no dictionary=True
+        expect(sum(len(r[0]) for r in rows), 200 * 5000, "a 1 MB prepared result")
         conn.rollback()
         cur.close()
     finally:

@@ -25,10 +25,10 @@ import re
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from dbmux.engines.base import BorrowTimeout, Lender, ServerError
+from dbmux.engines.base import BorrowTimeout, ServerError
 from dbmux.engines.mysql import wire
 from dbmux.framed import ConnectionClosed
-from dbmux.session import Leftover
+from dbmux.session import ClientSession, Leftover
 
 if TYPE_CHECKING:
     from dbmux.engines.mysql.backend import MyServer
@@ -79,7 +79,7 @@ class TransactionLog:
         self.replayable = True
 
 
-class ReplayMixin:
+class ReplayMixin(ClientSession):
     """MyClient's side of transaction_replay (see the module docstring)."""
 
     replay_log: TransactionLog | None
@@ -89,8 +89,6 @@ class ReplayMixin:
     busy: bool
     ctx: MyContext
     insert_id: int
-    pin_reason: str | None
-    pool: Lender | None
     retried: Request | None
     schema: str
     sent: Request | None
@@ -98,21 +96,15 @@ class ReplayMixin:
     touched: set[str]
     transaction_lost: str
     queued: Request | None
-    waiting: bool
     wanted: dict[str, str]
 
     if TYPE_CHECKING:  # provided by MyClient and the classes it mixes in
 
-        def attach(self, server: MyServer) -> None: ...
-        def detach(self) -> MyServer | None: ...
         def _end_command(self) -> None: ...
-        def give_back(self, left: Leftover = ..., server: MyServer | None = None) -> None: ...
         def _holds(self, server: MyServer) -> bool: ...
         def _send(self, server: MyServer, request: Request) -> None: ...
         def _start(self, coro: object) -> None: ...
-        def on_connection(self, conn: MyServer) -> None: ...
         def reply_error(self, error: tuple[int, str], message: str, *, seq: int = 1) -> None: ...
-        def write(self, data: bytes) -> None: ...
 
     def _command_sent(self, request: Request) -> None:
         replay_log = self.replay_log
@@ -159,8 +151,10 @@ class ReplayMixin:
     async def _replay(self) -> None:
         replay_log = self.replay_log
         assert replay_log is not None
+        pool = self.pool
+        assert pool is not None  # set at login, before anything can be replayed
         try:
-            server = await self.pool.borrow()
+            server = await pool.borrow()
         except (BorrowTimeout, ServerError) as error:
             self._replay_failed(f"no server connection for it: {error}")
             return
@@ -181,6 +175,7 @@ class ReplayMixin:
 
     def _replay_next(self) -> None:
         server = self.server
+        assert server is not None  # attached for the replay
         if self._replay_queue:
             self._send(server, self._replay_queue[0][0])
             return
@@ -241,7 +236,7 @@ class ReplayMixin:
         if request is None or request is self.retried or self._holds(server):
             return False
         self.retried = request
-        self.give_back()
+        self.give_back(server=server)
         self._start(self._rerun(request, refusal))
         return True
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from dbmux.engines.base import ServerError
 from dbmux.engines.mysql import wire
 from dbmux.engines.mysql.pinning import UNCLASSIFIED, Verdict
-from dbmux.session import Leftover
+from dbmux.session import ClientSession, Leftover
 
 if TYPE_CHECKING:
     from dbmux.engines.mysql.backend import MyServer
@@ -156,20 +156,18 @@ def set_statement(changes: dict[str, str]) -> str:
     return "SET " + ", ".join(parts)
 
 
-class SettingsMixin:
+class SettingsMixin(ClientSession):
     """MyClient's part that follows session state (session_state: replay or pin)."""
 
     ctx: MyContext
     insert_id: int
     long_data: set[bytes]
     memo_text: bytes | None
-    pin_reason: str | None
     schema: str
     schema_touched: bool
     statement_bytes: int
     statements: dict[int, ClientStatement]
     touched: set[str]
-    user: str
     variant: int
     want_insert_id: bool
     wanted: dict[str, str]
@@ -177,9 +175,7 @@ class SettingsMixin:
     if TYPE_CHECKING:  # provided by MyClient and the classes it mixes in
 
         def _end_command(self) -> None: ...
-        def give_back(self, left: Leftover = ..., server: MyServer | None = None) -> None: ...
         def _leave(self, seq: int | None, error: tuple[int, str], message: str) -> None: ...
-        def pin(self, reason: str) -> None: ...
 
     def _note(self, verdict: Verdict, text: bytes | None) -> None:
         """What a statement about to run does to the session."""
@@ -232,7 +228,7 @@ class SettingsMixin:
             values, schema = await self._read_state(server, readback)
         except Exception as error:
             log.warning("closing client %s: cannot read its session state: %s", self.user, error)
-            self.give_back(Leftover.UNKNOWN)
+            self.give_back(Leftover.UNKNOWN, server)
             # The reply was relayed whole: the ERR stands between commands, as a goodbye.
             self._leave(
                 0,
@@ -284,7 +280,7 @@ class SettingsMixin:
         if len(self.wanted) > MAX_CARRIED_STATE:
             self.pin(SESSION_STATE_SIZE)
         else:
-            self.give_back()
+            self.give_back(server=server)
         self._end_command()
 
     def _reset_session(self) -> None:

@@ -4,9 +4,10 @@ the clients that borrow that connection), prepared again wherever it is missing.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from dbmux.engines.base import ServerError
 from dbmux.engines.mysql import wire
@@ -14,10 +15,10 @@ from dbmux.engines.mysql.kill import ER_NOT_SUPPORTED_YET, find_kill
 from dbmux.engines.mysql.login import error_of
 from dbmux.engines.mysql.pinning import NO_STATE, Verdict
 from dbmux.framed import ConnectionClosed
+from dbmux.session import ClientSession
 
 if TYPE_CHECKING:
     from dbmux.engines.mysql.backend import MyServer
-    from dbmux.session import Leftover
 
 CURSOR = "cursor"  # COM_STMT_EXECUTE that opens a server-side cursor
 MAX_CLIENT_STATEMENTS = 10_000  # prepared statements one client may hold at once
@@ -46,7 +47,7 @@ class ClientStatement:
 Request = tuple[bytes, "int | None", "ClientStatement | None", "bytes | None"]
 
 
-class StatementsMixin:
+class StatementsMixin(ClientSession):
     """MyClient's prepared statements (COM_STMT_*)."""
 
     _verdict: Callable[[bytes], Verdict]
@@ -54,7 +55,6 @@ class StatementsMixin:
     last_prepared: int
     long_data: set[bytes]
     next_statement_id: int
-    pin_reason: str | None
     server: MyServer | None
     statement_bytes: int
     statements: dict[int, ClientStatement]
@@ -71,14 +71,12 @@ class StatementsMixin:
             statement: ClientStatement | None = None,
             frame: bytes | None = None,
         ) -> None: ...
-        def give_back(self, left: Leftover = ..., server: MyServer | None = None) -> None: ...
         def _holds(self, server: MyServer) -> bool: ...
         def _note(self, verdict: Verdict, text: bytes | None) -> None: ...
         def _release_if_idle(self, server: MyServer) -> None: ...
         def _send(self, server: MyServer, request: Request) -> None: ...
         def _start(self, coro: object) -> None: ...
         def ok(self) -> None: ...
-        def pin(self, reason: str) -> None: ...
         def reply(self, *payloads: bytes, seq: int = 1) -> None: ...
         def reply_error(self, error: tuple[int, str], message: str, *, seq: int = 1) -> None: ...
 
@@ -121,7 +119,7 @@ class StatementsMixin:
     def _release_if_idle_quietly(self, server: MyServer) -> None:
         """Give back a connection borrowed only for the proxy's own work."""
         if not (self._holds(server) or self.touched):
-            self.give_back()
+            self.give_back(server=server)
 
     def _statement(self, payload: bytes) -> ClientStatement:
         statement_id = wire.statement_id(payload)
@@ -193,7 +191,7 @@ class StatementsMixin:
             self.long_data.discard(statement.text)
         if kind is not None:
             server.scanner.expect(kind)
-        server.transport.write(wire.packet(0, out))  # type: ignore[union-attr]
+        cast(asyncio.Transport, server.transport).write(wire.packet(0, out))  # lent, so open
         if kind is None:
             self._end_command()
 

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 from dbmux.engines.base import PoolKey, ServerError
 from dbmux.engines.postgres import wire
 from dbmux.engines.postgres.pinning import ALL_SETTINGS
-from dbmux.session import Leftover
+from dbmux.session import ClientSession, Leftover
 
 if TYPE_CHECKING:
     from dbmux.engines.postgres.backend import PgServer
+    from dbmux.engines.postgres.engine import PgContext
 
 log = logging.getLogger("dbmux.postgres")
 
@@ -23,8 +24,24 @@ MAX_CARRIED_SETTINGS = 1000
 SESSION_STATE_SIZE = "session_state_size"
 
 
-class SettingsMixin:
+class SettingsMixin(ClientSession):
     """PgClient's part that follows session settings (session_state: replay or pin)."""
+
+    ctx: PgContext
+    errors_at_attach: int
+    login_settings: dict[str, str]
+    resets: set[str]
+    server_params_changed: bool
+    set_texts: list[bytes]
+    touched: set[str]
+    unmemoizable: bool
+    wanted: dict[str, str]
+
+    if TYPE_CHECKING:  # provided by PgClient and the classes it mixes in
+
+        def _flush_pending(self) -> None: ...
+        @property
+        def _has_waiting_requests(self) -> bool: ...
 
     def _follow_settings(self, server: PgServer) -> None:
         """The transaction changed session settings. Replay: learn their values and carry
@@ -112,10 +129,10 @@ class SettingsMixin:
         assert pool is not None and pool.server_facts is not None
         facts = pool.server_facts
         wanted = self.wanted
-        for name, value in server.params.items():
+        for name, reported in server.params.items():
             if name in facts:
-                if value != facts[name]:
-                    wanted[name] = value
+                if reported != facts[name]:
+                    wanted[name] = reported
                 else:
                     wanted.pop(name, None)
         # Values equal to the default stay listed: knowing the default would cost a read of

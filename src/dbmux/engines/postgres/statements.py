@@ -3,14 +3,19 @@ shared per server connection by text, prepared lazily where the client borrows."
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from dbmux.engines.postgres import wire
+from dbmux.session import ClientSession
 
 if TYPE_CHECKING:
+    from dbmux.engines.base import Clock
     from dbmux.engines.postgres.backend import PgServer
+    from dbmux.engines.postgres.engine import PgContext
+    from dbmux.metrics import Child
 
 _DROPS_ALL = re.compile(rb"(?i)\b(?:deallocate\s+(?:prepare\s+)?all|discard\s+all)\b")
 CLOSED_STATEMENT = b"dbmux_closed"  # never created: closing it only yields CloseComplete
@@ -18,8 +23,34 @@ UNKNOWN_STATEMENT = b"dbmux_unknown"  # never created: the server answers 26000
 MAX_CLIENT_STATEMENTS = 10_000  # named statements one client may hold at once
 
 
-class StatementsMixin:
+class StatementsMixin(ClientSession):
     """PgClient's relay for sessions that use named statements: whole messages, names mapped."""
+
+    _clock: Clock
+    _held_for_wait: bool
+    _requests: Child
+    _whole: bytearray
+    ctx: PgContext
+    expose_names: bool
+    forget_server_statements: bool
+    last_queue: list[tuple[int, bytes]]
+    outstanding: int
+    parsed_settings: dict[bytes, frozenset[str]]
+    queue: list[tuple[int, bytes]]
+    queue_syncs: int
+    refusing: bool
+    scanner: wire.FrontendScanner
+    server: PgServer | None
+    shared_seen: set[bytes]
+    statements: dict[bytes, tuple[bytes, bytes]]
+    tx_status: int
+
+    if TYPE_CHECKING:  # provided by PgClient and the classes it mixes in
+
+        def _answered(self, server: PgServer) -> bool: ...
+        def _continue_refusal(self, syncs: int) -> None: ...
+        def fatal(self, code: str, text: str, *, hint: str = "") -> None: ...
+        def _inspect(self, messages: list[tuple[int, bytes]]) -> None: ...
 
     def _relay_messages(self, data: bytes) -> None:
         """The relay for sessions with named statements: whole messages, names mapped."""
@@ -99,7 +130,7 @@ class StatementsMixin:
         self.queue = []
         self.queue_syncs = 0
         server.scanner.answer = 0
-        server.transport.write(out)
+        cast(asyncio.Transport, server.transport).write(out)  # a lent connection is open
 
     def _refuse_taken_names(self) -> None:
         """Requests that open with a Parse under a name the client already uses fail as on
