@@ -8,21 +8,19 @@ import asyncio
 import hmac
 import logging
 import secrets
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, cast
 
 from dbmux.auth import mysql as auth
 from dbmux.auth.admission import source_address
 from dbmux.engines.base import BorrowTimeout, Lender, ServerError
 from dbmux.engines.mysql import handshake, wire
 from dbmux.engines.mysql.backend import NATIVE
+from dbmux.session import ClientSession
 
 if TYPE_CHECKING:
-    from dbmux.engines.mysql.backend import MyServer
     from dbmux.engines.mysql.engine import MyContext
-    from dbmux.session import Leftover
+    from dbmux.engines.mysql.frontend import MyClient
 
-_T = TypeVar("_T")
 log = logging.getLogger("dbmux.mysql")
 
 DEFAULT_COMMAND_LIMIT = 64 << 20  # until the server's max_allowed_packet is known
@@ -59,36 +57,23 @@ def error_of(error: ServerError) -> tuple[int, str]:
     return code, str(error.fields.get("state", "HY000"))
 
 
-class LoginMixin:
+class LoginMixin(ClientSession):
     """MyClient's login and COM_CHANGE_USER."""
 
     capabilities: int
     connection_id: int
     ctx: MyContext
-    last_active: float
-    logged_in: bool
     nonce: bytes
-    pool: Lender | None
     reader: wire.PacketReader
     schema: str
-    transport: asyncio.Transport | None
-    user: str
     variant: int
 
     if TYPE_CHECKING:  # provided by MyClient and the classes it mixes in
 
         def _end_command(self) -> None: ...
-        def give_back(self, left: Leftover = ..., server: MyServer | None = None) -> None: ...
         def _reset_session(self) -> None: ...
-        def close_transport(self, *, abort: bool = False) -> None: ...
-        def hold_reading(self) -> None: ...
-        async def read(self, split: Callable[[bytearray], _T | None]) -> _T: ...
-        def relay(self, data: bytes) -> None: ...
-        def release_reading(self) -> None: ...
         def reply(self, *payloads: bytes, seq: int = 1) -> None: ...
         def reply_error(self, error: tuple[int, str], message: str, *, seq: int = 1) -> None: ...
-        def start_relaying(self) -> bytes: ...
-        def write(self, data: bytes) -> None: ...
 
     async def log_in(self, deadline: asyncio.Timeout) -> None:
         try:
@@ -114,7 +99,7 @@ class LoginMixin:
         finally:
             self.release_reading()
         self.nonce = auth.new_nonce()
-        self.connection_id = ctx.new_connection_id(self)
+        self.connection_id = ctx.new_connection_id(cast("MyClient", self))  # its only host
         offered = greeting.capabilities & handshake.PROXY_CAPABILITIES
         self.write(
             wire.packet(

@@ -316,7 +316,8 @@ def with_statement_id(payload: bytes, statement_id: int) -> bytes:
 def statement_id(payload: bytes) -> int:
     if len(payload) < 5:
         raise ProtocolViolation("statement command without a statement id")
-    return _U32.unpack_from(payload, 1)[0]
+    value: int = _U32.unpack_from(payload, 1)[0]
+    return value
 
 
 def execute_types(payload: bytes, params: int) -> tuple[int, bytes | None]:

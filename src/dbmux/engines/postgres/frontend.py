@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from dbmux.engines.base import ServerError
 from dbmux.engines.postgres import wire
@@ -178,7 +178,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
             self.outstanding += syncs
             server.scanner.answer = 0
             self.last_sent = data
-            server.transport.write(data)
+            cast(asyncio.Transport, server.transport).write(data)  # a lent connection is open
             return
         pool = self.pool
         assert pool is not None  # set at login, before the relay starts
@@ -284,7 +284,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self.pending_syncs = 0
         server.scanner.answer = 0
         self.last_sent = data
-        server.transport.write(data)
+        cast(asyncio.Transport, server.transport).write(data)  # a lent connection is open
         self._stop_holding_for_wait()
 
     def _stop_holding_for_wait(self) -> None:
@@ -383,7 +383,9 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         if scanner.mid_message or scanner.last_kind not in wire.COMPLETE_TYPES:
             return  # more of the client's batch is on its way to this server
         if self.touched or self.server_params_changed:
-            self._follow_settings(self.detach())
+            server = self.detach()
+            assert server is not None  # it is the one that answered
+            self._follow_settings(server)
             return
         self.give_back()
 

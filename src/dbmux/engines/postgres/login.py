@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from dbmux.auth.admission import source_address
 from dbmux.auth.md5 import md5_password_hash, verify_md5_response
@@ -21,9 +21,12 @@ from dbmux.auth.scram import (
 from dbmux.config import ClientPasswordAuthType
 from dbmux.engines.base import BorrowTimeout, Lender, ServerError
 from dbmux.engines.postgres import wire
+from dbmux.session import ClientSession
 
 if TYPE_CHECKING:
     from dbmux.engines.postgres.backend import PgServer
+    from dbmux.engines.postgres.engine import PgContext
+    from dbmux.engines.postgres.frontend import PgClient
 
 log = logging.getLogger("dbmux.postgres")
 
@@ -66,8 +69,19 @@ def parse_options(options: str) -> dict[str, str]:
     return settings
 
 
-class LoginMixin:
+class LoginMixin(ClientSession):
     """PgClient's login conversation (runs once, before the relay starts)."""
+
+    ctx: PgContext
+    key: tuple[int, int]
+    login_settings: dict[str, str]
+    pid_bytes: bytes
+    wanted: dict[str, str]
+
+    if TYPE_CHECKING:  # provided by PgClient and the classes it mixes in
+
+        def fatal(self, code: str, text: str, *, hint: str = "") -> None: ...
+        def _forward_cancel(self, process_id: int, secret_key: int) -> None: ...
 
     async def log_in(self, deadline: asyncio.Timeout) -> None:
         try:
@@ -124,7 +138,7 @@ class LoginMixin:
         finally:
             self.release_reading()
         reported = {**defaults, **{k: v for k, v in self.wanted.items() if k in defaults}}
-        process_id, secret_key = ctx.new_cancel_key(self)
+        process_id, secret_key = ctx.new_cancel_key(cast("PgClient", self))  # its only host
         self.pid_bytes = process_id.to_bytes(4, "big", signed=True)
         self.key = (process_id, secret_key)
         self.write(
@@ -204,8 +218,8 @@ class LoginMixin:
             names = {name.lower(): name for name in facts}
             settings = {names.get(k.lower(), k.lower()): v for k, v in settings.items()}
             if "application_name" in settings:  # the server truncates it so
-                name = settings["application_name"].encode()[: NAMEDATALEN - 1]
-                settings["application_name"] = name.decode(errors="ignore")
+                truncated = settings["application_name"].encode()[: NAMEDATALEN - 1]
+                settings["application_name"] = truncated.decode(errors="ignore")
             unknown = [
                 k for k, v in settings.items() if k not in _VERBATIM and (k, v) not in canonical
             ]
