@@ -144,10 +144,6 @@ class FramedProtocol(asyncio.Protocol):
             self._reading_paused = True
             self.transport.pause_reading()
 
-    @property
-    def reading_paused(self) -> bool:
-        return self._reading_paused
-
     def release_reading(self) -> None:
         self._read_holds -= 1
         if self._read_holds <= 0:

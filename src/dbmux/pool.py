@@ -75,7 +75,7 @@ class TargetBudget:
             return True
         for pool in self.pools:
             if pool is not requester and pool.idle:
-                pool.idle.popleft().close(graceful=True)  # frees a slot through Pool.forget
+                pool.idle.popleft().close(graceful=True)  # frees a slot through Pool.remove
                 self.open += 1
                 return True
         return False
@@ -261,7 +261,7 @@ class Pool(BudgetLender):
         if not conn.closed:
             self._hand_over(conn)
 
-    def forget(self, conn: ServerConnection) -> None:
+    def remove(self, conn: ServerConnection) -> None:
         """Called once by a closing connection: drop it from every container."""
         if conn in self.lent or conn.lost_by_peer:
             self.budget.on_trouble()

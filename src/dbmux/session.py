@@ -17,6 +17,7 @@ from abc import abstractmethod
 from enum import Enum
 from typing import Any
 
+from dbmux.auth.admission import Refusal
 from dbmux.engines.base import Borrower, BorrowTimeout, Lender, ProxyRuntime, ServerError
 from dbmux.framed import ClientEnd, ConnectionClosed
 
@@ -91,7 +92,7 @@ class ClientSession(ClientEnd, Borrower):
         """Stop what `server` runs for this client (Leftover.RUNNING); by default the close
         that follows is all there is."""
 
-    def forget(self) -> None:
+    def unregister(self) -> None:
         """The client is gone: drop it from the engine's own registries (cancel keys,
         connection ids)."""
 
@@ -134,11 +135,30 @@ class ClientSession(ClientEnd, Borrower):
         finally:
             runtime.admission.leave(self)
 
+    def admit(self, deadline: asyncio.Timeout) -> Refusal | None:
+        """The password is proved: the client counts against max_client_connections from now
+        on (checked again: others may have logged in meanwhile) and, if it fits, is no
+        longer a pending login bound by client_login_timeout."""
+        refusal = self.runtime.admission.admit(self)
+        if refusal is None:
+            deadline.reschedule(None)
+        return refusal
+
+    def start_serving(self) -> None:
+        """The login is done: the relay takes over, starting with what the client sent
+        meanwhile."""
+        self.runtime.metrics.client_connections_setup_succeeded.value += 1
+        self.logged_in = True
+        self.last_active = self.runtime.clock.now
+        leftover = self.start_relaying()
+        if leftover:
+            self.relay(leftover)
+
     def on_closed(self, exc: Exception | None) -> None:
         runtime = self.runtime
         runtime.clients.discard(self)
         runtime.metrics.client_connections_closed.value += 1
-        self.forget()
+        self.unregister()
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self.waiting and self.pool is not None:

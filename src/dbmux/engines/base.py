@@ -10,12 +10,15 @@ What an engine implements (`Engine`, `ServerConnection`; its client sessions ext
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+
+from dbmux.framed import ConnectionClosed
 
 if TYPE_CHECKING:
     from dbmux.auth.admission import Admission, LoginThrottle
@@ -23,6 +26,9 @@ if TYPE_CHECKING:
     from dbmux.config import ClientPasswordAuthType, ProxyConfig, Target
     from dbmux.metrics import ProxyMetrics
     from dbmux.session import ClientSession
+
+
+CONNECT_TIMEOUT = 10.0  # seconds to open and log in a server connection
 
 
 class ErrorKind(Enum):
@@ -58,7 +64,7 @@ class Home(Protocol):
 
     def release(self, conn: ServerConnection) -> None: ...
 
-    def forget(self, conn: ServerConnection) -> None: ...
+    def remove(self, conn: ServerConnection) -> None: ...
 
 
 class ServerConnection(ABC):
@@ -90,6 +96,15 @@ class ServerConnection(ABC):
         self.generation = 0
         self.checked_at = self.created_at  # when it last proved alive (idle health check)
         self.lost_by_peer = False
+        self.session_init: tuple[str, ...] = ()  # run at connect and after each reset
+
+    @abstractmethod
+    async def read_server_limit(self) -> None:
+        """Set server_limit from the database's own settings."""
+
+    @abstractmethod
+    async def start_session(self) -> None:
+        """Run session_init (a new session, or one just reset)."""
 
     @abstractmethod
     async def reset(self) -> None:
@@ -99,27 +114,28 @@ class ServerConnection(ABC):
     async def ping(self) -> None:
         """One round trip that proves the server answers; raise if it does not."""
 
-    @abstractmethod
-    def disconnect(self, graceful: bool) -> None:
-        """Drop the transport: with a goodbye message when the connection is known to be idle
-        and healthy, without one when its state is unknown."""
+    # The message that ends a session politely (PostgreSQL Terminate, MySQL COM_QUIT).
+    goodbye: bytes
 
-    def close(self, graceful: bool = False) -> None:
-        """Close and tell the pool, once."""
+    if TYPE_CHECKING:  # the engine's connection is also a framed.ServerEnd
+
+        def write(self, data: bytes) -> None: ...
+        def close_transport(self, *, abort: bool = False) -> None: ...
+
+    def close(self, graceful: bool = False, *, by_peer: bool = False) -> None:
+        """Close, once, and tell the pool. `graceful`: the connection is known to be idle and
+        healthy, so the server is told goodbye first. `by_peer`: the server (or the network)
+        ended it, not the proxy: the pool counts it as trouble even when idle (a server
+        closing its connections may be shutting down for a failover)."""
         if self.closed:
             return
         self.closed = True
-        self.disconnect(graceful)
+        self.lost_by_peer = by_peer
+        if graceful:
+            self.write(self.goodbye)
+        self.close_transport(abort=not graceful)
         if self.pool is not None:
-            self.pool.forget(self)
-
-    def closed_by_peer(self) -> None:
-        """The server (or the network) ended the connection, not the proxy: forget it, and
-        let the pool count it as trouble even when idle (a server closing its connections
-        may be shutting down for a failover)."""
-        if not self.closed:
-            self.lost_by_peer = True
-            ServerConnection.close(self)
+            self.pool.remove(self)
 
     def begin_cancel(self) -> None:
         self.cancels_in_flight += 1
@@ -140,15 +156,34 @@ class Engine(ABC):
     read_only_statement: str
     # The client_password_auth_type values this engine accepts, the first the default.
     auth_types: tuple[ClientPasswordAuthType, ...]
+    # The engine's error codes that mean something to the core (see classify_error).
+    error_kinds: dict[str, ErrorKind]
 
-    @staticmethod
-    @abstractmethod
-    def classify_error(error: ServerError) -> ErrorKind:
+    def __init__(self) -> None:
+        self._context: EngineContext | None = None
+
+    @classmethod
+    def classify_error(cls, error: ServerError) -> ErrorKind:
         """What a database error of this engine means to the core."""
+        return cls.error_kinds.get(error.code, ErrorKind.OTHER)
 
     @abstractmethod
-    def serve(self, proxy: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
-        """Build the protocol factory that serves client connections of this proxy."""
+    def new_context(self, runtime: ProxyRuntime) -> EngineContext:
+        """The state the proxy's client sessions share (users, classifier, cancel keys)."""
+
+    @abstractmethod
+    def new_session(self, context: Any) -> asyncio.Protocol:
+        """A client session of this engine, on `context`."""
+
+    def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory of one listener. A proxy's listeners (its read-only
+        endpoints) share one context, with their own pools, so cancel requests and KILL
+        find clients of any of them."""
+        if self._context is None:
+            context = self._context = self.new_context(runtime)
+        else:
+            context = dataclasses.replace(self._context, runtime=runtime)
+        return lambda: self.new_session(context)
 
     @abstractmethod
     async def connect(
@@ -323,3 +358,62 @@ class ProxyRuntime:
     clients: set[ClientSession]
     admission: Admission  # the bound on clients that have not proved a password yet
     throttle: LoginThrottle  # failed logins, per user and source address
+
+
+@dataclass
+class EngineContext:
+    """What one proxy's client sessions of an engine share; each engine extends it."""
+
+    runtime: ProxyRuntime
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectCodes:
+    """The engine's error codes for a server connection that could not be opened."""
+
+    timeout: str  # no login within CONNECT_TIMEOUT
+    lost: str  # the server closed the connection, or spoke nonsense, during the login
+    unreachable: str  # no TCP connection
+
+
+S = TypeVar("S", bound=ServerConnection)
+
+
+async def connect_server(
+    make: Callable[[], S],
+    host: str,
+    port: int,
+    log_in: Callable[[S], Awaitable[None]],
+    *,
+    session_init: tuple[str, ...],
+    read_limit: bool,
+    codes: ConnectCodes,
+    lost: tuple[type[Exception], ...] = (ConnectionClosed,),
+) -> S:
+    """Connect, log in (`log_in`), read the server's limit when asked and start the session;
+    a failure is a ServerError with the engine's code."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            # Every engine's server connection is also its asyncio protocol (a framed.ServerEnd).
+            factory = cast("Callable[[], asyncio.Protocol]", make)
+            _, protocol = await loop.create_connection(factory, host, port)
+            server = cast(S, protocol)
+            try:
+                await log_in(server)
+                if read_limit:
+                    await server.read_server_limit()
+                server.session_init = session_init
+                await server.start_session()
+            except BaseException:
+                server.close()
+                raise
+    except TimeoutError:
+        raise ServerError(f"timed out connecting to {host}:{port}", code=codes.timeout) from None
+    except lost as error:
+        raise ServerError(f"{host}:{port} failed during login: {error}", code=codes.lost) from None
+    except OSError as error:
+        raise ServerError(
+            f"cannot connect to {host}:{port}: {error.strerror or error}", code=codes.unreachable
+        ) from None
+    return server

@@ -42,7 +42,6 @@ from dbmux.engines.postgres.wire import (
     parse_startup,
     password_message,
     query,
-    read_cstr,
     ready_for_query,
     sasl_initial_response,
     split_message,
@@ -378,7 +377,7 @@ def test_authentication_sasl_lists_mechanisms() -> None:
     _, payload = split_message(bytearray(authentication(AUTH_SASL, cstr("SCRAM-SHA-256") + b"\0")))
     code, rest = parse_auth(payload)
     assert code == AUTH_SASL
-    assert read_cstr(rest) == ("SCRAM-SHA-256", len("SCRAM-SHA-256") + 1)
+    assert rest == b"SCRAM-SHA-256\0\0"
 
 
 def test_parse_data_row_reads_values_and_nulls() -> None:

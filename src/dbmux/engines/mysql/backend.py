@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING
 
 from dbmux.auth import mysql as auth
 from dbmux.auth.secrets import Credentials
-from dbmux.engines.base import ServerConnection, ServerError
+from dbmux.engines.base import (
+    CONNECT_TIMEOUT,
+    ConnectCodes,
+    ServerConnection,
+    ServerError,
+    connect_server,
+)
 from dbmux.engines.mysql import handshake, settings, wire
 from dbmux.framed import ConnectionClosed, ServerEnd
 
@@ -20,7 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dbmux.mysql")
 
-CONNECT_TIMEOUT = 10.0
 NATIVE = "mysql_native_password"
 SHA2 = "caching_sha2_password"
 
@@ -45,6 +50,8 @@ def server_error(payload: bytes) -> ServerError:
 
 class MyServer(ServerEnd, ServerConnection):
     """One connection to a MySQL or MariaDB server."""
+
+    goodbye = wire.packet(0, bytes((wire.COM_QUIT,)))
 
     def __init__(self, host: str, port: int, capabilities: int, prepared_capacity: int) -> None:
         ServerEnd.__init__(self)
@@ -229,11 +236,6 @@ class MyServer(ServerEnd, ServerConnection):
     async def ping(self) -> None:
         await self.exchange(bytes((wire.COM_PING,)), wire.RESPONSE_SIMPLE)
 
-    def disconnect(self, graceful: bool) -> None:
-        if graceful:
-            self.write(wire.packet(0, bytes((wire.COM_QUIT,))))
-        self.close_transport(abort=not graceful)
-
     # -- relay --------------------------------------------------------------------------------
 
     def relay(self, data: bytes) -> None:
@@ -275,7 +277,7 @@ class MyServer(ServerEnd, ServerConnection):
 
     def on_closed(self, exc: Exception | None) -> None:
         client = self.client
-        self.closed_by_peer()
+        self.close(by_peer=True)
         if client is not None:
             client.server_lost(self)
 
@@ -297,6 +299,9 @@ async def read_greeting(host: str, port: int) -> handshake.Greeting:
         writer.close()
 
 
+CONNECT_CODES = ConnectCodes(timeout="2013", lost="2013", unreachable="2003")
+
+
 async def open_server(
     host: str,
     port: int,
@@ -310,28 +315,18 @@ async def open_server(
     prepared_capacity: int,
 ) -> MyServer:
     """Connect, authenticate, start the session (and read the server's limit when asked)."""
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            _, server = await loop.create_connection(
-                lambda: MyServer(host, port, capabilities, prepared_capacity), host, port
-            )
-            try:
-                await server.login(credentials, database, charset)
-                server.resume_relaying()
-                if read_limit:
-                    await server.read_server_limit()
-                server.session_init = session_init
-                await server.start_session()
-            except BaseException:
-                server.disconnect(graceful=False)
-                raise
-    except TimeoutError:
-        raise ServerError(f"timed out connecting to {host}:{port}", code="2013") from None
-    except (ConnectionClosed, wire.ProtocolViolation) as error:
-        raise ServerError(f"{host}:{port} failed during login: {error}", code="2013") from None
-    except OSError as error:
-        raise ServerError(
-            f"cannot connect to {host}:{port}: {error.strerror or error}", code="2003"
-        ) from None
-    return server
+
+    async def log_in(server: MyServer) -> None:
+        await server.login(credentials, database, charset)
+        server.resume_relaying()
+
+    return await connect_server(
+        lambda: MyServer(host, port, capabilities, prepared_capacity),
+        host,
+        port,
+        log_in,
+        session_init=session_init,
+        read_limit=read_limit,
+        codes=CONNECT_CODES,
+        lost=(ConnectionClosed, wire.ProtocolViolation),
+    )

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dbmux.auth.mysql import RsaKey
@@ -14,6 +12,7 @@ from dbmux.bounded import SetResults
 from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
 from dbmux.engines.base import (
     Engine,
+    EngineContext,
     ErrorKind,
     PoolKey,
     ProbeResult,
@@ -52,10 +51,9 @@ class Login:
 
 
 @dataclass
-class MyContext:
+class MyContext(EngineContext):
     """State shared by the client connections of one MySQL proxy."""
 
-    runtime: ProxyRuntime
     users: dict[str, Login]
     classifier: Classifier
     rsa_key: RsaKey = field(default_factory=RsaKey.generate)
@@ -114,40 +112,32 @@ class MysqlEngine(Engine):
     """MySQL client/server protocol 4.1+, for MySQL 5.7+/8 and MariaDB 10.2+."""
 
     prepared_capacity = 500
-    _context: MyContext | None = None  # shared by the proxy's listeners
     read_only_statement = "SET SESSION TRANSACTION READ ONLY"
     auth_types = (
         ClientPasswordAuthType.MYSQL_NATIVE_PASSWORD,
         ClientPasswordAuthType.MYSQL_CACHING_SHA2_PASSWORD,
     )
+    error_kinds = ERROR_KINDS
 
-    @staticmethod
-    def classify_error(error: ServerError) -> ErrorKind:
-        return ERROR_KINDS.get(error.code, ErrorKind.OTHER)
-
-    def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
-        if self._context is not None:
-            # Another listener of the same proxy (a read-only endpoint): its own pools,
-            # the same sessions, so cancel requests and KILL find clients of either.
-            ctx = dataclasses.replace(self._context, runtime=runtime)
-            return lambda: MyClient(ctx)
+    def new_context(self, runtime: ProxyRuntime) -> MyContext:
         pool_config = runtime.config.target_group.connection_pool_config
         self.prepared_capacity = pool_config.max_prepared_statements
+        filters = pool_config.session_pinning_filters
         users = {
             name: Login(secret.credentials, secret.auth_type)
             for name, secret in runtime.users.items()
         }
-        ctx = MyContext(
+        return MyContext(
             runtime,
             users,
             Classifier(
-                exclude_variable_sets=PinningFilter.EXCLUDE_VARIABLE_SETS
-                in pool_config.session_pinning_filters,
+                exclude_variable_sets=PinningFilter.EXCLUDE_VARIABLE_SETS in filters,
                 replay_settings=runtime.config.session_state is SessionState.REPLAY,
             ),
         )
-        self._context = ctx
-        return lambda: MyClient(ctx)
+
+    def new_session(self, context: MyContext) -> MyClient:
+        return MyClient(context)
 
     async def connect(
         self,
@@ -190,7 +180,7 @@ class MysqlEngine(Engine):
             writable = rows[0][0] == b"0"
             behind = await replica_lag(server) if lag and not writable else None
         finally:
-            server.disconnect(graceful=True)
+            server.close(graceful=True)
         return ProbeResult(writable, behind)
 
 

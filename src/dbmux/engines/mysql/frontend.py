@@ -94,7 +94,7 @@ class MyClient(
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def forget(self) -> None:
+    def unregister(self) -> None:
         self.ctx.sessions.pop(self.connection_id, None)
 
     def leftover(self, server: MyServer) -> Leftover:
@@ -423,6 +423,8 @@ class MyClient(
             self.on_borrow_failed(error)
             return
         except (ConnectionClosed, OSError) as error:
+            if server is self.server and server.scanner.status & wire.SERVER_STATUS_IN_TRANS:
+                self.transaction_lost = str(error)  # told at the client's next command
             self.give_back(Leftover.UNKNOWN, server)
             self.on_borrow_failed(ServerError(str(error), code="2013"))
             return
@@ -464,7 +466,7 @@ class MyClient(
                 await self._bring_in_step(server)
             except ServerError as error:
                 if fresh:
-                    self.give_back()
+                    self.give_back(server=server)
                 raise CommandFailed(error_of(error), str(error)) from None
         return server
 
@@ -512,7 +514,7 @@ class MyClient(
                 return
             self._task = self.ctx.loop.create_task(self._learn_state(server))
             return
-        self.give_back()
+        self.give_back(server=server)
         self._end_command()
 
     def _end_command(self) -> None:

@@ -128,19 +128,13 @@ class LoginMixin(ClientSession):
         self.capabilities = response.capabilities & offered
         self.user = response.user
         seq = await self._authenticate(response.user, response.plugin, response.auth_response, seq)
-        refusal = admission.admit(self)  # again: others may have logged in meanwhile
+        refusal = self.admit(deadline)
         if refusal is not None:
             raise too_many(seq + 1, refusal.text, refusal.hint)
-        deadline.reschedule(None)  # proved: no longer a pending login
         database = response.database if self.capabilities & handshake.CLIENT_CONNECT_WITH_DB else ""
         await self._join_pool(database, response.charset, seq + 1)
         self.reply(wire.ok_packet(), seq=seq + 1)
-        ctx.metrics.client_connections_setup_succeeded.value += 1
-        self.logged_in = True
-        self.last_active = ctx.clock.now
-        leftover = self.start_relaying()
-        if leftover:
-            self.relay(leftover)
+        self.start_serving()
 
     async def _authenticate(self, user: str, plugin: str, response: bytes, seq: int) -> int:
         """Check the client's password against the proxy's secret with the user's plugin

@@ -11,16 +11,20 @@ from typing import TYPE_CHECKING
 from dbmux.auth.md5 import md5_response
 from dbmux.auth.scram import ScramClient, ScramError
 from dbmux.auth.secrets import Credentials
-from dbmux.engines.base import ServerConnection, ServerError
+from dbmux.engines.base import (
+    CONNECT_TIMEOUT,
+    ConnectCodes,
+    ServerConnection,
+    ServerError,
+    connect_server,
+)
 from dbmux.engines.postgres import wire
-from dbmux.framed import ConnectionClosed, ServerEnd
+from dbmux.framed import ServerEnd
 
 if TYPE_CHECKING:
     from dbmux.engines.postgres.frontend import PgClient
 
 log = logging.getLogger("dbmux.postgres")
-
-CONNECT_TIMEOUT = 10.0
 
 
 def quote_literal(value: str) -> str:
@@ -37,6 +41,8 @@ def quote_ident(name: str) -> str:
 
 class PgServer(ServerEnd, ServerConnection):
     """One connection to a PostgreSQL server."""
+
+    goodbye = wire.TERMINATE
 
     def __init__(self, host: str, port: int, prepared_capacity: int = 500) -> None:
         ServerEnd.__init__(self)
@@ -198,10 +204,8 @@ class PgServer(ServerEnd, ServerConnection):
     async def ping(self) -> None:
         await self.run("")  # an empty query: EmptyQueryResponse, ReadyForQuery
 
-    def disconnect(self, graceful: bool) -> None:
-        if graceful:
-            self.write(wire.TERMINATE)
-        self.close_transport(abort=not graceful)
+    def close(self, graceful: bool = False, *, by_peer: bool = False) -> None:
+        super().close(graceful, by_peer=by_peer)
         if self.scanner.pid_map is not None:
             # Its process id's owner (for NotificationResponse) goes with it: server
             # connections come and go, and the map of them must not only grow.
@@ -245,7 +249,7 @@ class PgServer(ServerEnd, ServerConnection):
 
     def on_closed(self, exc: Exception | None) -> None:
         client = self.client
-        self.closed_by_peer()
+        self.close(by_peer=True)
         if client is not None:
             client.server_lost(self)
 
@@ -253,6 +257,9 @@ class PgServer(ServerEnd, ServerConnection):
 def _server_error(payload: bytes) -> ServerError:
     fields = wire.parse_fields(payload)
     return ServerError(fields.get("M", "server error"), code=fields.get("C", ""), fields=fields)
+
+
+CONNECT_CODES = ConnectCodes(timeout="08001", lost="08006", unreachable="08001")
 
 
 async def open_server(
@@ -266,31 +273,19 @@ async def open_server(
     prepared_capacity: int,
 ) -> PgServer:
     """Connect, authenticate, start the session (and read the server's limit when asked)."""
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            _, server = await loop.create_connection(
-                lambda: PgServer(host, port, prepared_capacity), host, port
-            )
-            try:
-                await server.login(credentials, database)
-                if read_limit:
-                    await server.read_server_limit()
-                server.session_init = session_init
-                await server.start_session()
-            except BaseException:
-                server.disconnect(graceful=False)
-                raise
-    except TimeoutError:
-        raise ServerError(f"timed out connecting to {host}:{port}", code="08001") from None
-    except ConnectionClosed:
-        raise ServerError(
-            f"{host}:{port} closed the connection during login", code="08006"
-        ) from None
-    except OSError as error:
-        raise ServerError(
-            f"cannot connect to {host}:{port}: {error.strerror or error}", code="08001"
-        ) from None
+
+    async def log_in(server: PgServer) -> None:
+        await server.login(credentials, database)
+
+    server = await connect_server(
+        lambda: PgServer(host, port, prepared_capacity),
+        host,
+        port,
+        log_in,
+        session_init=session_init,
+        read_limit=read_limit,
+        codes=CONNECT_CODES,
+    )
     server.resume_relaying()
     return server
 

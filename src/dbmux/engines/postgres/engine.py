@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dbmux.auth.scram import ScramVerifier
@@ -16,12 +14,12 @@ from dbmux.bounded import LruDict, SetResults
 from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
 from dbmux.engines.base import (
     Engine,
+    EngineContext,
     ErrorKind,
     PoolKey,
     ProbeResult,
     ProxyRuntime,
     ServerConnection,
-    ServerError,
 )
 from dbmux.engines.postgres.backend import open_server
 from dbmux.engines.postgres.frontend import PgClient
@@ -79,10 +77,9 @@ class Login:
 
 
 @dataclass
-class PgContext:
+class PgContext(EngineContext):
     """State shared by the client connections of one PostgreSQL proxy."""
 
-    runtime: ProxyRuntime
     users: dict[str, Login]
     classifier: Classifier
     cancel_keys: dict[tuple[int, int], PgClient] = field(default_factory=dict)
@@ -118,23 +115,14 @@ class PostgresEngine(Engine):
     """PostgreSQL protocol 3.0."""
 
     prepared_capacity = 500
-    _context: PgContext | None = None  # shared by the proxy's listeners
     read_only_statement = "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
     auth_types = (
         ClientPasswordAuthType.POSTGRES_SCRAM_SHA_256,
         ClientPasswordAuthType.POSTGRES_MD5,
     )
+    error_kinds = ERROR_KINDS
 
-    @staticmethod
-    def classify_error(error: ServerError) -> ErrorKind:
-        return ERROR_KINDS.get(error.code, ErrorKind.OTHER)
-
-    def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
-        if self._context is not None:
-            # Another listener of the same proxy (a read-only endpoint): its own pools,
-            # the same sessions, so cancel requests and KILL find clients of either.
-            ctx = dataclasses.replace(self._context, runtime=runtime)
-            return lambda: PgClient(ctx)
+    def new_context(self, runtime: ProxyRuntime) -> PgContext:
         pool_config = runtime.config.target_group.connection_pool_config
         self.prepared_capacity = pool_config.max_prepared_statements
         filters = pool_config.session_pinning_filters
@@ -146,7 +134,7 @@ class PostgresEngine(Engine):
             )
             for name, secret in runtime.users.items()
         }
-        ctx = PgContext(
+        return PgContext(
             runtime,
             users,
             Classifier(
@@ -154,8 +142,9 @@ class PostgresEngine(Engine):
                 replay_settings=runtime.config.session_state is SessionState.REPLAY,
             ),
         )
-        self._context = ctx
-        return lambda: PgClient(ctx)
+
+    def new_session(self, context: PgContext) -> PgClient:
+        return PgClient(context)
 
     async def connect(
         self,
@@ -189,7 +178,7 @@ class PostgresEngine(Engine):
         try:
             rows = await server.run(LAG_QUERY if lag else "SELECT pg_is_in_recovery()")
         finally:
-            server.disconnect(graceful=True)
+            server.close(graceful=True)
         writable = rows[0][0] == "f"
         behind = rows[0][1] if lag and not writable else None
         return ProbeResult(writable, float(behind) if behind is not None else None)

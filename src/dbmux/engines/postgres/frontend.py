@@ -101,14 +101,14 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
 
     # -- connection lifecycle ---------------------------------------------------------------
 
-    def forget(self) -> None:
+    def unregister(self) -> None:
         self.ctx.cancel_keys.pop(self.key, None)
 
     def leftover(self, server: PgServer) -> Leftover:
         scanner = self.scanner
         if self.outstanding > 0:  # the database would finish work nobody waits for
             return Leftover.RUNNING
-        if scanner.last_kind not in wire.COMPLETE_TYPES or scanner.mid_message:
+        if scanner.last_kind not in wire.SYNCING_TYPES or scanner.mid_message:
             return Leftover.UNKNOWN  # Parse/Bind/... with no Sync, or half a message
         if self.pin_reason is not None:
             return Leftover.SESSION
@@ -380,7 +380,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         if self.outstanding > 0 or status != wire.IDLE or self.pin_reason is not None:
             return
         scanner = self.scanner
-        if scanner.mid_message or scanner.last_kind not in wire.COMPLETE_TYPES:
+        if scanner.mid_message or scanner.last_kind not in wire.SYNCING_TYPES:
             return  # more of the client's batch is on its way to this server
         if self.touched or self.server_params_changed:
             server = self.detach()
@@ -420,7 +420,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         # batch and hears of the loss at its next Sync, as it would from the server itself.
         # (A notice such as "terminating connection because of crash of another server
         # process" is no answer.)
-        unsynced = self.scanner.last_kind not in wire.COMPLETE_TYPES
+        unsynced = self.scanner.last_kind not in wire.SYNCING_TYPES
         if unsynced and self._answered(server):
             self.transaction_lost = self.refusing = True
             self.lost_reason = server.last_error
@@ -448,7 +448,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         if self.outstanding:
             return False
         scanner = self.scanner
-        if scanner.last_kind in wire.COMPLETE_TYPES:
+        if scanner.last_kind in wire.SYNCING_TYPES:
             return True
         return server.scanner.answer in wire.LAST_REPLY.get(scanner.asked, b"")
 

@@ -122,10 +122,9 @@ class LoginMixin(ClientSession):
             raise LoginRefused("28000", "no PostgreSQL user name specified in startup packet")
         self.user = user
         await self._authenticate(user)
-        refusal = admission.admit(self)  # again: others may have logged in meanwhile
+        refusal = self.admit(deadline)
         if refusal is not None:
             raise LoginRefused("53300", refusal.text, refusal.hint)
-        deadline.reschedule(None)  # proved: no longer a pending login
         database = params.get("database") or user
         settings = {k: v for k, v in params.items() if k not in _NOT_SETTINGS and k[:5] != "_pq_."}
         settings.update(parse_options(params.get("options", "")))
@@ -146,12 +145,7 @@ class LoginMixin(ClientSession):
             + wire.backend_key_data(process_id, secret_key)
             + wire.ready_for_query()
         )
-        ctx.metrics.client_connections_setup_succeeded.value += 1
-        self.logged_in = True
-        self.last_active = ctx.clock.now
-        leftover = self.start_relaying()
-        if leftover:
-            self.relay(leftover)
+        self.start_serving()
 
     async def _authenticate(self, user: str) -> None:
         ctx = self.ctx

@@ -38,11 +38,10 @@ FRONTEND_LIMITS = tuple(
 )
 IDLE = 73  # ReadyForQuery status b"I": no transaction open
 
-# Frontend messages after which the server sends ReadyForQuery.
-SYNCING_TYPES = frozenset(b"QSF")
-# A client whose last message (COPY data aside) is one of these has nothing waiting at the
+# Frontend messages after which the server sends ReadyForQuery (Query, Sync, FunctionCall):
+# a client whose last message (COPY data aside) is one of these has nothing waiting at the
 # server beyond what ReadyForQuery answers.
-COMPLETE_TYPES = frozenset(b"QSF")
+SYNCING_TYPES = frozenset(b"QSF")
 # CopyData, CopyDone and CopyFail belong to the COPY that the message before them started
 # (a Query, or an Execute still waiting for its Sync), so they leave `last_kind` alone: an
 # Execute followed by a stray CopyFail still owes the server a Sync.
@@ -223,11 +222,6 @@ def parse_fields(payload: bytes) -> dict[str, str]:
 def parse_parameter_status(payload: bytes) -> tuple[str, str]:
     name, value, _ = payload.split(b"\0", 2)
     return name.decode(errors="replace"), value.decode(errors="replace")
-
-
-def read_cstr(payload: bytes, pos: int = 0) -> tuple[str, int]:
-    end = payload.index(b"\0", pos)
-    return payload[pos:end].decode(errors="replace"), end + 1
 
 
 def parse_data_row(payload: bytes) -> list[str | None]:
