@@ -25,6 +25,10 @@ from dbmux.testing import PostgresCluster
 from dbmux.testing.embedded import EmbeddedDbmux
 from dbmux.testing.rechunk import Rechunker
 
+# The MySQL side's fixtures (a throwaway MariaDB per test session, a dbmux per test), for the
+# MySQL engine's tests and the contract tests both engines share (test_session.py).
+pytest_plugins = ["tests.mysql_fixtures"]
+
 APP_USER, APP_PASSWORD, APP_DB = "app", "app-secret", "app"
 # 20% (the tests' max_connections_percent) of 50 is a pool of 10.
 PG_MAX_CONNECTIONS = 50

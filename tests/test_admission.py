@@ -23,7 +23,8 @@ from dbmux.engines.mysql import handshake
 from dbmux.engines.mysql import wire as mywire
 from dbmux.metrics import ProxyMetrics
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, WAIT, RunningProxy, wait_until
-from tests.engines.mysql.conftest import (  # noqa: F401  (fixtures used through getfixturevalue)
+from tests.myraw import CLIENT_CAPABILITIES, RawMy
+from tests.mysql_fixtures import (  # noqa: F401  (fixtures used through getfixturevalue)
     MY_DB,
     MY_PASSWORD,
     MY_USER,
@@ -31,7 +32,6 @@ from tests.engines.mysql.conftest import (  # noqa: F401  (fixtures used through
     mariadb,
     start_my_proxy,
 )
-from tests.myraw import CLIENT_CAPABILITIES, RawMy
 from tests.pgraw import (
     AUTH_OK,
     AUTH_SASL,

@@ -15,7 +15,7 @@ from bench.fuzz import postgres as pg_harness
 from dbmux.auth.scram import ScramClient, ScramError
 from dbmux.engines.postgres.pinning import Classifier
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, RunningProxy
-from tests.engines.mysql.conftest import (  # noqa: F401 (the MySQL engine's fixtures)
+from tests.mysql_fixtures import (  # noqa: F401 (the MySQL engine's fixtures)
     MY_DB,
     MY_PASSWORD,
     MY_USER,

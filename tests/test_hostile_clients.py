@@ -33,14 +33,14 @@ from hypothesis import strategies as st
 from dbmux.engines.mysql import handshake, wire
 from tests import pgraw
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
-from tests.engines.mysql.conftest import (  # noqa: F401 (fixtures, used by name)
+from tests.myraw import CLIENT_CAPABILITIES, RawMy
+from tests.mysql_fixtures import (  # noqa: F401 (fixtures, used by name)
     MY_DB,
     MY_PASSWORD,
     MY_USER,
     mariadb,
     start_my_proxy,
 )
-from tests.myraw import CLIENT_CAPABILITIES, RawMy
 
 N_CLIENTS = 3
 N_STATEMENTS = 3  # statements of its own a client may prepare

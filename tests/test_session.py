@@ -37,16 +37,10 @@ from dbmux.metrics import ProxyMetrics
 from dbmux.pool import PoolSet
 from dbmux.testing.embedded import EmbeddedDbmux
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
-from tests.engines.mysql.conftest import (  # noqa: F401  (fixtures of the MySQL side)
-    MY_DB,
-    MY_PASSWORD,
-    MY_USER,
-    mariadb,
-    start_my_proxy,
-)
 from tests.engines.mysql.test_bad_input import err_of
 from tests.engines.mysql.test_bad_input import logged_in as my_logged_in
 from tests.myraw import RawMy
+from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER
 from tests.pgraw import RawClient, split_messages
 from tests.slow_reader import IDLE
 from tests.waiting import eventually

@@ -8,9 +8,9 @@ import asyncio
 import contextlib
 
 from dbmux.engines.mysql import wire
-from tests.engines.mysql.conftest import MyProxy
 from tests.engines.mysql.test_bad_input import assert_serves_a_good_client, bystander, logged_in
 from tests.myraw import WAIT
+from tests.mysql_fixtures import MyProxy
 
 __all__ = ["bystander"]  # the fixture, used by name
 

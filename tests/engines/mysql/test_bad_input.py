@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dbmux.engines.mysql import handshake, wire
-from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 from tests.myraw import CLIENT_CAPABILITIES, RawMy
+from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 
 FUZZ_WAIT = 3.0
 

@@ -12,7 +12,7 @@ from sqlalchemy import Integer, String, create_engine, select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
+from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 
 POOL_OF_THREE = {"max_connections_percent": 6}  # 6% of 50
 CLIENTS = 810_000  # the items rows of these tests have client ids from here on

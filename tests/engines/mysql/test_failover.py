@@ -15,7 +15,7 @@ from dbmux.targets import TargetHealth
 from dbmux.testing import MariaDBServer
 from dbmux.testing.embedded import EmbeddedDbmux
 from tests.conftest import WAIT, wait_until, writer_port
-from tests.engines.mysql.conftest import (
+from tests.mysql_fixtures import (
     MY_DB,
     MY_PASSWORD,
     MY_USER,

@@ -8,8 +8,8 @@ import pytest
 
 from dbmux.engines.mysql import settings, statements, wire
 from dbmux.engines.mysql.engine import MyContext
-from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 from tests.myraw import RawMy
+from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 
 
 def context(proxy: MyProxy) -> MyContext:

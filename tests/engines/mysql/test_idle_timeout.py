@@ -9,8 +9,8 @@ import socket
 from collections.abc import Callable
 
 from dbmux.engines.mysql import wire
-from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 from tests.myraw import RawMy
+from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 from tests.slow_reader import IDLE, ROW, ROWS, pace
 
 

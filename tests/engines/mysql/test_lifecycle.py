@@ -13,10 +13,10 @@ from dbmux.engines.mysql import wire
 from dbmux.testing.embedded import EmbeddedDbmux
 from dbmux.testing.rechunk import Rechunker
 from tests.conftest import wait_until
-from tests.engines.mysql.conftest import MyProxy, my_proxy_config, server_connections
 from tests.engines.mysql.test_backpressure import buffered_for_clients
 from tests.engines.mysql.test_bad_input import err_of, logged_in
 from tests.myraw import WAIT
+from tests.mysql_fixtures import MyProxy, my_proxy_config, server_connections
 from tests.waiting import eventually
 
 

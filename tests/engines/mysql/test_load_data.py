@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbmux.engines.mysql import handshake, wire
-from tests.engines.mysql.conftest import MyProxy
 from tests.engines.mysql.test_bad_input import bystanding, logged_in
 from tests.myraw import WAIT
+from tests.mysql_fixtures import MyProxy
 
 SMALL = 10
 BIG = 120_000  # about 6 MB: many packets, more than the proxy's buffers

@@ -13,8 +13,8 @@ import pytest
 
 from dbmux.auth.mysql import encrypt_password
 from dbmux.engines.mysql import handshake, wire
-from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 from tests.myraw import RawMy
+from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 
 
 @pytest.fixture

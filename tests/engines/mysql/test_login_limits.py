@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from dbmux.engines.mysql import wire
-from tests.engines.mysql.conftest import MyProxy
 from tests.myraw import RawMy
+from tests.mysql_fixtures import MyProxy
 
 
 def error_of(payload: bytes) -> int:

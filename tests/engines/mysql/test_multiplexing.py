@@ -10,7 +10,7 @@ import aiomysql
 import pymysql
 import pytest
 
-from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, MyProxy, server_connections
+from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER, MyProxy, server_connections
 
 POOL = 10  # 20% of the test server's max_connections (50)
 

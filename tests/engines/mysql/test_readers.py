@@ -11,7 +11,7 @@ import pytest
 from dbmux.testing import MariaDBServer
 from dbmux.testing.embedded import EmbeddedDbmux
 from tests.conftest import wait_until
-from tests.engines.mysql.conftest import (
+from tests.mysql_fixtures import (
     MY_DB,
     MY_PASSWORD,
     MY_USER,

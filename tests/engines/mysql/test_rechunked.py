@@ -19,7 +19,7 @@ from pymysql.constants import CLIENT
 
 from dbmux.testing.rechunk import Rechunker
 from dbmux.testing.scenarios import BY_NAME, MYSQL, SCENARIOS, Endpoint, run_many
-from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER, RechunkedMyProxy
+from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER, RechunkedMyProxy
 
 pytestmark = pytest.mark.timeout(90)
 DEADLINE = 15.0  # seconds for one iteration of a scenario; a normal one takes well under 1 s

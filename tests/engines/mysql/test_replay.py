@@ -17,7 +17,7 @@ from dbmux.engines.mysql.replay import may_run_again
 from dbmux.testing import MariaDBServer
 from dbmux.testing.embedded import EmbeddedDbmux
 from tests.conftest import WAIT, wait_until
-from tests.engines.mysql.conftest import (
+from tests.mysql_fixtures import (
     MY_DB,
     MY_PASSWORD,
     MY_USER,

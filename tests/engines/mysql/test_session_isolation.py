@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from pymysql.constants import CLIENT
 
 from dbmux.engines.mysql import wire
-from tests.engines.mysql.conftest import MY_DB, MY_PASSWORD, MY_USER
 from tests.myraw import RawMy
+from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER
 
 N_CLIENTS = 4
 POOL_OF_TWO = {"max_connections_percent": 4, "connection_borrow_timeout": 5}

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from tests.engines.mysql.conftest import MyProxy
+from tests.mysql_fixtures import MyProxy
 
 
 @pytest.fixture
