@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from dbmux.engines.postgres import wire
 from dbmux.session import ClientSession
@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from dbmux.engines.base import Clock
     from dbmux.engines.postgres.backend import PgServer
     from dbmux.engines.postgres.engine import PgContext
-    from dbmux.metrics import Child
 
 _DROPS_ALL = re.compile(rb"(?i)\b(?:deallocate\s+(?:prepare\s+)?all|discard\s+all)\b")
 CLOSED_STATEMENT = b"dbmux_closed"  # never created: closing it only yields CloseComplete
@@ -28,7 +27,7 @@ class StatementsMixin(ClientSession):
 
     _clock: Clock
     _held_for_wait: bool
-    _requests: Child
+    _requests: Any  # the query_requests counter (engines see the metrics through ctx only)
     _whole: bytearray
     ctx: PgContext
     expose_names: bool
