@@ -12,6 +12,7 @@ from pathlib import Path
 from dbmux import __version__
 from dbmux.auth.secrets import SecretError
 from dbmux.config import ConfigError, load_config
+from dbmux.eventloop import run
 
 log = logging.getLogger("dbmux")
 
@@ -22,15 +23,6 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-
-
-def _run(coro: object) -> None:
-    try:
-        import uvloop
-
-        uvloop.run(coro)  # type: ignore[arg-type]
-    except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
 
 
 async def _serve(path: Path) -> int:
@@ -60,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         nonlocal result
         result = await _serve(args.config)
 
-    _run(main())
+    run(main())
     return result
 
 

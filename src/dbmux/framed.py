@@ -168,6 +168,8 @@ class ServerEnd(FramedProtocol):
     """The server half of a relay pair: `client` is whoever the connection is lent to."""
 
     client: ClientEnd | None
+    # Set by connection_made, before the login: never None where a connection is used.
+    transport: asyncio.Transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -46,6 +46,14 @@ class Leftover(Enum):
     RUNNING = "running"  # a request still runs there: cancel it, and close
 
 
+_NOTHING, _SESSION, _UNKNOWN, _RUNNING = (
+    Leftover.NOTHING,
+    Leftover.SESSION,
+    Leftover.UNKNOWN,
+    Leftover.RUNNING,
+)
+
+
 class ClientSession(ClientEnd, Borrower):
     """One client connection of any engine."""
 
@@ -188,7 +196,8 @@ class ClientSession(ClientEnd, Borrower):
         server = self.server
         if server is None:
             return None
-        self.drop_holds(server)
+        if self._holding_server or self._held_by_server:
+            self.drop_holds(server)
         server.client = None
         self.server = None
         return server
@@ -200,16 +209,17 @@ class ClientSession(ClientEnd, Borrower):
             server = self.detach()
             if server is None:
                 return
-        if left is Leftover.RUNNING:
-            self.cancel(server)
-        if left is Leftover.RUNNING or left is Leftover.UNKNOWN:
-            server.close()
-            return
-        if left is not Leftover.NOTHING:
+        if left is not _NOTHING:  # (members read once: Enum attribute access is slow)
+            if left is _RUNNING:
+                self.cancel(server)
+            if left is _RUNNING or left is _UNKNOWN:
+                server.close()
+                return
             server.needs_reset = True
-            server.discard_needed = left is Leftover.SESSION
-        if server.pool is not None:
-            server.pool.release(server)
+            server.discard_needed = left is _SESSION
+        pool = server.pool
+        if pool is not None:
+            pool.release(server)
         else:
             server.close()
 

@@ -26,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from dbmux.demo.drill_pairs import OP_TIMEOUT, Client, Connect, DrillDatabase
 from dbmux.demo.drill_result import DrillResult
 from dbmux.demo.storm import classify_outcome
+from dbmux.eventloop import run
 
 T = TypeVar("T")
 
@@ -262,12 +263,3 @@ class Drill:
         r.duplicated = sorted(n for n, c in counts.items() if c > 1)
         r.unexpected = sorted(present - r.acknowledged - r.uncertain)
         r.rows_checked = True
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run the drill's coroutine on uvloop where installed (as the demo does)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)

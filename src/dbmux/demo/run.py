@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from dbmux.demo.databases import APP_USER, DATABASES, DRIVERS
 from dbmux.demo.failover import failover_exit_code, failover_report, format_failover
@@ -50,6 +50,7 @@ from dbmux.demo.report import (
     progress_line,
 )
 from dbmux.demo.storm import Invocation, PhaseResult, run_clients
+from dbmux.eventloop import run
 
 INVOCATIONS_PER_CLIENT = 5
 PHASE_TIMEOUT = 120.0  # seconds for one storm, so that a hang cannot make the demo hang
@@ -182,14 +183,6 @@ def _no_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _run_async(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def storm_report(
     clients: int = 400,
     max_connections: int = 100,
@@ -310,7 +303,7 @@ def storm_report(
                 await db.close_admin()
 
         try:
-            _run_async(main())
+            run(main())
         finally:
             report.pool_size = budget.limit
             metrics = dbmux.proxy().metrics

@@ -12,18 +12,10 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from dbmux.config import Config, parse_config
+from dbmux.eventloop import new_loop
 from dbmux.proxy import Process, Proxy
 
 T = TypeVar("T")
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
 
 
 async def _cancel_leftover_tasks() -> None:
@@ -40,7 +32,7 @@ class EmbeddedDbmux:
 
     def __init__(self, config: Config | dict[str, Any]) -> None:
         self.config = config if isinstance(config, Config) else parse_config(config)
-        self.loop = _new_loop()
+        self.loop = new_loop()
         self.process: Process | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, name="dbmux", daemon=True)
 

@@ -126,7 +126,7 @@ class MariaDBServer(Server):
             max_connections=self.max_connections,
             root_password=self.root_password,
             settings=settings,
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,  # type: ignore[arg-type]  # the caller's settings, as the constructor takes
         )
 
     @staticmethod

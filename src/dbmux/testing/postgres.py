@@ -204,7 +204,7 @@ class PostgresCluster(Server):
             superuser=self.superuser,
             password=self.password,
             replica_of=self,
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,  # type: ignore[arg-type]  # the caller's settings, as the constructor takes
         )
 
     def promote(self) -> None:

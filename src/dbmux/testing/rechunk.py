@@ -95,7 +95,7 @@ class Rechunker:
         self._loop = _new_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._server: asyncio.Server | None = None
-        self._links: dict[asyncio.Task[None], list[asyncio.Transport]] = {}
+        self._links: dict[asyncio.Task[None], list[asyncio.WriteTransport]] = {}
 
     def __repr__(self) -> str:
         return f"Rechunker({self.name} {self.host}:{self.port} -> {self.target}, seed={self.seed})"
@@ -158,14 +158,14 @@ class Rechunker:
         self.connections += 1
         task = asyncio.current_task()
         assert task is not None
-        self._links[task] = [client_w.transport]  # type: ignore[list-item]
+        self._links[task] = [client_w.transport]
         try:
             try:
                 server_r, server_w = await asyncio.open_connection(*self.target)
             except OSError:
                 client_w.transport.abort()
                 return
-            self._links[task].append(server_w.transport)  # type: ignore[arg-type]
+            self._links[task].append(server_w.transport)
             for writer in (client_w, server_w):
                 # Without it the kernel would join our small pieces again (Nagle), and a piece
                 # waiting for the peer's delayed ACK would stall 40 ms.

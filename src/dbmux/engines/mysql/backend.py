@@ -263,7 +263,7 @@ class MyServer(ServerEnd, ServerConnection):
                 if done:
                     client.response_done(done)
                 return
-        client.transport.write(data)  # type: ignore[union-attr]
+        client.transport.write(data)  # type: ignore[union-attr]  # attached, so open (hot path)
         if done:
             client.response_done(done)
         elif scanner.file_requested:  # LOAD DATA LOCAL: the client's file comes next

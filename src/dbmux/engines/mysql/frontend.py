@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from dbmux.engines.base import BorrowTimeout, ServerError
 from dbmux.engines.mysql import wire
@@ -250,10 +251,10 @@ class MyClient(
         assert server is not None and self.upload is not None  # server_lost ends the upload
         end = self.upload.feed(data)
         if end < 0:
-            server.transport.write(data)  # type: ignore[union-attr]
+            server.transport.write(data)
             return b""
         self.upload = None
-        server.transport.write(data[:end])  # type: ignore[union-attr]
+        server.transport.write(data[:end])
         server.scanner.upload_done()
         return data[end:]
 
@@ -332,12 +333,12 @@ class MyClient(
             self._note(verdict, payload[1:])
         self._forward(payload, wire.RESPONSE_RESULT, frame=frame)
 
-    def _start(self, coro: object) -> None:
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
         """Serve a command that needs the proxy's own round trips."""
         self.busy = True
-        self._task = self.ctx.loop.create_task(self._serve(coro))  # type: ignore[arg-type]
+        self._task = self.ctx.loop.create_task(self._serve(coro))
 
-    async def _serve(self, coro: asyncio.Future[None]) -> None:
+    async def _serve(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
             await coro
         except CommandFailed as failure:
@@ -399,7 +400,7 @@ class MyClient(
             return
         if kind is not None:
             server.scanner.expect(kind)
-        server.transport.write(frame or wire.packet(0, payload))  # type: ignore[union-attr]
+        server.transport.write(frame or wire.packet(0, payload))
 
     def on_connection(self, conn: MyServer) -> None:
         """The pool lends us a server: bring it to this session's state, then send."""

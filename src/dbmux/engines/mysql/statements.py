@@ -4,10 +4,9 @@ the clients that borrow that connection), prepared again wherever it is missing.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any
 
 from dbmux.engines.base import ServerError
 from dbmux.engines.mysql import wire
@@ -75,7 +74,7 @@ class StatementsMixin(ClientSession):
         def _note(self, verdict: Verdict, text: bytes | None) -> None: ...
         def _release_if_idle(self, server: MyServer) -> None: ...
         def _send(self, server: MyServer, request: Request) -> None: ...
-        def _start(self, coro: object) -> None: ...
+        def _start(self, coro: Coroutine[Any, Any, None]) -> None: ...
         def ok(self) -> None: ...
         def reply(self, *payloads: bytes, seq: int = 1) -> None: ...
         def reply_error(self, error: tuple[int, str], message: str, *, seq: int = 1) -> None: ...
@@ -191,7 +190,7 @@ class StatementsMixin(ClientSession):
             self.long_data.discard(statement.text)
         if kind is not None:
             server.scanner.expect(kind)
-        cast(asyncio.Transport, server.transport).write(wire.packet(0, out))  # lent, so open
+        server.transport.write(wire.packet(0, out))
         if kind is None:
             self._end_command()
 

@@ -229,7 +229,7 @@ class PgServer(ServerEnd, ServerConnection):
         if client is None:
             return
         if data:
-            client.transport.write(data)  # type: ignore[union-attr]
+            client.transport.write(data)  # type: ignore[union-attr]  # attached, so open (hot path)
         if scanner.ready:
             client.server_ready(scanner.ready, scanner.status)
 

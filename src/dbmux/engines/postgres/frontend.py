@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from dbmux.engines.base import ServerError
 from dbmux.engines.postgres import wire
@@ -178,7 +178,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
             self.outstanding += syncs
             server.scanner.answer = 0
             self.last_sent = data
-            cast(asyncio.Transport, server.transport).write(data)  # a lent connection is open
+            server.transport.write(data)
             return
         pool = self.pool
         assert pool is not None  # set at login, before the relay starts
@@ -284,7 +284,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self.pending_syncs = 0
         server.scanner.answer = 0
         self.last_sent = data
-        cast(asyncio.Transport, server.transport).write(data)  # a lent connection is open
+        server.transport.write(data)
         self._stop_holding_for_wait()
 
     def _stop_holding_for_wait(self) -> None:

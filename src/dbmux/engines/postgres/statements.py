@@ -3,10 +3,9 @@ shared per server connection by text, prepared lazily where the client borrows."
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from dbmux.engines.postgres import wire
 from dbmux.session import ClientSession
@@ -129,7 +128,7 @@ class StatementsMixin(ClientSession):
         self.queue = []
         self.queue_syncs = 0
         server.scanner.answer = 0
-        cast(asyncio.Transport, server.transport).write(out)  # a lent connection is open
+        server.transport.write(out)
 
     def _refuse_taken_names(self) -> None:
         """Requests that open with a Parse under a name the client already uses fail as on
