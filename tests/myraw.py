@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from dbmux.auth.mysql import native_scramble
-from dbmux.engines.mysql import handshake, wire
+from dbmux.engines.mysql import handshake, scanners, wire
 
 WAIT = 10.0
 CLIENT_CAPABILITIES = (
@@ -62,7 +62,7 @@ class RawMy:
 
     async def response(self, kind: int = wire.RESPONSE_RESULT) -> list[bytes]:
         """The payloads of one whole response, found with the proxy's own scanner."""
-        scanner = wire.ResponseScanner(deprecate_eof=False)
+        scanner = scanners.ResponseScanner(deprecate_eof=False)
         scanner.expect(kind)
         payloads = []
         while scanner.busy:

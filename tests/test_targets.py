@@ -18,7 +18,7 @@ import pytest
 
 from dbmux.config import Target, TargetRole
 from dbmux.engines.base import ErrorKind, ProbeResult, ServerError
-from dbmux.framed import ConnectionClosed
+from dbmux.relay import ConnectionClosed
 from dbmux.targets import HealthReason, Instance, TargetGroup, TargetHealth
 from dbmux.testing import PostgresCluster
 from dbmux.testing.embedded import EmbeddedDbmux

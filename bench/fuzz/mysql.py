@@ -15,7 +15,7 @@ from collections.abc import Callable
 from bench.fuzz.draw import Draw, run_one, sql_text
 from bench.fuzz.logged import assert_nothing_logged
 from dbmux.auth import mysql as auth
-from dbmux.engines.mysql import handshake, pinning, wire
+from dbmux.engines.mysql import handshake, pinning, scanners, wire
 
 TEXT_CHARS = "abcxyz_-.@'\"`\\\u00e9 "
 SQL_WORDS = (
@@ -200,7 +200,7 @@ def response_stream(draw: Draw) -> None:
     failure of the last ones."""
     replies = _Replies(draw, deprecate_eof=draw.below(2) == 1)
     kinds = [draw.pick(KINDS) for _ in range(draw.below(6))]
-    scanner = wire.ResponseScanner(replies.deprecate_eof)
+    scanner = scanners.ResponseScanner(replies.deprecate_eof)
     for kind in kinds:
         scanner.expect(kind)
         replies.reply(kind)
@@ -224,7 +224,7 @@ def response_bytes(draw: Draw) -> None:
 
 
 def _scan_replies(pieces: list[bytes], kinds: list[int], deprecate_eof: bool) -> object:
-    scanner = wire.ResponseScanner(deprecate_eof)
+    scanner = scanners.ResponseScanner(deprecate_eof)
     for kind in kinds:
         scanner.expect(kind)
     try:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from bench.fuzz.draw import Draw, run_one, sql_text
 from dbmux.auth.scram import ScramAuthFailed, ScramClient, ScramError, ScramServer, ScramVerifier
-from dbmux.engines.postgres import pinning, wire
+from dbmux.engines.postgres import pinning, scanners, wire
 from dbmux.engines.postgres.login import LoginRefused, parse_options
 from dbmux.engines.postgres.pinning import Classifier
 
@@ -151,7 +151,7 @@ def frontend_stream(draw: Draw) -> None:
 def _scan_frontend(pieces: list[bytes]) -> tuple[object, ...]:
     """Relayed bytes, syncs, statements, terminated, and the input handed over from the
     first name on (the diverted bytes and every later piece), or ("refused",)."""
-    scanner = wire.FrontendScanner()
+    scanner = scanners.FrontendScanner()
     relayed = b""
     syncs = 0
     try:
@@ -381,7 +381,7 @@ def backend_stream(draw: Draw) -> None:
     ReadyForQuery and its status, ParameterStatus and non-fatal error is reported."""
     pid_map = PID_MAP if draw.below(2) else None
     raw = [_backend_message(draw) for _ in range(draw.below(16))]
-    scanner = wire.BackendScanner()
+    scanner = scanners.BackendScanner()
     scanner.pid_map = pid_map
     relayed = b""
     ready = 0
@@ -423,7 +423,7 @@ def backend_bytes(draw: Draw) -> None:
 
 
 def _scan_backend(pieces: list[bytes], pid_map: dict[bytes, bytes] | None) -> tuple[object, ...]:
-    scanner = wire.BackendScanner()
+    scanner = scanners.BackendScanner()
     scanner.pid_map = pid_map
     relayed = b""
     ready = 0

@@ -23,7 +23,7 @@ from dbmux.engines.base import (
 )
 from dbmux.metrics import ProxyMetrics, Registry
 from dbmux.pool import Opener, PoolSet, TargetBudget
-from dbmux.readers import ReplicaRoute
+from dbmux.replicas import ReplicaRoute
 from dbmux.session import ClientSession
 from dbmux.targets import Instance, TargetGroup
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from dbmux.auth.admission import Refusal
 from dbmux.engines.base import Borrower, BorrowTimeout, Lender, ProxyRuntime, ServerError
-from dbmux.framed import ClientEnd, ConnectionClosed
+from dbmux.relay import ClientEnd, ConnectionClosed
 
 log = logging.getLogger("dbmux.session")
 

@@ -21,7 +21,7 @@ from enum import StrEnum
 
 from dbmux.config import Target, TargetRole
 from dbmux.engines.base import ErrorKind, ProbeResult, ServerConnection, ServerError
-from dbmux.framed import ConnectionClosed
+from dbmux.relay import ConnectionClosed
 
 log = logging.getLogger("dbmux.targets")
 

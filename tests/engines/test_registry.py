@@ -18,7 +18,7 @@ from dbmux.engines.base import Engine, ErrorKind, ServerError
 SRC = Path(__file__).resolve().parents[2] / "src" / "dbmux"
 ENGINE_DIRS = sorted(p for p in (SRC / "engines").iterdir() if (p / "engine.py").exists())
 # What of dbmux an engine may import besides its own folder.
-INTERFACE = ("dbmux.engines.base", "dbmux.session", "dbmux.framed", "dbmux.bounded", "dbmux.config")
+INTERFACE = ("dbmux.engines.base", "dbmux.session", "dbmux.relay", "dbmux.bounded", "dbmux.config")
 LIBRARIES = ("dbmux.auth",)
 # Tools that drive engines from outside (a demo, throwaway servers) are not the core.
 NOT_CORE = ("demo", "testing", "engines")

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dbmux.config import ProxyConfig
-    from dbmux.framed import FramedProtocol
     from dbmux.metrics import ProxyMetrics
+    from dbmux.relay import FramedProtocol
 
 MAX_USER_KEY = 128  # characters of a user name the throttle keeps
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
-from dbmux.framed import ConnectionClosed
+from dbmux.relay import ConnectionClosed
 
 if TYPE_CHECKING:
     from dbmux.auth.admission import Admission, LoginThrottle
@@ -117,7 +117,7 @@ class ServerConnection(ABC):
     # The message that ends a session politely (PostgreSQL Terminate, MySQL COM_QUIT).
     goodbye: bytes
 
-    if TYPE_CHECKING:  # the engine's connection is also a framed.ServerEnd
+    if TYPE_CHECKING:  # the engine's connection is also a relay.ServerEnd
 
         def write(self, data: bytes) -> None: ...
         def close_transport(self, *, abort: bool = False) -> None: ...
@@ -395,7 +395,7 @@ async def connect_server(
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            # Every engine's server connection is also its asyncio protocol (a framed.ServerEnd).
+            # Every engine's server connection is also its asyncio protocol (a relay.ServerEnd).
             factory = cast("Callable[[], asyncio.Protocol]", make)
             _, protocol = await loop.create_connection(factory, host, port)
             server = cast(S, protocol)

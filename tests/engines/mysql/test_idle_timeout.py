@@ -8,7 +8,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 
-from dbmux.engines.mysql import wire
+from dbmux.engines.mysql import scanners, wire
 from tests.myraw import RawMy
 from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER, MyProxy
 from tests.slow_reader import IDLE, ROW, ROWS, pace
@@ -36,7 +36,7 @@ async def test_a_client_reading_a_long_result_slowly_is_not_idle_then_silence_is
         _, ok = await raw.login(MY_USER, MY_PASSWORD, MY_DB)
         assert ok[0] == 0, ok
         raw.command(b"\x03SELECT REPEAT('x', %d) FROM seq_1_to_%d" % (ROW, ROWS))
-        scanner = wire.ResponseScanner(deprecate_eof=False)
+        scanner = scanners.ResponseScanner(deprecate_eof=False)
         scanner.expect(wire.RESPONSE_RESULT)
         start = asyncio.get_running_loop().time()
         packets = 0

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbmux.engines.mysql import handshake, wire
+from dbmux.engines.mysql import handshake, scanners, wire
 from tests.engines.mysql.test_bad_input import bystanding, logged_in
 from tests.myraw import WAIT
 from tests.mysql_fixtures import MyProxy
@@ -164,7 +164,7 @@ END = len(UPLOAD) - len(wire.packet(0, b"\x03SELECT 1"))
 
 def upload_end(stream: bytes, cuts: list[int]) -> int:
     """Where an UploadScanner fed `stream` in pieces cut at `cuts` finds the end."""
-    scanner = wire.UploadScanner()
+    scanner = scanners.UploadScanner()
     pieces = [0, *sorted(set(cuts)), len(stream)]
     for start, stop in itertools.pairwise(pieces):
         end = scanner.feed(stream[start:stop])

@@ -18,8 +18,8 @@ from dbmux.engines.base import (
     ServerError,
     connect_server,
 )
-from dbmux.engines.mysql import handshake, settings, wire
-from dbmux.framed import ConnectionClosed, ServerEnd
+from dbmux.engines.mysql import handshake, scanners, settings, wire
+from dbmux.relay import ConnectionClosed, ServerEnd
 
 if TYPE_CHECKING:
     from dbmux.engines.mysql.frontend import MyClient
@@ -60,7 +60,7 @@ class MyServer(ServerEnd, ServerConnection):
         self.port = port
         self.capabilities = capabilities
         self.deprecate_eof = bool(capabilities & handshake.CLIENT_DEPRECATE_EOF)
-        self.scanner = wire.ResponseScanner(
+        self.scanner = scanners.ResponseScanner(
             self.deprecate_eof, local_files=bool(capabilities & handshake.CLIENT_LOCAL_FILES)
         )
         self.client: MyClient | None = None

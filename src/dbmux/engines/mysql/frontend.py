@@ -18,7 +18,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from dbmux.engines.base import BorrowTimeout, ServerError
-from dbmux.engines.mysql import wire
+from dbmux.engines.mysql import scanners, wire
 from dbmux.engines.mysql.backend import MyServer
 from dbmux.engines.mysql.kill import ER_NOT_SUPPORTED_YET, find_kill
 from dbmux.engines.mysql.login import LoginMixin, LoginRefused, borrow_hint, error_of, too_many
@@ -31,7 +31,7 @@ from dbmux.engines.mysql.statements import (
     Request,
     StatementsMixin,
 )
-from dbmux.framed import ConnectionClosed
+from dbmux.relay import ConnectionClosed
 from dbmux.session import ClientSession, Failure, Leftover
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class MyClient(
         self.queued: Request | None = None  # the command `waiting` for a server
         self.transaction_lost = ""  # why, when the server died under an open transaction
         self.cancelling: MyServer | None = None  # whose query our KILL QUERY stops
-        self.upload: wire.UploadScanner | None = None  # a LOAD DATA LOCAL file coming
+        self.upload: scanners.UploadScanner | None = None  # a LOAD DATA LOCAL file coming
         self._held = False  # reading paused: too much sent ahead of the replies
         self._clock = ctx.clock
         self._requests = ctx.metrics.query_requests
@@ -198,7 +198,7 @@ class MyClient(
             self.hold_reading()
 
     def _next_commands(self) -> None:
-        # A client that does not read our answers gets no more of them (framed.ClientEnd
+        # A client that does not read our answers gets no more of them (relay.ClientEnd
         # stops reading it too): what it sent waits here until its buffer drains.
         while not self.busy and not self.is_closed and not self.write_blocked:
             try:
@@ -234,7 +234,7 @@ class MyClient(
         CLIENT_LOCAL_FILES: no other shares its connection). What the client sends is relayed
         as it comes, with the server's backpressure, up to the file's empty last packet; the
         connection stays lent until the server's reply. Bytes already here are the file's."""
-        self.upload = wire.UploadScanner()
+        self.upload = scanners.UploadScanner()
         if self.replay_log is not None:
             self.replay_log.replayable = False  # the file cannot be asked for again
         if self._held:  # the file must flow whatever the client sent ahead

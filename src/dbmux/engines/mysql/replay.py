@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from dbmux.engines.base import BorrowTimeout, ServerError
 from dbmux.engines.mysql import wire
-from dbmux.framed import ConnectionClosed
+from dbmux.relay import ConnectionClosed
 from dbmux.session import ClientSession, Leftover
 
 if TYPE_CHECKING:

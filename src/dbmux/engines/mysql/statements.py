@@ -13,7 +13,7 @@ from dbmux.engines.mysql import wire
 from dbmux.engines.mysql.kill import ER_NOT_SUPPORTED_YET, find_kill
 from dbmux.engines.mysql.login import error_of
 from dbmux.engines.mysql.pinning import NO_STATE, Verdict
-from dbmux.framed import ConnectionClosed
+from dbmux.relay import ConnectionClosed
 from dbmux.session import ClientSession
 
 if TYPE_CHECKING:

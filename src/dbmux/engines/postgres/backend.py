@@ -18,8 +18,8 @@ from dbmux.engines.base import (
     ServerError,
     connect_server,
 )
-from dbmux.engines.postgres import wire
-from dbmux.framed import ServerEnd
+from dbmux.engines.postgres import scanners, wire
+from dbmux.relay import ServerEnd
 
 if TYPE_CHECKING:
     from dbmux.engines.postgres.frontend import PgClient
@@ -50,7 +50,7 @@ class PgServer(ServerEnd, ServerConnection):
         self.host = host
         self.port = port
         self.client: PgClient | None = None
-        self.scanner = wire.BackendScanner()
+        self.scanner = scanners.BackendScanner()
         # Reported parameters (ParameterStatus) as the server last told us.
         self.params: dict[str, str] = {}
         # Settings the proxy applied for a borrower, differing from the pool's defaults.
@@ -60,7 +60,7 @@ class PgServer(ServerEnd, ServerConnection):
         self.pid_bytes = b"\0\0\0\0"
         self.last_error = ""  # why the server said it was closing, for the client's message
         # Shared prepared statements on this connection (proxy names), least recently used
-        # first, as the clients' relays create and close them (see wire.ReplyPlan).
+        # first, as the clients' relays create and close them (see scanners.ReplyPlan).
         self.prepared: OrderedDict[bytes, None] = OrderedDict()
         self.prepared_capacity = prepared_capacity
         # A pinned session ran SQL about prepared statements: until DISCARD ALL, a statement

@@ -15,7 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from dbmux.engines.base import ServerError
-from dbmux.engines.postgres import wire
+from dbmux.engines.postgres import scanners, wire
 from dbmux.engines.postgres.backend import PgServer, send_cancel
 from dbmux.engines.postgres.login import LoginMixin
 from dbmux.engines.postgres.pinning import (
@@ -56,7 +56,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
     def __init__(self, ctx: PgContext) -> None:
         super().__init__(ctx.runtime)
         self.ctx = ctx
-        self.scanner = wire.FrontendScanner()
+        self.scanner = scanners.FrontendScanner()
         self.outstanding = 0  # requests sent to the server and not yet answered by ReadyForQuery
         self.tx_status = wire.IDLE
         self.wanted: dict[str, str] = {}  # this session's settings that differ from defaults
@@ -218,7 +218,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         server = self.server
         if server is not None:
             scanner = self.scanner
-            server.scanner.plan = wire.ReplyPlan(
+            server.scanner.plan = scanners.ReplyPlan(
                 server.prepared,
                 self.statements,
                 groups_in_flight=self.outstanding,
@@ -355,7 +355,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         owners[server.pid_bytes] = self.pid_bytes
         server.scanner.pid_map = owners
         if self.rewriting:
-            server.scanner.plan = wire.ReplyPlan(server.prepared, self.statements)
+            server.scanner.plan = scanners.ReplyPlan(server.prepared, self.statements)
 
     def detach(self) -> PgServer | None:
         server: PgServer | None = super().detach()

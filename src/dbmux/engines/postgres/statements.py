@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dbmux.engines.postgres import wire
+from dbmux.engines.postgres import scanners, wire
 from dbmux.session import ClientSession
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class StatementsMixin(ClientSession):
     queue: list[tuple[int, bytes]]
     queue_syncs: int
     refusing: bool
-    scanner: wire.FrontendScanner
+    scanner: scanners.FrontendScanner
     server: PgServer | None
     shared_seen: set[bytes]
     statements: dict[bytes, tuple[bytes, bytes]]
@@ -204,7 +204,7 @@ class _Batch:
     """One queue of client messages on its way to a server connection, as the server must
     see it. Client statement names become the shared names of their texts; a statement the
     server lacks is created by a Parse slipped in before the message that uses it, whose
-    answer the server's relay drops (wire.ReplyPlan); a named Parse whose shared statement
+    answer the server's relay drops (scanners.ReplyPlan); a named Parse whose shared statement
     exists becomes an unnamed Parse of the same text, so the client still gets its
     ParseComplete in order. A statement name the client did not create never reaches the
     server as it is: the server answers it as unknown (26000), as it would directly."""

@@ -17,7 +17,7 @@ import pytest
 from dbmux.config import Endpoint, Target, TargetRole
 from dbmux.engines.base import ServerConnection, ServerError
 from dbmux.pool import PoolSet
-from dbmux.readers import ReplicaRoute
+from dbmux.replicas import ReplicaRoute
 from dbmux.targets import Instance, TargetHealth
 from dbmux.testing import PostgresCluster
 from dbmux.testing.embedded import EmbeddedDbmux

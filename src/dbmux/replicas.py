@@ -22,7 +22,7 @@ from dbmux.engines.base import Borrower, PoolKey, ServerConnection, ServerError
 from dbmux.pool import POOL_LINGER, BudgetLender, Pool, PoolSet, TargetBudget
 from dbmux.targets import Instance
 
-log = logging.getLogger("dbmux.readers")
+log = logging.getLogger("dbmux.replicas")
 
 
 class ReplicaRoute:
