@@ -50,10 +50,6 @@ def notice(text: str) -> bytes:
     return raw(b"N", b"SNOTICE\0VNOTICE\0C00000\0M" + cstr(text) + b"\0")
 
 
-def fatal_payload(code: str = "57P01", text: str = "terminating connection") -> bytes:
-    return error_response(code, text, severity="FATAL")[5:]
-
-
 def parse(name: str, sql: str, *oids: int) -> bytes:
     return raw(b"P", cstr(name) + cstr(sql) + i16(len(oids)) + b"".join(i32(o) for o in oids))
 
