@@ -415,6 +415,23 @@ async def test_a_pinning_statement_keeps_its_connection_and_the_next_client_sees
     await after.close()
 
 
+async def test_a_session_says_whether_it_is_idle_active_or_pinned_and_why(
+    engine: Engine,
+) -> None:
+    """Between transactions a client holds no server connection; inside one it does; a
+    pinning statement keeps it, and the state names the reason."""
+    proxy = engine.start()
+    client = await engine.connect(proxy)
+    (session,) = proxy.embedded.proxy().runtime.clients
+    assert session.state == "idle"
+    await client.query(engine.begin_sql)
+    assert session.state == "active"
+    await client.query("CREATE TEMPORARY TABLE state_scratch (x INT)")
+    await client.query("COMMIT")
+    assert session.state == f"pinned ({engine.temporary_table_pin})"
+    await client.close()
+
+
 async def test_a_server_connection_lost_between_transactions_costs_the_client_nothing(
     engine: Engine,
 ) -> None:

@@ -236,6 +236,19 @@ class ClientSession(ClientEnd, Borrower):
             self.refuse_request(Failure.NO_SERVER, f"no database connection: {error}")
 
     @property
+    def state(self) -> str:
+        """What the client is doing, as an operator sees it (PgBouncer's SHOW CLIENTS): logging
+        in, idle, waiting for a server connection, active on a borrowed one, or pinned to one
+        (with the reason)."""
+        if not self.logged_in:
+            return "login"
+        if self.pin_reason is not None:
+            return f"pinned ({self.pin_reason})"
+        if self.waiting:
+            return "waiting"
+        return "active" if self.server is not None else "idle"
+
+    @property
     def active(self) -> bool:
         """Not idle: something in flight, or the end of a reply the client has not read yet
         (the server has answered, but the proxy still holds bytes to write to the client)."""
