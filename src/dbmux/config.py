@@ -141,7 +141,7 @@ class Target(_Model):
     port: int = Field(ge=1, le=65535)
 
 
-class TargetGroup(_Model):
+class TargetGroupConfig(_Model):
     connection_pool_config: ConnectionPoolConfig = ConnectionPoolConfig()
     targets: list[Target] = Field(min_length=1)
     # Seconds between probes of each target's role and health (sub-second allowed).
@@ -193,7 +193,7 @@ class ProxyConfig(_Model):
     # refused (ERR 1153) and the connection closed. None: the server's max_allowed_packet.
     max_command_size: int | None = Field(None, ge=1024, le=1 << 30)
     auth: list[AuthEntry] = Field(min_length=1)
-    target_group: TargetGroup
+    target_group: TargetGroupConfig
     endpoints: list[Endpoint] = []
     # What died with a server connection runs again on the next writer when that is safe:
     # MySQL whole open transactions, PostgreSQL a read in flight (engines/*/replay.py).
