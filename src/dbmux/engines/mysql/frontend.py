@@ -556,12 +556,28 @@ class MyClient(
             assert server is not None
             server.begin_cancel()
             self.cancelling = server
-            self._forward(b"\x03KILL QUERY %d" % server.thread_id, wire.RESPONSE_SIMPLE)
+            self._start(self._stop_query(server.thread_id))
         elif target is self and not query:
             # As the server answers a connection that kills itself: the ERR is the reply.
             self._leave(1, wire.ER_CONNECTION_KILLED, "Connection was killed")
         else:
             self.ok()
+
+    async def _stop_query(self, thread_id: int) -> None:
+        """KILL QUERY on the target's server connection, sent from one of ours. A killed
+        client's own server connection may be closed first (it was mid-reply): then the
+        server has nothing left to stop, and the KILL has done what was asked."""
+        server = await self._borrow()
+        try:
+            await server.query(f"KILL QUERY {thread_id:d}")
+        except ServerError as error:
+            if error.code != str(wire.ER_NO_SUCH_THREAD[0]):
+                raise CommandFailed(error_of(error), str(error)) from None
+        finally:
+            if self.server is server:
+                self._release_if_idle_quietly(server)
+        self.ok()
+        self._end_command()
 
     # -- failures and backpressure ------------------------------------------------------------
 
