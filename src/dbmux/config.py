@@ -45,6 +45,11 @@ class ClientPasswordAuthType(StrEnum):
     MYSQL_CACHING_SHA2_PASSWORD = "MYSQL_CACHING_SHA2_PASSWORD"
 
 
+class TlsVersion(StrEnum):
+    TLS_1_2 = "TLSv1.2"
+    TLS_1_3 = "TLSv1.3"
+
+
 class PinningFilter(StrEnum):
     EXCLUDE_VARIABLE_SETS = "EXCLUDE_VARIABLE_SETS"
 
@@ -72,6 +77,15 @@ def _parse_host_port(value: Any) -> tuple[str, int]:
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"port {port!r} is not a number between 0 and 65535")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class ClientTls(_Model):
+    """The proxy's side of TLS with its clients: its certificate and the oldest version it
+    accepts. Relative paths resolve against the config file's folder."""
+
+    certificate_file: Path
+    key_file: Path
+    min_version: TlsVersion = TlsVersion.TLS_1_2
 
 
 class Address(_Model):
@@ -174,7 +188,8 @@ class ProxyConfig(_Model):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     engine_family: str  # a key of dbmux.engines.ENGINES
     listen: Address
-    require_tls: bool = False
+    require_tls: bool = False  # plaintext clients are refused before any password is exchanged
+    tls: ClientTls | None = None
     idle_client_timeout: float = Field(1800, gt=0)
     # Time a client may take from TCP connect to proving its password before it is dropped
     # (waiting for a server connection after that is connection_borrow_timeout's).
@@ -212,8 +227,10 @@ class ProxyConfig(_Model):
     def _only_what_exists(self) -> ProxyConfig:
         """Settings whose feature has not landed are refused, never silently ignored: a
         proxy told to require TLS must not accept plaintext."""
-        if self.require_tls:
-            raise FieldError("require_tls", "TLS is not available in this version yet")
+        if self.require_tls and self.tls is None:
+            raise FieldError(
+                "require_tls", "needs tls (certificate_file and key_file) to offer TLS with"
+            )
         for i, entry in enumerate(self.auth):
             if entry.iam_auth is not IamAuth.DISABLED:
                 raise FieldError(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dbmux.auth.admission import Admission, LoginThrottle
 from dbmux.auth.secrets import read_secret
+from dbmux.auth.tls import client_side_context
 from dbmux.config import Config, Endpoint, ProxyConfig, Target, TargetRole
 from dbmux.engines import engine_class
 from dbmux.engines.base import (
@@ -77,6 +78,7 @@ class Proxy:
                 self.metrics,
                 time.monotonic,
             ),
+            client_side_context(config.tls, base_dir) if config.tls is not None else None,
         )
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []  # the proxy's listen, then its endpoints'

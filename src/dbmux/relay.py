@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Callable
 from typing import TypeVar, cast
 
@@ -46,6 +47,7 @@ class FramedProtocol(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.tls = False  # the connection runs over TLS
         self.inbox = bytearray()
         self.relaying = False
         self.is_closed = False
@@ -115,6 +117,20 @@ class FramedProtocol(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Go on over TLS, as its server side, once the protocol's TLS request is accepted.
+        The caller refuses bytes the client sent before its TLS handshake: they would be
+        read as if they came over TLS."""
+        assert self.transport is not None and not self.inbox
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+        )
+        if transport is None:  # closed during the handshake
+            raise ConnectionClosed("connection closed during the TLS handshake")
+        self.transport = transport
+        self.tls = True
 
     def start_relaying(self) -> bytes:
         """Switch to relay mode; return bytes that arrived before and were not yet read.

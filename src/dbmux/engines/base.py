@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ssl
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -358,6 +359,7 @@ class ProxyRuntime:
     clients: set[ClientSession]
     admission: Admission  # the bound on clients that have not proved a password yet
     throttle: LoginThrottle  # failed logins, per user and source address
+    tls: ssl.SSLContext | None = None  # what clients' TLS is accepted with (config: tls)
 
 
 @dataclass

@@ -101,6 +101,8 @@ class LoginMixin(ClientSession):
         self.nonce = auth.new_nonce()
         self.connection_id = ctx.new_connection_id(cast("MyClient", self))  # its only host
         offered = greeting.capabilities & handshake.PROXY_CAPABILITIES
+        if self.runtime.tls is not None:
+            offered |= handshake.CLIENT_SSL
         self.write(
             wire.packet(
                 0,
@@ -120,7 +122,22 @@ class LoginMixin(ClientSession):
         seq, payload = await self.read(wire.split_login_packet)
         response = handshake.parse_handshake_response(payload)
         if response.ssl_request:
-            raise LoginRefused(seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "TLS is not available")
+            if self.runtime.tls is None:
+                raise LoginRefused(seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "TLS is not offered")
+            if self.inbox:  # sent before the handshake, so not protected by it
+                raise wire.ProtocolViolation("data after the SSL request, before the TLS handshake")
+            await self.start_tls(self.runtime.tls, self.runtime.config.client_login_timeout)
+            seq, payload = await self.read(wire.split_login_packet)
+            response = handshake.parse_handshake_response(payload)
+            if response.ssl_request:
+                raise wire.ProtocolViolation("a second SSL request")
+        if self.runtime.config.require_tls and not self.tls:
+            raise LoginRefused(
+                seq + 1,
+                wire.ER_SECURE_TRANSPORT_REQUIRED,
+                "Connections using insecure transport are prohibited by this proxy "
+                "(require_tls): connect with TLS (ssl-mode REQUIRED)",
+            )
         if response.capabilities & handshake.CLIENT_COMPRESS:
             raise LoginRefused(
                 seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "compression is not supported by dbmux"

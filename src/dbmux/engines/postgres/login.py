@@ -95,6 +95,12 @@ class LoginMixin(ClientSession):
         while True:
             packet = await self.read(wire.split_startup)
             code, params = wire.parse_startup(packet)
+            if code == wire.SSL_REQUEST and self.runtime.tls is not None and not self.tls:
+                if self.inbox:  # sent before the handshake, so not protected by it
+                    raise wire.ProtocolViolation("data after SSLRequest, before the TLS handshake")
+                self.write(b"S")
+                await self.start_tls(self.runtime.tls, self.runtime.config.client_login_timeout)
+                continue
             if code in (wire.SSL_REQUEST, wire.GSSENC_REQUEST):
                 self.write(b"N")
                 continue
@@ -117,6 +123,12 @@ class LoginMixin(ClientSession):
             self.write(wire.negotiate_protocol_version(0, unsupported))
         if "replication" in params and params["replication"] not in ("false", "0", "off", "no"):
             raise LoginRefused("08P01", "replication connections are not supported by the proxy")
+        if self.runtime.config.require_tls and not self.tls:
+            raise LoginRefused(
+                "28000",
+                "this proxy accepts TLS connections only",
+                "require_tls is set: connect with sslmode=require or stronger",
+            )
         user = params.get("user", "")
         if not user:
             raise LoginRefused("28000", "no PostgreSQL user name specified in startup packet")
