@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dbmux.auth.admission import Admission, LoginThrottle
 from dbmux.auth.secrets import read_secret
-from dbmux.auth.tls import client_side_context
+from dbmux.auth.tls import ClientSideTls
 from dbmux.config import Config, Endpoint, ProxyConfig, Target, TargetRole
 from dbmux.engines import engine_class
 from dbmux.engines.base import (
@@ -78,7 +78,7 @@ class Proxy:
                 self.metrics,
                 time.monotonic,
             ),
-            client_side_context(config.tls, base_dir) if config.tls is not None else None,
+            ClientSideTls(config.tls, base_dir) if config.tls is not None else None,
         )
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []  # the proxy's listen, then its endpoints'
@@ -231,6 +231,8 @@ class Proxy:
             await asyncio.sleep(JANITOR_INTERVAL)
             clock.now = time.monotonic()
             try:
+                if self.runtime.tls is not None:
+                    self.runtime.tls.reload_if_changed()
                 for pools in self.pool_sets:
                     pools.sweep()
                 self._drop_unused_pools(clock.now)

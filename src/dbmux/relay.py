@@ -124,9 +124,12 @@ class FramedProtocol(asyncio.Protocol):
         read as if they came over TLS."""
         assert self.transport is not None and not self.inbox
         loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(
-            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
-        )
+        try:
+            transport = await loop.start_tls(
+                self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except (ssl.SSLError, OSError) as error:  # the client's failure, not the proxy's
+            raise ConnectionClosed(f"TLS handshake failed: {error}") from None
         if transport is None:  # closed during the handshake
             raise ConnectionClosed("connection closed during the TLS handshake")
         self.transport = transport

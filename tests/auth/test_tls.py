@@ -9,6 +9,7 @@ import datetime
 import ipaddress
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,10 @@ from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
 from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER
 
 
-@pytest.fixture
-def certificate(tmp_path: Path) -> dict[str, str]:
+def write_certificate(folder: Path, common_name: str = "dbmux test") -> dict[str, str]:
     """A self-signed certificate for 127.0.0.1 and localhost, as dbmux's `tls` setting."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dbmux test")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -47,8 +47,7 @@ def certificate(tmp_path: Path) -> dict[str, str]:
         )
         .sign(key, hashes.SHA256())
     )
-    cert_file, key_file = tmp_path / "proxy.pem", tmp_path / "proxy-key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cert_file, key_file = folder / "proxy.pem", folder / "proxy-key.pem"
     key_file.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -56,7 +55,36 @@ def certificate(tmp_path: Path) -> dict[str, str]:
             serialization.NoEncryption(),
         )
     )
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return {"certificate_file": str(cert_file), "key_file": str(key_file)}
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> dict[str, str]:
+    return write_certificate(tmp_path)
+
+
+def pg_tls_handshake(proxy: Any, client: ssl.SSLContext) -> bytes:
+    """SSLRequest and a TLS handshake with `client`: the certificate the proxy showed (DER)."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        sock.sendall((8).to_bytes(4, "big") + (80877103).to_bytes(4, "big"))
+        assert sock.recv(1) == b"S"
+        with client.wrap_socket(
+            sock, server_hostname="127.0.0.1", do_handshake_on_connect=False
+        ) as tls:  # (handshake inside the with: a failed one still closes the socket)
+            tls.do_handshake()
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+
+def unverified(maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if maximum is not None:
+        context.maximum_version = maximum
+    return context
 
 
 def pg_connect(proxy: Any, sslmode: str, **extra: Any) -> psycopg.Connection[Any]:
@@ -189,3 +217,32 @@ def test_a_tls_handshake_that_never_comes_does_not_hold_the_login_forever(
         assert sock.recv(1) == b"S"
         sock.settimeout(10)
         assert sock.recv(100) == b""  # closed by the proxy, not left waiting
+
+
+def test_a_new_certificate_is_used_for_new_connections_without_a_restart(
+    start_proxy: Any, tmp_path: Path
+) -> None:
+    """Certificates are rotated on disk (certbot, a secrets agent): new connections get the
+    new one within a janitor pass, and a client connected with the old one keeps its session."""
+    first = write_certificate(tmp_path, "first")
+    proxy = start_proxy(tls=first)
+    shown = pg_tls_handshake(proxy, unverified())
+    assert x509.load_der_x509_certificate(shown).subject.rfc4514_string() == "CN=first"
+    with pg_connect(proxy, "require") as kept:
+        write_certificate(tmp_path, "second")  # the same paths
+        deadline = time.monotonic() + 10
+        while True:
+            shown = pg_tls_handshake(proxy, unverified())
+            subject = x509.load_der_x509_certificate(shown).subject.rfc4514_string()
+            if subject == "CN=second":
+                break
+            assert time.monotonic() < deadline, "the new certificate was never used"
+            time.sleep(0.2)
+        assert kept.execute("SELECT 7").fetchone() == (7,)
+
+
+def test_min_version_refuses_older_tls(start_proxy: Any, certificate: dict[str, str]) -> None:
+    proxy = start_proxy(tls={**certificate, "min_version": "TLSv1.3"})
+    with pytest.raises(ssl.SSLError):
+        pg_tls_handshake(proxy, unverified(maximum=ssl.TLSVersion.TLSv1_2))
+    assert pg_tls_handshake(proxy, unverified())  # TLS 1.3 is welcome

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ssl
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -24,6 +23,7 @@ from dbmux.relay import ConnectionClosed
 if TYPE_CHECKING:
     from dbmux.auth.admission import Admission, LoginThrottle
     from dbmux.auth.secrets import Credentials
+    from dbmux.auth.tls import ClientSideTls
     from dbmux.config import ClientPasswordAuthType, ProxyConfig, Target
     from dbmux.metrics import ProxyMetrics
     from dbmux.session import ClientSession
@@ -359,7 +359,7 @@ class ProxyRuntime:
     clients: set[ClientSession]
     admission: Admission  # the bound on clients that have not proved a password yet
     throttle: LoginThrottle  # failed logins, per user and source address
-    tls: ssl.SSLContext | None = None  # what clients' TLS is accepted with (config: tls)
+    tls: ClientSideTls | None = None  # what clients' TLS is accepted with (config: tls)
 
 
 @dataclass

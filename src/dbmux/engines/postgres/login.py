@@ -99,7 +99,9 @@ class LoginMixin(ClientSession):
                 if self.inbox:  # sent before the handshake, so not protected by it
                     raise wire.ProtocolViolation("data after SSLRequest, before the TLS handshake")
                 self.write(b"S")
-                await self.start_tls(self.runtime.tls, self.runtime.config.client_login_timeout)
+                await self.start_tls(
+                    self.runtime.tls.context, self.runtime.config.client_login_timeout
+                )
                 continue
             if code in (wire.SSL_REQUEST, wire.GSSENC_REQUEST):
                 self.write(b"N")
