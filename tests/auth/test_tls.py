@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dbmux.config import ConfigError, parse_config
+from dbmux.engines.mysql import handshake, wire
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
 from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER
 
@@ -246,3 +247,50 @@ def test_min_version_refuses_older_tls(start_proxy: Any, certificate: dict[str, 
     with pytest.raises(ssl.SSLError):
         pg_tls_handshake(proxy, unverified(maximum=ssl.TLSVersion.TLSv1_2))
     assert pg_tls_handshake(proxy, unverified())  # TLS 1.3 is welcome
+
+
+def read_packet(sock: ssl.SSLSocket | socket.socket) -> tuple[int, bytes]:
+    header = b""
+    while len(header) < 4:
+        header += sock.recv(4 - len(header))
+    length, seq = int.from_bytes(header[:3], "little"), header[3]
+    payload = b""
+    while len(payload) < length:
+        payload += sock.recv(length - len(payload))
+    return seq, payload
+
+
+def test_caching_sha2_full_authentication_over_tls_takes_the_password_in_the_channel(
+    start_my_proxy: Any, certificate: dict[str, str], tmp_path: Path
+) -> None:
+    """Over TLS a MySQL client answers "perform full authentication" with its password in
+    the clear, inside the TLS channel, instead of asking for the RSA key (as MySQL does)."""
+    secret = tmp_path / "sha2.json"
+    secret.write_text(f'{{"username": "{MY_USER}", "password": "{MY_PASSWORD}"}}')
+    proxy = start_my_proxy(
+        tls=certificate,
+        auth=[
+            {"secret": f"file:{secret}", "client_password_auth_type": "MYSQL_CACHING_SHA2_PASSWORD"}
+        ],
+    )
+    for password, accepted in ((MY_PASSWORD, True), ("wrong", False)):
+        with socket.create_connection((proxy.host, proxy.port), timeout=10) as plain:
+            _, payload = read_packet(plain)
+            assert handshake.parse_greeting(payload).capabilities & handshake.CLIENT_SSL
+            capabilities = handshake.SERVER_BASE_CAPABILITIES | handshake.CLIENT_SSL
+            response = handshake.build_handshake_response(
+                capabilities=capabilities,
+                charset=45,
+                user=MY_USER,
+                auth_response=b"\x01" * 32,  # no password's scramble: full authentication
+                database=MY_DB,
+                plugin="caching_sha2_password",
+            )
+            plain.sendall(wire.packet(1, response[:32]))  # the SSL request
+            with unverified().wrap_socket(plain, server_hostname="127.0.0.1") as sock:
+                sock.sendall(wire.packet(2, response))
+                seq, reply = read_packet(sock)
+                assert reply == b"\x01\x04"  # perform full authentication
+                sock.sendall(wire.packet(seq + 1, password.encode() + b"\0"))
+                _, outcome = read_packet(sock)
+        assert (outcome[:1] == b"\0") is accepted, outcome

@@ -191,10 +191,14 @@ class LoginMixin(ClientSession):
         return seq
 
     async def _full_sha2_auth(self, password: str, seq: int) -> tuple[bool, int]:
-        """caching_sha2_password full authentication: the client fetches the proxy's RSA key
-        and sends its password encrypted (without TLS, a cleartext password is refused)."""
+        """caching_sha2_password full authentication: over TLS the client sends its password
+        in the TLS channel (NUL-terminated); without TLS it fetches the proxy's RSA key and
+        sends the password encrypted (a cleartext one is refused)."""
         self.write(wire.packet(seq + 1, b"\x01\x04"))
         seq, data = await self.read(wire.split_login_packet)
+        if self.tls:
+            typed = data[:-1] if data.endswith(b"\0") else None
+            return typed is not None and hmac.compare_digest(typed, password.encode()), seq
         if data != b"\x02":
             return False, seq
         self.write(wire.packet(seq + 1, b"\x01" + self.ctx.rsa_key.public_pem))
