@@ -172,12 +172,15 @@ def test_channel_binding_flag_y_accepted() -> None:
         server.handle_client_final(bad)
 
 
-def _client_final_y(password: bytes, salt: bytes, client_bare: str, server_first: str) -> bytes:
-    """A client-final-message for gs2 header "y,," (c=eSws), which ScramClient never sends."""
+def _client_final(
+    password: bytes, salt: bytes, client_bare: str, server_first: str, c: bytes = b"y,,"
+) -> bytes:
+    """A client-final-message whose c= carries `c` (a GS2 header, then any channel binding
+    data), which ScramClient never sends."""
     salted = hashlib.pbkdf2_hmac("sha256", password, salt, FAST_ITERATIONS)
     client_key = hmac.digest(salted, b"Client Key", "sha256")
     nonce = server_first.split(",")[0]
-    without_proof = f"c=eSws,{nonce}"
+    without_proof = f"c={base64.b64encode(c).decode()},{nonce}"
     auth = f"{client_bare},{server_first},{without_proof}".encode()
     signature = hmac.digest(hashlib.sha256(client_key).digest(), auth, "sha256")
     proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
@@ -188,9 +191,48 @@ def test_channel_binding_flag_y_full_exchange() -> None:
     salt = b"y-flag-salt"
     server = ScramServer(ScramVerifier.from_password("pw", FAST_ITERATIONS, salt=salt))
     server_first = server.handle_client_first(b"y,,n=,r=clientnonce").decode()
-    final = _client_final_y(b"pw", salt, "n=,r=clientnonce", server_first)
+    final = _client_final(b"pw", salt, "n=,r=clientnonce", server_first)
     assert server.handle_client_final(final).startswith(b"v=")
     assert server.authenticated
+
+
+# --- SCRAM-SHA-256-PLUS (tls-server-end-point) ----------------------------------------------
+
+END_POINT = hashlib.sha256(b"the proxy's certificate").digest()
+PLUS = b"p=tls-server-end-point,,"
+
+
+def plus_server(salt: bytes) -> ScramServer:
+    verifier = ScramVerifier.from_password("pw", FAST_ITERATIONS, salt=salt)
+    return ScramServer(verifier, channel_binding=END_POINT)
+
+
+def test_plus_binds_the_exchange_to_the_tls_connection() -> None:
+    server = plus_server(b"plus-salt")
+    server_first = server.handle_client_first(PLUS + b"n=,r=clientnonce").decode()
+    final = _client_final(b"pw", b"plus-salt", "n=,r=clientnonce", server_first, PLUS + END_POINT)
+    assert server.handle_client_final(final).startswith(b"v=")
+
+
+def test_plus_with_another_connections_binding_is_refused() -> None:
+    """A man in the middle relays the exchange over its own TLS connection to the proxy: the
+    client bound it to the certificate it saw, which is not the proxy's."""
+    server = plus_server(b"plus-salt")
+    server_first = server.handle_client_first(PLUS + b"n=,r=clientnonce").decode()
+    other = hashlib.sha256(b"the attacker's certificate").digest()
+    final = _client_final(b"pw", b"plus-salt", "n=,r=clientnonce", server_first, PLUS + other)
+    with pytest.raises(ScramError, match="channel binding"):
+        server.handle_client_final(final)
+
+
+def test_flag_y_while_plus_was_offered_is_a_downgrade_and_refused() -> None:
+    with pytest.raises(ScramError, match="channel binding was offered"):
+        plus_server(b"s").handle_client_first(b"y,,n=,r=clientnonce")
+
+
+def test_only_tls_server_end_point_binding_is_accepted() -> None:
+    with pytest.raises(ScramError, match="unsupported channel binding type"):
+        plus_server(b"s").handle_client_first(b"p=tls-unique,,n=,r=clientnonce")
 
 
 # --- malformed messages ---------------------------------------------------------------------

@@ -294,3 +294,15 @@ def test_caching_sha2_full_authentication_over_tls_takes_the_password_in_the_cha
                 sock.sendall(wire.packet(seq + 1, password.encode() + b"\0"))
                 _, outcome = read_packet(sock)
         assert (outcome[:1] == b"\0") is accepted, outcome
+
+
+def test_libpq_channel_binding_require_logs_in_with_scram_plus(
+    start_proxy: Any, certificate: dict[str, str]
+) -> None:
+    """SCRAM-SHA-256-PLUS binds the login to the certificate the client saw, so a man in the
+    middle with another certificate cannot relay it; PgBouncer and PgCat do not offer it."""
+    proxy = start_proxy(tls=certificate)
+    with pg_connect(proxy, "require", channel_binding="require") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError):  # libpq will not bind without TLS
+        pg_connect(proxy, "disable", channel_binding="require")

@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 MECHANISM = "SCRAM-SHA-256"
+CHANNEL_BINDING = "tls-server-end-point"  # RFC 5929: a hash of the server's certificate
 DEFAULT_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
 # The most PBKDF2 iterations the proxy runs for a server that asks (256 times PostgreSQL's
 # default, about half a second): a server, or whoever answers in its place, could otherwise
@@ -335,9 +336,19 @@ def mock_verifier(user: str, iterations: int = DEFAULT_ITERATIONS) -> ScramVerif
 class ScramServer(_Exchange):
     """Server side of one exchange: client-first -> server-first, client-final -> server-final."""
 
-    def __init__(self, verifier: ScramVerifier, *, nonce: str | None = None) -> None:
-        """`nonce` is the server's nonce suffix; only tests should pass it."""
+    def __init__(
+        self,
+        verifier: ScramVerifier,
+        *,
+        channel_binding: bytes | None = None,
+        nonce: str | None = None,
+    ) -> None:
+        """`channel_binding`: the tls-server-end-point data of the TLS connection the exchange
+        runs on, when SCRAM-SHA-256-PLUS was offered (None: plaintext, only SCRAM-SHA-256).
+        `nonce` is the server's nonce suffix; only tests should pass it."""
         self._verifier = verifier
+        self._binding = channel_binding
+        self._bound = b""  # what the client's c= must carry after the GS2 header
         self._server_nonce = _random_nonce() if nonce is None else nonce
         if not _is_valid_nonce(self._server_nonce):
             raise ValueError("server nonce must be non-empty printable ASCII without ','")
@@ -362,12 +373,19 @@ class ScramServer(_Exchange):
             raise ScramError(f"{what}: missing GS2 header")
         flag, authzid, bare = parts
         if flag.startswith("p="):
-            raise ScramError(
-                f"client requires channel binding ({flag[2:][:_ERROR_SNIPPET]!r}), but only "
-                f"{MECHANISM} without channel binding (not {MECHANISM}-PLUS) is offered"
-            )
-        # "y": the client could bind but thinks we can't -- true, we never offer -PLUS.
-        if flag not in ("n", "y"):
+            if self._binding is None:
+                raise ScramError(
+                    f"client requires channel binding ({flag[2:][:_ERROR_SNIPPET]!r}), but "
+                    f"only {MECHANISM} without channel binding is offered on plaintext"
+                )
+            if flag != f"p={CHANNEL_BINDING}":
+                raise ScramError(f"{what}: unsupported channel binding type {flag[2:12]!r}")
+            self._bound = self._binding
+        elif flag == "y" and self._binding is not None:
+            # The client could bind and believes the server cannot, though it offered
+            # -PLUS: someone removed it from the offer on the way (RFC 5802, 6).
+            raise ScramError(f"{what}: channel binding was offered but the client says it was not")
+        elif flag not in ("n", "y"):
             raise ScramError(f"{what}: invalid channel binding flag {flag[:_ERROR_SNIPPET]!r}")
         if authzid:
             raise ScramError(f"{what}: authorization identity is not supported")
@@ -396,7 +414,8 @@ class ScramServer(_Exchange):
         text = _decode(data, what)
         attrs = _parse_attrs(text, what)
         channel_binding = _expect(attrs, 0, "c", what)
-        if _b64decode(channel_binding, "channel binding") != self._gs2_header.encode("ascii"):
+        expected = self._gs2_header.encode("ascii") + self._bound
+        if not hmac.compare_digest(_b64decode(channel_binding, "channel binding"), expected):
             raise ScramError(f"{what}: channel binding data does not match the GS2 header")
         if _expect(attrs, 1, "r", what) != self._nonce:
             raise ScramError(f"{what}: nonce does not match")

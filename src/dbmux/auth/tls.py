@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import logging
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from dbmux.config import ClientTls, TlsVersion
 
@@ -18,15 +22,36 @@ class TlsError(Exception):
     """The certificate or key cannot be used; the message names the files."""
 
 
+@dataclass(frozen=True, slots=True)
+class TlsIdentity:
+    """A context and what channel binding needs of the certificate it presents."""
+
+    context: ssl.SSLContext
+    # RFC 5929 tls-server-end-point: the certificate's hash (SCRAM-SHA-256-PLUS binds to it)
+    end_point: bytes
+
+
+def end_point_hash(certificate_pem: bytes) -> bytes:
+    """The hash of the (first) certificate: with its signature's hash algorithm, SHA-256 where
+    that is MD5 or SHA-1 (RFC 5929, 4.1)."""
+    cert = x509.load_pem_x509_certificate(certificate_pem)
+    algorithm = cert.signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(cert.public_bytes(serialization.Encoding.DER))
+    return digest.finalize()
+
+
 class ClientSideTls:
-    """What clients' TLS is accepted with. `context` is replaced, never changed, when the
-    files change: a handshake in progress keeps the context it started with."""
+    """What clients' TLS is accepted with. `current` is replaced, never changed, when the
+    files change: a connection keeps the identity its handshake started with."""
 
     def __init__(self, tls: ClientTls, base_dir: Path) -> None:
         self.min_version = VERSIONS[tls.min_version]
         self.files = (base_dir / tls.certificate_file, base_dir / tls.key_file)
         self._stamp = self._stamps()
-        self.context = self._load()
+        self.current = self._load()
 
     def _stamps(self) -> tuple[float, ...]:
         try:
@@ -34,17 +59,18 @@ class ClientSideTls:
         except OSError:
             return ()
 
-    def _load(self) -> ssl.SSLContext:
+    def _load(self) -> TlsIdentity:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = self.min_version
         certificate, key = self.files
         try:
             context.load_cert_chain(certificate, key)
-        except (OSError, ssl.SSLError) as error:
+            end_point = end_point_hash(certificate.read_bytes())
+        except (OSError, ValueError, ssl.SSLError) as error:
             raise TlsError(
                 f"tls: cannot load certificate {certificate} with key {key}: {error}"
             ) from None
-        return context
+        return TlsIdentity(context, end_point)
 
     def reload_if_changed(self) -> bool:
         """Load the files again if they changed since; True if the new ones are in use. A
@@ -54,7 +80,7 @@ class ClientSideTls:
             return False
         self._stamp = stamp
         try:
-            self.context = self._load()
+            self.current = self._load()
         except TlsError as error:
             log.warning("%s; the previous certificate stays in use", error)
             return False

@@ -126,7 +126,9 @@ class LoginMixin(ClientSession):
                 raise LoginRefused(seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "TLS is not offered")
             if self.inbox:  # sent before the handshake, so not protected by it
                 raise wire.ProtocolViolation("data after the SSL request, before the TLS handshake")
-            await self.start_tls(self.runtime.tls.context, self.runtime.config.client_login_timeout)
+            await self.start_tls(
+                self.runtime.tls.current.context, self.runtime.config.client_login_timeout
+            )
             seq, payload = await self.read(wire.split_login_packet)
             response = handshake.parse_handshake_response(payload)
             if response.ssl_request:

@@ -98,6 +98,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self._classify = ctx.classifier.verdict
         self.key = (0, 0)
         self.pid_bytes = b"\0\0\0\0"  # the process id this client was given, as sent
+        # tls-server-end-point of the proxy's certificate, when the client is on TLS
+        self.channel_binding: bytes | None = None
 
     # -- connection lifecycle ---------------------------------------------------------------
 

@@ -72,6 +72,7 @@ def parse_options(options: str) -> dict[str, str]:
 class LoginMixin(ClientSession):
     """PgClient's login conversation (runs once, before the relay starts)."""
 
+    channel_binding: bytes | None
     ctx: PgContext
     key: tuple[int, int]
     login_settings: dict[str, str]
@@ -99,9 +100,9 @@ class LoginMixin(ClientSession):
                 if self.inbox:  # sent before the handshake, so not protected by it
                     raise wire.ProtocolViolation("data after SSLRequest, before the TLS handshake")
                 self.write(b"S")
-                await self.start_tls(
-                    self.runtime.tls.context, self.runtime.config.client_login_timeout
-                )
+                identity = self.runtime.tls.current
+                await self.start_tls(identity.context, self.runtime.config.client_login_timeout)
+                self.channel_binding = identity.end_point
                 continue
             if code in (wire.SSL_REQUEST, wire.GSSENC_REQUEST):
                 self.write(b"N")
@@ -186,16 +187,23 @@ class LoginMixin(ClientSession):
         self.write(wire.authentication(wire.AUTH_OK))
 
     async def _scram(self, verifier: ScramVerifier) -> bool:
-        self.write(wire.authentication(wire.AUTH_SASL, b"SCRAM-SHA-256\0\0"))
+        """SCRAM-SHA-256, and over TLS SCRAM-SHA-256-PLUS too: bound to this TLS connection
+        by the proxy's certificate, so a man in the middle cannot relay the exchange."""
+        binding = self.channel_binding
+        offered = ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"] if binding else ["SCRAM-SHA-256"]
+        names = b"".join(m.encode() + b"\0" for m in offered) + b"\0"
+        self.write(wire.authentication(wire.AUTH_SASL, names))
         payload = await self.read(wire.split_password_message)
         mechanism, data = wire.parse_sasl_initial(payload)
-        if mechanism != "SCRAM-SHA-256":
+        if mechanism not in offered:
             raise LoginRefused(
                 "28000",
                 f"unsupported SASL mechanism {mechanism!r}",
-                "the proxy offers SCRAM-SHA-256",
+                f"the proxy offers {' and '.join(offered)}",
             )
-        server = ScramServer(verifier)
+        if (mechanism == "SCRAM-SHA-256-PLUS") != data.startswith(b"p="):
+            raise wire.ProtocolViolation(f"{mechanism} with a mismatched channel binding flag")
+        server = ScramServer(verifier, channel_binding=binding)
         try:
             self.write(
                 wire.authentication(wire.AUTH_SASL_CONTINUE, server.handle_client_first(data))
