@@ -455,6 +455,11 @@ class ScramClient(_Exchange):
         self._client_first_bare = ""
         self._server_signature = b""
 
+    @property
+    def verified(self) -> bool:
+        """The server proved it knows the password (its v= checked out)."""
+        return self._step is _Step.DONE
+
     def client_first(self) -> bytes:
         """Return client-first-message."""
         self._enter(_Step.CLIENT_FIRST)

@@ -84,6 +84,13 @@ class PgServer(ServerEnd, ServerConnection):
             if kind == 82:  # R
                 code, data = wire.parse_auth(payload)
                 if code == wire.AUTH_OK:
+                    if scram is not None and not scram.verified:
+                        # A server (or whoever sits in between) that did not prove it knows
+                        # the password is not trusted with sessions.
+                        raise ServerError(
+                            "the server reported login success without completing SCRAM",
+                            code="28000",
+                        )
                     continue
                 if code == wire.AUTH_SASL:
                     mechanisms = [m for m in data.split(b"\0") if m]
@@ -94,7 +101,9 @@ class PgServer(ServerEnd, ServerConnection):
                     self.write(wire.sasl_initial_response("SCRAM-SHA-256", first))
                 elif code == wire.AUTH_SASL_CONTINUE and scram is not None:
                     try:
-                        self.write(wire.password_message(scram.handle_server_first(data)))
+                        # PBKDF2 off the event loop: it takes milliseconds per connection.
+                        final = await asyncio.to_thread(scram.handle_server_first, data)
+                        self.write(wire.password_message(final))
                     except ScramError as error:
                         raise ServerError(
                             f"SCRAM exchange with the server failed: {error}"
