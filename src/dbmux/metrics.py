@@ -112,6 +112,12 @@ class ProxyMetrics:
         self.client_connections_setup_succeeded = c(
             "ClientConnectionsSetupSucceeded", "Client connections that finished login"
         ).labels(proxy=proxy)
+        self.client_connections_tls = c(
+            "ClientConnectionsTLS", "Client logins completed over TLS"
+        ).labels(proxy=proxy)
+        self.client_connections_no_tls = c(
+            "ClientConnectionsNoTLS", "Client logins completed without TLS"
+        ).labels(proxy=proxy)
         self.client_connections_setup_failed_auth = c(
             "ClientConnectionsSetupFailedAuth", "Client logins refused for bad credentials"
         ).labels(proxy=proxy)

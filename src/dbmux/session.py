@@ -155,7 +155,11 @@ class ClientSession(ClientEnd, Borrower):
     def start_serving(self) -> None:
         """The login is done: the relay takes over, starting with what the client sent
         meanwhile."""
-        self.runtime.metrics.client_connections_setup_succeeded.value += 1
+        metrics = self.runtime.metrics
+        metrics.client_connections_setup_succeeded.value += 1
+        (
+            metrics.client_connections_tls if self.tls else metrics.client_connections_no_tls
+        ).value += 1
         self.logged_in = True
         self.last_active = self.runtime.clock.now
         leftover = self.start_relaying()

@@ -113,6 +113,10 @@ def test_a_postgresql_client_asking_for_tls_gets_it_and_is_served(
         assert conn.pgconn.ssl_in_use
         assert conn.execute("SELECT 41 + 1").fetchone() == (42,)
         assert sessions_over_tls(proxy) == [True]
+    assert proxy.metrics.client_connections_tls.value == 1
+    with pg_connect(proxy, "disable") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert proxy.metrics.client_connections_no_tls.value == 1
 
 
 def test_without_tls_configured_a_postgresql_client_is_told_no_and_goes_on_in_plaintext(
