@@ -130,6 +130,17 @@ async def test_the_budget_is_a_percentage_of_the_databases_max_connections() -> 
     assert reserved.budget.limit == 1
 
 
+async def test_pools_waiting_while_the_limit_is_unknown_are_served_once_it_is_known() -> None:
+    """Two pools of one target (two users, or MySQL clients with other capabilities) ask
+    at once before the database's max_connections is known: one connection is opened for
+    one of them; once it has read the limit, the other pool's waiter is served too, not
+    left waiting until connection_borrow_timeout."""
+    target = pools_of(max_connections_percent=50)
+    first, second = target.pools.get("app", "a"), target.pools.get("app", "b")
+    got = await asyncio.wait_for(asyncio.gather(first.borrow(), second.borrow()), 10)
+    assert len({id(conn) for conn in got}) == 2
+
+
 async def test_a_borrow_waits_at_most_connection_borrow_timeout() -> None:
     target = pools_of(max_connections_percent=10, connection_borrow_timeout=0.1)  # one
     pool = target.pools.get("app", "app")

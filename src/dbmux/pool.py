@@ -217,10 +217,16 @@ class Pool(BudgetLender):
         self.opening -= 1
         self.metrics.database_connections_setup_succeeded.value += 1
         conn.pool = self
+        learned = conn.server_limit is not None
         if conn.server_limit is not None:
             self.budget.learn_server_limit(*conn.server_limit)
         self._hand_over(conn)
-        self.grow()  # the limit may just have become known: open for the rest
+        if learned:  # slots may have opened up: for every pool of the target that waits
+            for pool in self.budget.pools:
+                if pool.waiters:
+                    pool.grow()
+        else:
+            self.grow()
 
     def _hand_over(self, conn: ServerConnection) -> None:
         borrower = self._next_waiter()
