@@ -528,6 +528,15 @@ def test_frontend_holding_a_huge_message_in_many_pieces_is_linear() -> None:
     assert not scanner.mid_message
 
 
+def test_an_empty_parse_at_the_end_of_a_chunk_is_relayed_for_the_server_to_refuse() -> None:
+    """Found by the fuzz test after login: a Parse with no body, the last bytes of a chunk,
+    made the scanner read past the chunk (IndexError in the relay)."""
+    scanner = FrontendScanner()
+    data = query("SELECT 1") + raw(b"P", b"")
+    assert scanner.feed(data) == data
+    assert scanner.diverted is None
+
+
 def test_frontend_statements_are_query_and_unnamed_parse_bodies_only() -> None:
     scanner = FrontendScanner()
     scanner.feed(

@@ -368,7 +368,8 @@ class FrontendScanner:
                     need = end - pos
                     break
                 if kind == 80:
-                    if data[pos + 5]:  # a named statement
+                    # (An empty Parse is malformed: relayed for the server to refuse.)
+                    if length > 4 and data[pos + 5]:  # a named statement
                         self.diverted = data[pos:]
                         break
                     parses += 1
