@@ -217,16 +217,13 @@ class Pool(BudgetLender):
         self.opening -= 1
         self.metrics.database_connections_setup_succeeded.value += 1
         conn.pool = self
-        learned = conn.server_limit is not None
-        if conn.server_limit is not None:
-            self.budget.learn_server_limit(*conn.server_limit)
+        limit = conn.server_limit
+        if limit is not None:
+            self.budget.learn_server_limit(*limit)
         self._hand_over(conn)
-        if learned:  # slots may have opened up: for every pool of the target that waits
-            for pool in self.budget.pools:
-                if pool.waiters:
-                    pool.grow()
-        else:
-            self.grow()
+        # Open for the rest; once the limit is known, for every pool of the target that waits.
+        for pool in self.budget.pools if limit is not None else (self,):
+            pool.grow()
 
     def _hand_over(self, conn: ServerConnection) -> None:
         borrower = self._next_waiter()
