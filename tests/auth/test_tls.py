@@ -5,8 +5,6 @@ clients before any password is exchanged."""
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import socket
 import ssl
 import time
@@ -17,47 +15,23 @@ import psycopg
 import pymysql
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from dbmux.config import ConfigError, parse_config
 from dbmux.engines.mysql import handshake, wire
+from dbmux.testing.certs import TestCA
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
 from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER
 
 
 def write_certificate(folder: Path, common_name: str = "dbmux test") -> dict[str, str]:
-    """A self-signed certificate for 127.0.0.1 and localhost, as dbmux's `tls` setting."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = folder / "proxy.pem", folder / "proxy-key.pem"
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return {"certificate_file": str(cert_file), "key_file": str(key_file)}
+    """A certificate for 127.0.0.1 and localhost from a new CA in `folder`, as dbmux's `tls`
+    setting."""
+    return TestCA(folder).issue("proxy", common_name=common_name).as_tls()
+
+
+def ca_of(certificate: dict[str, str]) -> str:
+    """The CA file that verifies a certificate from `write_certificate`."""
+    return str(Path(certificate["certificate_file"]).with_name("ca.pem"))
 
 
 @pytest.fixture
@@ -109,7 +83,7 @@ def test_a_postgresql_client_asking_for_tls_gets_it_and_is_served(
     start_proxy: Any, certificate: dict[str, str]
 ) -> None:
     proxy = start_proxy(tls=certificate)
-    with pg_connect(proxy, "verify-full", sslrootcert=certificate["certificate_file"]) as conn:
+    with pg_connect(proxy, "verify-full", sslrootcert=ca_of(certificate)) as conn:
         assert conn.pgconn.ssl_in_use
         assert conn.execute("SELECT 41 + 1").fetchone() == (42,)
         assert sessions_over_tls(proxy) == [True]
@@ -174,7 +148,7 @@ def test_a_mysql_client_asking_for_tls_gets_it_and_is_served(
     start_my_proxy: Any, certificate: dict[str, str]
 ) -> None:
     proxy = start_my_proxy(tls=certificate)
-    context = ssl.create_default_context(cafile=certificate["certificate_file"])
+    context = ssl.create_default_context(cafile=ca_of(certificate))
     with my_connect(proxy, ssl=context) as conn, conn.cursor() as cur:
         cur.execute("SELECT 41 + 1")
         assert cur.fetchone() == (42,)
@@ -188,7 +162,7 @@ def test_require_tls_refuses_a_plaintext_mysql_client_with_3159(
     with pytest.raises(pymysql.err.OperationalError) as refused:
         my_connect(proxy, ssl_disabled=True)  # (PyMySQL prefers TLS when offered)
     assert refused.value.args[0] == 3159
-    context = ssl.create_default_context(cafile=certificate["certificate_file"])
+    context = ssl.create_default_context(cafile=ca_of(certificate))
     with my_connect(proxy, ssl=context) as conn, conn.cursor() as cur:
         cur.execute("SELECT 1")
         assert cur.fetchone() == (1,)
