@@ -34,6 +34,49 @@ APP_USER, APP_PASSWORD, APP_DB = "app", "app-secret", "app"
 PG_MAX_CONNECTIONS = 50
 
 
+# Passwords the tests use. Not one may appear in any log record of the whole suite (at every
+# level, exceptions included): checked as each record is emitted, reported at the end.
+TEST_PASSWORDS = (
+    APP_PASSWORD,
+    "first-password",
+    "second-password",
+    "before-rotation",
+    "after-rotation",
+    "current-pw",
+    "pending-pw",
+    "hunter2",
+)
+
+
+class PasswordsInLogs(logging.Handler):
+    """Every record the suite logs, searched for the tests' passwords."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = self.format(record)
+        if any(password in text for password in TEST_PASSWORDS):
+            self.leaks.append(text[:500])
+
+
+_PASSWORDS_IN_LOGS = PasswordsInLogs()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger().addHandler(_PASSWORDS_IN_LOGS)
+    logging.getLogger("dbmux").setLevel(logging.DEBUG)  # every record dbmux makes is searched
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _PASSWORDS_IN_LOGS.leaks:
+        leaks = "\n".join(_PASSWORDS_IN_LOGS.leaks[:20])
+        sys.stderr.write(f"\nFAILED: a test password appeared in the logs:\n{leaks}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(autouse=True)
 def no_unhandled_exception_in_the_proxy(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Everywhere: a crash inside the proxy that its client never hears about is a bug even when the

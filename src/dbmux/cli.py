@@ -58,10 +58,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
-    from dbmux.proxy import load_users
+    from dbmux.auth.secrets import read_secret
 
     for proxy in config.proxies:
-        users = load_users(proxy, config.base_dir)
+        users = {
+            read_secret(
+                entry.secret,
+                base_dir=config.base_dir,
+                aws_endpoint_url=config.secrets.aws_endpoint_url,
+            ).username
+            for entry in proxy.auth
+        }
         targets = ", ".join(f"{t.host}:{t.port}" for t in proxy.target_group.targets)
         print(
             f"proxy {proxy.name}: {proxy.engine_family} on {proxy.listen} -> {targets}; "

@@ -253,6 +253,18 @@ class ProxyConfig(_Model):
         return self
 
 
+class SecretsConfig(_Model):
+    """How secrets are read again: files when they change (checked each second), AWS
+    Secrets Manager every refresh_interval seconds, and a secret that could not be read
+    every retry_interval seconds. A failed login also reads them again (at most every two
+    seconds), so a rotated password is seen at once."""
+
+    refresh_interval: float = Field(60, gt=0)
+    retry_interval: float = Field(10, gt=0)
+    # Another Secrets Manager endpoint (a VPC endpoint, or a local one for tests).
+    aws_endpoint_url: str | None = None
+
+
 class AdminConfig(_Model):
     listen: Address = Address(host="127.0.0.1", port=9187)
 
@@ -261,6 +273,7 @@ class AdminConfig(_Model):
 
 class Config(_Model):
     admin: AdminConfig = AdminConfig()
+    secrets: SecretsConfig = SecretsConfig()
     proxies: list[ProxyConfig] = Field(min_length=1)
     # Relative secret paths (file:...) resolve against the config file's folder.
     base_dir: Path = Path(".")

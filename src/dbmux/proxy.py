@@ -6,21 +6,24 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from dbmux.auth.admission import Admission, LoginThrottle
-from dbmux.auth.secrets import read_secret
+from dbmux.auth.directory import UserDirectory
+from dbmux.auth.secrets import Credentials
 from dbmux.auth.tls import ClientSideTls
-from dbmux.config import Config, Endpoint, ProxyConfig, Target, TargetRole
+from dbmux.config import Config, Endpoint, ProxyConfig, SecretsConfig, Target, TargetRole
 from dbmux.engines import engine_class
 from dbmux.engines.base import (
     Clock,
+    ErrorKind,
     PoolKey,
     ProbeResult,
     ProxyRuntime,
     ServerConnection,
     ServerError,
-    UserSecret,
 )
 from dbmux.metrics import ProxyMetrics, Registry
 from dbmux.pool import Opener, PoolSet, TargetBudget
@@ -32,23 +35,25 @@ log = logging.getLogger("dbmux.proxy")
 
 JANITOR_INTERVAL = 1.0
 
-
-def load_users(config: ProxyConfig, base_dir: Path) -> dict[str, UserSecret]:
-    users: dict[str, UserSecret] = {}
-    for entry in config.auth:
-        credentials = read_secret(entry.secret, base_dir=base_dir)
-        users[credentials.username] = UserSecret(credentials, entry.client_password_auth_type)
-    return users
+_T = TypeVar("_T")
 
 
 class Proxy:
     """One configured proxy: a listener per endpoint in front of one target group."""
 
-    def __init__(self, config: ProxyConfig, *, registry: Registry, base_dir: Path) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        registry: Registry,
+        base_dir: Path,
+        secrets: SecretsConfig | None = None,
+    ) -> None:
         self.config = config
         self.engine = engine_class(config.engine_family)()
         self.metrics = ProxyMetrics(registry, config.name)
-        self.users = load_users(config, base_dir)
+        self.users = UserDirectory.from_config(config.auth, secrets or SecretsConfig(), base_dir)
+        self.users.load()
         self.pool_config = config.target_group.connection_pool_config
         self.targets = TargetGroup(
             list(config.target_group.targets),
@@ -145,12 +150,15 @@ class Proxy:
             generation = pools.budget.generation
             if not instance.is_replica:
                 raise ServerError(f"{instance.name} is no longer a replica", code="08001")
-            conn = await self.engine.connect(
-                instance.target,
-                self.users[key.user].credentials,
-                key,
-                session_init=session_init,
-                read_limit=read_limit,
+            conn = await self._log_in(
+                key.user,
+                lambda credentials: self.engine.connect(
+                    instance.target,
+                    credentials,
+                    key,
+                    session_init=session_init,
+                    read_limit=read_limit,
+                ),
             )
             conn.generation = generation
             return conn
@@ -166,20 +174,52 @@ class Proxy:
         self, key: PoolKey, read_limit: bool, session_init: tuple[str, ...]
     ) -> ServerConnection:
         """A connection to the writer; during a failover, to the next one."""
-        credentials = self.users[key.user].credentials
 
         async def connect(target: Target) -> ServerConnection:
-            return await self.engine.connect(
-                target, credentials, key, session_init=session_init, read_limit=read_limit
+            return await self._log_in(
+                key.user,
+                lambda credentials: self.engine.connect(
+                    target, credentials, key, session_init=session_init, read_limit=read_limit
+                ),
             )
 
         return await self.targets.connect_to_writer(
             connect, self.pool_config.connection_borrow_timeout
         )
 
+    async def _log_in(
+        self, user: str | None, attempt: Callable[[Credentials], Awaitable[_T]]
+    ) -> _T:
+        """`attempt` with the user's credentials (None: any user's, for probes). During a
+        rotation a user has two passwords and the database takes one of them: a refused
+        one is followed by the other, and if all are refused the secrets are read again
+        in case the proxy is behind the database."""
+        refused: ServerError | None = None
+        for again in (False, True):
+            if again and not await self.users.reread_after_failure():
+                break
+            logins = self.users.logins(user) if user is not None else self.users.any_logins()
+            for credentials in logins:
+                try:
+                    result = await attempt(credentials)
+                except ServerError as error:
+                    if self.engine.classify_error(error) is not ErrorKind.AUTH:
+                        raise
+                    refused = error
+                    continue
+                self.users.worked(credentials)
+                return result
+        if refused is not None:
+            raise refused
+        problems = "; ".join(self.users.problems) or "no auth entry holds this user"
+        raise ServerError(
+            f"no usable credentials for {user or 'any user'}: {problems}", kind=ErrorKind.AUTH
+        )
+
     async def _probe(self, target: Target) -> ProbeResult:
-        credentials = next(iter(self.users.values())).credentials
-        return await self.engine.probe(target, credentials, lag=self._measure_lag)
+        return await self._log_in(
+            None, lambda credentials: self.engine.probe(target, credentials, lag=self._measure_lag)
+        )
 
     def _probed(self, instance: Instance) -> None:
         for route in self.routes.values():
@@ -233,6 +273,7 @@ class Proxy:
             try:
                 if self.runtime.tls is not None:
                     self.runtime.tls.reload_if_changed()
+                self.users.refresh_in_background()
                 for pools in self.pool_sets:
                     pools.sweep()
                 self._drop_unused_pools(clock.now)
@@ -283,7 +324,8 @@ class Process:
         self.config = config
         self.registry = Registry()
         self.proxies = [
-            Proxy(p, registry=self.registry, base_dir=config.base_dir) for p in config.proxies
+            Proxy(p, registry=self.registry, base_dir=config.base_dir, secrets=config.secrets)
+            for p in config.proxies
         ]
 
     async def start(self) -> None:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import abstractmethod
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
 from dbmux.auth.admission import Refusal
+from dbmux.auth.directory import User
 from dbmux.engines.base import Borrower, BorrowTimeout, Lender, ProxyRuntime, ServerError
 from dbmux.relay import ClientEnd, ConnectionClosed
 
@@ -142,6 +144,20 @@ class ClientSession(ClientEnd, Borrower):
             self.fail(Failure.INTERNAL, "internal error in the proxy during login")
         finally:
             runtime.admission.leave(self)
+
+    async def check_password(self, name: str, check: Callable[[User], bool]) -> bool:
+        """`check` the proof a client sent against user `name`'s passwords (the current
+        one, and the pending one during a rotation); if it fits none, once more after the
+        secrets are read again, in case the client has a password the proxy has not seen
+        yet. A name no entry holds never matches."""
+        users = self.runtime.users
+        user = users.get(name)
+        if user is not None and check(user):
+            return True
+        if not await users.reread_after_failure():
+            return False
+        user = users.get(name)
+        return user is not None and check(user)
 
     def admit(self, deadline: asyncio.Timeout) -> Refusal | None:
         """The password is proved: the client counts against max_client_connections from now

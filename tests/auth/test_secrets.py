@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from dbmux.auth.secrets import Credentials, SecretError, parse_secret, read_secret
+from dbmux.auth.secrets import (
+    Credentials,
+    SecretError,
+    SecretVersions,
+    parse_secret,
+    read_secret,
+    secret_source,
+)
+from tests.auth.conftest import REGION, SecretsManager
 
 APP = {"username": "app", "password": "app-secret", "engine": "postgres"}
 
@@ -118,12 +126,95 @@ def test_parse_secret_errors_name_the_source() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Other schemes
+# What changes, and what is never shown
 
 
-def test_aws_secrets_manager_is_not_supported_yet() -> None:
-    reference = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:orders-AbCdEf"
-    assert "not supported" in secret_error(reference)
+def test_a_file_secret_changes_its_stamp_when_rewritten(tmp_path: Path) -> None:
+    write_secret(tmp_path / "app.json", APP)
+    source = secret_source("file:app.json", base_dir=tmp_path)
+    before = source.stamp()
+    write_secret(tmp_path / "app.json", {**APP, "password": "rotated-password-1"})
+    assert source.stamp() != before
+    assert source.fetch().current.password == "rotated-password-1"
+
+
+def test_a_secret_file_others_can_read_is_used_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_secret(tmp_path / "app.json", APP)
+    (tmp_path / "app.json").chmod(0o644)
+    assert read_secret("file:app.json", base_dir=tmp_path).username == "app"
+    assert any("can be read by other users" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    (tmp_path / "app.json").chmod(0o600)
+    write_secret(tmp_path / "private.json", APP)
+    (tmp_path / "private.json").chmod(0o600)
+    read_secret("file:private.json", base_dir=tmp_path)
+    assert not any("other users" in r.getMessage() for r in caplog.records)
+
+
+def test_credentials_never_show_their_password() -> None:
+    credentials = Credentials("app", "hunter2-do-not-print")
+    assert "hunter2" not in repr(credentials)
+    assert "hunter2" not in str(SecretVersions(credentials, credentials))
+
+
+def test_a_malformed_secret_names_the_problem_not_the_contents(tmp_path: Path) -> None:
+    write_secret(tmp_path / "bad.json", '{"username": "app", "password": "hunter2-leak"')
+    message = secret_error("file:bad.json", base_dir=tmp_path)
+    assert "hunter2" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# AWS Secrets Manager (moto's server, on a loopback port)
+
+
+def test_an_aws_secret_gives_awscurrent_and_during_a_rotation_awspending(
+    secrets_manager: SecretsManager,
+) -> None:
+    arn = secrets_manager.create("orders-app", APP)
+    source = secret_source(arn, aws_endpoint_url=secrets_manager.endpoint_url)
+    assert source.fetch() == SecretVersions(Credentials("app", "app-secret", "postgres"))
+    secrets_manager.put_pending(arn, {**APP, "password": "next-password"})
+    versions = source.fetch()
+    assert versions.current.password == "app-secret"
+    assert versions.pending is not None and versions.pending.password == "next-password"
+    assert [c.password for c in versions.all] == ["app-secret", "next-password"]
+    secrets_manager.finish(arn)
+    versions = source.fetch()
+    assert versions.current.password == "next-password"
+    assert [c.password for c in versions.all] == ["next-password"]  # pending is current
+
+
+def test_an_aws_secret_that_does_not_exist_names_the_reference(
+    secrets_manager: SecretsManager,
+) -> None:
+    arn = f"arn:aws:secretsmanager:{REGION}:123456789012:secret:absent-AbCdEf"
+    with pytest.raises(SecretError) as caught:
+        read_secret(arn, aws_endpoint_url=secrets_manager.endpoint_url)
+    assert arn in str(caught.value) and "no such secret" in str(caught.value)
+
+
+def test_an_aws_secret_holding_no_credentials_is_a_secret_error(
+    secrets_manager: SecretsManager,
+) -> None:
+    arn = secrets_manager.create("orders-garbage", "not json at all")
+    with pytest.raises(SecretError, match="not valid JSON"):
+        read_secret(arn, aws_endpoint_url=secrets_manager.endpoint_url)
+
+
+def test_an_unreachable_secrets_manager_is_a_secret_error() -> None:
+    arn = f"arn:aws:secretsmanager:{REGION}:123456789012:secret:orders-AbCdEf"
+    with pytest.raises(SecretError) as caught:
+        read_secret(arn, aws_endpoint_url="http://127.0.0.1:9")  # nothing listens there
+    assert arn in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "reference", ["arn:aws:secretsmanager:", "arn:aws:secretsmanager::1:secret:x"]
+)
+def test_an_arn_without_region_or_name_is_refused(reference: str) -> None:
+    secret_error(reference)
 
 
 @pytest.mark.parametrize("reference", ["vault:app", "app.json", "FILE:app.json"])

@@ -11,7 +11,7 @@ import secrets
 import stringprep
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "mock_verifier",
     "salted_password",
     "saslprep",
+    "user_salt",
 ]
 
 MECHANISM = "SCRAM-SHA-256"
@@ -315,15 +316,22 @@ class ScramVerifier:
 _MOCK_SECRET = secrets.token_bytes(32)
 
 
+def user_salt(user: str) -> bytes:
+    """The salt a user's SCRAM exchange shows, known user or not: fixed per name for the
+    process's life, so the salt tells nothing about who exists, and the same for all of a
+    user's passwords, so one exchange can be checked against each (during a rotation)."""
+    name = user.encode("utf-8", "surrogateescape")
+    return hmac.digest(_MOCK_SECRET, b"salt:" + name, "sha256")[:_SALT_BYTES]
+
+
 def mock_verifier(user: str, iterations: int = DEFAULT_ITERATIONS) -> ScramVerifier:
     """What a user the proxy does not know is challenged with, as PostgreSQL's mock
     authentication does: the same salt for the same name for the process's life (a salt
     that changed on each try would tell that the name is unknown) and keys no proof
     matches. Nothing is derived, so guessing names costs no PBKDF2 on the event loop and
     puts nothing among the derived keys."""
-    name = user.encode("utf-8", "surrogateescape")
     return ScramVerifier(
-        salt=hmac.digest(_MOCK_SECRET, b"salt:" + name, "sha256")[:_SALT_BYTES],
+        salt=user_salt(user),
         iterations=iterations,
         stored_key=secrets.token_bytes(_KEY_BYTES),
         server_key=secrets.token_bytes(_KEY_BYTES),
@@ -340,13 +348,20 @@ class ScramServer(_Exchange):
         self,
         verifier: ScramVerifier,
         *,
+        also: Sequence[ScramVerifier] = (),
         channel_binding: bytes | None = None,
         nonce: str | None = None,
     ) -> None:
-        """`channel_binding`: the tls-server-end-point data of the TLS connection the exchange
+        """`also`: other verifiers with the same salt and iteration count whose passwords
+        are accepted too (a user's pending password during a rotation).
+        `channel_binding`: the tls-server-end-point data of the TLS connection the exchange
         runs on, when SCRAM-SHA-256-PLUS was offered (None: plaintext, only SCRAM-SHA-256).
         `nonce` is the server's nonce suffix; only tests should pass it."""
         self._verifier = verifier
+        self._verifiers = (verifier, *also)
+        self._proof = b""
+        self._auth_message = b""
+        self._proven = False
         self._binding = channel_binding
         self._bound = b""  # what the client's c= must carry after the GS2 header
         self._server_nonce = _random_nonce() if nonce is None else nonce
@@ -361,7 +376,7 @@ class ScramServer(_Exchange):
     @property
     def authenticated(self) -> bool:
         """True once the client's proof has been verified."""
-        return self._step is _Step.DONE
+        return self._proven
 
     def handle_client_first(self, data: bytes) -> bytes:
         """Parse client-first-message and return server-first-message."""
@@ -427,15 +442,28 @@ class ScramServer(_Exchange):
 
         without_proof = text.rsplit(",", 1)[0]
         auth_message = ",".join((self._client_first_bare, self._server_first, without_proof))
-        auth_message_bytes = auth_message.encode("utf-8")
-        client_signature = _hmac(self._verifier.stored_key, auth_message_bytes)
-        client_key = _xor(proof, client_signature)
-        if not hmac.compare_digest(_sha256(client_key), self._verifier.stored_key):
-            raise ScramAuthFailed("invalid client proof: wrong password")
+        self._proof, self._auth_message = proof, auth_message.encode("utf-8")
+        self._step = _Step.DONE  # unless the proof fails below
+        return self.check_proof(self._verifiers)
 
-        server_signature = _hmac(self._verifier.server_key, auth_message_bytes)
-        self._step = _Step.DONE
-        return f"v={_b64encode(server_signature)}".encode("ascii")
+    def check_proof(self, verifiers: Sequence[ScramVerifier]) -> bytes:
+        """server-final-message if the client's proof fits one of `verifiers`; raises
+        ScramAuthFailed otherwise. Called again after a failure with verifiers of passwords
+        learned since (a secret read again), sharing the salt the client was given."""
+        if self._step is not _Step.DONE:
+            raise ScramError("no client-final-message to check")
+        for verifier in verifiers:
+            if (verifier.salt, verifier.iterations) != (
+                self._verifier.salt,
+                self._verifier.iterations,
+            ):
+                continue  # another salt: the client's proof cannot fit
+            client_key = _xor(self._proof, _hmac(verifier.stored_key, self._auth_message))
+            if hmac.compare_digest(_sha256(client_key), verifier.stored_key):
+                server_signature = _hmac(verifier.server_key, self._auth_message)
+                self._proven = True
+                return f"v={_b64encode(server_signature)}".encode("ascii")
+        raise ScramAuthFailed("invalid client proof: wrong password")
 
 
 # --- the proxy as SCRAM client (authenticating to PostgreSQL) --------------------------------

@@ -22,6 +22,7 @@ from dbmux.relay import ConnectionClosed
 
 if TYPE_CHECKING:
     from dbmux.auth.admission import Admission, LoginThrottle
+    from dbmux.auth.directory import UserDirectory
     from dbmux.auth.secrets import Credentials
     from dbmux.auth.tls import ClientSideTls
     from dbmux.config import ClientPasswordAuthType, ProxyConfig, Target
@@ -44,10 +45,20 @@ class ErrorKind(Enum):
 class ServerError(Exception):
     """The database refused or failed something; `fields` carries the engine's error details."""
 
-    def __init__(self, message: str, *, code: str = "", fields: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "",
+        fields: dict[str, Any] | None = None,
+        kind: ErrorKind | None = None,
+    ):
+        """`kind`: what the error means to the core when it comes from the core itself (no
+        engine code to classify)."""
         super().__init__(message)
         self.code = code
         self.fields = fields or {}
+        self.kind = kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +177,7 @@ class Engine(ABC):
     @classmethod
     def classify_error(cls, error: ServerError) -> ErrorKind:
         """What a database error of this engine means to the core."""
-        return cls.error_kinds.get(error.code, ErrorKind.OTHER)
+        return error.kind or cls.error_kinds.get(error.code, ErrorKind.OTHER)
 
     @abstractmethod
     def new_context(self, runtime: ProxyRuntime) -> EngineContext:
@@ -340,19 +351,13 @@ class Clock:
     now: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True, slots=True)
-class UserSecret:
-    credentials: Credentials
-    auth_type: ClientPasswordAuthType | None
-
-
 @dataclass
 class ProxyRuntime:
     """What an engine needs to serve one listener's clients."""
 
     config: ProxyConfig
     pools: Pools  # what this listener's clients borrow from
-    users: dict[str, UserSecret]
+    users: UserDirectory  # who may log in, with which passwords (rotated secrets)
     metrics: ProxyMetrics
     clock: Clock
     targets: Failover

@@ -44,17 +44,10 @@ MYSQL_ALIASES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Login:
-    credentials: Credentials
-    auth_type: ClientPasswordAuthType | None
-
-
 @dataclass
 class MyContext(EngineContext):
     """State shared by the client connections of one MySQL proxy."""
 
-    users: dict[str, Login]
     classifier: Classifier
     rsa_key: RsaKey = field(default_factory=RsaKey.generate)
     # SET statement text (per pool variant) -> the values it leaves, for SETs whose outcome
@@ -79,7 +72,7 @@ class MyContext(EngineContext):
         # Clients of the writer's endpoint (not a read-only one, where a refused write is
         # the right answer) get writes the old writer refused run again on the next one.
         self.follows_writer = self.pools.follows_writer
-        types = {login.auth_type for login in self.users.values()}
+        types = {entry.client_password_auth_type for entry in self.config.auth}
         self.default_plugin = (
             SHA2 if types == {ClientPasswordAuthType.MYSQL_CACHING_SHA2_PASSWORD} else NATIVE
         )
@@ -123,13 +116,8 @@ class MysqlEngine(Engine):
         pool_config = runtime.config.target_group.connection_pool_config
         self.prepared_capacity = pool_config.max_prepared_statements
         filters = pool_config.session_pinning_filters
-        users = {
-            name: Login(secret.credentials, secret.auth_type)
-            for name, secret in runtime.users.items()
-        }
         return MyContext(
             runtime,
-            users,
             Classifier(
                 exclude_variable_sets=PinningFilter.EXCLUDE_VARIABLE_SETS in filters,
                 replay_settings=runtime.config.session_state is SessionState.REPLAY,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import secrets
 from typing import TYPE_CHECKING, cast
 
 from dbmux.auth import mysql as auth
@@ -162,10 +161,8 @@ class LoginMixin(ClientSession):
         throttle = ctx.runtime.throttle
         address = source_address(self.transport)
         await throttle.sit_out(self, throttle.before_check(address))
-        login = ctx.users.get(user)
-        method = ctx.plugin_for(login.auth_type if login else None)
+        method = ctx.plugin_for(ctx.runtime.users.method_for(user))
         # Unknown users go through the same exchange, so the reply does not tell who exists.
-        password = login.credentials.password if login else secrets.token_hex(16)
         if (plugin or NATIVE) != method:
             if not self.capabilities & handshake.CLIENT_PLUGIN_AUTH:
                 raise LoginRefused(
@@ -173,15 +170,25 @@ class LoginMixin(ClientSession):
                 )
             self.write(wire.packet(seq + 1, handshake.auth_switch_request(method, self.nonce)))
             seq, response = await self.read(wire.split_login_packet)
+        nonce = self.nonce
         if method == NATIVE:
-            ok = auth.verify_native(password, self.nonce, response)
-        elif auth.verify_sha2(password, self.nonce, response):
+            ok = await self.check_password(
+                user,
+                lambda known: any(auth.verify_native(p, nonce, response) for p in known.passwords),
+            )
+        elif await self.check_password(
+            user, lambda known: any(auth.verify_sha2(p, nonce, response) for p in known.passwords)
+        ):
             self.write(wire.packet(seq + 1, b"\x01\x03"))  # fast authentication succeeded
             seq += 1
             ok = True
         else:
-            ok, seq = await self._full_sha2_auth(password, seq)
-        if not ok or login is None:
+            sent, seq = await self._full_sha2_auth(seq)
+            ok = sent is not None and await self.check_password(
+                user,
+                lambda known: any(hmac.compare_digest(sent, p.encode()) for p in known.passwords),
+            )
+        if not ok:
             ctx.metrics.client_connections_setup_failed_auth.value += 1
             await throttle.sit_out(self, throttle.failed(user, address))
             using = "YES" if response else "NO"
@@ -192,21 +199,21 @@ class LoginMixin(ClientSession):
             )
         return seq
 
-    async def _full_sha2_auth(self, password: str, seq: int) -> tuple[bool, int]:
-        """caching_sha2_password full authentication: over TLS the client sends its password
-        in the TLS channel (NUL-terminated); without TLS it fetches the proxy's RSA key and
-        sends the password encrypted (a cleartext one is refused)."""
+    async def _full_sha2_auth(self, seq: int) -> tuple[bytes | None, int]:
+        """caching_sha2_password full authentication, which yields the password the client
+        typed (None: it sent none that can be read): over TLS the client sends it in the
+        TLS channel (NUL-terminated); without TLS it fetches the proxy's RSA key and sends
+        it encrypted (a cleartext one is refused)."""
         self.write(wire.packet(seq + 1, b"\x01\x04"))
         seq, data = await self.read(wire.split_login_packet)
         if self.tls:
-            typed = data[:-1] if data.endswith(b"\0") else None
-            return typed is not None and hmac.compare_digest(typed, password.encode()), seq
+            return (data[:-1] if data.endswith(b"\0") else None), seq
         if data != b"\x02":
-            return False, seq
+            return None, seq
         self.write(wire.packet(seq + 1, b"\x01" + self.ctx.rsa_key.public_pem))
         seq, data = await self.read(wire.split_login_packet)
         sent = self.ctx.rsa_key.decrypt_password(data, self.nonce)
-        return sent is not None and hmac.compare_digest(sent, password), seq
+        return (sent.encode() if sent is not None else None), seq
 
     async def _join_pool(self, database: str, charset: int, seq: int) -> None:
         """Pick the pool of this (database, user, capabilities, charset); its first client

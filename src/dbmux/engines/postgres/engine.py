@@ -8,7 +8,8 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from dbmux.auth.scram import ScramVerifier
+from dbmux.auth.directory import User
+from dbmux.auth.scram import ScramVerifier, user_salt
 from dbmux.auth.secrets import Credentials
 from dbmux.bounded import LruDict, SetResults
 from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
@@ -69,19 +70,23 @@ class StatementNames:
 
 @dataclass(frozen=True, slots=True)
 class Login:
-    """A user clients may log in as, with what its auth method needs."""
+    """A user clients may log in as, with what its auth method needs: for SCRAM, a verifier
+    per password (two during a rotation), all with the user's salt."""
 
-    credentials: Credentials
+    user: User
     auth_type: ClientPasswordAuthType
-    verifier: ScramVerifier
+    verifiers: tuple[ScramVerifier, ...]
 
 
 @dataclass
 class PgContext(EngineContext):
     """State shared by the client connections of one PostgreSQL proxy."""
 
-    users: dict[str, Login]
     classifier: Classifier
+    # What logins derived from the users' passwords (SCRAM keys: PBKDF2, once per password),
+    # for the directory's version it was derived from.
+    logins: dict[str, Login] = field(default_factory=dict)
+    logins_version: int = -1
     cancel_keys: dict[tuple[int, int], PgClient] = field(default_factory=dict)
     # (setting, value as a client wrote it) -> the server's spelling (utf-8 -> UTF8).
     canonical: LruDict[tuple[str, str], str] = field(
@@ -101,6 +106,26 @@ class PgContext(EngineContext):
         self.clock = self.runtime.clock
         self.clients = self.runtime.clients
         self.loop = asyncio.get_running_loop()
+
+    def login_for(self, name: str) -> Login | None:
+        """The user `name` with its SCRAM verifiers, derived on its first login after its
+        passwords changed."""
+        directory = self.runtime.users
+        if self.logins_version != directory.version:
+            self.logins.clear()
+            self.logins_version = directory.version
+        login = self.logins.get(name)
+        if login is None:
+            user = directory.get(name)
+            if user is None:
+                return None
+            method = user.auth_type or ClientPasswordAuthType.POSTGRES_SCRAM_SHA_256
+            verifiers: tuple[ScramVerifier, ...] = ()
+            if method is ClientPasswordAuthType.POSTGRES_SCRAM_SHA_256:
+                salt = user_salt(name)
+                verifiers = tuple(ScramVerifier.from_password(p, salt=salt) for p in user.passwords)
+            login = self.logins[name] = Login(user, method, verifiers)
+        return login
 
     def new_cancel_key(self, client: PgClient) -> tuple[int, int]:
         """A BackendKeyData pair unique among this proxy's clients."""
@@ -126,17 +151,8 @@ class PostgresEngine(Engine):
         pool_config = runtime.config.target_group.connection_pool_config
         self.prepared_capacity = pool_config.max_prepared_statements
         filters = pool_config.session_pinning_filters
-        users = {
-            name: Login(
-                secret.credentials,
-                secret.auth_type or self.auth_types[0],
-                ScramVerifier.from_password(secret.credentials.password),
-            )
-            for name, secret in runtime.users.items()
-        }
         return PgContext(
             runtime,
-            users,
             Classifier(
                 exclude_variable_sets=PinningFilter.EXCLUDE_VARIABLE_SETS in filters,
                 replay_settings=runtime.config.session_state is SessionState.REPLAY,

@@ -10,12 +10,12 @@ import secrets
 from typing import TYPE_CHECKING, cast
 
 from dbmux.auth.admission import source_address
+from dbmux.auth.directory import User
 from dbmux.auth.md5 import md5_password_hash, verify_md5_response
 from dbmux.auth.scram import (
     ScramAuthFailed,
     ScramError,
     ScramServer,
-    ScramVerifier,
     mock_verifier,
 )
 from dbmux.config import ClientPasswordAuthType
@@ -167,28 +167,33 @@ class LoginMixin(ClientSession):
         throttle = ctx.runtime.throttle
         address = source_address(self.transport)
         await throttle.sit_out(self, throttle.before_check(address))
-        login = ctx.users.get(user)
-        method = login.auth_type if login else ClientPasswordAuthType.POSTGRES_SCRAM_SHA_256
-        ok = False
+        method = ctx.runtime.users.method_for(user)
         if method is ClientPasswordAuthType.POSTGRES_MD5:
             salt = secrets.token_bytes(4)
             self.write(wire.authentication(wire.AUTH_MD5, salt))
-            payload = await self.read(wire.split_password_message)
-            stored = md5_password_hash(user, login.credentials.password) if login else "md5"
-            ok = login is not None and verify_md5_response(stored, salt, payload.rstrip(b"\0"))
+            response = (await self.read(wire.split_password_message)).rstrip(b"\0")
+            ok = await self.check_password(
+                user,
+                lambda known: any(
+                    verify_md5_response(md5_password_hash(user, p), salt, response)
+                    for p in known.passwords
+                ),
+            )
         else:
-            # Unknown users go through the same exchange, so the reply does not tell who
-            # exists.
-            ok = await self._scram(login.verifier if login else mock_verifier(user))
+            ok = await self._scram(user)
         if not ok:
             ctx.metrics.client_connections_setup_failed_auth.value += 1
             await throttle.sit_out(self, throttle.failed(user, address))
             raise LoginRefused("28P01", f'password authentication failed for user "{user}"')
         self.write(wire.authentication(wire.AUTH_OK))
 
-    async def _scram(self, verifier: ScramVerifier) -> bool:
+    async def _scram(self, user: str) -> bool:
         """SCRAM-SHA-256, and over TLS SCRAM-SHA-256-PLUS too: bound to this TLS connection
-        by the proxy's certificate, so a man in the middle cannot relay the exchange."""
+        by the proxy's certificate, so a man in the middle cannot relay the exchange. A
+        name the proxy does not know goes through the same exchange (with the same salt
+        each time), so the reply does not tell who exists."""
+        login = self.ctx.login_for(user)
+        verifiers = login.verifiers if login and login.verifiers else (mock_verifier(user),)
         binding = self.channel_binding
         offered = ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"] if binding else ["SCRAM-SHA-256"]
         names = b"".join(m.encode() + b"\0" for m in offered) + b"\0"
@@ -203,7 +208,7 @@ class LoginMixin(ClientSession):
             )
         if (mechanism == "SCRAM-SHA-256-PLUS") != data.startswith(b"p="):
             raise wire.ProtocolViolation(f"{mechanism} with a mismatched channel binding flag")
-        server = ScramServer(verifier, channel_binding=binding)
+        server = ScramServer(verifiers[0], also=verifiers[1:], channel_binding=binding)
         try:
             self.write(
                 wire.authentication(wire.AUTH_SASL_CONTINUE, server.handle_client_first(data))
@@ -211,7 +216,19 @@ class LoginMixin(ClientSession):
             payload = await self.read(wire.split_password_message)
             final = server.handle_client_final(payload)
         except ScramAuthFailed:
-            return False
+            final = b""
+
+            def proof_fits(_: User) -> bool:
+                nonlocal final
+                newer = self.ctx.login_for(user)
+                try:
+                    final = server.check_proof(newer.verifiers if newer else ())
+                except ScramAuthFailed:
+                    return False
+                return True
+
+            if not await self.check_password(user, proof_fits):
+                return False
         except ScramError as error:
             # Malformed whatever the user: says nothing about who exists.
             raise wire.ProtocolViolation(f"malformed SCRAM message: {error}") from None
