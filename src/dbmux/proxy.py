@@ -9,9 +9,18 @@ import time
 from pathlib import Path
 
 from dbmux.auth.admission import Admission, LoginThrottle
+from dbmux.auth.mysql import load_public_key
 from dbmux.auth.secrets import read_secret
-from dbmux.auth.tls import ClientSideTls
-from dbmux.config import Config, Endpoint, ProxyConfig, Target, TargetRole
+from dbmux.auth.tls import ClientSideTls, TargetSideTls, TlsError
+from dbmux.config import (
+    Config,
+    Endpoint,
+    ProxyConfig,
+    Target,
+    TargetGroupConfig,
+    TargetRole,
+    TlsMode,
+)
 from dbmux.engines import engine_class
 from dbmux.engines.base import (
     Clock,
@@ -20,6 +29,7 @@ from dbmux.engines.base import (
     ProxyRuntime,
     ServerConnection,
     ServerError,
+    TargetSecurity,
     UserSecret,
 )
 from dbmux.metrics import ProxyMetrics, Registry
@@ -41,12 +51,31 @@ def load_users(config: ProxyConfig, base_dir: Path) -> dict[str, UserSecret]:
     return users
 
 
+def target_security(group: TargetGroupConfig, base_dir: Path) -> TargetSecurity:
+    """How the proxy logs in to the group's databases; files that cannot be used raise
+    TlsError naming them."""
+    tls = TargetSideTls(group.tls, base_dir) if group.tls.mode is not TlsMode.DISABLE else None
+    key = None
+    if group.server_public_key_file is not None:
+        path = base_dir / group.server_public_key_file
+        try:
+            key = path.read_bytes()
+            load_public_key(key)
+        except (OSError, ValueError) as error:
+            raise TlsError(
+                f"target_group.server_public_key_file: cannot use {path}: {error}"
+            ) from None
+    return TargetSecurity(tls, group.allow_cleartext_password, key)
+
+
 class Proxy:
     """One configured proxy: a listener per endpoint in front of one target group."""
 
     def __init__(self, config: ProxyConfig, *, registry: Registry, base_dir: Path) -> None:
         self.config = config
-        self.engine = engine_class(config.engine_family)()
+        self.engine = engine_class(config.engine_family)(
+            target_security(config.target_group, base_dir)
+        )
         self.metrics = ProxyMetrics(registry, config.name)
         self.users = load_users(config, base_dir)
         self.pool_config = config.target_group.connection_pool_config
@@ -233,6 +262,8 @@ class Proxy:
             try:
                 if self.runtime.tls is not None:
                     self.runtime.tls.reload_if_changed()
+                if self.engine.security.tls is not None:
+                    self.engine.security.tls.reload_if_changed()
                 for pools in self.pool_sets:
                     pools.sweep()
                 self._drop_unused_pools(clock.now)
