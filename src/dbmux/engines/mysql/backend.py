@@ -95,6 +95,8 @@ class MyServer(ServerEnd, ServerConnection):
         self.greeting = greeting = handshake.parse_greeting(payload)
         self.thread_id = greeting.thread_id
         self.capabilities &= greeting.capabilities
+        if not database:  # the SSL request must announce what the response then carries
+            self.capabilities &= ~handshake.CLIENT_CONNECT_WITH_DB
         if security.tls is not None:
             seq = await self._start_tls(seq, charset, security)
         plugin = greeting.plugin if greeting.plugin in (NATIVE, SHA2) else NATIVE
