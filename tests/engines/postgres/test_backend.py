@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -250,6 +251,24 @@ def test_a_cleartext_password_goes_over_tls(
     tls = {"mode": "verify-full", "ca_file": str(ca.ca_file)}
     with dbmux_to(tls_pg, tmp_path, tls, user=CLEARTEXT_USER) as embedded:
         assert query(embedded, "SELECT current_user", user=CLEARTEXT_USER) == (CLEARTEXT_USER,)
+
+
+async def test_a_cancel_request_reaches_the_server_over_tls(
+    tls_pg: PostgresCluster, ca: TestCA, tmp_path: Path
+) -> None:
+    with dbmux_to(tls_pg, tmp_path, {"mode": "verify-full", "ca_file": str(ca.ca_file)}) as e:
+        host, port = e.address()
+        conn = await asyncpg.connect(
+            host=host, port=port, user=APP_USER, password=APP_PASSWORD, database=APP_DB, ssl=False
+        )
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                # On timeout asyncpg sends a CancelRequest with the key dbmux gave it.
+                await conn.execute("SELECT pg_sleep(30)", timeout=0.5)
+            # Served at once, so the sleep was cancelled.
+            assert await conn.fetchval("SELECT 7", timeout=10) == 7
+        finally:
+            await conn.close()
 
 
 async def cleartext_impostor(received: list[bytes]) -> asyncio.Server:

@@ -13,7 +13,7 @@ from cryptography import x509
 from dbmux.auth.md5 import md5_response
 from dbmux.auth.scram import MECHANISM, ScramClient, ScramError
 from dbmux.auth.secrets import Credentials
-from dbmux.auth.tls import end_point_hash
+from dbmux.auth.tls import TargetSideTls, end_point_hash
 from dbmux.engines.base import (
     CONNECT_TIMEOUT,
     ConnectCodes,
@@ -73,6 +73,7 @@ class PgServer(ServerEnd, ServerConnection):
         self.discard_needed = False  # a pinned session left state that DISCARD ALL clears
         self.session_init: tuple[str, ...] = ()  # run at connect and after each DISCARD ALL
         self.sasl_mechanism = ""  # what the login's SASL exchange ran, if it ran one
+        self.target_tls: TargetSideTls | None = None  # what it runs over TLS with (cancels too)
 
     async def start_session(self) -> None:
         for statement in self.session_init:
@@ -87,6 +88,7 @@ class PgServer(ServerEnd, ServerConnection):
         first ReadyForQuery."""
         if security.tls is not None:
             await self._start_tls(security)
+            self.target_tls = security.tls
         self.write(wire.startup_message({"user": credentials.username, "database": database}))
         scram: ScramClient | None = None
         while True:
@@ -351,10 +353,23 @@ async def open_server(
     return server
 
 
-async def send_cancel(host: str, port: int, process_id: int, secret_key: int) -> None:
-    """Deliver a CancelRequest; the server closes the connection once it has acted on it."""
+async def send_cancel(
+    host: str, port: int, process_id: int, secret_key: int, tls: TargetSideTls | None
+) -> None:
+    """Deliver a CancelRequest, over TLS when the target group's connections use it: the key
+    cancels the session's queries for whoever reads it on the way. The server closes the
+    connection once it has acted on it."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
     try:
+        if tls is not None:
+            writer.write(wire.SSL_REQUEST_MESSAGE)
+            if await asyncio.wait_for(reader.readexactly(1), CONNECT_TIMEOUT) != b"S":
+                raise ConnectionRefusedError(f"{host}:{port} does not accept TLS")
+            await writer.start_tls(
+                tls.current,
+                server_hostname=tls.server_hostname(host),
+                ssl_handshake_timeout=CONNECT_TIMEOUT,
+            )
         writer.write(wire.cancel_request(process_id, secret_key))
         await writer.drain()
         await asyncio.wait_for(reader.read(), CONNECT_TIMEOUT)
