@@ -17,6 +17,8 @@ from dbmux.config import (
     IamAuth,
     PinningFilter,
     TargetRole,
+    TlsMode,
+    TlsVersion,
     load_config,
     parse_config,
 )
@@ -163,6 +165,47 @@ def test_the_full_documented_example_parses() -> None:
     assert str(shop.listen) == "127.0.0.1:3307"
 
 
+def test_the_proxy_talks_plaintext_to_its_targets_unless_told_otherwise() -> None:
+    group = parse_config(minimal()).proxies[0].target_group
+    assert group.tls.mode is TlsMode.DISABLE
+    assert group.allow_cleartext_password is False
+    assert group.server_public_key_file is None
+
+
+def test_target_tls_with_every_setting() -> None:
+    data = minimal()
+    _proxy(data).update(engine_family="MYSQL")
+    _target_tls(
+        data,
+        mode="verify-full",
+        ca_file="certs/db-ca.pem",
+        certificate_file="certs/dbmux.pem",
+        key_file="certs/dbmux-key.pem",
+        server_name="db.internal",
+        min_version="TLSv1.3",
+    )
+    _proxy(data)["target_group"].update(
+        allow_cleartext_password=True, server_public_key_file="certs/db-rsa.pem"
+    )
+    group = parse_config(data).proxies[0].target_group
+    assert group.tls.mode is TlsMode.VERIFY_FULL
+    assert group.tls.ca_file == Path("certs/db-ca.pem")
+    assert (group.tls.certificate_file, group.tls.key_file) == (
+        Path("certs/dbmux.pem"),
+        Path("certs/dbmux-key.pem"),
+    )
+    assert group.tls.server_name == "db.internal"
+    assert group.tls.min_version is TlsVersion.TLS_1_3
+    assert group.allow_cleartext_password is True
+    assert group.server_public_key_file == Path("certs/db-rsa.pem")
+
+
+def test_require_needs_no_ca() -> None:
+    data = minimal()
+    _target_tls(data, mode="require")
+    assert parse_config(data).proxies[0].target_group.tls.ca_file is None
+
+
 @pytest.mark.parametrize(
     ("listen", "host", "port"),
     [
@@ -208,6 +251,10 @@ def _proxy(data: dict[str, Any]) -> dict[str, Any]:
 
 def _pool(data: dict[str, Any]) -> dict[str, Any]:
     return _proxy(data)["target_group"].setdefault("connection_pool_config", {})
+
+
+def _target_tls(data: dict[str, Any], **tls: Any) -> None:
+    _proxy(data)["target_group"]["tls"] = tls
 
 
 def _second_proxy(data: dict[str, Any], **changes: Any) -> None:
@@ -390,6 +437,51 @@ BAD: list[tuple[str, Mutation, str]] = [
     ),
     ("missing target group", lambda d: _proxy(d).pop("target_group"), "proxies.0.target_group"),
     ("empty auth", lambda d: _proxy(d).update(auth=[]), "proxies.0.auth"),
+    (
+        "unknown target tls mode",
+        lambda d: _target_tls(d, mode="prefer"),
+        "proxies.0.target_group.tls.mode",
+    ),
+    (
+        "verify-full without a CA",
+        lambda d: _target_tls(d, mode="verify-full"),
+        "proxies.0.target_group.tls.ca_file",
+    ),
+    (
+        "verify-ca without a CA",
+        lambda d: _target_tls(d, mode="verify-ca"),
+        "proxies.0.target_group.tls.ca_file",
+    ),
+    (
+        "client certificate without its key",
+        lambda d: _target_tls(d, mode="require", certificate_file="dbmux.pem"),
+        "proxies.0.target_group.tls.key_file",
+    ),
+    (
+        "client key without its certificate",
+        lambda d: _target_tls(d, mode="require", key_file="dbmux-key.pem"),
+        "proxies.0.target_group.tls.certificate_file",
+    ),
+    (
+        "a CA that mode disable would ignore",
+        lambda d: _target_tls(d, ca_file="ca.pem"),
+        "proxies.0.target_group.tls.ca_file",
+    ),
+    (
+        "an empty server name",
+        lambda d: _target_tls(d, mode="verify-full", ca_file="ca.pem", server_name=""),
+        "proxies.0.target_group.tls.server_name",
+    ),
+    (
+        "target TLS 1.1",
+        lambda d: _target_tls(d, mode="require", min_version="TLSv1.1"),
+        "proxies.0.target_group.tls.min_version",
+    ),
+    (
+        "a server public key for PostgreSQL",
+        lambda d: _proxy(d)["target_group"].update(server_public_key_file="server.pem"),
+        "proxies.0.target_group.server_public_key_file",
+    ),
     ("no proxies", lambda d: d.update(proxies=[]), "proxies"),
 ]
 

@@ -406,6 +406,19 @@ async def test_with_no_writer_a_wait_ends_in_error_08001_naming_every_target() -
         assert "127.0.0.1:1002 UNAVAILABLE no route to host" in str(caught.value)
 
 
+async def test_while_every_target_refuses_the_login_nobody_waits_for_a_writer() -> None:
+    """A wrong password or a TLS setting the servers do not meet is not a failover to wait
+    out: the wait ends at once, with each target's reason."""
+    refused = ServerError("certificate verify failed: IP address mismatch", code="auth")
+    async with group(Answers(p1001=refused, p1002=refused)) as g:
+        with pytest.raises(ServerError, match="IP address mismatch") as caught:
+            await asyncio.wait_for(g.targets.wait_for_writer(WAIT), WAIT / 10)
+        assert caught.value.code == "08001"
+        g.answers[PRIMARY] = WRITER  # the setting fixed: the writer is found again
+        await g.probed()
+        assert (await g.targets.wait_for_writer(WAIT)).target.port == PRIMARY
+
+
 @pytest.mark.parametrize(
     ("error", "reason"),
     [

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dbmux import __version__
 from dbmux.auth.secrets import SecretError
+from dbmux.auth.tls import TlsError
 from dbmux.config import ConfigError, load_config
 from dbmux.eventloop import run
 
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, SecretError) as error:
+    except (ConfigError, SecretError, TlsError) as error:
         print(f"dbmux: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -50,6 +50,15 @@ class TlsVersion(StrEnum):
     TLS_1_3 = "TLSv1.3"
 
 
+class TlsMode(StrEnum):
+    """How the proxy's connections to a target group use TLS (libpq's sslmode meanings)."""
+
+    DISABLE = "disable"  # plaintext
+    REQUIRE = "require"  # encrypted; the certificate is not checked (unless ca_file is set)
+    VERIFY_CA = "verify-ca"  # encrypted, and the certificate chains to ca_file
+    VERIFY_FULL = "verify-full"  # verify-ca, and the certificate names the server
+
+
 class PinningFilter(StrEnum):
     EXCLUDE_VARIABLE_SETS = "EXCLUDE_VARIABLE_SETS"
 
@@ -155,11 +164,48 @@ class Target(_Model):
     port: int = Field(ge=1, le=65535)
 
 
+class TargetTls(_Model):
+    """The proxy's side of TLS with its databases (independent of its clients' TLS): the
+    mode, the CA that vouches for the servers, an optional client certificate, and the name
+    checked against the server's certificate (default: each target's host). Relative paths
+    resolve against the config file's folder."""
+
+    mode: TlsMode = TlsMode.DISABLE
+    ca_file: Path | None = None
+    certificate_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = Field(None, min_length=1)
+    min_version: TlsVersion = TlsVersion.TLS_1_2
+
+    @model_validator(mode="after")
+    def _complete(self) -> TargetTls:
+        verifies = self.mode in (TlsMode.VERIFY_CA, TlsMode.VERIFY_FULL)
+        if verifies and self.ca_file is None:
+            raise FieldError(
+                "ca_file", f"is needed to verify the servers' certificates ({self.mode})"
+            )
+        if (self.certificate_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "certificate_file"
+            raise FieldError(missing, "certificate_file and key_file go together")
+        if self.mode is TlsMode.DISABLE:
+            for name in ("ca_file", "certificate_file", "server_name"):
+                if getattr(self, name) is not None:
+                    raise FieldError(name, "has no effect with mode disable; set mode or remove it")
+        return self
+
+
 class TargetGroupConfig(_Model):
     connection_pool_config: ConnectionPoolConfig = ConnectionPoolConfig()
     targets: list[Target] = Field(min_length=1)
     # Seconds between probes of each target's role and health (sub-second allowed).
     probe_interval: float = Field(1.0, gt=0, le=3600)
+    tls: TargetTls = TargetTls()
+    # A password the database asks for in cleartext (PostgreSQL password auth, MySQL
+    # mysql_clear_password) is sent only over TLS unless this is true.
+    allow_cleartext_password: bool = False
+    # MySQL caching_sha2_password: the servers' RSA public key (PEM), to send the password
+    # encrypted without TLS; the proxy never asks a server for it over plaintext.
+    server_public_key_file: Path | None = None
 
 
 class Endpoint(_Model):
@@ -237,6 +283,15 @@ class ProxyConfig(_Model):
                     f"auth.{i}.iam_auth",
                     "signed auth tokens are not available in this version yet; use DISABLED",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _public_key_for_mysql(self) -> ProxyConfig:
+        if self.target_group.server_public_key_file is not None and self.engine_family != "MYSQL":
+            raise FieldError(
+                "target_group.server_public_key_file",
+                "applies to engine_family MYSQL only (caching_sha2_password)",
+            )
         return self
 
     @model_validator(mode="after")

@@ -12,9 +12,19 @@ from typing import TypeVar
 
 from dbmux.auth.admission import Admission, LoginThrottle
 from dbmux.auth.directory import UserDirectory
+from dbmux.auth.mysql import load_public_key
 from dbmux.auth.secrets import Credentials
-from dbmux.auth.tls import ClientSideTls
-from dbmux.config import Config, Endpoint, ProxyConfig, SecretsConfig, Target, TargetRole
+from dbmux.auth.tls import ClientSideTls, TargetSideTls, TlsError
+from dbmux.config import (
+    Config,
+    Endpoint,
+    ProxyConfig,
+    SecretsConfig,
+    Target,
+    TargetGroupConfig,
+    TargetRole,
+    TlsMode,
+)
 from dbmux.engines import engine_class
 from dbmux.engines.base import (
     Clock,
@@ -24,6 +34,7 @@ from dbmux.engines.base import (
     ProxyRuntime,
     ServerConnection,
     ServerError,
+    TargetSecurity,
 )
 from dbmux.metrics import ProxyMetrics, Registry
 from dbmux.pool import Opener, PoolSet, TargetBudget
@@ -38,6 +49,23 @@ JANITOR_INTERVAL = 1.0
 _T = TypeVar("_T")
 
 
+def target_security(group: TargetGroupConfig, base_dir: Path) -> TargetSecurity:
+    """How the proxy logs in to the group's databases; files that cannot be used raise
+    TlsError naming them."""
+    tls = TargetSideTls(group.tls, base_dir) if group.tls.mode is not TlsMode.DISABLE else None
+    key = None
+    if group.server_public_key_file is not None:
+        path = base_dir / group.server_public_key_file
+        try:
+            key = path.read_bytes()
+            load_public_key(key)
+        except (OSError, ValueError) as error:
+            raise TlsError(
+                f"target_group.server_public_key_file: cannot use {path}: {error}"
+            ) from None
+    return TargetSecurity(tls, group.allow_cleartext_password, key)
+
+
 class Proxy:
     """One configured proxy: a listener per endpoint in front of one target group."""
 
@@ -50,7 +78,9 @@ class Proxy:
         secrets: SecretsConfig | None = None,
     ) -> None:
         self.config = config
-        self.engine = engine_class(config.engine_family)()
+        self.engine = engine_class(config.engine_family)(
+            target_security(config.target_group, base_dir)
+        )
         self.metrics = ProxyMetrics(registry, config.name)
         self.users = UserDirectory.from_config(config.auth, secrets or SecretsConfig(), base_dir)
         self.users.load()
@@ -273,6 +303,8 @@ class Proxy:
             try:
                 if self.runtime.tls is not None:
                     self.runtime.tls.reload_if_changed()
+                if self.engine.security.tls is not None:
+                    self.engine.security.tls.reload_if_changed()
                 self.users.refresh_in_background()
                 for pools in self.pool_sets:
                     pools.sweep()

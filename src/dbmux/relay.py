@@ -42,6 +42,11 @@ class ConnectionClosed(Exception):
     """The peer closed the connection while we waited for a message."""
 
 
+class TlsHandshakeFailed(ConnectionClosed):
+    """The TLS handshake failed: the peer's certificate did not verify, or the two sides
+    found no protocol version or cipher in common (not a connection merely lost)."""
+
+
 class FramedProtocol(asyncio.Protocol):
     """Transport plumbing shared by client- and server-side protocols of every engine."""
 
@@ -118,18 +123,30 @@ class FramedProtocol(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
-        """Go on over TLS, as its server side, once the protocol's TLS request is accepted.
-        The caller refuses bytes the client sent before its TLS handshake: they would be
-        read as if they came over TLS."""
+    async def start_tls(
+        self, context: ssl.SSLContext, timeout: float, *, server_hostname: str | None = None
+    ) -> None:
+        """Go on over TLS once the protocol's TLS request is accepted: as the server side
+        towards a client, or, given the `server_hostname` to check and send as SNI, as the
+        client side towards a database. The caller refuses bytes the peer sent before its
+        TLS handshake: they would be read as if they came over TLS."""
         assert self.transport is not None and not self.inbox
         loop = asyncio.get_running_loop()
         try:
             transport = await loop.start_tls(
-                self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+                self.transport,
+                self,
+                context,
+                server_side=server_hostname is None,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=timeout,
             )
-        except (ssl.SSLError, OSError) as error:  # the client's failure, not the proxy's
-            raise ConnectionClosed(f"TLS handshake failed: {error}") from None
+        except ssl.SSLCertVerificationError as error:
+            raise TlsHandshakeFailed(f"certificate verify failed: {error.verify_message}") from None
+        except ssl.SSLError as error:
+            raise TlsHandshakeFailed(f"TLS handshake failed: {error.reason or error}") from None
+        except OSError as error:
+            raise ConnectionClosed(f"connection lost during the TLS handshake: {error}") from None
         if transport is None:  # closed during the handshake
             raise ConnectionClosed("connection closed during the TLS handshake")
         self.transport = transport

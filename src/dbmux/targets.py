@@ -100,7 +100,10 @@ class TargetGroup:
         self.on_probed = on_probed  # after every probe (read-only endpoints re-route)
         self.writer: Instance | None = None
         self.generation = 0  # grows at every writer change
-        self._writer_known = asyncio.Event()
+        # Set while there is a writer, or while every instance refuses the proxy's login (a
+        # setting to fix, such as a password or target_group.tls, not a failover to wait
+        # out): who waits for a writer stops waiting.
+        self._settled = asyncio.Event()
         self._changed = asyncio.Event()  # set (and replaced) at every writer change
         self._suspected_at = 0.0
         self._writer_lost_at = 0.0  # when the last writer was lost (0: never)
@@ -135,7 +138,7 @@ class TargetGroup:
         """The writer, waiting for one (a failover in progress) up to `timeout` seconds."""
         if self.writer is None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._writer_known.wait(), timeout)
+                await asyncio.wait_for(self._settled.wait(), timeout)
         if self.writer is None:
             raise self.no_writer()
         return self.writer
@@ -255,6 +258,11 @@ class TargetGroup:
         instance._probed.set()
         instance._probed = asyncio.Event()
         self._choose_writer()
+        refused = all(i.reason is HealthReason.AUTH_FAILURE for i in self.instances)
+        if self.writer is not None or refused:
+            self._settled.set()
+        else:
+            self._settled.clear()
         self.on_probed(instance)
 
     def _mark(
@@ -299,9 +307,7 @@ class TargetGroup:
         self._changed = asyncio.Event()
         if chosen is None:
             self._writer_lost_at = time.monotonic()
-            self._writer_known.clear()
             log.warning("no writer among the targets; new transactions wait for one")
         else:
-            self._writer_known.set()
             log.info("writer is now %s", chosen.name)
         self.on_writer_change(current, chosen)

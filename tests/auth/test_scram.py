@@ -235,6 +235,40 @@ def test_only_tls_server_end_point_binding_is_accepted() -> None:
         plus_server(b"s").handle_client_first(b"p=tls-unique,,n=,r=clientnonce")
 
 
+def test_the_proxy_as_client_binds_to_the_servers_certificate() -> None:
+    client = ScramClient("pw", channel_binding=END_POINT)
+    assert client.mechanism == "SCRAM-SHA-256-PLUS"
+    server = server_for("pw", channel_binding=END_POINT)
+    first = client.client_first()
+    assert first.startswith(PLUS)
+    final = client.handle_server_first(server.handle_client_first(first))
+    client.verify_server_final(server.handle_client_final(final))
+    assert client.verified
+
+
+def test_the_proxy_as_client_bound_to_another_certificate_is_refused() -> None:
+    """A man in the middle of the proxy's TLS to the database shows his own certificate: the
+    server sees a binding to a certificate that is not its own."""
+    other = hashlib.sha256(b"the attacker's certificate").digest()
+    client = ScramClient("pw", channel_binding=other)
+    server = server_for("pw", channel_binding=END_POINT)
+    server_first = server.handle_client_first(client.client_first())
+    with pytest.raises(ScramError, match="channel binding"):
+        server.handle_client_final(client.handle_server_first(server_first))
+
+
+def test_the_proxy_as_client_on_tls_without_plus_says_it_could_bind() -> None:
+    """Flag y: a server that did offer -PLUS (someone removed it from the offer) refuses."""
+    client = ScramClient("pw", on_tls=True)
+    assert client.mechanism == "SCRAM-SHA-256"
+    assert client.client_first().startswith(b"y,,")
+    with pytest.raises(ScramError, match="channel binding was offered"):
+        server_for("pw", channel_binding=END_POINT).handle_client_first(
+            ScramClient("pw", on_tls=True).client_first()
+        )
+    exchange(ScramClient("pw", on_tls=True), server_for("pw"))
+
+
 # --- malformed messages ---------------------------------------------------------------------
 
 

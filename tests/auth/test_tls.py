@@ -5,6 +5,7 @@ clients before any password is exchanged."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import time
@@ -16,7 +17,8 @@ import pymysql
 import pytest
 from cryptography import x509
 
-from dbmux.config import ConfigError, parse_config
+from dbmux.auth.tls import TargetSideTls, TlsError
+from dbmux.config import ConfigError, TargetTls, parse_config
 from dbmux.engines.mysql import handshake, wire
 from dbmux.testing.certs import TestCA
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
@@ -284,3 +286,50 @@ def test_libpq_channel_binding_require_logs_in_with_scram_plus(
         assert conn.execute("SELECT 1").fetchone() == (1,)
     with pytest.raises(psycopg.OperationalError):  # libpq will not bind without TLS
         pg_connect(proxy, "disable", channel_binding="require")
+
+
+# -- the proxy's context towards its databases (target_group.tls) ------------------------------
+
+
+def target_side(mode: str, folder: Path, **files: str) -> TargetSideTls:
+    return TargetSideTls(TargetTls(mode=mode, **files), folder)
+
+
+def test_target_side_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    TestCA(tmp_path / "certs")
+    context = target_side("verify-full", tmp_path, ca_file="certs/ca.pem").current
+    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+
+
+@pytest.mark.parametrize(
+    ("mode", "verify", "hostname"),
+    [
+        ("require", ssl.CERT_NONE, False),
+        ("verify-ca", ssl.CERT_REQUIRED, False),
+        ("verify-full", ssl.CERT_REQUIRED, True),
+    ],
+)
+def test_target_side_modes_mean_what_libpq_means(
+    tmp_path: Path, mode: str, verify: ssl.VerifyMode, hostname: bool
+) -> None:
+    ca = TestCA(tmp_path)
+    files = {} if mode == "require" else {"ca_file": str(ca.ca_file)}
+    context = target_side(mode, tmp_path, **files).current
+    assert (context.verify_mode, context.check_hostname) == (verify, hostname)
+
+
+def test_target_side_files_that_do_not_load_are_named(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    with pytest.raises(TlsError, match=r"target_group\.tls: cannot load .*ca\.pem"):
+        target_side("verify-ca", tmp_path, ca_file="ca.pem")
+
+
+def test_target_side_is_reloaded_when_its_ca_changes(tmp_path: Path) -> None:
+    TestCA(tmp_path)
+    tls = target_side("verify-ca", tmp_path, ca_file="ca.pem")
+    before = tls.current
+    assert not tls.reload_if_changed()
+    TestCA(tmp_path, name="the next CA")  # writes ca.pem again
+    os.utime(tmp_path / "ca.pem", (time.time() + 5, time.time() + 5))
+    assert tls.reload_if_changed()
+    assert tls.current is not before

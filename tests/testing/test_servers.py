@@ -9,9 +9,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
+import pymysql
 import pytest
 
 from dbmux.testing import CommandError, MariaDBServer, PostgresCluster, ServerStartError
+from dbmux.testing.certs import TestCA
 
 
 def _pid_alive(pid: int) -> bool:
@@ -290,3 +293,41 @@ def test_mariadb_start_failure_reports_log_tail() -> None:
     finally:
         server.cleanup()
     assert not server.base_dir.exists()
+
+
+# ------------------------------------------------------------------------------- TLS
+
+
+def test_postgres_with_tls_required_refuses_plaintext_tcp_logins(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    with PostgresCluster(tls=ca.issue("pg"), tls_required=True) as cluster:
+        common = {"host": cluster.host, "port": cluster.port, "password": cluster.password}
+        common |= {"user": cluster.superuser, "dbname": "postgres", "connect_timeout": 10}
+        with pytest.raises(psycopg.OperationalError, match="no encryption"):
+            psycopg.connect(sslmode="disable", **common)
+        with psycopg.connect(sslmode="verify-full", sslrootcert=str(ca.ca_file), **common) as c:
+            row = c.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
+            assert row == (True,)
+        assert cluster.psql("SELECT 1") == "1"  # the helper itself goes over TLS
+
+
+def test_mariadb_with_tls_required_refuses_plaintext_tcp_logins(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    with MariaDBServer(tls=ca.issue("my"), tls_required=True) as server:
+        common = {"host": server.host, "port": server.port, "user": "root"}
+        common |= {"password": server.root_password, "connect_timeout": 10}
+        # MariaDB 10.11 refuses it as a wrong password would be (MySQL says ERR 3159).
+        with pytest.raises(pymysql.MySQLError, match="Access denied"):
+            pymysql.connect(ssl_disabled=True, **common)
+        with pymysql.connect(ssl={"ca": str(ca.ca_file)}, **common) as conn, conn.cursor() as cur:
+            cur.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+            row = cur.fetchone()
+            assert row is not None and row[1] != ""
+        assert server.sql("SELECT 1") == "1"  # the helper itself goes over TLS
+
+
+def test_tls_options_need_a_certificate() -> None:
+    with pytest.raises(ValueError, match="need tls"):
+        PostgresCluster(tls_required=True)
+    with pytest.raises(ValueError, match="need tls"):
+        MariaDBServer(tls_required=True)

@@ -22,6 +22,7 @@ __all__ = [
     "NONCE_LENGTH",
     "RsaKey",
     "encrypt_password",
+    "load_public_key",
     "native_scramble",
     "new_nonce",
     "sha2_scramble",
@@ -154,16 +155,22 @@ class RsaKey:
             return None
 
 
-def encrypt_password(password: str, nonce: bytes, public_pem: bytes) -> bytes:
-    """What a client sends in full authentication: RSA-OAEP-SHA1((password + NUL) XOR nonce).
-
-    The nonce repeats cyclically; public_pem is the server's key. Raise ValueError if public_pem
-    is not a usable RSA public key (or the password is too long for it).
-    """
+def load_public_key(public_pem: bytes) -> rsa.RSAPublicKey:
+    """A server's RSA public key from PEM; ValueError if it is not one."""
     try:
         public_key = serialization.load_pem_public_key(bytes(public_pem))
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ValueError(f"not a PEM public key: {exc}") from None
     if not isinstance(public_key, rsa.RSAPublicKey):
         raise ValueError(f"not an RSA public key: {type(public_key).__name__}")
+    return public_key
+
+
+def encrypt_password(password: str, nonce: bytes, public_pem: bytes) -> bytes:
+    """What a client sends in full authentication: RSA-OAEP-SHA1((password + NUL) XOR nonce).
+
+    The nonce repeats cyclically; public_pem is the server's key. Raise ValueError if public_pem
+    is not a usable RSA public key (or the password is too long for it).
+    """
+    public_key = load_public_key(public_pem)
     return public_key.encrypt(_xor_cyclic(password.encode("utf-8") + b"\0", nonce), _oaep())

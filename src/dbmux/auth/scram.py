@@ -470,18 +470,41 @@ class ScramServer(_Exchange):
 
 
 class ScramClient(_Exchange):
-    """Client side of one exchange, as libpq does it (empty user name, no channel binding)."""
+    """Client side of one exchange, as libpq does it (empty user name; channel binding on
+    TLS when the server offers SCRAM-SHA-256-PLUS)."""
 
-    def __init__(self, password: str, *, username: str = "", nonce: str | None = None) -> None:
-        """`username` and `nonce` exist for test vectors; PostgreSQL ignores the user name."""
+    def __init__(
+        self,
+        password: str,
+        *,
+        channel_binding: bytes | None = None,
+        on_tls: bool = False,
+        username: str = "",
+        nonce: str | None = None,
+    ) -> None:
+        """`channel_binding`: the tls-server-end-point hash of the server's certificate, to
+        bind the exchange to the TLS connection (SCRAM-SHA-256-PLUS). `on_tls` without it:
+        the client could bind but the server did not offer to, which the server checks (a
+        -PLUS offer removed on the way is caught). `username` and `nonce` exist for test
+        vectors; PostgreSQL ignores the user name."""
         self._password = _normalize_password(password)
         self._username = username
         self._client_nonce = _random_nonce() if nonce is None else nonce
         if not _is_valid_nonce(self._client_nonce):
             raise ValueError("client nonce must be non-empty printable ASCII without ','")
+        self._binding = channel_binding or b""
+        if channel_binding is not None:
+            self._gs2_header = f"p={CHANNEL_BINDING},,"
+        else:
+            self._gs2_header = "y,," if on_tls else _GS2_HEADER
         self._step = _Step.CLIENT_FIRST
         self._client_first_bare = ""
         self._server_signature = b""
+
+    @property
+    def mechanism(self) -> str:
+        """The SASL mechanism this exchange runs."""
+        return f"{MECHANISM}-PLUS" if self._gs2_header.startswith("p=") else MECHANISM
 
     @property
     def verified(self) -> bool:
@@ -493,7 +516,7 @@ class ScramClient(_Exchange):
         self._enter(_Step.CLIENT_FIRST)
         self._client_first_bare = f"n={_saslname(self._username)},r={self._client_nonce}"
         self._step = _Step.SERVER_FIRST
-        return (_GS2_HEADER + self._client_first_bare).encode("utf-8")
+        return (self._gs2_header + self._client_first_bare).encode("utf-8")
 
     def handle_server_first(self, data: bytes) -> bytes:
         """Check server-first-message and return client-final-message with our proof."""
@@ -518,7 +541,8 @@ class ScramClient(_Exchange):
 
         salted = salted_password(self._password, salt, iterations)
         client_key = _hmac(salted, b"Client Key")
-        without_proof = f"c={_b64encode(_GS2_HEADER.encode('ascii'))},r={nonce}"
+        bound = self._gs2_header.encode("ascii") + self._binding
+        without_proof = f"c={_b64encode(bound)},r={nonce}"
         auth_message = ",".join((self._client_first_bare, server_first, without_proof))
         auth_message_bytes = auth_message.encode("utf-8")
         proof = _xor(client_key, _hmac(_sha256(client_key), auth_message_bytes))

@@ -1,19 +1,24 @@
-"""TLS contexts: the proxy's server side towards its clients, reloaded when its certificate
-or key file changes (clients already connected keep their sessions)."""
+"""TLS contexts, each reloaded when one of its files changes (connections already open keep
+theirs): the proxy's server side towards its clients, and its client side towards the
+databases of its target group."""
 
 from __future__ import annotations
 
 import logging
 import ssl
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from dbmux.config import ClientTls, TlsVersion
+from dbmux.config import ClientTls, TargetTls, TlsMode, TlsVersion
 
 log = logging.getLogger("dbmux.tls")
+
+T = TypeVar("T")
 
 VERSIONS = {TlsVersion.TLS_1_2: ssl.TLSVersion.TLSv1_2, TlsVersion.TLS_1_3: ssl.TLSVersion.TLSv1_3}
 
@@ -31,25 +36,22 @@ class TlsIdentity:
     end_point: bytes
 
 
-def end_point_hash(certificate_pem: bytes) -> bytes:
-    """The hash of the (first) certificate: with its signature's hash algorithm, SHA-256 where
-    that is MD5 or SHA-1 (RFC 5929, 4.1)."""
-    cert = x509.load_pem_x509_certificate(certificate_pem)
-    algorithm = cert.signature_hash_algorithm
+def end_point_hash(certificate: x509.Certificate) -> bytes:
+    """The certificate's hash: with its signature's hash algorithm, SHA-256 where that is
+    MD5 or SHA-1 (RFC 5929, 4.1)."""
+    algorithm = certificate.signature_hash_algorithm
     if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
         algorithm = hashes.SHA256()
     digest = hashes.Hash(algorithm)
-    digest.update(cert.public_bytes(serialization.Encoding.DER))
+    digest.update(certificate.public_bytes(serialization.Encoding.DER))
     return digest.finalize()
 
 
-class ClientSideTls:
-    """What clients' TLS is accepted with. `current` is replaced, never changed, when the
-    files change: a connection keeps the identity its handshake started with."""
+class _Reloaded(ABC, Generic[T]):
+    """What is loaded from `files`: `current` is replaced, never changed, when they change."""
 
-    def __init__(self, tls: ClientTls, base_dir: Path) -> None:
-        self.min_version = VERSIONS[tls.min_version]
-        self.files = (base_dir / tls.certificate_file, base_dir / tls.key_file)
+    def __init__(self, files: tuple[Path, ...]) -> None:
+        self.files = files
         self._stamp = self._stamps()
         self.current = self._load()
 
@@ -59,22 +61,13 @@ class ClientSideTls:
         except OSError:
             return ()
 
-    def _load(self) -> TlsIdentity:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = self.min_version
-        certificate, key = self.files
-        try:
-            context.load_cert_chain(certificate, key)
-            end_point = end_point_hash(certificate.read_bytes())
-        except (OSError, ValueError, ssl.SSLError) as error:
-            raise TlsError(
-                f"tls: cannot load certificate {certificate} with key {key}: {error}"
-            ) from None
-        return TlsIdentity(context, end_point)
+    @abstractmethod
+    def _load(self) -> T:
+        """Load the files; raise TlsError naming them if they cannot be used."""
 
     def reload_if_changed(self) -> bool:
-        """Load the files again if they changed since; True if the new ones are in use. A
-        pair that does not load (half-written, mismatched) leaves the old context in use."""
+        """Load the files again if they changed since; True if the new ones are in use. Files
+        that do not load (half-written, mismatched) leave the old ones in use."""
         stamp = self._stamps()
         if stamp == self._stamp:
             return False
@@ -82,7 +75,69 @@ class ClientSideTls:
         try:
             self.current = self._load()
         except TlsError as error:
-            log.warning("%s; the previous certificate stays in use", error)
+            log.warning("%s; the previous files stay in use", error)
             return False
-        log.info("tls: certificate %s loaded again", self.files[0])
+        log.info("tls: %s loaded again", ", ".join(str(path) for path in self.files))
         return True
+
+
+class ClientSideTls(_Reloaded[TlsIdentity]):
+    """What clients' TLS is accepted with: a connection keeps the identity its handshake
+    started with."""
+
+    def __init__(self, tls: ClientTls, base_dir: Path) -> None:
+        self.min_version = VERSIONS[tls.min_version]
+        super().__init__((base_dir / tls.certificate_file, base_dir / tls.key_file))
+
+    def _load(self) -> TlsIdentity:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = self.min_version
+        certificate, key = self.files
+        try:
+            context.load_cert_chain(certificate, key)
+            end_point = end_point_hash(x509.load_pem_x509_certificate(certificate.read_bytes()))
+        except (OSError, ValueError, ssl.SSLError) as error:
+            raise TlsError(
+                f"tls: cannot load certificate {certificate} with key {key}: {error}"
+            ) from None
+        return TlsIdentity(context, end_point)
+
+
+class TargetSideTls(_Reloaded[ssl.SSLContext]):
+    """What the proxy's TLS to the databases of one target group is made with (libpq's
+    sslmode meanings): `require` encrypts without checking the certificate (unless a CA file
+    is given, as libpq does), `verify-ca` checks its chain, `verify-full` also its name."""
+
+    def __init__(self, tls: TargetTls, base_dir: Path) -> None:
+        assert tls.mode is not TlsMode.DISABLE
+        self.mode = tls.mode
+        self.server_name = tls.server_name
+        self.min_version = VERSIONS[tls.min_version]
+        self.ca_file = base_dir / tls.ca_file if tls.ca_file is not None else None
+        self.client_files = (
+            (base_dir / tls.certificate_file, base_dir / tls.key_file)
+            if tls.certificate_file is not None and tls.key_file is not None
+            else None
+        )
+        files = (self.ca_file,) if self.ca_file is not None else ()
+        super().__init__(files + (self.client_files or ()))
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = self.min_version
+        context.check_hostname = self.mode is TlsMode.VERIFY_FULL
+        try:
+            if self.ca_file is not None:
+                context.load_verify_locations(cafile=self.ca_file)
+            else:
+                context.verify_mode = ssl.CERT_NONE
+            if self.client_files is not None:
+                context.load_cert_chain(*self.client_files)
+        except (OSError, ValueError, ssl.SSLError) as error:
+            names = ", ".join(str(path) for path in self.files)
+            raise TlsError(f"target_group.tls: cannot load {names}: {error}") from None
+        return context
+
+    def server_hostname(self, host: str) -> str:
+        """The name the server's certificate must carry (and SNI sends)."""
+        return self.server_name or host

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
-from dbmux.relay import ConnectionClosed
+from dbmux.relay import ConnectionClosed, TlsHandshakeFailed
 
 if TYPE_CHECKING:
     from dbmux.auth.admission import Admission, LoginThrottle
     from dbmux.auth.directory import UserDirectory
     from dbmux.auth.secrets import Credentials
-    from dbmux.auth.tls import ClientSideTls
+    from dbmux.auth.tls import ClientSideTls, TargetSideTls
     from dbmux.config import ClientPasswordAuthType, ProxyConfig, Target
     from dbmux.metrics import ProxyMetrics
     from dbmux.session import ClientSession
@@ -171,8 +171,10 @@ class Engine(ABC):
     # The engine's error codes that mean something to the core (see classify_error).
     error_kinds: dict[str, ErrorKind]
 
-    def __init__(self) -> None:
+    def __init__(self, security: TargetSecurity | None = None) -> None:
         self._context: EngineContext | None = None
+        # How connect() and probe() log in to the databases.
+        self.security = security if security is not None else TargetSecurity()
 
     @classmethod
     def classify_error(cls, error: ServerError) -> ErrorKind:
@@ -375,12 +377,33 @@ class EngineContext:
 
 
 @dataclass(frozen=True, slots=True)
+class TargetSecurity:
+    """How the proxy logs in to its target group's databases (config: target_group): over
+    TLS or not, and how it may hand them a password."""
+
+    tls: TargetSideTls | None = None  # None: plaintext (tls mode disable)
+    # A password the server asks for in cleartext may go over plaintext too.
+    allow_cleartext_password: bool = False
+    # MySQL caching_sha2_password: the servers' RSA public key (PEM), from config only.
+    server_public_key: bytes | None = None
+
+    def tls_hint(self) -> str:
+        """Where the operator changes what the TLS to the databases requires."""
+        mode = self.tls.mode.value if self.tls is not None else "disable"
+        return f"target_group.tls (mode {mode}) governs this"
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectCodes:
     """The engine's error codes for a server connection that could not be opened."""
 
     timeout: str  # no login within CONNECT_TIMEOUT
     lost: str  # the server closed the connection, or spoke nonsense, during the login
     unreachable: str  # no TCP connection
+    # The TLS to the server, or how it wants the password sent, does not meet the target
+    # group's settings: a problem of configuration (an auth error to the core), not a server
+    # that is down.
+    insecure: str
 
 
 S = TypeVar("S", bound=ServerConnection)
@@ -395,6 +418,7 @@ async def connect_server(
     session_init: tuple[str, ...],
     read_limit: bool,
     codes: ConnectCodes,
+    security: TargetSecurity,
     lost: tuple[type[Exception], ...] = (ConnectionClosed,),
 ) -> S:
     """Connect, log in (`log_in`), read the server's limit when asked and start the session;
@@ -417,6 +441,10 @@ async def connect_server(
                 raise
     except TimeoutError:
         raise ServerError(f"timed out connecting to {host}:{port}", code=codes.timeout) from None
+    except TlsHandshakeFailed as error:
+        raise ServerError(
+            f"TLS to {host}:{port} failed: {error}; {security.tls_hint()}", code=codes.insecure
+        ) from None
     except lost as error:
         raise ServerError(f"{host}:{port} failed during login: {error}", code=codes.lost) from None
     except OSError as error:

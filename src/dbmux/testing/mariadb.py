@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import socket
 import subprocess
+from pathlib import Path
 from typing import Self
 
+from dbmux.testing.certs import CertFiles
 from dbmux.testing.process import (
     HOST,
     CommandError,
@@ -56,7 +58,16 @@ class MariaDBServer(Server):
         root_password: str = "root",
         settings: dict[str, str] | None = None,
         port: int | None = None,
+        tls: CertFiles | None = None,
+        tls_required: bool = False,
+        client_ca_file: Path | None = None,
     ) -> None:
+        """`tls`: the server's certificate and key (TLS is off without them); with
+        `tls_required`, TCP logins without TLS are refused (require_secure_transport). With
+        `client_ca_file`, client certificates it signed are verified (accounts REQUIRE
+        X509)."""
+        if (tls_required or client_ca_file is not None) and tls is None:
+            raise ValueError("tls_required and client_ca_file need tls (certificate and key)")
         sbin = ["/usr/sbin", "/usr/local/sbin", "/usr/libexec", "/usr/local/mysql/bin"]
         self._mariadbd = find_binary(["mariadbd", "mysqld"], sbin)
         self._install_db = find_binary(["mariadb-install-db", "mysql_install_db"], sbin)
@@ -65,6 +76,9 @@ class MariaDBServer(Server):
         self.max_connections = max_connections
         self.root_password = root_password
         self.settings = dict(settings or {})
+        self.tls = tls
+        self.tls_required = tls_required
+        self.client_ca_file = client_ca_file
         self.data_dir = self.base_dir / "data"
         self.socket_path = self.base_dir / "mysql.sock"
         self.log_file = self.base_dir / "mariadb.log"
@@ -126,6 +140,9 @@ class MariaDBServer(Server):
             max_connections=self.max_connections,
             root_password=self.root_password,
             settings=settings,
+            tls=self.tls,
+            tls_required=self.tls_required,
+            client_ca_file=self.client_ca_file,
             **kwargs,  # type: ignore[arg-type]  # the caller's settings, as the constructor takes
         )
 
@@ -147,7 +164,7 @@ class MariaDBServer(Server):
             f"SET GLOBAL gtid_slave_pos = {_my_literal(position)}; CHANGE MASTER TO"
             f" MASTER_HOST={_my_literal(primary.host)}, MASTER_PORT={primary.port},"
             f" MASTER_USER='root', MASTER_PASSWORD={_my_literal(primary.root_password)},"
-            " MASTER_USE_GTID=slave_pos; START SLAVE"
+            f" MASTER_USE_GTID=slave_pos{', MASTER_SSL=1' if primary.tls else ''}; START SLAVE"
         )
 
     def wait_caught_up(self, primary: MariaDBServer, timeout: float = 30) -> None:
@@ -191,6 +208,8 @@ class MariaDBServer(Server):
             "-N",
             "-B",
         ]
+        if self.tls is not None:
+            cmd.append("--ssl")  # encrypted; the certificate is the tests' business
         if database is not None:
             cmd.append(f"--database={database}")
         return self._client_run(cmd, password, sql)
@@ -269,11 +288,22 @@ class MariaDBServer(Server):
             "--character-set-server=utf8mb4",
             "--collation-server=utf8mb4_general_ci",
             *self._innodb_options(),
+            *self._tls_options(),
         ]
         if is_root():
             cmd.append("--user=root")
         cmd += [f"--{k.replace('_', '-')}={v}" for k, v in self.settings.items()]
         return cmd
+
+    def _tls_options(self) -> list[str]:
+        if self.tls is None:
+            return []
+        options = [f"--ssl-cert={self.tls.certificate_file}", f"--ssl-key={self.tls.key_file}"]
+        if self.client_ca_file is not None:
+            options.append(f"--ssl-ca={self.client_ca_file}")
+        if self.tls_required:
+            options.append("--require-secure-transport=ON")
+        return options
 
     def _start_once(self) -> None:
         with self.log_file.open("ab") as log:

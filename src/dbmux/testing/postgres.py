@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import quote
 
+from dbmux.testing.certs import CertFiles
 from dbmux.testing.process import (
     COMMAND_TIMEOUT,
     CommandError,
@@ -106,8 +107,19 @@ class PostgresCluster(Server):
         settings: dict[str, str] | None = None,
         port: int | None = None,
         replica_of: PostgresCluster | None = None,
+        tls: CertFiles | None = None,
+        tls_required: bool = False,
+        client_ca_file: Path | None = None,
+        hba: tuple[str, ...] = (),
     ) -> None:
+        """`tls`: the server's certificate and key (TLS is off without them); with
+        `tls_required`, TCP logins without TLS are refused (pg_hba hostssl only). With
+        `client_ca_file`, client certificates it signed are verified (pg_hba `cert` lines,
+        given in `hba`, come before the others)."""
         if "\n" in password or "\r" in password:
+            raise ValueError("password must be a single line (initdb reads it from a file)")
+        if (tls_required or client_ca_file is not None) and tls is None:
+            raise ValueError("tls_required and client_ca_file need tls (certificate and key)")
             raise ValueError("password must be a single line (initdb reads it from a file)")
         self._bindir = _pg_bindir()
         if is_root():
@@ -130,6 +142,10 @@ class PostgresCluster(Server):
         self.password = password
         self.settings = dict(settings or {})
         self.replica_of = replica_of
+        self.tls = tls
+        self.tls_required = tls_required
+        self.client_ca_file = client_ca_file
+        self.hba = hba
         self.data_dir = self.base_dir / "data"
         self.log_file = self.base_dir / "postgres.log"
         self._stale_shm: list[tuple[int, int]] = []  # (key, shmid) of crashed postmasters
@@ -204,6 +220,10 @@ class PostgresCluster(Server):
             superuser=self.superuser,
             password=self.password,
             replica_of=self,
+            tls=self.tls,
+            tls_required=self.tls_required,
+            client_ca_file=self.client_ca_file,
+            hba=self.hba,
             **kwargs,  # type: ignore[arg-type]  # the caller's settings, as the constructor takes
         )
 
@@ -281,7 +301,7 @@ class PostgresCluster(Server):
                 "port": str(self.port),
                 "user": user,
                 "dbname": dbname,
-                "sslmode": "disable",
+                "sslmode": "require" if self.tls is not None else "disable",
                 "connect_timeout": "10",
             }.items()
         )
@@ -354,10 +374,43 @@ class PostgresCluster(Server):
             "synchronous_commit": "off",
             "full_page_writes": "off",
             "password_encryption": "md5" if self.auth_method == "md5" else "scram-sha-256",
+            **self._tls_settings(),
             **self.settings,
         }
         path = self.data_dir / "dbmux.conf"
         path.write_text("".join(f"{k} = {_pg_literal(v)}\n" for k, v in settings.items()))
+        self._give_to_postgres(path)
+        self._write_hba()
+
+    def _tls_settings(self) -> dict[str, str]:
+        """ssl on, with copies of the files PostgreSQL may read (it runs as postgres, and
+        refuses a key file others can read)."""
+        if self.tls is None:
+            return {}
+        copies = {"ssl_cert_file": self.tls.certificate_file, "ssl_key_file": self.tls.key_file}
+        if self.client_ca_file is not None:
+            copies["ssl_ca_file"] = self.client_ca_file
+        settings = {"ssl": "on"}
+        for name, source in copies.items():
+            target = self.base_dir / f"{name}.pem"
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+            self._give_to_postgres(target)
+            settings[name] = str(target)
+        return settings
+
+    def _write_hba(self) -> None:
+        """initdb's pg_hba.conf (local trust, loopback TCP with the auth method), TCP lines
+        hostssl only when TLS is required, and `hba` first."""
+        kind = "hostssl" if self.tls_required else "host"
+        lines = [*self.hba, "local all all trust", "local replication all trust"]
+        for database in ("all", "replication"):
+            for network in ("127.0.0.1/32", "::1/128"):
+                lines.append(f"{kind} {database} all {network} {self.auth_method}")
+        if self.tls_required:
+            lines.append("hostnossl all all all reject")
+        path = self.data_dir / "pg_hba.conf"
+        path.write_text("\n".join(lines) + "\n")
         self._give_to_postgres(path)
 
     def _start_once(self) -> None:

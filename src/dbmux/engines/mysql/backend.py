@@ -16,6 +16,7 @@ from dbmux.engines.base import (
     ConnectCodes,
     ServerConnection,
     ServerError,
+    TargetSecurity,
     connect_server,
 )
 from dbmux.engines.mysql import handshake, scanners, settings, wire
@@ -28,6 +29,11 @@ log = logging.getLogger("dbmux.mysql")
 
 NATIVE = "mysql_native_password"
 SHA2 = "caching_sha2_password"
+CLEAR = "mysql_clear_password"
+# The client library's error numbers for what the proxy refuses at login as a client of the
+# database: a TLS failure, and a plugin that would expose the password.
+CR_SSL_CONNECTION_ERROR = "2026"
+CR_AUTH_PLUGIN_ERR = "2061"
 
 
 @dataclass(slots=True)
@@ -80,11 +86,19 @@ class MyServer(ServerEnd, ServerConnection):
 
     # -- login --------------------------------------------------------------------------------
 
-    async def login(self, credentials: Credentials, database: str, charset: int) -> None:
+    async def login(
+        self, credentials: Credentials, database: str, charset: int, security: TargetSecurity
+    ) -> None:
+        """The greeting, TLS if the target group asks for it, the handshake response and
+        whatever the server's auth plugin asks for, up to OK."""
         seq, payload = await self.read(wire.split_packet)
         self.greeting = greeting = handshake.parse_greeting(payload)
         self.thread_id = greeting.thread_id
         self.capabilities &= greeting.capabilities
+        if not database:  # the SSL request must announce what the response then carries
+            self.capabilities &= ~handshake.CLIENT_CONNECT_WITH_DB
+        if security.tls is not None:
+            seq = await self._start_tls(seq, charset, security)
         plugin = greeting.plugin if greeting.plugin in (NATIVE, SHA2) else NATIVE
         nonce = greeting.nonce
         response = handshake.build_handshake_response(
@@ -109,23 +123,75 @@ class MyServer(ServerEnd, ServerConnection):
                 name, pos = wire.read_nul_str(payload, 1)
                 plugin = name.decode(errors="replace")
                 nonce = payload[pos:].rstrip(b"\0") or nonce
-                if plugin not in (NATIVE, SHA2):
+                if plugin == CLEAR:
+                    self._check_cleartext_allowed(security)
+                    self.write(wire.packet(seq + 1, password.encode() + b"\0"))
+                elif plugin in (NATIVE, SHA2):
+                    self.write(wire.packet(seq + 1, _scramble(plugin, password, nonce)))
+                else:
                     raise ServerError(f"the server asks for unsupported auth plugin {plugin}")
-                self.write(wire.packet(seq + 1, _scramble(plugin, password, nonce)))
             elif first == b"\x01" and plugin == SHA2:  # caching_sha2_password's more data
-                if payload[1:2] == b"\x03":  # fast authentication succeeded; OK follows
+                if payload[1:] == b"\x03":  # fast authentication succeeded; OK follows
                     continue
-                if payload[1:2] == b"\x04":  # full authentication: ask for the RSA key
-                    self.write(wire.packet(seq + 1, b"\x02"))
-                    continue
-                key = payload[1:]
-                try:
-                    encrypted = auth.encrypt_password(password, nonce, key)
-                except ValueError as error:
-                    raise ServerError(f"unusable RSA key from the server: {error}") from None
-                self.write(wire.packet(seq + 1, encrypted))
+                if payload[1:] != b"\x04":
+                    raise ServerError("unexpected caching_sha2_password data during login")
+                self.write(
+                    wire.packet(seq + 1, self._full_authentication(password, nonce, security))
+                )
             else:
                 raise ServerError(f"unexpected packet 0x{payload[0]:02x} during login")
+
+    async def _start_tls(self, seq: int, charset: int, security: TargetSecurity) -> int:
+        """The SSL request and the TLS handshake (its failure raises TlsHandshakeFailed);
+        the sequence number the handshake response follows."""
+        tls = security.tls
+        assert tls is not None and self.greeting is not None
+        if not self.greeting.capabilities & handshake.CLIENT_SSL:
+            raise ServerError(
+                f"{self.host}:{self.port} does not offer TLS; {security.tls_hint()}",
+                code=CR_SSL_CONNECTION_ERROR,
+            )
+        if self.inbox:  # bytes before the handshake would be read as if they came over TLS
+            raise ServerError(f"{self.host}:{self.port} sent data before the TLS handshake")
+        self.capabilities |= handshake.CLIENT_SSL
+        seq += 1
+        self.write(wire.packet(seq, handshake.build_ssl_request(self.capabilities, charset)))
+        await self.start_tls(
+            tls.current, CONNECT_TIMEOUT, server_hostname=tls.server_hostname(self.host)
+        )
+        return seq
+
+    def _full_authentication(self, password: str, nonce: bytes, security: TargetSecurity) -> bytes:
+        """caching_sha2_password's answer when the server has no cached hash: the password
+        itself in the TLS channel, RSA-encrypted with the configured key of the server
+        otherwise. The server's own offer of its key is never asked for: without TLS, whoever
+        sits in between could hand over a key of his own and read the password."""
+        if self.tls:
+            return password.encode() + b"\0"
+        if security.server_public_key is None:
+            raise ServerError(
+                f"{self.host}:{self.port} needs the password (caching_sha2_password full"
+                " authentication) on a connection without TLS; set target_group.tls to"
+                " encrypt the connection or target_group.server_public_key_file to the"
+                " server's RSA public key",
+                code=CR_AUTH_PLUGIN_ERR,
+            )
+        try:
+            return auth.encrypt_password(password, nonce, security.server_public_key)
+        except ValueError as error:
+            raise ServerError(
+                f"target_group.server_public_key_file is unusable: {error}", code=CR_AUTH_PLUGIN_ERR
+            ) from None
+
+    def _check_cleartext_allowed(self, security: TargetSecurity) -> None:
+        if not self.tls and not security.allow_cleartext_password:
+            raise ServerError(
+                f"{self.host}:{self.port} asks for the password in cleartext"
+                " (mysql_clear_password) on a connection without TLS; refused"
+                " (target_group.tls encrypts the connection,"
+                " target_group.allow_cleartext_password allows it)",
+                code=CR_AUTH_PLUGIN_ERR,
+            )
 
     # -- the proxy's own commands -------------------------------------------------------------
 
@@ -299,7 +365,9 @@ async def read_greeting(host: str, port: int) -> handshake.Greeting:
         writer.close()
 
 
-CONNECT_CODES = ConnectCodes(timeout="2013", lost="2013", unreachable="2003")
+CONNECT_CODES = ConnectCodes(
+    timeout="2013", lost="2013", unreachable="2003", insecure=CR_SSL_CONNECTION_ERROR
+)
 
 
 async def open_server(
@@ -313,11 +381,12 @@ async def open_server(
     session_init: tuple[str, ...],
     read_limit: bool,
     prepared_capacity: int,
+    security: TargetSecurity,
 ) -> MyServer:
     """Connect, authenticate, start the session (and read the server's limit when asked)."""
 
     async def log_in(server: MyServer) -> None:
-        await server.login(credentials, database, charset)
+        await server.login(credentials, database, charset, security)
         server.resume_relaying()
 
     return await connect_server(
@@ -328,5 +397,6 @@ async def open_server(
         session_init=session_init,
         read_limit=read_limit,
         codes=CONNECT_CODES,
+        security=security,
         lost=(ConnectionClosed, wire.ProtocolViolation),
     )

@@ -32,6 +32,8 @@ ERROR_KINDS = {
     "1040": ErrorKind.BUSY,  # too many connections
     "2003": ErrorKind.GONE,  # cannot connect
     "2013": ErrorKind.GONE,  # lost connection
+    "2026": ErrorKind.AUTH,  # TLS to the server failed or is not offered (target_group.tls)
+    "2061": ErrorKind.AUTH,  # the login would expose the password (target_group settings)
     "08001": ErrorKind.GONE,
 }
 PROBE_WAIT = 10.0  # seconds the first client waits for a writer to show to it
@@ -149,6 +151,7 @@ class MysqlEngine(Engine):
             session_init=session_init,
             read_limit=read_limit,
             prepared_capacity=self.prepared_capacity,
+            security=self.security,
         )
 
     async def probe(self, target: Target, credentials: Credentials, *, lag: bool) -> ProbeResult:
@@ -162,6 +165,7 @@ class MysqlEngine(Engine):
             session_init=(),
             read_limit=False,
             prepared_capacity=1,
+            security=self.security,
         )
         try:
             _, rows = await server.query("SELECT @@read_only OR @@innodb_read_only")

@@ -245,17 +245,27 @@ def parse_handshake_response(payload: bytes) -> HandshakeResponse:
     )
 
 
+def build_ssl_request(capabilities: int, charset: int) -> bytes:
+    """The SSL request: the handshake response's fixed part, which CLIENT_SSL in
+    `capabilities` tells the server to follow with a TLS handshake."""
+    extended = 0 if capabilities & CLIENT_LONG_PASSWORD else (capabilities >> 32) & 0xFFFFFFFF
+    return b"".join(
+        (
+            _U32.pack(capabilities & 0xFFFFFFFF),
+            _U32.pack(MAX_COMMAND),
+            bytes((charset,)),
+            b"\0" * 19,
+            _U32.pack(extended),
+        )
+    )
+
+
 def build_handshake_response(
     *, capabilities: int, charset: int, user: str, auth_response: bytes, database: str, plugin: str
 ) -> bytes:
     caps = capabilities if database else capabilities & ~CLIENT_CONNECT_WITH_DB
-    extended = 0 if caps & CLIENT_LONG_PASSWORD else (caps >> 32) & 0xFFFFFFFF
     parts = [
-        _U32.pack(caps & 0xFFFFFFFF),
-        _U32.pack(MAX_COMMAND),
-        bytes((charset,)),
-        b"\0" * 19,
-        _U32.pack(extended),
+        build_ssl_request(caps, charset),
         user.encode() + b"\0",
         lenenc_str(auth_response),
     ]

@@ -8,14 +8,18 @@ import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from cryptography import x509
+
 from dbmux.auth.md5 import md5_response
-from dbmux.auth.scram import ScramClient, ScramError
+from dbmux.auth.scram import MECHANISM, ScramClient, ScramError
 from dbmux.auth.secrets import Credentials
+from dbmux.auth.tls import TargetSideTls, end_point_hash
 from dbmux.engines.base import (
     CONNECT_TIMEOUT,
     ConnectCodes,
     ServerConnection,
     ServerError,
+    TargetSecurity,
     connect_server,
 )
 from dbmux.engines.postgres import scanners, wire
@@ -68,6 +72,8 @@ class PgServer(ServerEnd, ServerConnection):
         self.statements_unknown = False
         self.discard_needed = False  # a pinned session left state that DISCARD ALL clears
         self.session_init: tuple[str, ...] = ()  # run at connect and after each DISCARD ALL
+        self.sasl_mechanism = ""  # what the login's SASL exchange ran, if it ran one
+        self.target_tls: TargetSideTls | None = None  # what it runs over TLS with (cancels too)
 
     async def start_session(self) -> None:
         for statement in self.session_init:
@@ -75,8 +81,14 @@ class PgServer(ServerEnd, ServerConnection):
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def login(self, credentials: Credentials, database: str) -> None:
-        """Startup and authentication, up to the first ReadyForQuery."""
+    async def login(
+        self, credentials: Credentials, database: str, security: TargetSecurity
+    ) -> None:
+        """TLS if the target group asks for it, then startup and authentication, up to the
+        first ReadyForQuery."""
+        if security.tls is not None:
+            await self._start_tls(security)
+            self.target_tls = security.tls
         self.write(wire.startup_message({"user": credentials.username, "database": database}))
         scram: ScramClient | None = None
         while True:
@@ -94,11 +106,10 @@ class PgServer(ServerEnd, ServerConnection):
                     continue
                 if code == wire.AUTH_SASL:
                     mechanisms = [m for m in data.split(b"\0") if m]
-                    if b"SCRAM-SHA-256" not in mechanisms:
-                        raise ServerError(f"server offers no supported SASL mechanism {mechanisms}")
-                    scram = ScramClient(credentials.password)
+                    scram = self._scram_client(credentials.password, mechanisms)
                     first = scram.client_first()
-                    self.write(wire.sasl_initial_response("SCRAM-SHA-256", first))
+                    self.write(wire.sasl_initial_response(scram.mechanism, first))
+                    self.sasl_mechanism = scram.mechanism
                 elif code == wire.AUTH_SASL_CONTINUE and scram is not None:
                     try:
                         # PBKDF2 off the event loop: it takes milliseconds per connection.
@@ -119,6 +130,13 @@ class PgServer(ServerEnd, ServerConnection):
                     response = md5_response(credentials.username, credentials.password, data[:4])
                     self.write(wire.password_message(response + b"\0"))
                 elif code == wire.AUTH_CLEARTEXT:
+                    if not self.tls and not security.allow_cleartext_password:
+                        raise ServerError(
+                            f"{self.host}:{self.port} asks for the password in cleartext on a"
+                            " connection without TLS; refused (target_group.tls encrypts the"
+                            " connection, target_group.allow_cleartext_password allows it)",
+                            code="28000",
+                        )
                     self.write(wire.password_message(credentials.password.encode() + b"\0"))
                 else:
                     raise ServerError(f"unsupported authentication request {code} from the server")
@@ -133,6 +151,40 @@ class PgServer(ServerEnd, ServerConnection):
             elif kind == 90:  # Z
                 return
             # NoticeResponse and anything else during startup: nothing to do.
+
+    async def _start_tls(self, security: TargetSecurity) -> None:
+        """SSLRequest; on 'S' the TLS handshake (its failure raises TlsHandshakeFailed)."""
+        tls = security.tls
+        assert tls is not None
+        self.write(wire.SSL_REQUEST_MESSAGE)
+        answer = await self.read(wire.split_byte)
+        if answer != b"S":
+            refused = "does not accept TLS" if answer in (b"N", b"E") else "garbled the TLS request"
+            raise ServerError(
+                f"{self.host}:{self.port} {refused}; {security.tls_hint()}",
+                code="28000",
+            )
+        if self.inbox:  # bytes before the handshake would be read as if they came over TLS
+            raise ServerError(
+                f"{self.host}:{self.port} sent unencrypted data after accepting TLS",
+                code="08P01",
+            )
+        await self.start_tls(
+            tls.current, CONNECT_TIMEOUT, server_hostname=tls.server_hostname(self.host)
+        )
+
+    def _scram_client(self, password: str, mechanisms: list[bytes]) -> ScramClient:
+        """SCRAM-SHA-256-PLUS, bound to this TLS connection's server certificate, where the
+        server offers it; plain SCRAM-SHA-256 otherwise."""
+        if self.tls and f"{MECHANISM}-PLUS".encode() in mechanisms:
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            if der:
+                binding = end_point_hash(x509.load_der_x509_certificate(der))
+                return ScramClient(password, channel_binding=binding)
+        if MECHANISM.encode() not in mechanisms:
+            raise ServerError(f"server offers no supported SASL mechanism {mechanisms}")
+        return ScramClient(password, on_tls=self.tls)
 
     async def run(self, sql: str) -> list[list[str | None]]:
         """Run the proxy's own simple query; rows of the last result as text."""
@@ -268,7 +320,7 @@ def _server_error(payload: bytes) -> ServerError:
     return ServerError(fields.get("M", "server error"), code=fields.get("C", ""), fields=fields)
 
 
-CONNECT_CODES = ConnectCodes(timeout="08001", lost="08006", unreachable="08001")
+CONNECT_CODES = ConnectCodes(timeout="08001", lost="08006", unreachable="08001", insecure="28000")
 
 
 async def open_server(
@@ -280,11 +332,12 @@ async def open_server(
     session_init: tuple[str, ...],
     read_limit: bool,
     prepared_capacity: int,
+    security: TargetSecurity,
 ) -> PgServer:
     """Connect, authenticate, start the session (and read the server's limit when asked)."""
 
     async def log_in(server: PgServer) -> None:
-        await server.login(credentials, database)
+        await server.login(credentials, database, security)
 
     server = await connect_server(
         lambda: PgServer(host, port, prepared_capacity),
@@ -294,15 +347,29 @@ async def open_server(
         session_init=session_init,
         read_limit=read_limit,
         codes=CONNECT_CODES,
+        security=security,
     )
     server.resume_relaying()
     return server
 
 
-async def send_cancel(host: str, port: int, process_id: int, secret_key: int) -> None:
-    """Deliver a CancelRequest; the server closes the connection once it has acted on it."""
+async def send_cancel(
+    host: str, port: int, process_id: int, secret_key: int, tls: TargetSideTls | None
+) -> None:
+    """Deliver a CancelRequest, over TLS when the target group's connections use it: the key
+    cancels the session's queries for whoever reads it on the way. The server closes the
+    connection once it has acted on it."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
     try:
+        if tls is not None:
+            writer.write(wire.SSL_REQUEST_MESSAGE)
+            if await asyncio.wait_for(reader.readexactly(1), CONNECT_TIMEOUT) != b"S":
+                raise ConnectionRefusedError(f"{host}:{port} does not accept TLS")
+            await writer.start_tls(
+                tls.current,
+                server_hostname=tls.server_hostname(host),
+                ssl_handshake_timeout=CONNECT_TIMEOUT,
+            )
         writer.write(wire.cancel_request(process_id, secret_key))
         await writer.drain()
         await asyncio.wait_for(reader.read(), CONNECT_TIMEOUT)

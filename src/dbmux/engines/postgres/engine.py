@@ -179,6 +179,7 @@ class PostgresEngine(Engine):
             session_init=session_init,
             read_limit=read_limit,
             prepared_capacity=self.prepared_capacity,
+            security=self.security,
         )
 
     async def probe(self, target: Target, credentials: Credentials, *, lag: bool) -> ProbeResult:
@@ -190,6 +191,7 @@ class PostgresEngine(Engine):
             session_init=(),
             read_limit=False,
             prepared_capacity=1,
+            security=self.security,
         )
         try:
             rows = await server.run(LAG_QUERY if lag else "SELECT pg_is_in_recovery()")

@@ -490,7 +490,9 @@ def cancel_server(server: PgServer) -> None:
 
     async def deliver() -> None:
         try:
-            await send_cancel(server.host, server.port, server.process_id, server.secret_key)
+            await send_cancel(
+                server.host, server.port, server.process_id, server.secret_key, server.target_tls
+            )
         except OSError as error:
             log.info("could not deliver a cancel request: %s", error)
         finally:

@@ -113,6 +113,18 @@ def startup_message(params: dict[str, str]) -> bytes:
     return _I32.pack(len(body) + 4) + body
 
 
+SSL_REQUEST_MESSAGE = _I32.pack(8) + _I32.pack(SSL_REQUEST)
+
+
+def split_byte(buf: bytearray) -> bytes | None:
+    """One byte (the server's answer to SSLRequest)."""
+    if not buf:
+        return None
+    answer = bytes(buf[:1])
+    del buf[:1]
+    return answer
+
+
 def cancel_request(process_id: int, secret_key: int) -> bytes:
     return _I32.pack(16) + _I32.pack(CANCEL_REQUEST) + _I32.pack(process_id) + _I32.pack(secret_key)
 
