@@ -93,6 +93,7 @@ class Proxy:
             on_writer_change=self._writer_changed,
             on_probed=self._probed,
         )
+        self.users.on_change = self.targets.credentials_changed
         self.pools = PoolSet(self._writer_opener(read_only=False), self.metrics, self._budget())
         read_only = [e for e in config.endpoints if e.target_role is TargetRole.READ_ONLY]
         self.routes = {e.name: self._route(e) for e in read_only}

@@ -134,6 +134,15 @@ class TargetGroup:
         for instance in self.instances:
             instance._wake.set()
 
+    def credentials_changed(self) -> None:
+        """The proxy's credentials changed (a secret read again): targets that refused its
+        login may take it now, so probe them all at once, and let who waits for a writer
+        wait for those probes rather than fail on the old refusals."""
+        if self.writer is None:
+            self._settled.clear()
+        for instance in self.instances:
+            instance._wake.set()
+
     async def wait_for_writer(self, timeout: float) -> Instance:
         """The writer, waiting for one (a failover in progress) up to `timeout` seconds."""
         if self.writer is None:

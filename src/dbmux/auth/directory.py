@@ -79,6 +79,7 @@ class UserDirectory:
         self._lock = asyncio.Lock()
         self._last_forced = float("-inf")
         self._refreshing: asyncio.Task[None] | None = None
+        self.on_change: Callable[[], None] = lambda: None  # after a user or password changed
         self.version = 0
 
     @classmethod
@@ -252,3 +253,4 @@ class UserDirectory:
         self._logins = logins
         self._worked = {k: v for k, v in self._worked.items() if v in logins.get(k, ())}
         self.version += 1
+        self.on_change()
