@@ -20,6 +20,11 @@ KEEPALIVE_IDLE = 30  # seconds of silence before the kernel probes a server conn
 KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
 
+# After a refusal, what a client still sends is read and dropped for this long, or up to
+# this much, before the connection is closed (see FramedProtocol.close_lingering).
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 64 * 1024
+
 
 def enable_keepalive(transport: asyncio.BaseTransport) -> None:
     """Let the kernel find server connections whose peer vanished (a host that died, a
@@ -176,11 +181,54 @@ class FramedProtocol(asyncio.Protocol):
             self.transport.write(data)
 
     def close_transport(self, *, abort: bool = False) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        # (Once closed, a lingering transport is no longer ours to close.)
+        if self.transport is not None and not self.transport.is_closing() and not self.is_closed:
             if abort:
                 self.transport.abort()
             else:
                 self.transport.close()
+
+    def close_lingering(self) -> None:
+        """Close after a refusal written just before, so that the peer reads it.
+
+        A close with unread bytes in the kernel's receive buffer sends a RST, which can
+        overtake the refusal: the peer sees "connection reset" instead of the reason. So the
+        write side is shut down (FIN after the refusal) and what the peer still sends is read
+        and dropped, within LINGER_SECONDS and LINGER_BYTES, by a protocol of its own: for
+        this object the connection ends now (connection_lost runs at once). TLS has no half
+        close; its own shutdown (close_notify) does the same job."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.is_closed:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.set_protocol(_Lingering(transport))
+        transport.resume_reading()  # whatever held it held it for this object
+        self.connection_lost(None)
+
+
+class _Lingering(asyncio.Protocol):
+    """Takes over a transport whose write side is shut down: drops what comes until the
+    peer closes too, or a bound is reached, then closes (abort: a close would wait for a
+    peer that does not read)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.budget = LINGER_BYTES
+        self.timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        self.budget -= len(data)
+        if self.budget < 0:
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        return False  # the peer read the refusal and closed: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
 
 
 class ServerEnd(FramedProtocol):

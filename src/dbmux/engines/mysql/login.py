@@ -83,7 +83,7 @@ class LoginMixin(ClientSession):
 
     def refuse_login(self, refusal: LoginRefused) -> None:
         self.write(wire.packet(refusal.seq, wire.err_packet(refusal.error, refusal.message)))
-        self.close_transport()
+        self.close_lingering()
 
     async def _handshake(self, deadline: asyncio.Timeout) -> None:
         ctx = self.ctx
@@ -247,7 +247,7 @@ class LoginMixin(ClientSession):
             seq = await self._authenticate(change.user, change.plugin, change.auth_response, 0)
         except LoginRefused as refusal:
             self.reply_error(refusal.error, refusal.message, seq=refusal.seq)
-            self.close_transport()
+            self.close_lingering()
             return
         self._reset_session()
         self.user = change.user
@@ -256,7 +256,7 @@ class LoginMixin(ClientSession):
             await self._join_pool(change.database, charset, seq + 1)
         except LoginRefused as refusal:
             self.reply_error(refusal.error, refusal.message, seq=refusal.seq)
-            self.close_transport()
+            self.close_lingering()
             return
         self.reply(wire.ok_packet(), seq=seq + 1)
         self._end_command()
