@@ -78,7 +78,11 @@ class Proxy:
                 self.metrics,
                 time.monotonic,
             ),
-            ClientSideTls(config.tls, base_dir) if config.tls is not None else None,
+            (
+                ClientSideTls(config.tls, base_dir, self.engine.alpn_protocols)
+                if config.tls is not None
+                else None
+            ),
         )
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []  # the proxy's listen, then its endpoints'

@@ -123,22 +123,62 @@ class FramedProtocol(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+    async def start_tls(
+        self, context: ssl.SSLContext, timeout: float, *, received: bytes = b""
+    ) -> None:
         """Go on over TLS, as its server side, once the protocol's TLS request is accepted.
         The caller refuses bytes the client sent before its TLS handshake: they would be
-        read as if they came over TLS."""
-        assert self.transport is not None and not self.inbox
+        read as if they came over TLS. `received` is the start of the handshake itself when
+        it was read already (direct TLS: the client's first bytes are its ClientHello)."""
+        plain = self.transport
+        assert plain is not None and not self.inbox
         loop = asyncio.get_running_loop()
+        # Until start_tls puts its TLS protocol on the transport (its own resume follows),
+        # whatever comes is the handshake's and must not land in our inbox.
+        plain.pause_reading()
+        upgrade = loop.create_task(
+            loop.start_tls(plain, self, context, server_side=True, ssl_handshake_timeout=timeout)
+        )
+        if received:
+            # Runs right after start_tls's first step (scheduled before it), which puts the
+            # TLS protocol on the transport with reading paused until later callbacks.
+            loop.call_soon(self._feed_tls, plain, received)
         try:
-            transport = await loop.start_tls(
-                self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
-            )
-        except (ssl.SSLError, OSError) as error:  # the client's failure, not the proxy's
-            raise ConnectionClosed(f"TLS handshake failed: {error}") from None
+            transport = await upgrade
+        except BaseException as error:  # a failed handshake, or the login's deadline
+            self._tls_failed(plain)
+            if isinstance(error, ssl.SSLError | OSError):  # the client's failure
+                raise ConnectionClosed(f"TLS handshake failed: {error}") from None
+            raise
         if transport is None:  # closed during the handshake
+            self._tls_failed(plain)
             raise ConnectionClosed("connection closed during the TLS handshake")
         self.transport = transport
         self.tls = True
+
+    def _tls_failed(self, plain: asyncio.Transport) -> None:
+        """A handshake that did not finish ends the connection, and the TLS layer, which
+        holds the transport until then, does not tell this protocol: it closes itself."""
+        plain.abort()
+        if not self.is_closed:
+            self.connection_lost(None)
+
+    def _feed_tls(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Hand bytes already read to the TLS protocol now on `transport`, ahead of all the
+        transport reads from now on, through its BufferedProtocol interface (CPython's own
+        start_tls hands over a stream's buffered bytes the same way)."""
+        tls = transport.get_protocol()
+        if tls is self or not hasattr(tls, "get_buffer"):  # start_tls failed before taking over
+            transport.abort()
+            return
+        feed = cast(asyncio.BufferedProtocol, tls)
+        view = memoryview(data)
+        while view:
+            buffer = memoryview(feed.get_buffer(len(view)))
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            feed.buffer_updated(size)
+            view = view[size:]
 
     def start_relaying(self) -> bytes:
         """Switch to relay mode; return bytes that arrived before and were not yet read.

@@ -47,8 +47,9 @@ class ClientSideTls:
     """What clients' TLS is accepted with. `current` is replaced, never changed, when the
     files change: a connection keeps the identity its handshake started with."""
 
-    def __init__(self, tls: ClientTls, base_dir: Path) -> None:
+    def __init__(self, tls: ClientTls, base_dir: Path, alpn: tuple[str, ...] = ()) -> None:
         self.min_version = VERSIONS[tls.min_version]
+        self.alpn = alpn  # the engine's ALPN protocol names, if it has any
         self.files = (base_dir / tls.certificate_file, base_dir / tls.key_file)
         self._stamp = self._stamps()
         self.current = self._load()
@@ -62,6 +63,8 @@ class ClientSideTls:
     def _load(self) -> TlsIdentity:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = self.min_version
+        if self.alpn:
+            context.set_alpn_protocols(self.alpn)
         certificate, key = self.files
         try:
             context.load_cert_chain(certificate, key)

@@ -159,6 +159,8 @@ class Engine(ABC):
     auth_types: tuple[ClientPasswordAuthType, ...]
     # The engine's error codes that mean something to the core (see classify_error).
     error_kinds: dict[str, ErrorKind]
+    # The ALPN protocol names its clients' TLS may ask for (none: ALPN is not offered).
+    alpn_protocols: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self._context: EngineContext | None = None

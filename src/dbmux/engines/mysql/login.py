@@ -124,10 +124,14 @@ class LoginMixin(ClientSession):
         if response.ssl_request:
             if self.runtime.tls is None:
                 raise LoginRefused(seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "TLS is not offered")
-            if self.inbox:  # sent before the handshake, so not protected by it
-                raise wire.ProtocolViolation("data after the SSL request, before the TLS handshake")
+            # The client starts its handshake right behind the SSL request, unanswered: what
+            # came with it is the ClientHello (TLS refuses anything else), not plaintext.
+            received = bytes(self.inbox)
+            self.inbox.clear()
             await self.start_tls(
-                self.runtime.tls.current.context, self.runtime.config.client_login_timeout
+                self.runtime.tls.current.context,
+                self.runtime.config.client_login_timeout,
+                received=received,
             )
             seq, payload = await self.read(wire.split_login_packet)
             response = handshake.parse_handshake_response(payload)
