@@ -44,7 +44,9 @@ def load_users(config: ProxyConfig, base_dir: Path) -> dict[str, UserSecret]:
 class Proxy:
     """One configured proxy: a listener per endpoint in front of one target group."""
 
-    def __init__(self, config: ProxyConfig, *, registry: Registry, base_dir: Path) -> None:
+    def __init__(
+        self, config: ProxyConfig, *, registry: Registry, base_dir: Path, state_dir: Path
+    ) -> None:
         self.config = config
         self.engine = engine_class(config.engine_family)()
         self.metrics = ProxyMetrics(registry, config.name)
@@ -83,6 +85,8 @@ class Proxy:
                 if config.tls is not None
                 else None
             ),
+            base_dir,
+            state_dir,
         )
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []  # the proxy's listen, then its endpoints'
@@ -287,7 +291,8 @@ class Process:
         self.config = config
         self.registry = Registry()
         self.proxies = [
-            Proxy(p, registry=self.registry, base_dir=config.base_dir) for p in config.proxies
+            Proxy(p, registry=self.registry, base_dir=config.base_dir, state_dir=config.state_path)
+            for p in config.proxies
         ]
 
     async def start(self) -> None:

@@ -198,17 +198,17 @@ class LoginMixin(ClientSession):
 
     async def _full_sha2_auth(self, password: str, seq: int) -> tuple[bool, int]:
         """caching_sha2_password full authentication: over TLS the client sends its password
-        in the TLS channel (NUL-terminated); without TLS it fetches the proxy's RSA key and
-        sends the password encrypted (a cleartext one is refused)."""
+        in the TLS channel (NUL-terminated); without TLS it sends the password encrypted with
+        the proxy's RSA key, asking for the key first unless it pinned it (a cleartext
+        password does not decrypt, so it is refused)."""
         self.write(wire.packet(seq + 1, b"\x01\x04"))
         seq, data = await self.read(wire.split_login_packet)
         if self.tls:
             typed = data[:-1] if data.endswith(b"\0") else None
             return typed is not None and hmac.compare_digest(typed, password.encode()), seq
-        if data != b"\x02":
-            return False, seq
-        self.write(wire.packet(seq + 1, b"\x01" + self.ctx.rsa_key.public_pem))
-        seq, data = await self.read(wire.split_login_packet)
+        if data == b"\x02":  # the key, please (a client that pinned it sends the password)
+            self.write(wire.packet(seq + 1, b"\x01" + self.ctx.rsa_key.public_pem))
+            seq, data = await self.read(wire.split_login_packet)
         sent = self.ctx.rsa_key.decrypt_password(data, self.nonce)
         return sent is not None and hmac.compare_digest(sent, password), seq
 
