@@ -104,7 +104,7 @@ def dbmux_config(engine: str, host: str, port: int, secrets_dir: Path) -> dict[s
                     "targets": [{"host": host, "port": port}],
                 },
             }
-        ]
+        ],
     }
 
 

@@ -389,7 +389,7 @@ def dbmux_config(
                     "targets": [{"host": h, "port": p} for h, p in db.addresses],
                 },
             }
-        ]
+        ],
     }
 
 

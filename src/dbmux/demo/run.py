@@ -250,7 +250,7 @@ def storm_report(
                         "targets": [{"host": db.host, "port": db.port}],
                     },
                 }
-            ]
+            ],
         }
         dbmux = resources.enter_context(EmbeddedDbmux(config))
         proxy_host, proxy_port = dbmux.address()
