@@ -92,6 +92,7 @@ def dbmux_config(engine: str, host: str, port: int, secrets_dir: Path) -> dict[s
     secret = secrets_dir / "secret.json"
     secret.write_text(json.dumps({"username": USER, "password": PASSWORD}))
     return {
+        "state_dir": str(secrets_dir),  # MySQL's RSA key: throwaway, not the user's
         "proxies": [
             {
                 "name": "rechunk",
@@ -103,7 +104,7 @@ def dbmux_config(engine: str, host: str, port: int, secrets_dir: Path) -> dict[s
                     "targets": [{"host": host, "port": port}],
                 },
             }
-        ]
+        ],
     }
 
 

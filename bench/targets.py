@@ -324,6 +324,7 @@ class Dbmux(ProcessTarget):
         (self.workdir / "app.json").write_text(json.dumps(secret))
         config = {
             "admin": {"listen": f"{HOST}:{free_port()}"},  # never the default 9187
+            "state_dir": "state",  # MySQL's RSA key: the run's own, not the user's
             "proxies": [
                 {
                     "name": "bench",

@@ -77,6 +77,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """dbmux keeps what it generates (MySQL proxies' RSA keys) under XDG_STATE_HOME by
+    default: the test session's own folder, not the user's."""
+    folder = tmp_path_factory.mktemp("state")
+    saved = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(folder)
+    yield folder
+    if saved is None:
+        del os.environ["XDG_STATE_HOME"]
+    else:
+        os.environ["XDG_STATE_HOME"] = saved
+
+
 @pytest.fixture(autouse=True)
 def no_unhandled_exception_in_the_proxy(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Everywhere: a crash inside the proxy that its client never hears about is a bug even when the

@@ -51,7 +51,7 @@ def test_the_script_is_installed_next_to_the_interpreter() -> None:
 def test_top_level_help_lists_every_command() -> None:
     result = dbmux("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("serve", "check-config", "demo"):
+    for command in ("serve", "check-config", "rsa-public-key", "demo"):
         assert command in result.stdout
 
 
@@ -124,3 +124,23 @@ def test_check_config_on_a_missing_file_exits_1(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert str(path) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_rsa_public_key_prints_the_key_mysql_clients_pin_the_same_every_time(
+    config_dir: Path,
+) -> None:
+    """The key is generated and kept in state_dir the first time (by this command or by
+    serve), so what an operator hands to clients stays valid across restarts."""
+    mysql = GOOD_YAML.replace("POSTGRESQL", "MYSQL").replace("POSTGRES_SCRAM_SHA_256", "")
+    (config_dir / "my.yaml").write_text("state_dir: state\n" + mysql)
+    first = dbmux("rsa-public-key", str(config_dir / "my.yaml"))
+    assert first.returncode == 0, first.stderr
+    assert f"# proxy orders: {config_dir / 'state' / 'orders.mysql-rsa-key.pem'}" in first.stdout
+    assert "-----BEGIN PUBLIC KEY-----" in first.stdout
+    assert dbmux("rsa-public-key", str(config_dir / "my.yaml")).stdout == first.stdout
+
+
+def test_rsa_public_key_of_a_config_without_mysql_proxies_exits_1(config_dir: Path) -> None:
+    result = dbmux("rsa-public-key", str(config_dir / "dbmux.yaml"))
+    assert result.returncode == 1
+    assert "has no MYSQL proxy" in result.stderr

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from dbmux.auth.mysql import RsaKey
 from dbmux.config import (
     ClientPasswordAuthType,
     ConfigError,
@@ -584,3 +585,47 @@ def test_load_config_errors_name_the_file_and_the_field(tmp_path: Path) -> None:
     message = str(caught.value)
     assert message.startswith(str(path))
     assert names_path(message, "proxies.0.engine_family")
+
+
+# ---------------------------------------------------------------------------------------------
+# MySQL's RSA key and the state folder
+
+
+def mysql_minimal() -> dict[str, Any]:
+    data = minimal()
+    data["proxies"][0].update(engine_family="MYSQL", listen="127.0.0.1:6033")
+    return data
+
+
+def test_a_configured_rsa_key_resolves_against_the_config_folder_and_is_checked_at_load(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "dbmux.yaml"
+    path.write_text(
+        MINIMAL_YAML.replace("POSTGRESQL", "MYSQL") + "    rsa_private_key_file: keys/rsa.pem\n"
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    message = str(refused.value)
+    assert names_path(message, "proxies.0.rsa_private_key_file")
+    assert str(tmp_path / "keys" / "rsa.pem") in message and "cannot read" in message
+    (tmp_path / "keys").mkdir()
+    RsaKey.kept_in(tmp_path / "keys" / "rsa.pem")
+    assert load_config(path).proxies[0].rsa_private_key_file == Path("keys/rsa.pem")
+
+
+def test_an_rsa_key_on_a_postgresql_proxy_is_refused() -> None:
+    data = minimal()
+    data["proxies"][0]["rsa_private_key_file"] = "rsa.pem"
+    assert "applies to MYSQL proxies only" in config_error(data)
+
+
+def test_state_dir_defaults_to_xdg_state_home_or_the_users_local_state(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert parse_config(mysql_minimal()).state_path == tmp_path / "xdg" / "dbmux"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert parse_config(mysql_minimal()).state_path == Path.home() / ".local/state/dbmux"
+    relative = parse_config({**mysql_minimal(), "state_dir": "state"}, base_dir=tmp_path)
+    assert relative.state_path == tmp_path / "state"

@@ -1,4 +1,4 @@
-"""Command line: dbmux serve | check-config | demo."""
+"""Command line: dbmux serve | check-config | rsa-public-key | demo."""
 
 from __future__ import annotations
 
@@ -90,6 +90,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rsa_public_key(args: argparse.Namespace) -> int:
+    """What MySQL clients pin (--server-public-key-path, server_public_key): the public half
+    of each MySQL proxy's RSA key, generated and kept now if `serve` has not yet."""
+    config = load_config(args.file)
+    from dbmux.engines.mysql.engine import load_rsa_key, rsa_key_file
+
+    proxies = [p for p in config.proxies if p.engine_family == "MYSQL"]
+    if not proxies:
+        print(f"dbmux: {args.file} has no MYSQL proxy", file=sys.stderr)
+        return 1
+    for proxy in proxies:
+        key = load_rsa_key(proxy, config.base_dir, config.state_path)
+        print(f"# proxy {proxy.name}: {rsa_key_file(proxy, config.base_dir, config.state_path)}")
+        print(key.public_pem.decode(), end="")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging("warning")
     from dbmux.demo.run import run_demo
@@ -140,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path, metavar="FILE")
     check.set_defaults(func=cmd_check_config)
+
+    public_key = sub.add_parser(
+        "rsa-public-key",
+        help="print the RSA public key MySQL clients can pin",
+        description="Print the public half of each MySQL proxy's RSA key (caching_sha2_password "
+        "full authentication without TLS), for mysql --server-public-key-path or a driver's "
+        "server_public_key.",
+    )
+    public_key.add_argument("file", type=Path, metavar="FILE")
+    public_key.set_defaults(func=cmd_rsa_public_key)
 
     demo = sub.add_parser(
         "demo",

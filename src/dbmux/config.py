@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from dbmux.auth.mysql import RsaKey, RsaKeyError
 from dbmux.engines import ENGINES, engine_class
 
 
@@ -253,6 +255,10 @@ class ProxyConfig(_Model):
     # MySQL: bytes of one command the proxy buffers before it forwards it; a bigger one is
     # refused (ERR 1153) and the connection closed. None: the server's max_allowed_packet.
     max_command_size: int | None = Field(None, ge=1024, le=1 << 30)
+    # MySQL: the RSA private key (PEM, at least 2048 bits; relative to the config's folder)
+    # of caching_sha2_password full authentication without TLS, whose public half clients
+    # may pin. None: one generated once and kept in state_dir.
+    rsa_private_key_file: Path | None = None
     auth: list[AuthEntry] = Field(min_length=1)
     target_group: TargetGroupConfig
     endpoints: list[Endpoint] = []
@@ -277,6 +283,8 @@ class ProxyConfig(_Model):
             raise FieldError(
                 "require_tls", "needs tls (certificate_file and key_file) to offer TLS with"
             )
+        if self.rsa_private_key_file is not None and self.engine_family != "MYSQL":
+            raise FieldError("rsa_private_key_file", "applies to MYSQL proxies only")
         for i, entry in enumerate(self.auth):
             if entry.iam_auth is not IamAuth.DISABLED:
                 raise FieldError(
@@ -332,6 +340,18 @@ class Config(_Model):
     proxies: list[ProxyConfig] = Field(min_length=1)
     # Relative secret paths (file:...) resolve against the config file's folder.
     base_dir: Path = Path(".")
+    # Where dbmux keeps what it generates and a restart must find again (MySQL proxies' RSA
+    # keys); relative to the config's folder. None: $XDG_STATE_HOME/dbmux, by default
+    # ~/.local/state/dbmux.
+    state_dir: Path | None = None
+
+    @property
+    def state_path(self) -> Path:
+        if self.state_dir is not None:
+            return self.base_dir / self.state_dir
+        xdg = os.environ.get("XDG_STATE_HOME", "")
+        home = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "state"
+        return home / "dbmux"
 
     @model_validator(mode="after")
     def _unique(self) -> Config:
@@ -354,6 +374,16 @@ class Config(_Model):
                         path, f"{address} is already the listen address of {listens[str(address)]}"
                     )
                 listens[str(address)] = path
+        return self
+
+    @model_validator(mode="after")
+    def _rsa_keys_usable(self) -> Config:
+        for i, proxy in enumerate(self.proxies):
+            if proxy.rsa_private_key_file is not None:
+                try:
+                    RsaKey.from_file(self.base_dir / proxy.rsa_private_key_file)
+                except RsaKeyError as error:
+                    raise FieldError(f"proxies.{i}.rsa_private_key_file", str(error)) from None
         return self
 
 

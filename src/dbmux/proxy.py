@@ -75,6 +75,7 @@ class Proxy:
         *,
         registry: Registry,
         base_dir: Path,
+        state_dir: Path,
         secrets: SecretsConfig | None = None,
     ) -> None:
         self.config = config
@@ -114,7 +115,13 @@ class Proxy:
                 self.metrics,
                 time.monotonic,
             ),
-            ClientSideTls(config.tls, base_dir) if config.tls is not None else None,
+            (
+                ClientSideTls(config.tls, base_dir, self.engine.alpn_protocols)
+                if config.tls is not None
+                else None
+            ),
+            base_dir,
+            state_dir,
         )
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []  # the proxy's listen, then its endpoints'
@@ -357,7 +364,13 @@ class Process:
         self.config = config
         self.registry = Registry()
         self.proxies = [
-            Proxy(p, registry=self.registry, base_dir=config.base_dir, secrets=config.secrets)
+            Proxy(
+                p,
+                registry=self.registry,
+                base_dir=config.base_dir,
+                state_dir=config.state_path,
+                secrets=config.secrets,
+            )
             for p in config.proxies
         ]
 

@@ -20,6 +20,11 @@ KEEPALIVE_IDLE = 30  # seconds of silence before the kernel probes a server conn
 KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
 
+# After a refusal, what a client still sends is read and dropped for this long, or up to
+# this much, before the connection is closed (see FramedProtocol.close_lingering).
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 64 * 1024
+
 
 def enable_keepalive(transport: asyncio.BaseTransport) -> None:
     """Let the kernel find server connections whose peer vanished (a host that died, a
@@ -124,33 +129,83 @@ class FramedProtocol(asyncio.Protocol):
             self._waiter.set_result(None)
 
     async def start_tls(
-        self, context: ssl.SSLContext, timeout: float, *, server_hostname: str | None = None
+        self,
+        context: ssl.SSLContext,
+        timeout: float,
+        *,
+        server_hostname: str | None = None,
+        received: bytes = b"",
     ) -> None:
         """Go on over TLS once the protocol's TLS request is accepted: as the server side
         towards a client, or, given the `server_hostname` to check and send as SNI, as the
         client side towards a database. The caller refuses bytes the peer sent before its
-        TLS handshake: they would be read as if they came over TLS."""
-        assert self.transport is not None and not self.inbox
+        TLS handshake: they would be read as if they came over TLS. `received` is the start
+        of the handshake itself when it was read already (direct TLS: the client's first
+        bytes are its ClientHello; MySQL: the ClientHello right behind the SSL request)."""
+        plain = self.transport
+        assert plain is not None and not self.inbox
         loop = asyncio.get_running_loop()
-        try:
-            transport = await loop.start_tls(
-                self.transport,
+        # Until start_tls puts its TLS protocol on the transport (its own resume follows),
+        # whatever comes is the handshake's and must not land in our inbox.
+        plain.pause_reading()
+        upgrade = loop.create_task(
+            loop.start_tls(
+                plain,
                 self,
                 context,
                 server_side=server_hostname is None,
                 server_hostname=server_hostname,
                 ssl_handshake_timeout=timeout,
             )
-        except ssl.SSLCertVerificationError as error:
-            raise TlsHandshakeFailed(f"certificate verify failed: {error.verify_message}") from None
-        except ssl.SSLError as error:
-            raise TlsHandshakeFailed(f"TLS handshake failed: {error.reason or error}") from None
-        except OSError as error:
-            raise ConnectionClosed(f"connection lost during the TLS handshake: {error}") from None
+        )
+        if received:
+            # Runs right after start_tls's first step (scheduled before it), which puts the
+            # TLS protocol on the transport with reading paused until later callbacks.
+            loop.call_soon(self._feed_tls, plain, received)
+        try:
+            transport = await upgrade
+        except BaseException as error:  # a failed handshake, or the login's deadline
+            self._tls_failed(plain)
+            if isinstance(error, ssl.SSLCertVerificationError):
+                raise TlsHandshakeFailed(
+                    f"certificate verify failed: {error.verify_message}"
+                ) from None
+            if isinstance(error, ssl.SSLError):
+                raise TlsHandshakeFailed(f"TLS handshake failed: {error.reason or error}") from None
+            if isinstance(error, OSError):
+                raise ConnectionClosed(
+                    f"connection lost during the TLS handshake: {error}"
+                ) from None
+            raise
         if transport is None:  # closed during the handshake
+            self._tls_failed(plain)
             raise ConnectionClosed("connection closed during the TLS handshake")
         self.transport = transport
         self.tls = True
+
+    def _tls_failed(self, plain: asyncio.Transport) -> None:
+        """A handshake that did not finish ends the connection, and the TLS layer, which
+        holds the transport until then, does not tell this protocol: it closes itself."""
+        plain.abort()
+        if not self.is_closed:
+            self.connection_lost(None)
+
+    def _feed_tls(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Hand bytes already read to the TLS protocol now on `transport`, ahead of all the
+        transport reads from now on, through its BufferedProtocol interface (CPython's own
+        start_tls hands over a stream's buffered bytes the same way)."""
+        tls = transport.get_protocol()
+        if tls is self or not hasattr(tls, "get_buffer"):  # start_tls failed before taking over
+            transport.abort()
+            return
+        feed = cast(asyncio.BufferedProtocol, tls)
+        view = memoryview(data)
+        while view:
+            buffer = memoryview(feed.get_buffer(len(view)))
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            feed.buffer_updated(size)
+            view = view[size:]
 
     def start_relaying(self) -> bytes:
         """Switch to relay mode; return bytes that arrived before and were not yet read.
@@ -193,11 +248,54 @@ class FramedProtocol(asyncio.Protocol):
             self.transport.write(data)
 
     def close_transport(self, *, abort: bool = False) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        # (Once closed, a lingering transport is no longer ours to close.)
+        if self.transport is not None and not self.transport.is_closing() and not self.is_closed:
             if abort:
                 self.transport.abort()
             else:
                 self.transport.close()
+
+    def close_lingering(self) -> None:
+        """Close after a refusal written just before, so that the peer reads it.
+
+        A close with unread bytes in the kernel's receive buffer sends a RST, which can
+        overtake the refusal: the peer sees "connection reset" instead of the reason. So the
+        write side is shut down (FIN after the refusal) and what the peer still sends is read
+        and dropped, within LINGER_SECONDS and LINGER_BYTES, by a protocol of its own: for
+        this object the connection ends now (connection_lost runs at once). TLS has no half
+        close; its own shutdown (close_notify) does the same job."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.is_closed:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.set_protocol(_Lingering(transport))
+        transport.resume_reading()  # whatever held it held it for this object
+        self.connection_lost(None)
+
+
+class _Lingering(asyncio.Protocol):
+    """Takes over a transport whose write side is shut down: drops what comes until the
+    peer closes too, or a bound is reached, then closes (abort: a close would wait for a
+    peer that does not read)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.budget = LINGER_BYTES
+        self.timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        self.budget -= len(data)
+        if self.budget < 0:
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        return False  # the peer read the refusal and closed: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
 
 
 class ServerEnd(FramedProtocol):

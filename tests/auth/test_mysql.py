@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import secrets
 import socket
+import stat
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,6 +21,7 @@ from pymysql import _auth as pymysql_auth
 from dbmux.auth.mysql import (
     NONCE_LENGTH,
     RsaKey,
+    RsaKeyError,
     encrypt_password,
     native_scramble,
     new_nonce,
@@ -415,3 +418,51 @@ def test_native_scramble_logs_in_to_mariadb(mariadb: MariaDBServer, password: st
     assert _error_code(_login(mariadb.port, user, password + "x")) == ER_ACCESS_DENIED_ERROR
     if password:
         assert _error_code(_login(mariadb.port, user, "")) == ER_ACCESS_DENIED_ERROR
+
+
+# --- the RSA key kept across restarts ------------------------------------------------------
+
+
+def pem_of(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def test_a_kept_key_is_generated_once_readable_by_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "dbmux" / "p.mysql-rsa-key.pem"
+    first = RsaKey.kept_in(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert RsaKey.kept_in(path).public_pem == first.public_pem  # the next start: the same
+    assert RsaKey.from_file(path).public_pem == first.public_pem
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_a_key_that_cannot_be_kept_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("a file where the folder should be")
+    path = tmp_path / "state" / "key.pem"
+    with pytest.raises(RsaKeyError, match=f"cannot keep the RSA key in {path}"):
+        RsaKey.kept_in(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [
+        (None, "cannot read"),
+        (b"not a key", "no unencrypted PEM private key"),
+        (pem_of(ec.generate_private_key(ec.SECP256R1())), "not an RSA key"),
+        (pem_of(rsa.generate_private_key(65537, 1024)), "1024 bits; 2048 at least"),
+    ],
+    ids=["missing", "garbage", "ec", "rsa-1024"],
+)
+def test_a_key_file_that_is_not_a_usable_rsa_key_is_refused_naming_it(
+    tmp_path: Path, content: bytes | None, complaint: str
+) -> None:
+    path = tmp_path / "key.pem"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(RsaKeyError) as refused:
+        RsaKey.from_file(path)
+    assert str(path) in str(refused.value) and complaint in str(refused.value)

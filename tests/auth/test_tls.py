@@ -17,12 +17,14 @@ import pymysql
 import pytest
 from cryptography import x509
 
+from dbmux.auth.mysql import native_scramble
 from dbmux.auth.tls import TargetSideTls, TlsError
 from dbmux.config import ConfigError, TargetTls, parse_config
 from dbmux.engines.mysql import handshake, wire
 from dbmux.testing.certs import TestCA
-from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
+from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, wait_until
 from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER
+from tests.pgraw import startup_packet
 
 
 def write_certificate(folder: Path, common_name: str = "dbmux test") -> dict[str, str]:
@@ -198,6 +200,7 @@ def test_a_tls_handshake_that_never_comes_does_not_hold_the_login_forever(
         assert sock.recv(1) == b"S"
         sock.settimeout(10)
         assert sock.recv(100) == b""  # closed by the proxy, not left waiting
+    assert not proxy.embedded.proxy().runtime.clients  # and forgotten: it counts no more
 
 
 def test_a_new_certificate_is_used_for_new_connections_without_a_restart(
@@ -333,3 +336,192 @@ def test_target_side_is_reloaded_when_its_ca_changes(tmp_path: Path) -> None:
     os.utime(tmp_path / "ca.pem", (time.time() + 5, time.time() + 5))
     assert tls.reload_if_changed()
     assert tls.current is not before
+
+
+# -- PostgreSQL 17's direct TLS (sslnegotiation=direct) ------------------------------------------
+
+
+class MemoryTls:
+    """A raw TLS client over memory BIOs, so that a test chooses how its first bytes reach
+    the proxy: at once (PostgreSQL 17's direct TLS), in pieces, or behind other bytes."""
+
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext) -> None:
+        self.sock = socket.create_connection(address, timeout=10)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1")
+
+    def handshake(self, first_piece: int = 0, prefix: bytes = b"") -> None:
+        """The TLS handshake; with `first_piece`, the ClientHello's first that many bytes go
+        alone, the rest only once the proxy had time to read them; `prefix` goes in the same
+        write as the ClientHello."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                data, prefix = prefix + self.outgoing.read(), b""
+                if first_piece:
+                    self.sock.sendall(data[:first_piece])
+                    time.sleep(0.2)
+                    data, first_piece = data[first_piece:], 0
+                self.sock.sendall(data)
+                self._receive()
+        self.sock.sendall(self.outgoing.read())
+
+    def _receive(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed by the proxy")
+        self.incoming.write(data)
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.sock.sendall(self.outgoing.read())
+
+    def message(self) -> tuple[bytes, bytes]:
+        """One backend message (type, payload) read over TLS."""
+        data = b""
+        while len(data) < 5 or len(data) < 1 + int.from_bytes(data[1:5], "big"):
+            try:
+                data += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._receive()
+        return data[:1], data[5 : 1 + int.from_bytes(data[1:5], "big")]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def alpn(*protocols: str, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    context = unverified(maximum)
+    if protocols:
+        context.set_alpn_protocols(list(protocols))
+    return context
+
+
+STARTUP = startup_packet({"user": APP_USER, "database": APP_DB})
+AUTH_SASL = (10).to_bytes(4, "big")
+
+
+def test_a_postgresql_17_client_starting_tls_directly_is_served_on_the_same_port(
+    start_proxy: Any, certificate: dict[str, str]
+) -> None:
+    """libpq 17's sslnegotiation=direct skips the SSLRequest round trip: its first bytes
+    are a TLS ClientHello, read by the proxy before it knows it is one."""
+    proxy = start_proxy(tls=certificate)
+    direct = {"sslrootcert": ca_of(certificate), "sslnegotiation": "direct"}
+    with pg_connect(proxy, "verify-full", channel_binding="require", **direct) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("SELECT 41 + 1").fetchone() == (42,)
+        assert sessions_over_tls(proxy) == [True]
+    with pg_connect(proxy, "require") as conn, pg_connect(proxy, "disable") as plain:
+        assert conn.execute("SELECT 1").fetchone() == plain.execute("SELECT 1").fetchone()
+    assert proxy.metrics.client_connections_tls.value == 2
+
+
+def test_require_tls_counts_direct_tls_as_tls(
+    start_proxy: Any, certificate: dict[str, str]
+) -> None:
+    proxy = start_proxy(tls=certificate, require_tls=True)
+    with pg_connect(proxy, "require", sslnegotiation="direct") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("first_piece", [0, 1, 7])
+def test_a_direct_tls_client_asking_for_alpn_postgresql_logs_in_however_its_hello_arrives(
+    start_proxy: Any, certificate: dict[str, str], first_piece: int
+) -> None:
+    """The ClientHello may come whole or in pieces (the record header alone, one byte):
+    what the proxy read before it knew it was TLS goes to the handshake first."""
+    proxy = start_proxy(tls=certificate)
+    client = MemoryTls((proxy.host, proxy.port), alpn("postgresql"))
+    try:
+        client.handshake(first_piece)
+        assert client.tls.selected_alpn_protocol() == "postgresql"
+        client.send(STARTUP)
+        kind, payload = client.message()
+        assert (kind, payload[:4]) == (b"R", AUTH_SASL)
+        assert b"SCRAM-SHA-256-PLUS" in payload  # bound to this TLS connection
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocols", [(), ("http/1.1",)])
+def test_a_direct_tls_client_without_alpn_postgresql_is_refused_before_its_startup(
+    start_proxy: Any, certificate: dict[str, str], protocols: tuple[str, ...]
+) -> None:
+    """As PostgreSQL 17 does: a TLS client of another protocol (an HTTPS client pointed at
+    the wrong port) is not taken for a PostgreSQL client."""
+    proxy = start_proxy(tls=certificate)
+    client = MemoryTls((proxy.host, proxy.port), alpn(*protocols))
+    try:
+        client.handshake()
+        assert client.tls.selected_alpn_protocol() is None
+        client.send(STARTUP)
+        kind, payload = client.message()
+        assert kind == b"E" and b"08P01" in payload and b'ALPN protocol "postgresql"' in payload
+    finally:
+        client.close()
+    assert proxy.metrics.client_protocol_errors.value == 1
+
+
+def test_min_version_applies_to_direct_tls(start_proxy: Any, certificate: dict[str, str]) -> None:
+    proxy = start_proxy(tls={**certificate, "min_version": "TLSv1.3"})
+    client = MemoryTls((proxy.host, proxy.port), alpn("postgresql", maximum=ssl.TLSVersion.TLSv1_2))
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            client.handshake()
+    finally:
+        client.close()
+    wait_until(
+        lambda: not proxy.embedded.proxy().runtime.clients,
+        "the session of a failed TLS handshake is gone",
+    )
+
+
+@pytest.mark.parametrize(
+    ("tls", "first"),
+    [(True, b"\x17\x03\x01\x00\x10"), (False, b"\x16\x03\x01\x00\x10")],
+    ids=["garbage-with-tls", "tls-record-without-tls-configured"],
+)
+def test_a_first_byte_that_starts_no_startup_packet_is_a_protocol_error(
+    start_proxy: Any, certificate: dict[str, str], tls: bool, first: bytes
+) -> None:
+    proxy = start_proxy(tls=certificate) if tls else start_proxy()
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        sock.sendall(first + b"\0" * 20)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply[:1] == b"E" and b"08P01" in reply and b"invalid startup packet length" in reply
+
+
+def test_a_mysql_client_whose_hello_comes_with_its_ssl_request_gets_tls(
+    start_my_proxy: Any, certificate: dict[str, str]
+) -> None:
+    """A MySQL client starts its handshake right behind the SSL request, without waiting for
+    an answer: both may arrive in one read, and the ClientHello is the handshake's."""
+    proxy = start_my_proxy(tls=certificate)
+    client = MemoryTls((proxy.host, proxy.port), unverified())
+    try:
+        _, payload = read_packet(client.sock)
+        nonce = handshake.parse_greeting(payload).nonce
+        response = handshake.build_handshake_response(
+            capabilities=handshake.SERVER_BASE_CAPABILITIES | handshake.CLIENT_SSL,
+            charset=45,
+            user=MY_USER,
+            auth_response=native_scramble(MY_PASSWORD, nonce),
+            database=MY_DB,
+            plugin="mysql_native_password",
+        )
+        client.handshake(prefix=wire.packet(1, response[:32]))  # the SSL request, then TLS
+        client.send(wire.packet(2, response))
+        ok = b""
+        while len(ok) < 5:
+            try:
+                ok += client.tls.read(65536)
+            except ssl.SSLWantReadError:
+                client.incoming.write(client.sock.recv(65536))
+        assert ok[4:5] == b"\0", ok  # OK: logged in over TLS
+    finally:
+        client.close()

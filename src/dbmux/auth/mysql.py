@@ -3,7 +3,8 @@
 dbmux holds each login's plaintext password (from a secret), so it can check what a MySQL
 client sends and answer a MySQL/MariaDB server's challenge itself; the wire handling lives in
 the MySQL engine, this module only does the arithmetic of mysql_native_password and
-caching_sha2_password (fast authentication, and RSA full authentication without TLS).
+caching_sha2_password (fast authentication, and RSA full authentication without TLS), and
+keeps the proxy's RSA key in a file so that clients can pin it.
 
 Passwords go over the wire as UTF-8, as utf8mb4 clients send them.
 """
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
+import tempfile
+from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 __all__ = [
     "NONCE_LENGTH",
     "RsaKey",
+    "RsaKeyError",
     "encrypt_password",
     "load_public_key",
     "native_scramble",
@@ -36,6 +41,7 @@ NONCE_LENGTH = 20  # MySQL's SCRAMBLE_LENGTH
 # NUL-terminated) nor '$' (the separator of stored caching_sha2_password hashes).
 _NONCE_ALPHABET = bytes(c for c in range(0x21, 0x7F) if c != ord("$"))
 _PUBLIC_EXPONENT = 65537
+MIN_RSA_BITS = 2048  # what MySQL generates; shorter keys are refused
 
 
 def _oaep() -> padding.OAEP:
@@ -114,10 +120,17 @@ def verify_sha2(password: str, nonce: bytes, response: bytes) -> bool:
     return hmac.compare_digest(sha2_scramble(password, nonce), bytes(response))
 
 
+class RsaKeyError(ValueError):
+    """An RSA key file that cannot be used or kept; the message names the file."""
+
+
 class RsaKey:
     """The proxy's RSA key pair for caching_sha2_password full authentication without TLS.
 
-    The client asks for the public key, then sends RSA-OAEP(password + NUL XOR nonce).
+    The client asks for the public key, then sends RSA-OAEP(password + NUL XOR nonce); a
+    client that pins the key (mysql --server-public-key-path, PyMySQL server_public_key)
+    skips the request, so the key must outlive the process: configured, or generated once
+    and kept (`kept_in`).
     """
 
     def __init__(self, private_key: rsa.RSAPrivateKey) -> None:
@@ -130,6 +143,55 @@ class RsaKey:
     def generate(cls, bits: int = 2048) -> RsaKey:
         """A fresh key pair (2048 bits, like MySQL's auto-generated keys)."""
         return cls(rsa.generate_private_key(public_exponent=_PUBLIC_EXPONENT, key_size=bits))
+
+    @classmethod
+    def from_file(cls, path: Path) -> RsaKey:
+        """The unencrypted PEM private key in `path`: RSA of at least MIN_RSA_BITS bits."""
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise RsaKeyError(f"cannot read {path}: {error.strerror}") from None
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise RsaKeyError(f"{path} holds no unencrypted PEM private key") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise RsaKeyError(f"{path} holds a {type(key).__name__}, not an RSA key")
+        if key.key_size < MIN_RSA_BITS:
+            raise RsaKeyError(
+                f"{path} holds an RSA key of {key.key_size} bits; {MIN_RSA_BITS} at least"
+            )
+        return cls(key)
+
+    @classmethod
+    def kept_in(cls, path: Path) -> RsaKey:
+        """The key in `path`, generated and written there first (mode 0600) when there is
+        none, so that a restart keeps it. Of proxies starting at once, the first to write
+        wins and the others load its key."""
+        if path.exists():
+            return cls.from_file(path)
+        key = cls.generate()
+        pem = key._private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
+        except OSError as error:
+            raise RsaKeyError(f"cannot keep the RSA key in {path}: {error.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(pem)
+            os.link(temporary, path)  # never replaces a key another process wrote
+        except FileExistsError:
+            return cls.from_file(path)
+        except OSError as error:
+            raise RsaKeyError(f"cannot keep the RSA key in {path}: {error.strerror}") from None
+        finally:
+            os.unlink(temporary)
+        return key
 
     @property
     def public_pem(self) -> bytes:

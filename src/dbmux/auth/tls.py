@@ -85,13 +85,16 @@ class ClientSideTls(_Reloaded[TlsIdentity]):
     """What clients' TLS is accepted with: a connection keeps the identity its handshake
     started with."""
 
-    def __init__(self, tls: ClientTls, base_dir: Path) -> None:
+    def __init__(self, tls: ClientTls, base_dir: Path, alpn: tuple[str, ...] = ()) -> None:
         self.min_version = VERSIONS[tls.min_version]
+        self.alpn = alpn  # the engine's ALPN protocol names, if it has any
         super().__init__((base_dir / tls.certificate_file, base_dir / tls.key_file))
 
     def _load(self) -> TlsIdentity:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = self.min_version
+        if self.alpn:
+            context.set_alpn_protocols(self.alpn)
         certificate, key = self.files
         try:
             context.load_cert_chain(certificate, key)

@@ -373,6 +373,7 @@ def dbmux_config(
 ) -> dict[str, Any]:
     """An embedded dbmux's config for the drill: one proxy on both servers of the pair."""
     return {
+        "state_dir": str(Path(secret_file).parent),  # MySQL's RSA key: throwaway
         "proxies": [
             {
                 "name": "drill",
@@ -388,7 +389,7 @@ def dbmux_config(
                     "targets": [{"host": h, "port": p} for h, p in db.addresses],
                 },
             }
-        ]
+        ],
     }
 
 

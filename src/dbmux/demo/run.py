@@ -238,6 +238,7 @@ def storm_report(
         secret.write_text(json.dumps({"username": APP_USER, "password": app_password}))
         secret.chmod(0o600)
         config = {
+            "state_dir": str(secret_dir),  # MySQL's RSA key: throwaway, not the user's
             "proxies": [
                 {
                     "name": "demo",
@@ -249,7 +250,7 @@ def storm_report(
                         "targets": [{"host": db.host, "port": db.port}],
                     },
                 }
-            ]
+            ],
         }
         dbmux = resources.enter_context(EmbeddedDbmux(config))
         proxy_host, proxy_port = dbmux.address()

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from dbmux.relay import ConnectionClosed, TlsHandshakeFailed
@@ -170,6 +171,8 @@ class Engine(ABC):
     auth_types: tuple[ClientPasswordAuthType, ...]
     # The engine's error codes that mean something to the core (see classify_error).
     error_kinds: dict[str, ErrorKind]
+    # The ALPN protocol names its clients' TLS may ask for (none: ALPN is not offered).
+    alpn_protocols: tuple[str, ...] = ()
 
     def __init__(self, security: TargetSecurity | None = None) -> None:
         self._context: EngineContext | None = None
@@ -367,6 +370,8 @@ class ProxyRuntime:
     admission: Admission  # the bound on clients that have not proved a password yet
     throttle: LoginThrottle  # failed logins, per user and source address
     tls: ClientSideTls | None = None  # what clients' TLS is accepted with (config: tls)
+    base_dir: Path = Path(".")  # the config's folder: its relative paths resolve against it
+    state_dir: Path = Path(".")  # where what the proxy generates is kept (Config.state_path)
 
 
 @dataclass

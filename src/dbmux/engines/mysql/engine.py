@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from dbmux.auth.mysql import RsaKey
+from dbmux.auth.mysql import RsaKey, RsaKeyError
 from dbmux.auth.secrets import Credentials
 from dbmux.bounded import SetResults
-from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
+from dbmux.config import (
+    ClientPasswordAuthType,
+    ConfigError,
+    PinningFilter,
+    ProxyConfig,
+    SessionState,
+    Target,
+)
 from dbmux.engines.base import (
     Engine,
     EngineContext,
@@ -24,6 +33,8 @@ from dbmux.engines.mysql import handshake
 from dbmux.engines.mysql.backend import NATIVE, SHA2, MyServer, open_server, read_greeting
 from dbmux.engines.mysql.frontend import MyClient
 from dbmux.engines.mysql.pinning import Classifier
+
+log = logging.getLogger("dbmux.mysql")
 
 # Error numbers (and the core's own 08001, no writer) by what they mean to the core.
 ERROR_KINDS = {
@@ -51,7 +62,7 @@ class MyContext(EngineContext):
     """State shared by the client connections of one MySQL proxy."""
 
     classifier: Classifier
-    rsa_key: RsaKey = field(default_factory=RsaKey.generate)
+    rsa_key: RsaKey
     # SET statement text (per pool variant) -> the values it leaves, for SETs whose outcome
     # does not depend on the session (literal values only).
     set_results: SetResults = field(default_factory=SetResults)
@@ -103,6 +114,27 @@ class MyContext(EngineContext):
         return connection_id
 
 
+def rsa_key_file(config: ProxyConfig, base_dir: Path, state_dir: Path) -> Path:
+    """Where the proxy's RSA key is: the configured file, or the one kept in the state dir."""
+    if config.rsa_private_key_file is not None:
+        return base_dir / config.rsa_private_key_file
+    return state_dir / f"{config.name}.mysql-rsa-key.pem"
+
+
+def load_rsa_key(config: ProxyConfig, base_dir: Path, state_dir: Path) -> RsaKey:
+    """The proxy's RSA key for caching_sha2_password full authentication without TLS,
+    stable across restarts so that clients can pin its public half."""
+    path = rsa_key_file(config, base_dir, state_dir)
+    try:
+        if config.rsa_private_key_file is not None:
+            return RsaKey.from_file(path)
+        return RsaKey.kept_in(path)
+    except RsaKeyError as error:
+        raise ConfigError(
+            f"proxy {config.name}: {error} (set rsa_private_key_file or state_dir)"
+        ) from None
+
+
 class MysqlEngine(Engine):
     """MySQL client/server protocol 4.1+, for MySQL 5.7+/8 and MariaDB 10.2+."""
 
@@ -115,6 +147,14 @@ class MysqlEngine(Engine):
     error_kinds = ERROR_KINDS
 
     def new_context(self, runtime: ProxyRuntime) -> MyContext:
+        config = runtime.config
+        rsa_key = load_rsa_key(config, runtime.base_dir, runtime.state_dir)
+        log.info(
+            "proxy %s: caching_sha2_password's RSA key is %s; `dbmux rsa-public-key` prints "
+            "its public half for clients to pin",
+            config.name,
+            rsa_key_file(config, runtime.base_dir, runtime.state_dir),
+        )
         pool_config = runtime.config.target_group.connection_pool_config
         self.prepared_capacity = pool_config.max_prepared_statements
         filters = pool_config.session_pinning_filters
@@ -124,6 +164,7 @@ class MysqlEngine(Engine):
                 exclude_variable_sets=PinningFilter.EXCLUDE_VARIABLE_SETS in filters,
                 replay_settings=runtime.config.session_state is SessionState.REPLAY,
             ),
+            rsa_key,
         )
 
     def new_session(self, context: MyContext) -> MyClient:

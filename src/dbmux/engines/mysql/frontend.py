@@ -133,9 +133,11 @@ class MyClient(
             # connection behind it) waiting for it forever: reset it instead.
             self.close_transport(abort=True)
             return
-        if seq is not None:
-            self.write(wire.packet(seq, wire.err_packet(error, message)))
-        self.close_transport()
+        if seq is None:
+            self.close_transport()
+            return
+        self.write(wire.packet(seq, wire.err_packet(error, message)))
+        self.close_lingering()
 
     def _interjection(self, server: MyServer | None) -> int | None:
         """The sequence id an ERR of the proxy's own takes if written now, or None where it
@@ -266,7 +268,7 @@ class MyClient(
     def _violation(self, error: tuple[int, str], message: str) -> None:
         self.ctx.metrics.client_protocol_errors.value += 1
         self.reply_error(error, message)
-        self.close_transport()
+        self.close_lingering()
 
     def _command(self, payload: bytes, frame: bytes | None = None) -> None:
         """Serve one command; `frame` is its packet as received, when it was one packet."""

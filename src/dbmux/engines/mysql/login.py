@@ -82,7 +82,7 @@ class LoginMixin(ClientSession):
 
     def refuse_login(self, refusal: LoginRefused) -> None:
         self.write(wire.packet(refusal.seq, wire.err_packet(refusal.error, refusal.message)))
-        self.close_transport()
+        self.close_lingering()
 
     async def _handshake(self, deadline: asyncio.Timeout) -> None:
         ctx = self.ctx
@@ -123,10 +123,14 @@ class LoginMixin(ClientSession):
         if response.ssl_request:
             if self.runtime.tls is None:
                 raise LoginRefused(seq + 1, wire.ER_NOT_SUPPORTED_AUTH_MODE, "TLS is not offered")
-            if self.inbox:  # sent before the handshake, so not protected by it
-                raise wire.ProtocolViolation("data after the SSL request, before the TLS handshake")
+            # The client starts its handshake right behind the SSL request, unanswered: what
+            # came with it is the ClientHello (TLS refuses anything else), not plaintext.
+            received = bytes(self.inbox)
+            self.inbox.clear()
             await self.start_tls(
-                self.runtime.tls.current.context, self.runtime.config.client_login_timeout
+                self.runtime.tls.current.context,
+                self.runtime.config.client_login_timeout,
+                received=received,
             )
             seq, payload = await self.read(wire.split_login_packet)
             response = handshake.parse_handshake_response(payload)
@@ -202,16 +206,16 @@ class LoginMixin(ClientSession):
     async def _full_sha2_auth(self, seq: int) -> tuple[bytes | None, int]:
         """caching_sha2_password full authentication, which yields the password the client
         typed (None: it sent none that can be read): over TLS the client sends it in the
-        TLS channel (NUL-terminated); without TLS it fetches the proxy's RSA key and sends
-        it encrypted (a cleartext one is refused)."""
+        TLS channel (NUL-terminated); without TLS it sends it encrypted with the proxy's RSA
+        key, asking for the key first unless it pinned it (a cleartext password does not
+        decrypt, so it is refused)."""
         self.write(wire.packet(seq + 1, b"\x01\x04"))
         seq, data = await self.read(wire.split_login_packet)
         if self.tls:
             return (data[:-1] if data.endswith(b"\0") else None), seq
-        if data != b"\x02":
-            return None, seq
-        self.write(wire.packet(seq + 1, b"\x01" + self.ctx.rsa_key.public_pem))
-        seq, data = await self.read(wire.split_login_packet)
+        if data == b"\x02":  # the key, please (a client that pinned it sends the password)
+            self.write(wire.packet(seq + 1, b"\x01" + self.ctx.rsa_key.public_pem))
+            seq, data = await self.read(wire.split_login_packet)
         sent = self.ctx.rsa_key.decrypt_password(data, self.nonce)
         return (sent.encode() if sent is not None else None), seq
 
@@ -254,7 +258,7 @@ class LoginMixin(ClientSession):
             seq = await self._authenticate(change.user, change.plugin, change.auth_response, 0)
         except LoginRefused as refusal:
             self.reply_error(refusal.error, refusal.message, seq=refusal.seq)
-            self.close_transport()
+            self.close_lingering()
             return
         self._reset_session()
         self.user = change.user
@@ -263,7 +267,7 @@ class LoginMixin(ClientSession):
             await self._join_pool(change.database, charset, seq + 1)
         except LoginRefused as refusal:
             self.reply_error(refusal.error, refusal.message, seq=refusal.seq)
-            self.close_transport()
+            self.close_lingering()
             return
         self.reply(wire.ok_packet(), seq=seq + 1)
         self._end_command()

@@ -22,6 +22,7 @@ from dbmux.engines.base import (
     ProxyRuntime,
     ServerConnection,
 )
+from dbmux.engines.postgres import wire
 from dbmux.engines.postgres.backend import open_server
 from dbmux.engines.postgres.frontend import PgClient
 from dbmux.engines.postgres.pinning import Classifier
@@ -146,6 +147,7 @@ class PostgresEngine(Engine):
         ClientPasswordAuthType.POSTGRES_MD5,
     )
     error_kinds = ERROR_KINDS
+    alpn_protocols = (wire.ALPN,)
 
     def new_context(self, runtime: ProxyRuntime) -> PgContext:
         pool_config = runtime.config.target_group.connection_pool_config

@@ -133,7 +133,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
             self.close_transport(abort=True)
             return
         self.write(wire.error_response(code, text, severity="FATAL", hint=hint))
-        self.close_transport()
+        self.close_lingering()
 
     def _forward_cancel(self, process_id: int, secret_key: int) -> None:
         """Cancel what the named client runs right now, on the server it runs on, only."""

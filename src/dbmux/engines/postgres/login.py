@@ -93,6 +93,8 @@ class LoginMixin(ClientSession):
     async def _startup(self, deadline: asyncio.Timeout) -> None:
         ctx = self.ctx
         admission = ctx.runtime.admission
+        if self.runtime.tls is not None and await self.read(wire.starts_tls):
+            await self._direct_tls()
         while True:
             packet = await self.read(wire.split_startup)
             code, params = wire.parse_startup(packet)
@@ -161,6 +163,24 @@ class LoginMixin(ClientSession):
             + wire.ready_for_query()
         )
         self.start_serving()
+
+    async def _direct_tls(self) -> None:
+        """PostgreSQL 17's direct TLS (sslnegotiation=direct): the handshake starts at once,
+        with no SSLRequest, and the startup packet follows over TLS. As PostgreSQL does, the
+        client must have asked for ALPN "postgresql": a TLS client of another protocol (an
+        HTTPS client sent to the wrong port) is not taken for a PostgreSQL one."""
+        assert self.runtime.tls is not None
+        received = bytes(self.inbox)  # the ClientHello, or its start
+        self.inbox.clear()
+        identity = self.runtime.tls.current
+        timeout = self.runtime.config.client_login_timeout
+        await self.start_tls(identity.context, timeout, received=received)
+        self.channel_binding = identity.end_point
+        assert self.transport is not None
+        if self.transport.get_extra_info("ssl_object").selected_alpn_protocol() != wire.ALPN:
+            raise wire.ProtocolViolation(
+                f'direct TLS connection without ALPN protocol "{wire.ALPN}"'
+            )
 
     async def _authenticate(self, user: str) -> None:
         ctx = self.ctx

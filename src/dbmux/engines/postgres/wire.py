@@ -16,6 +16,8 @@ PROTOCOL_3_0 = 196608
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
+TLS_HANDSHAKE = 0x16  # the content type of a TLS record carrying a ClientHello
+ALPN = "postgresql"  # the ALPN protocol name of direct TLS, which PostgreSQL 17 requires
 
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
@@ -151,6 +153,13 @@ TERMINATE = message(b"X")
 
 # ---------------------------------------------------------------------------------------------
 # Parsing whole messages (handshakes, resets: not the relay hot path)
+
+
+def starts_tls(buf: bytearray) -> bool | None:
+    """Whether a connection's first bytes are a TLS handshake record (direct TLS, PostgreSQL
+    17's sslnegotiation=direct) rather than a startup packet, whose first byte (of a length
+    up to MAX_STARTUP) is 0; None until the first byte is in. Takes nothing off the buffer."""
+    return buf[0] == TLS_HANDSHAKE if buf else None
 
 
 def split_startup(buf: bytearray) -> bytes | None:
