@@ -5,6 +5,7 @@ but accept or raise TokenRefused."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -12,11 +13,17 @@ import json
 import logging
 import os
 import re
+import secrets
 import string
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import jwt
+import mysql.connector
+import psycopg
+import pymysql
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -37,6 +44,7 @@ from dbmux.auth.tokens import (
     write_key_pair,
 )
 from dbmux.config import AuthTokens, parse_config
+from dbmux.testing import PostgresCluster
 
 NOW = 1_800_000_000.0
 HOST, PORT, USER = "127.0.0.1", 6432, "app"
@@ -698,6 +706,92 @@ def test_oidc_files_that_cannot_be_used_are_named_at_start(tmp_path: Path, oidc:
     oidc.jwks_file.write_text('{"keys": 5}')
     with pytest.raises(TokenKeyError, match="no 'keys' list"):
         oidc_verifier(tmp_path, oidc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real drivers carry a token as a password, unchanged and unquoted
+
+
+@pytest.fixture(scope="module")
+def cleartext_pg() -> Iterator[PostgresCluster]:
+    """PostgreSQL asking for the password in cleartext, as dbmux asks a token of a client."""
+    with PostgresCluster(auth_method="password") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def driver_tokens(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("driver-tokens")
+    keys, oidc = Keys(folder), Oidc(folder, "RSA")
+    return {"dbmux": keys.token(host="orders.db.example.com"), "jwt": oidc.token()}
+
+
+@pytest.fixture(params=["dbmux", "jwt"])
+def pg_token_role(
+    request: pytest.FixtureRequest, cleartext_pg: PostgresCluster, driver_tokens: dict[str, str]
+) -> Iterator[tuple[str, str]]:
+    """A role whose password is a token of each kind."""
+    role, token = f"tok_{secrets.token_hex(4)}", driver_tokens[request.param]
+    cleartext_pg.create_user(role, token)
+    yield role, token
+    cleartext_pg.psql(f'DROP ROLE "{role}"')
+
+
+def test_libpq_takes_a_token_unquoted_in_a_conninfo_string(
+    cleartext_pg: PostgresCluster, pg_token_role: tuple[str, str]
+) -> None:
+    role, token = pg_token_role
+    conninfo = (
+        f"host={cleartext_pg.host} port={cleartext_pg.port} dbname=postgres user={role} "
+        f"password={token} sslmode=disable connect_timeout=10"
+    )
+    with psycopg.connect(conninfo) as connection:
+        assert connection.execute("SELECT current_user").fetchone() == (role,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(conninfo.replace(f"password={token}", f"password={token[:-1]}"))
+
+
+def test_asyncpg_sends_a_token_as_its_cleartext_password(
+    cleartext_pg: PostgresCluster, pg_token_role: tuple[str, str]
+) -> None:
+    role, token = pg_token_role
+
+    async def login() -> str:
+        connection = await asyncpg.connect(
+            host=cleartext_pg.host, port=cleartext_pg.port, user=role, password=token,
+            database="postgres", ssl=False, timeout=10,
+        )  # fmt: skip
+        try:
+            return str(await connection.fetchval("SELECT current_user"))
+        finally:
+            await connection.close()
+
+    assert asyncio.run(asyncio.wait_for(login(), 30)) == role
+
+
+@pytest.mark.parametrize("driver", ["pymysql", "mysql-connector"])
+def test_mysql_drivers_carry_a_token_as_their_password(
+    driver_tokens: dict[str, str], driver: str
+) -> None:
+    """Through the shared MariaDB: a user whose password is the token logs in with it."""
+    token, user = driver_tokens["dbmux"], f"tok_{secrets.token_hex(4)}"
+    root = pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=10)
+    try:
+        with root.cursor() as cursor:
+            cursor.execute(f"CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY %s", (token,))
+        login: Any = pymysql.connect if driver == "pymysql" else mysql.connector.connect
+        options = {"connect_timeout": 10} if driver == "pymysql" else {"use_pure": True}
+        connection = login(host="127.0.0.1", port=3306, user=user, password=token, **options)
+        try:
+            cursor = connection.cursor()
+            cursor.execute("SELECT CURRENT_USER()")
+            assert cursor.fetchone() == (f"{user}@127.0.0.1",)
+        finally:
+            connection.close()
+    finally:
+        with root.cursor() as cursor:
+            cursor.execute(f"DROP USER IF EXISTS '{user}'@'127.0.0.1'")
+        root.close()
 
 
 # ---------------------------------------------------------------------------------------------
