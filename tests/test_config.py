@@ -219,6 +219,10 @@ def test_iam_auth_is_accepted_with_auth_tokens_and_tls(mode: str) -> None:
     assert tokens is not None
     assert tokens.public_key_files == [Path("keys/tokens.pub")]
     assert tokens.hosts == []  # the listen addresses (see TokenVerifier)
+    data["proxies"][0]["auth_tokens"]["hosts"] = ["Orders.Example.COM", "::FFFF:10.0.0.1"]
+    tokens = parse_config(data).proxies[0].auth_tokens
+    assert tokens is not None
+    assert tokens.hosts == ["orders.example.com", "10.0.0.1"]  # as tokens write them
     assert tokens.max_lifetime == 900
     assert tokens.oidc is not None
     assert (tokens.oidc.user_claim, tokens.oidc.users) == ("sub", {})
@@ -417,6 +421,11 @@ BAD: list[tuple[str, Mutation, str]] = [
         "auth_tokens with nothing to check tokens with",
         lambda d: _proxy(d).update(auth_tokens={"hosts": ["db.example.com"]}),
         "proxies.0.auth_tokens.public_key_files",
+    ),
+    (
+        "token host with a port",
+        lambda d: _proxy(d).update(auth_tokens={**TOKENS, "hosts": ["db.example.com:6432"]}),
+        "proxies.0.auth_tokens.hosts",
     ),
     (
         "token lifetime of 0",

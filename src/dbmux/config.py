@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from dbmux.auth.tokens import DEFAULT_LIFETIME, MAX_LIFETIME_LIMIT
+from dbmux.auth.tokens import DEFAULT_LIFETIME, MAX_LIFETIME_LIMIT, canonical_host
 from dbmux.engines import ENGINES, engine_class
 
 
@@ -111,6 +111,11 @@ class AuthTokens(_Model):
     oidc: OidcIssuer | None = None
     hosts: list[str] = []
     max_lifetime: int = Field(DEFAULT_LIFETIME, ge=1, le=MAX_LIFETIME_LIMIT)
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, hosts: list[str]) -> list[str]:
+        return [canonical_host(host) for host in hosts]
 
     @model_validator(mode="after")
     def _something_to_check_with(self) -> AuthTokens:

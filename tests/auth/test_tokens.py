@@ -375,6 +375,18 @@ def test_a_wildcard_listener_accepts_only_the_arrival_address_by_default(
         assert refusal(verifier, keys.token(host=name), host="10.1.2.3") is RefusalReason.WRONG_HOST
 
 
+def test_ip_addresses_compare_in_their_short_form(tmp_path: Path, keys: Keys) -> None:
+    verifier = verifier_of(
+        tmp_path, ("::",), public_key_files=[str(keys.public)], hosts=["2001:DB8:0:0:0:0:0:1"]
+    )
+    accepts(verifier, keys.token(host="2001:db8::1"), host="::")
+    # a dual-stack socket reports an IPv4 client's arrival address as IPv4-mapped IPv6
+    accepts(verifier, keys.token(host="10.1.2.3"), host="::ffff:10.1.2.3")
+    assert refusal(verifier, keys.token(host="10.1.2.3"), host="not a host") is (
+        RefusalReason.WRONG_HOST
+    )
+
+
 def test_a_proxy_config_gives_its_verifier_and_its_endpoints_names(
     tmp_path: Path, keys: Keys
 ) -> None:

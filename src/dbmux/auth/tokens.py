@@ -128,21 +128,19 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     return key
 
 
-def _host_text(host: str) -> str:
+def canonical_host(host: str) -> str:
+    """A host as tokens name it: an IP address in its short form (an IPv4-mapped IPv6
+    address, as a dual-stack socket reports an IPv4 client, as IPv4), a DNS name in lower
+    case; ValueError if it is neither."""
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         if not _HOST_NAME.fullmatch(host):
             raise ValueError(f"host {host!r} is not a DNS name or an IP address") from None
         return host.lower()
-    return f"[{address}]" if address.version == 6 else str(address)
-
-
-def _signed_text(host: str, port: int, user: str, kid: str, date: int, lifetime: int) -> str:
-    return (
-        f"{_host_text(host)}:{port}{_ACTION}{quote(user, safe='')}"
-        f"&KeyId={kid}&Date={date}&Expires={lifetime}"
-    )
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def generate_auth_token(
@@ -165,7 +163,11 @@ def generate_auth_token(
     if not isinstance(private_key, Ed25519PrivateKey):
         private_key = load_private_key(private_key)
     issued = int(time.time() if now is None else now)
-    signed = _signed_text(host, port, user, key_id(private_key.public_key()), issued, lifetime)
+    host = canonical_host(host)
+    signed = (
+        f"{f'[{host}]' if ':' in host else host}:{port}{_ACTION}{quote(user, safe='')}"
+        f"&KeyId={key_id(private_key.public_key())}&Date={issued}&Expires={lifetime}"
+    )
     signature = private_key.sign(SIGNED_PREFIX + signed.encode())
     token = f"{signed}&Signature={base64.urlsafe_b64encode(signature).decode().rstrip('=')}"
     if len(token) > MAX_DBMUX_TOKEN_LENGTH or not _DBMUX_TOKEN.fullmatch(token):
@@ -198,23 +200,34 @@ def _check_times(now: float, start: float, expires: float) -> None:
         raise TokenRefused(RefusalReason.EXPIRED)
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _arrival_host(host: str) -> str:
+    try:
+        return canonical_host(host)
+    except ValueError:
+        return ""  # matches no token
+
+
 def default_hosts(listen_hosts: Iterable[str]) -> frozenset[str]:
     """The names a proxy is reached by when `hosts` is not configured: its listen addresses
     (a wildcard is none), and the loopback names when it listens on loopback."""
     hosts: set[str] = set()
-    for host in listen_hosts:
+    for listen in listen_hosts:
         try:
+            host = canonical_host(listen)
             address = ipaddress.ip_address(host)
-        except ValueError:
-            hosts.add(host.lower())
-            if host.lower() == "localhost":
-                hosts.update(("127.0.0.1", "::1"))
+        except ValueError:  # a DNS name (or no name a token can hold)
+            if _HOST_NAME.fullmatch(listen):
+                hosts.add(listen.lower())
+            if listen.lower() == "localhost":
+                hosts.update(LOOPBACK_NAMES)
             continue
-        if address.is_unspecified:
-            continue
-        hosts.add(str(address))
+        if not address.is_unspecified:
+            hosts.add(host)
         if address.is_loopback:
-            hosts.update(("localhost", "127.0.0.1", "::1"))
+            hosts.update(LOOPBACK_NAMES)
     return frozenset(hosts)
 
 
@@ -292,7 +305,7 @@ class TokenVerifier:
         self, settings: AuthTokens, *, listen_hosts: Iterable[str], base_dir: Path
     ) -> None:
         self.hosts = (
-            frozenset(host.lower() for host in settings.hosts)
+            frozenset(map(canonical_host, settings.hosts))
             if settings.hosts
             else default_hosts(listen_hosts)
         )
@@ -365,8 +378,8 @@ class TokenVerifier:
         except InvalidSignature:
             raise TokenRefused(RefusalReason.TAMPERED) from None
         # Signed by a key held here: what follows is what its holder wrote.
-        token_host = match["host"].strip("[]").lower()
-        if token_host not in self.hosts and token_host != host.strip("[]").lower():
+        token_host = match["host"].strip("[]")  # as generate_auth_token writes it
+        if token_host not in self.hosts and token_host != _arrival_host(host):
             raise TokenRefused(RefusalReason.WRONG_HOST)
         if int(match["port"]) != port:
             raise TokenRefused(RefusalReason.WRONG_PORT)
