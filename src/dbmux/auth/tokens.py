@@ -17,7 +17,11 @@ Two kinds are accepted:
   string and environment variable carries it as a password; for a host and user of usual
   length it is about 180 bytes, under the 255 bytes a MySQL handshake response can carry
   with a one-byte length (clients without CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA) and far
-  under PostgreSQL's 65,535-byte limit for a password message.
+  under PostgreSQL's 65,535-byte limit for a password message. HOST must be the address the
+  client's connection arrived on or one of the proxy's `auth_tokens.hosts` (default: its
+  listen addresses, plus localhost, 127.0.0.1 and ::1 when one is on loopback), PORT the
+  port it arrived on; a start up to CLOCK_SKEW seconds ahead of this host's clock is
+  tolerated, an end is not.
 * A standard JWT from an OIDC issuer (a Kubernetes service-account token), checked against a
   JWKS file: signature (RSA, RSA-PSS, ECDSA or EdDSA only, and only the algorithm of the key
   its `kid` names), `iss`, `aud`, `exp`, `nbf` and `iat`; a configured claim (`sub` by
