@@ -637,6 +637,17 @@ def test_a_symmetric_key_in_the_jwks_is_never_used(tmp_path: Path, oidc: Oidc) -
         oidc_verifier(tmp_path, oidc)
 
 
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # the forger's
+def test_a_weak_rsa_key_in_the_jwks_is_never_used(tmp_path: Path, oidc: Oidc) -> None:
+    weak = rsa.generate_private_key(65537, 1024)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(weak.public_key()))
+    oidc.jwks["keys"].append({**jwk, "kid": "weak"})
+    oidc.jwks_file.write_text(json.dumps(oidc.jwks))
+    verifier = oidc_verifier(tmp_path, oidc)
+    forged = jwt.encode(oidc.claims(), weak, algorithm="RS256", headers={"kid": "weak"})
+    assert refusal(verifier, forged) is RefusalReason.UNKNOWN_KEY
+
+
 def test_a_jwt_naming_an_unknown_kid_is_unknown_key(tmp_path: Path, oidc: Oidc) -> None:
     verifier = oidc_verifier(tmp_path, oidc)
     assert refusal(verifier, oidc.token(headers={"kid": "k8s-2"})) is RefusalReason.UNKNOWN_KEY

@@ -275,7 +275,7 @@ def load_public_keys(paths: Sequence[Path]) -> dict[str, Ed25519PublicKey]:
 
 def load_jwks(path: Path) -> dict[str | None, jwt.PyJWK]:
     """The usable keys of a JWKS file by `kid`: asymmetric signing keys only (an `oct` key,
-    a key for encryption or for another algorithm is left out)."""
+    a key for encryption or for another algorithm, an RSA key under 2048 bits is left out)."""
     try:
         document = json.loads(path.read_bytes())
     except OSError as error:
@@ -293,7 +293,7 @@ def load_jwks(path: Path) -> dict[str | None, jwt.PyJWK]:
             key = jwt.PyJWK(entry)
         except jwt.PyJWTError:
             continue
-        if key.algorithm_name in JWT_ALGORITHMS:
+        if key.algorithm_name in JWT_ALGORITHMS and not key.Algorithm.check_key_length(key.key):
             keys[key.key_id] = key
     if not keys:
         raise TokenKeyError(f"{path} holds no usable signing key (RSA, EC or Ed25519)")
