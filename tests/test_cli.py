@@ -1,5 +1,6 @@
-"""The installed `dbmux` command, run as a user runs it: help for every command, and
-`check-config` telling a good file from a bad one with a one-line reason, never a traceback."""
+"""The installed `dbmux` command, run as a user runs it: help for every command,
+`check-config` telling a good file from a bad one with a one-line reason, never a traceback,
+and `token-key` / `token` making keys and tokens a proxy accepts."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from dbmux.auth.tokens import TokenVerifier
+from dbmux.config import AuthTokens
 
 DBMUX = Path(sys.executable).with_name("dbmux")
 
@@ -51,13 +55,18 @@ def test_the_script_is_installed_next_to_the_interpreter() -> None:
 def test_top_level_help_lists_every_command() -> None:
     result = dbmux("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("serve", "check-config", "rsa-public-key", "demo"):
+    for command in ("serve", "check-config", "token", "token-key", "rsa-public-key", "demo"):
         assert command in result.stdout
 
 
 @pytest.mark.parametrize(
     ("command", "mentions"),
-    [("serve", ["--config", "--log-level"]), ("check-config", ["FILE"])],
+    [
+        ("serve", ["--config", "--log-level"]),
+        ("check-config", ["FILE"]),
+        ("token", ["--host", "--port", "--user", "--key", "--lifetime", "900"]),
+        ("token-key", ["--private", "--public", "0600"]),
+    ],
 )
 def test_command_help(command: str, mentions: list[str]) -> None:
     result = dbmux(command, "--help")
@@ -144,3 +153,118 @@ def test_rsa_public_key_of_a_config_without_mysql_proxies_exits_1(config_dir: Pa
     result = dbmux("rsa-public-key", str(config_dir / "dbmux.yaml"))
     assert result.returncode == 1
     assert "has no MYSQL proxy" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# token-key and token
+
+
+def make_keys(folder: Path) -> tuple[Path, Path, str]:
+    private, public = folder / "tokens.pem", folder / "tokens.pub"
+    result = dbmux("token-key", "--private", str(private), "--public", str(public))
+    assert result.returncode == 0, result.stderr
+    return private, public, result.stdout
+
+
+def test_token_key_writes_a_key_pair_with_the_private_half_kept_to_its_owner(
+    tmp_path: Path,
+) -> None:
+    private, public, said = make_keys(tmp_path)
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert b"BEGIN PRIVATE KEY" in private.read_bytes()
+    assert b"BEGIN PUBLIC KEY" in public.read_bytes()
+    verifier = TokenVerifier(
+        AuthTokens(public_key_files=[public]), listen_hosts=[], base_dir=tmp_path
+    )
+    [key_id] = verifier.keys
+    assert f"key id {key_id}" in said
+    assert "public_key_files" in said
+
+
+def test_token_key_never_overwrites_a_key(tmp_path: Path) -> None:
+    private, _, _ = make_keys(tmp_path)
+    before = private.read_bytes()
+    result = dbmux("token-key", "--private", str(private), "--public", str(tmp_path / "x.pub"))
+    assert result.returncode == 1
+    assert str(private) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert private.read_bytes() == before
+
+
+def test_token_prints_one_token_the_proxy_accepts(tmp_path: Path) -> None:
+    private, public, _ = make_keys(tmp_path)
+    result = dbmux(
+        "token", "--host", "db.example.com", "--port", "6432", "--user", "app",
+        "--key", str(private),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.removesuffix("\n")
+    assert "\n" not in token
+    assert token.startswith("db.example.com:6432/?Action=connect&DBUser=app&")
+    verifier = TokenVerifier(
+        AuthTokens(public_key_files=[public], hosts=["db.example.com"]),
+        listen_hosts=[],
+        base_dir=tmp_path,
+    )
+    verifier.verify(token, host="10.0.0.1", port=6432, user="app")
+
+
+def test_token_lifetime_is_written_into_the_token(tmp_path: Path) -> None:
+    private, _, _ = make_keys(tmp_path)
+    result = dbmux(
+        "token", "--hostname", "127.0.0.1", "--port", "6432", "--username", "app",
+        "--key", str(private), "--lifetime", "60",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "&Expires=60&" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "mentions"),
+    [
+        (["--lifetime", "0"], "lifetime"),
+        (["--port", "0"], "port"),
+        (["--host", "no such host"], "host"),
+        (["--key", "absent.pem"], "absent.pem"),
+    ],
+)
+def test_token_with_a_bad_argument_says_which_without_a_traceback(
+    tmp_path: Path, change: list[str], mentions: str
+) -> None:
+    private, _, _ = make_keys(tmp_path)
+    arguments = {"--host": "127.0.0.1", "--port": "6432", "--user": "app", "--key": str(private)}
+    arguments[change[0]] = str(tmp_path / change[1]) if change[0] == "--key" else change[1]
+    result = dbmux("token", *[word for pair in arguments.items() for word in pair])
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert mentions in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+TOKENS_YAML = """\
+    tls: {certificate_file: proxy.pem, key_file: proxy-key.pem}
+    auth_tokens:
+      public_key_files: [keys/tokens.pub]
+      hosts: [orders.db.example.com]
+"""
+
+
+def test_check_config_reads_the_token_keys_and_names_them(config_dir: Path) -> None:
+    (config_dir / "keys").mkdir()
+    _, _, said = make_keys(config_dir / "keys")
+    key_id = said.split()[2].rstrip(":")
+    path = config_dir / "dbmux.yaml"
+    path.write_text(
+        GOOD_YAML.replace("    auth:\n", TOKENS_YAML + "    auth:\n").replace(
+            "client_password_auth_type: POSTGRES_SCRAM_SHA_256", "iam_auth: REQUIRED"
+        )
+    )
+    result = dbmux("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert f"  auth tokens: Ed25519 keys {key_id}; hosts orders.db.example.com" in result.stdout
+
+    (config_dir / "keys" / "tokens.pub").unlink()
+    result = dbmux("check-config", str(path))
+    assert result.returncode == 1
+    assert "tokens.pub" in result.stderr
+    assert "Traceback" not in result.stderr

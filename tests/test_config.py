@@ -241,6 +241,64 @@ def test_endpoint_role_defaults_to_read_write() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Signed auth tokens (iam_auth)
+
+
+TLS = {"certificate_file": "certs/proxy.pem", "key_file": "certs/proxy-key.pem"}
+TOKENS = {"public_key_files": ["keys/tokens.pub"]}
+OIDC = {"jwks_file": "jwks.json", "issuer": "https://issuer.example", "audience": "dbmux"}
+
+
+@pytest.mark.parametrize("mode", ["REQUIRED", "ENABLED"])
+def test_iam_auth_is_accepted_with_auth_tokens_and_tls(mode: str) -> None:
+    data = minimal()
+    data["proxies"][0].update(
+        tls=TLS,
+        auth_tokens={**TOKENS, "oidc": OIDC},
+        auth=[{"secret": "file:secrets/app.json", "iam_auth": mode}],
+    )
+    [proxy] = parse_config(data).proxies
+    assert proxy.auth[0].iam_auth is IamAuth(mode)
+    tokens = proxy.auth_tokens
+    assert tokens is not None
+    assert tokens.public_key_files == [Path("keys/tokens.pub")]
+    assert tokens.hosts == []  # the listen addresses (see TokenVerifier)
+    data["proxies"][0]["auth_tokens"]["hosts"] = ["Orders.Example.COM", "::FFFF:10.0.0.1"]
+    tokens = parse_config(data).proxies[0].auth_tokens
+    assert tokens is not None
+    assert tokens.hosts == ["orders.example.com", "10.0.0.1"]  # as tokens write them
+    assert tokens.max_lifetime == 900
+    assert tokens.oidc is not None
+    assert (tokens.oidc.user_claim, tokens.oidc.users) == ("sub", {})
+
+
+def test_auth_tokens_may_check_jwts_only() -> None:
+    data = minimal()
+    data["proxies"][0]["auth_tokens"] = {"oidc": {**OIDC, "users": {"system:sa:app": "app"}}}
+    tokens = parse_config(data).proxies[0].auth_tokens
+    assert tokens is not None
+    assert tokens.public_key_files == []
+    assert tokens.oidc is not None
+    assert tokens.oidc.users == {"system:sa:app": "app"}
+
+
+def test_iam_auth_without_auth_tokens_says_what_is_missing() -> None:
+    data = minimal()
+    data["proxies"][0].update(tls=TLS, auth=[{"secret": "env:A", "iam_auth": "ENABLED"}])
+    assert "needs auth_tokens" in config_error(data)
+
+
+def test_iam_auth_without_tls_says_tokens_travel_in_cleartext() -> None:
+    data = minimal()
+    data["proxies"][0].update(
+        auth_tokens=TOKENS, auth=[{"secret": "env:A", "iam_auth": "REQUIRED"}]
+    )
+    message = config_error(data)
+    assert "needs tls" in message
+    assert "cleartext" in message
+
+
+# ---------------------------------------------------------------------------------------------
 # Each mistake is named by its dotted path
 
 Mutation = Callable[[dict[str, Any]], None]
@@ -393,6 +451,51 @@ BAD: list[tuple[str, Mutation, str]] = [
         "bad iam_auth",
         lambda d: _proxy(d)["auth"][0].update(iam_auth="YES"),
         "proxies.0.auth.0.iam_auth",
+    ),
+    (
+        "iam_auth without auth_tokens",
+        lambda d: _proxy(d).update(tls=TLS, auth=[{"secret": "env:A", "iam_auth": "REQUIRED"}]),
+        "proxies.0.auth.0.iam_auth",
+    ),
+    (
+        "iam_auth without tls, second entry",
+        lambda d: _proxy(d).update(
+            auth_tokens=TOKENS,
+            auth=[{"secret": "env:A"}, {"secret": "env:B", "iam_auth": "ENABLED"}],
+        ),
+        "proxies.0.auth.1.iam_auth",
+    ),
+    (
+        "auth_tokens with nothing to check tokens with",
+        lambda d: _proxy(d).update(auth_tokens={"hosts": ["db.example.com"]}),
+        "proxies.0.auth_tokens.public_key_files",
+    ),
+    (
+        "token host with a port",
+        lambda d: _proxy(d).update(auth_tokens={**TOKENS, "hosts": ["db.example.com:6432"]}),
+        "proxies.0.auth_tokens.hosts",
+    ),
+    (
+        "token lifetime of 0",
+        lambda d: _proxy(d).update(auth_tokens={**TOKENS, "max_lifetime": 0}),
+        "proxies.0.auth_tokens.max_lifetime",
+    ),
+    (
+        "token lifetime over an hour",
+        lambda d: _proxy(d).update(auth_tokens={**TOKENS, "max_lifetime": 3601}),
+        "proxies.0.auth_tokens.max_lifetime",
+    ),
+    (
+        "oidc without an issuer",
+        lambda d: _proxy(d).update(
+            auth_tokens={"oidc": {"jwks_file": "jwks.json", "audience": "dbmux"}}
+        ),
+        "proxies.0.auth_tokens.oidc.issuer",
+    ),
+    (
+        "unknown oidc key",
+        lambda d: _proxy(d).update(auth_tokens={"oidc": {**OIDC, "jwks_url": "https://x"}}),
+        "proxies.0.auth_tokens.oidc.jwks_url",
     ),
     (
         "MySQL auth type on PostgreSQL",

@@ -1,4 +1,4 @@
-"""Command line: dbmux serve | check-config | rsa-public-key | demo."""
+"""Command line: dbmux serve | check-config | token | token-key | rsa-public-key | demo."""
 
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ from pathlib import Path
 from dbmux import __version__
 from dbmux.auth.secrets import SecretError
 from dbmux.auth.tls import TlsError
+from dbmux.auth.tokens import (
+    DEFAULT_LIFETIME,
+    TokenKeyError,
+    TokenVerifier,
+    generate_auth_token,
+    write_key_pair,
+)
 from dbmux.config import ConfigError, load_config
 from dbmux.eventloop import run
 
@@ -76,6 +83,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             f"users: {', '.join(sorted(users))}"
             + ("; transaction_replay" if proxy.transaction_replay else "")
         )
+        verifier = TokenVerifier.for_proxy(proxy, config.base_dir)
+        if verifier is not None:
+            kinds = [f"Ed25519 keys {', '.join(sorted(verifier.keys))}"] if verifier.keys else []
+            if verifier.oidc is not None:
+                kinds.append(f"JWTs of {verifier.oidc.issuer} ({len(verifier.jwks)} keys)")
+            print(f"  auth tokens: {'; '.join(kinds)}; hosts {', '.join(sorted(verifier.hosts))}")
         for endpoint in proxy.endpoints:
             extra = ""
             if endpoint.max_replica_lag is not None:
@@ -104,6 +117,27 @@ def cmd_rsa_public_key(args: argparse.Namespace) -> int:
         key = load_rsa_key(proxy, config.base_dir, config.state_path)
         print(f"# proxy {proxy.name}: {rsa_key_file(proxy, config.base_dir, config.state_path)}")
         print(key.public_pem.decode(), end="")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    try:
+        token = generate_auth_token(
+            args.host, args.port, args.user, private_key=args.key, lifetime=args.lifetime
+        )
+    except ValueError as error:
+        print(f"dbmux token: {error}", file=sys.stderr)
+        return 1
+    print(token)
+    return 0
+
+
+def cmd_token_key(args: argparse.Namespace) -> int:
+    kid = write_key_pair(args.private, args.public)
+    print(
+        f"key id {kid}: private key in {args.private} (keep it secret), public key in "
+        f"{args.public} (list it in auth_tokens.public_key_files)"
+    )
     return 0
 
 
@@ -168,6 +202,51 @@ def build_parser() -> argparse.ArgumentParser:
     public_key.add_argument("file", type=Path, metavar="FILE")
     public_key.set_defaults(func=cmd_rsa_public_key)
 
+    token = sub.add_parser(
+        "token",
+        help="print a signed auth token to log in with (iam_auth)",
+        description="Print a token that logs USER in through the dbmux proxy at HOST:PORT, "
+        "valid for --lifetime seconds; send it as the password, over TLS (as `aws rds "
+        "generate-db-auth-token` prints one for RDS Proxy). The proxy checks it with the "
+        "public key in its auth_tokens.public_key_files.",
+    )
+    token.add_argument(
+        "--host", "--hostname", required=True, help="the proxy's host name clients connect to"
+    )
+    token.add_argument("--port", type=int, required=True, help="the proxy's port")
+    token.add_argument("--user", "--username", required=True, help="the database user")
+    token.add_argument(
+        "--key",
+        type=Path,
+        required=True,
+        metavar="PRIVATE_KEY_FILE",
+        help="the Ed25519 private key (PEM) written by `dbmux token-key`",
+    )
+    token.add_argument(
+        "--lifetime",
+        type=int,
+        default=DEFAULT_LIFETIME,
+        metavar="SECONDS",
+        help=f"how long the token is valid (default: {DEFAULT_LIFETIME}; a proxy refuses "
+        "more than its auth_tokens.max_lifetime)",
+    )
+    token.set_defaults(func=cmd_token)
+
+    token_key = sub.add_parser(
+        "token-key",
+        help="write a new key pair to sign auth tokens with",
+        description="Write a new Ed25519 key pair: the private key (mode 0600) signs tokens "
+        "(`dbmux token --key`, dbmux.auth.generate_auth_token), the public key goes into "
+        "the proxy's auth_tokens.public_key_files. Existing files are never overwritten.",
+    )
+    token_key.add_argument(
+        "--private", type=Path, required=True, metavar="FILE", help="private key file to create"
+    )
+    token_key.add_argument(
+        "--public", type=Path, required=True, metavar="FILE", help="public key file to create"
+    )
+    token_key.set_defaults(func=cmd_token_key)
+
     demo = sub.add_parser(
         "demo",
         help="storm a throwaway database, directly and through dbmux",
@@ -206,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, SecretError, TlsError) as error:
+    except (ConfigError, SecretError, TlsError, TokenKeyError) as error:
         print(f"dbmux: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from dbmux.auth.mysql import RsaKey, RsaKeyError
+from dbmux.auth.tokens import DEFAULT_LIFETIME, MAX_LIFETIME_LIMIT, canonical_host
 from dbmux.engines import ENGINES, engine_class
 
 
@@ -97,6 +98,41 @@ class ClientTls(_Model):
     certificate_file: Path
     key_file: Path
     min_version: TlsVersion = TlsVersion.TLS_1_2
+
+
+class OidcIssuer(_Model):
+    """Standard JWTs (e.g. Kubernetes service-account tokens) accepted as tokens: signed by a
+    key of `jwks_file` (read again when it changes), from `issuer`, for `audience`; the claim
+    `user_claim` names the database user, through `users` (claim value -> user) if given."""
+
+    jwks_file: Path
+    issuer: str = Field(min_length=1)
+    audience: str = Field(min_length=1)
+    user_claim: str = Field("sub", min_length=1)
+    users: dict[str, str] = {}
+
+
+class AuthTokens(_Model):
+    """What signed auth tokens (iam_auth) are checked with: Ed25519 public keys (PEM files,
+    several keys per file allowed, read again when they change) and/or an OIDC issuer; the
+    host names dbmux tokens may name (default: the listen addresses, and the loopback names
+    when listening on loopback); the longest lifetime a dbmux token may claim."""
+
+    public_key_files: list[Path] = []
+    oidc: OidcIssuer | None = None
+    hosts: list[str] = []
+    max_lifetime: int = Field(DEFAULT_LIFETIME, ge=1, le=MAX_LIFETIME_LIMIT)
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, hosts: list[str]) -> list[str]:
+        return [canonical_host(host) for host in hosts]
+
+    @model_validator(mode="after")
+    def _something_to_check_with(self) -> AuthTokens:
+        if not self.public_key_files and self.oidc is None:
+            raise FieldError("public_key_files", "needs at least one file, or oidc")
+        return self
 
 
 class Address(_Model):
@@ -238,6 +274,8 @@ class ProxyConfig(_Model):
     listen: Address
     require_tls: bool = False  # plaintext clients are refused before any password is exchanged
     tls: ClientTls | None = None
+    # Signed auth tokens, for the auth entries with iam_auth REQUIRED or ENABLED.
+    auth_tokens: AuthTokens | None = None
     idle_client_timeout: float = Field(1800, gt=0)
     # Time a client may take from TCP connect to proving its password before it is dropped
     # (waiting for a server connection after that is connection_borrow_timeout's).
@@ -277,8 +315,9 @@ class ProxyConfig(_Model):
 
     @model_validator(mode="after")
     def _only_what_exists(self) -> ProxyConfig:
-        """Settings whose feature has not landed are refused, never silently ignored: a
-        proxy told to require TLS must not accept plaintext."""
+        """Settings that cannot work without another are refused, never silently ignored: a
+        proxy told to require TLS must not accept plaintext, and a token (a cleartext
+        password) must not travel without TLS."""
         if self.require_tls and self.tls is None:
             raise FieldError(
                 "require_tls", "needs tls (certificate_file and key_file) to offer TLS with"
@@ -286,10 +325,19 @@ class ProxyConfig(_Model):
         if self.rsa_private_key_file is not None and self.engine_family != "MYSQL":
             raise FieldError("rsa_private_key_file", "applies to MYSQL proxies only")
         for i, entry in enumerate(self.auth):
-            if entry.iam_auth is not IamAuth.DISABLED:
+            if entry.iam_auth is IamAuth.DISABLED:
+                continue
+            if self.auth_tokens is None:
                 raise FieldError(
                     f"auth.{i}.iam_auth",
-                    "signed auth tokens are not available in this version yet; use DISABLED",
+                    f"{entry.iam_auth.value} needs auth_tokens (public_key_files or oidc) "
+                    "to check tokens with",
+                )
+            if self.tls is None:
+                raise FieldError(
+                    f"auth.{i}.iam_auth",
+                    f"{entry.iam_auth.value} needs tls: a token is sent as a cleartext "
+                    "password, so it is accepted over TLS only",
                 )
         return self
 
