@@ -170,6 +170,10 @@ class ProxyMetrics:
             "DatabaseConnectionsSessionPinned",
             "Client sessions pinned to one database connection, by reason",
         )
+        self._token_refusals = c(
+            "ClientConnectionsTokenRefused",
+            "Logins refused for their auth token (iam_auth), by reason",
+        )
         self.client_connections = g("ClientConnections", "Open client connections")
         self.database_connections = g("DatabaseConnections", "Open database connections")
         self.database_connections_borrowed = g(
@@ -184,6 +188,13 @@ class ProxyMetrics:
 
     def count_pin(self, reason: str) -> None:
         self._pins.labels(proxy=self.proxy, reason=reason).inc()
+
+    def count_token_refusal(self, reason: str) -> None:
+        self._token_refusals.labels(proxy=self.proxy, reason=reason).inc()
+
+    def token_refusals(self, reason: str | None = None) -> float:
+        labels = {"reason": reason} if reason else {}
+        return self._token_refusals.total(proxy=self.proxy, **labels)
 
     def pins(self, reason: str | None = None) -> float:
         return self._pins.total(proxy=self.proxy, **({"reason": reason} if reason else {}))

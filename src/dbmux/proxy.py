@@ -15,6 +15,7 @@ from dbmux.auth.directory import UserDirectory
 from dbmux.auth.mysql import load_public_key
 from dbmux.auth.secrets import Credentials
 from dbmux.auth.tls import ClientSideTls, TargetSideTls, TlsError
+from dbmux.auth.tokens import TokenVerifier
 from dbmux.config import (
     Config,
     Endpoint,
@@ -122,6 +123,7 @@ class Proxy:
             ),
             base_dir,
             state_dir,
+            TokenVerifier.for_proxy(config, base_dir),
         )
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []  # the proxy's listen, then its endpoints'
@@ -313,6 +315,8 @@ class Proxy:
                     self.runtime.tls.reload_if_changed()
                 if self.engine.security.tls is not None:
                     self.engine.security.tls.reload_if_changed()
+                if self.runtime.tokens is not None:
+                    self.runtime.tokens.reload_if_changed()
                 self.users.refresh_in_background()
                 for pools in self.pool_sets:
                     pools.sweep()

@@ -12,14 +12,17 @@ failure, what a closing client leaves on its server connection, and the relay it
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from abc import abstractmethod
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from dbmux.auth.admission import Refusal
-from dbmux.auth.directory import User
+from dbmux.auth.admission import Refusal, local_address
+from dbmux.auth.directory import Method, User
+from dbmux.auth.tokens import RefusalReason, TokenRefused, looks_like_token
+from dbmux.config import IamAuth
 from dbmux.engines.base import Borrower, BorrowTimeout, Lender, ProxyRuntime, ServerError
 from dbmux.relay import ClientEnd, ConnectionClosed
 
@@ -158,6 +161,34 @@ class ClientSession(ClientEnd, Borrower):
             return False
         user = users.get(name)
         return user is not None and check(user)
+
+    async def check_cleartext(self, name: str, method: Method, typed: bytes) -> bool:
+        """A password the client sent as it typed it (over TLS: the engine asks for one
+        only there), for a user whose `iam_auth` takes signed tokens: a token is checked
+        against the connection's own address and port and the user; anything else is a
+        password, accepted only with iam_auth ENABLED. Refused tokens are counted by
+        reason, never told to the client."""
+        text = typed.decode("latin-1")  # a token is ASCII; anything else is MALFORMED
+        tokens = self.runtime.tokens
+        if tokens is not None and looks_like_token(text):
+            host, port = local_address(self.transport)
+            try:
+                tokens.verify(text, host=host, port=port, user=name)
+            except TokenRefused as refused:
+                self.runtime.metrics.count_token_refusal(refused.reason.value)
+                return False
+            return self.runtime.users.get(name) is not None  # who has no secret cannot log in
+        if method.iam_auth is IamAuth.REQUIRED:
+            self.runtime.metrics.count_token_refusal(RefusalReason.MALFORMED.value)
+            return False
+        return await self.check_password(
+            name, lambda user: any(hmac.compare_digest(p.encode(), typed) for p in user.passwords)
+        )
+
+    def refuse_token_without_tls(self) -> None:
+        """A user who must log in with a token is on plaintext: it is refused before it
+        sends one (a token seen on the way is as good as a password for 15 minutes)."""
+        self.runtime.metrics.count_token_refusal(RefusalReason.NO_TLS.value)
 
     def admit(self, deadline: asyncio.Timeout) -> Refusal | None:
         """The password is proved: the client counts against max_client_connections from now

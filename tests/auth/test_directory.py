@@ -139,11 +139,13 @@ def test_a_name_no_entry_holds_is_asked_for_a_configured_method_fixed_per_name(
         {"username": "scramuser", "password": "p"},
         types=(MD5, SCRAM),
     )
-    assert directory.method_for("md5user") is MD5
-    assert directory.method_for("scramuser") is SCRAM
-    unknown = {name: directory.method_for(name) for name in (f"nobody{i}" for i in range(64))}
+    assert directory.method_for("md5user").auth_type is MD5
+    assert directory.method_for("scramuser").auth_type is SCRAM
+    unknown = {
+        name: directory.method_for(name).auth_type for name in (f"nobody{i}" for i in range(64))
+    }
     assert set(unknown.values()) == {MD5, SCRAM}  # either, so neither tells who exists
-    assert all(directory.method_for(name) is kind for name, kind in unknown.items())
+    assert all(directory.method_for(name).auth_type is kind for name, kind in unknown.items())
 
 
 def test_two_entries_with_one_user_name_keep_the_first(tmp_path: Path) -> None:

@@ -28,6 +28,14 @@ def source_address(transport: asyncio.BaseTransport | None) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
+def local_address(transport: asyncio.BaseTransport | None) -> tuple[str, int]:
+    """The address and port the client's connection arrived on (what a token names)."""
+    local = transport.get_extra_info("sockname") if transport is not None else None
+    if isinstance(local, tuple) and len(local) >= 2:
+        return str(local[0]), int(local[1])
+    return "", 0
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """Why a connection is turned away: what happened, and the setting that governs it."""

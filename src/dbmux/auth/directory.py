@@ -47,6 +47,20 @@ class User:
     iam_auth: IamAuth
 
 
+@dataclass(frozen=True, slots=True)
+class Method:
+    """How a user proves who it is: its password auth type (None: the engine's default), and
+    whether it may (ENABLED) or must (REQUIRED) send a signed token instead."""
+
+    auth_type: ClientPasswordAuthType | None
+    iam_auth: IamAuth
+
+    @property
+    def cleartext(self) -> bool:
+        """Tokens travel as cleartext passwords, so such a user is asked for one."""
+        return self.iam_auth is not IamAuth.DISABLED
+
+
 @dataclass(slots=True)
 class _Entry:
     config: AuthEntry
@@ -69,8 +83,12 @@ class UserDirectory:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._entries = [_Entry(config, source) for config, source in entries]
-        # The configured auth types, once each (an unknown name is asked for one of them).
-        self._types = list(dict.fromkeys(config.client_password_auth_type for config, _ in entries))
+        # The configured methods, once each (an unknown name is asked for one of them).
+        self._methods = list(
+            dict.fromkeys(
+                Method(config.client_password_auth_type, config.iam_auth) for config, _ in entries
+            )
+        )
         self._settings = settings
         self._clock = clock
         self._users: dict[str, User] = {}
@@ -107,15 +125,16 @@ class UserDirectory:
     def __len__(self) -> int:
         return len(self._users)
 
-    def method_for(self, name: str) -> ClientPasswordAuthType | None:
-        """The auth type a login as `name` is asked for. A name no entry holds gets one of
-        the configured types, picked by the name and fixed for the process's life: the
-        method (MD5 or SCRAM, a plugin switch or not) must not tell who exists."""
+    def method_for(self, name: str) -> Method:
+        """How a login as `name` is asked for its password. A name no entry holds gets one
+        of the configured methods, picked by the name and fixed for the process's life: the
+        method (MD5 or SCRAM, a plugin switch or not, a token or not) must not tell who
+        exists."""
         user = self._users.get(name)
         if user is not None:
-            return user.auth_type
-        types = self._types
-        return types[int.from_bytes(user_salt(name)[:4], "big") % len(types)]
+            return Method(user.auth_type, user.iam_auth)
+        methods = self._methods
+        return methods[int.from_bytes(user_salt(name)[:4], "big") % len(methods)]
 
     def logins(self, name: str) -> tuple[Credentials, ...]:
         """The credentials to log in to the database as `name` with, in the order to try."""

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from dbmux.auth.directory import UserDirectory
     from dbmux.auth.secrets import Credentials
     from dbmux.auth.tls import ClientSideTls, TargetSideTls
+    from dbmux.auth.tokens import TokenVerifier
     from dbmux.config import ClientPasswordAuthType, ProxyConfig, Target
     from dbmux.metrics import ProxyMetrics
     from dbmux.session import ClientSession
@@ -372,6 +373,7 @@ class ProxyRuntime:
     tls: ClientSideTls | None = None  # what clients' TLS is accepted with (config: tls)
     base_dir: Path = Path(".")  # the config's folder: its relative paths resolve against it
     state_dir: Path = Path(".")  # where what the proxy generates is kept (Config.state_path)
+    tokens: TokenVerifier | None = None  # signed auth tokens (config: auth_tokens)
 
 
 @dataclass

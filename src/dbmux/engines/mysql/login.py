@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, cast
 
 from dbmux.auth import mysql as auth
 from dbmux.auth.admission import source_address
+from dbmux.config import IamAuth
 from dbmux.engines.base import BorrowTimeout, Lender, ServerError
 from dbmux.engines.mysql import handshake, wire
-from dbmux.engines.mysql.backend import NATIVE
+from dbmux.engines.mysql.backend import CLEAR, NATIVE
 from dbmux.session import ClientSession
 
 if TYPE_CHECKING:
@@ -165,7 +166,18 @@ class LoginMixin(ClientSession):
         throttle = ctx.runtime.throttle
         address = source_address(self.transport)
         await throttle.sit_out(self, throttle.before_check(address))
-        method = ctx.plugin_for(ctx.runtime.users.method_for(user))
+        chosen = ctx.runtime.users.method_for(user)
+        if chosen.iam_auth is IamAuth.REQUIRED and not self.tls:
+            self.refuse_token_without_tls()
+            ctx.metrics.client_connections_setup_failed_auth.value += 1
+            raise LoginRefused(
+                seq + 1,
+                wire.ER_ACCESS_DENIED_ERROR,
+                f"Access denied for user '{user}': it logs in with an auth token, which is "
+                "accepted over TLS only (ssl-mode REQUIRED)",
+            )
+        # A token travels as the typed password (mysql_clear_password), over TLS only.
+        method = CLEAR if chosen.cleartext and self.tls else ctx.plugin_for(chosen.auth_type)
         # Unknown users go through the same exchange, so the reply does not tell who exists.
         if (plugin or NATIVE) != method:
             if not self.capabilities & handshake.CLIENT_PLUGIN_AUTH:
@@ -175,7 +187,9 @@ class LoginMixin(ClientSession):
             self.write(wire.packet(seq + 1, handshake.auth_switch_request(method, self.nonce)))
             seq, response = await self.read(wire.split_login_packet)
         nonce = self.nonce
-        if method == NATIVE:
+        if method == CLEAR:
+            ok = await self.check_cleartext(user, chosen, response.removesuffix(b"\0"))
+        elif method == NATIVE:
             ok = await self.check_password(
                 user,
                 lambda known: any(auth.verify_native(p, nonce, response) for p in known.passwords),

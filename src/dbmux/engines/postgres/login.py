@@ -18,7 +18,7 @@ from dbmux.auth.scram import (
     ScramServer,
     mock_verifier,
 )
-from dbmux.config import ClientPasswordAuthType
+from dbmux.config import ClientPasswordAuthType, IamAuth
 from dbmux.engines.base import BorrowTimeout, Lender, ServerError
 from dbmux.engines.postgres import wire
 from dbmux.session import ClientSession
@@ -188,7 +188,19 @@ class LoginMixin(ClientSession):
         address = source_address(self.transport)
         await throttle.sit_out(self, throttle.before_check(address))
         method = ctx.runtime.users.method_for(user)
-        if method is ClientPasswordAuthType.POSTGRES_MD5:
+        if method.iam_auth is IamAuth.REQUIRED and not self.tls:
+            self.refuse_token_without_tls()
+            ctx.metrics.client_connections_setup_failed_auth.value += 1
+            raise LoginRefused(
+                "28000",
+                f'user "{user}" logs in with an auth token, which is accepted over TLS only',
+                "connect with sslmode=require or stronger",
+            )
+        if method.cleartext and self.tls:
+            self.write(wire.authentication(wire.AUTH_CLEARTEXT))
+            typed = await self.read(wire.split_password_message)
+            ok = await self.check_cleartext(user, method, typed.removesuffix(b"\0"))
+        elif method.auth_type is ClientPasswordAuthType.POSTGRES_MD5:
             salt = secrets.token_bytes(4)
             self.write(wire.authentication(wire.AUTH_MD5, salt))
             response = (await self.read(wire.split_password_message)).rstrip(b"\0")
