@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+import mysql.connector
 import psycopg
 import pymysql
 import pytest
@@ -157,6 +159,56 @@ def test_a_mysql_client_asking_for_tls_gets_it_and_is_served(
         cur.execute("SELECT 41 + 1")
         assert cur.fetchone() == (42,)
         assert sessions_over_tls(proxy) == [True]
+
+
+def test_mysql_connector_verifying_the_proxy_s_name_is_served_over_tls(
+    start_my_proxy: Any, certificate: dict[str, str]
+) -> None:
+    proxy = start_my_proxy(tls=certificate, require_tls=True)
+    conn = mysql.connector.connect(
+        host="localhost",
+        port=proxy.port,
+        user=MY_USER,
+        password=MY_PASSWORD,
+        database=MY_DB,
+        use_pure=True,
+        ssl_ca=ca_of(certificate),
+        ssl_verify_cert=True,
+        ssl_verify_identity=True,
+        connection_timeout=10,
+    )
+    try:
+        cursor = conn.cursor()
+        cursor.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")  # the server side is plaintext
+        cursor.fetchall()
+        assert sessions_over_tls(proxy) == [True]
+    finally:
+        conn.close()
+
+
+def test_asyncpg_verifying_the_proxy_logs_in_with_scram_over_tls(
+    start_proxy: Any, certificate: dict[str, str]
+) -> None:
+    proxy = start_proxy(tls=certificate, require_tls=True)
+    context = ssl.create_default_context(cafile=ca_of(certificate))  # verify-full
+
+    async def login() -> Any:
+        conn = await asyncpg.connect(
+            host="localhost",
+            port=proxy.port,
+            user=APP_USER,
+            password=APP_PASSWORD,
+            database=APP_DB,
+            ssl=context,
+            timeout=10,
+        )
+        try:
+            return await conn.fetchval("SELECT 6 * 7")
+        finally:
+            await conn.close()
+
+    assert asyncio.run(login()) == 42
+    assert proxy.metrics.client_connections_tls.value == 1
 
 
 def test_require_tls_refuses_a_plaintext_mysql_client_with_3159(
