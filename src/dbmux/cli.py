@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from dbmux import __version__
+from dbmux.auth.mysql import RsaKeyError
 from dbmux.auth.secrets import SecretError
 from dbmux.auth.tls import TlsError
 from dbmux.auth.tokens import (
@@ -107,7 +108,7 @@ def cmd_rsa_public_key(args: argparse.Namespace) -> int:
     """What MySQL clients pin (--server-public-key-path, server_public_key): the public half
     of each MySQL proxy's RSA key, generated and kept now if `serve` has not yet."""
     config = load_config(args.file)
-    from dbmux.engines.mysql.engine import load_rsa_key, rsa_key_file
+    from dbmux.auth.mysql import load_rsa_key, rsa_key_file
 
     proxies = [p for p in config.proxies if p.engine_family == "MYSQL"]
     if not proxies:
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, SecretError, TlsError, TokenKeyError) as error:
+    except (ConfigError, SecretError, TlsError, TokenKeyError, RsaKeyError) as error:
         print(f"dbmux: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -65,6 +65,12 @@ def test_each_entry_gives_its_user_and_the_credentials_to_log_in_with(tmp_path: 
     assert directory.get("c") is None and directory.logins("c") == ()
 
 
+def test_no_repr_of_a_user_or_its_logins_shows_a_password(tmp_path: Path) -> None:
+    directory = directory_of(tmp_path, {"username": "a", "password": "hunter2-in-repr"})
+    shown = repr(directory.get("a")) + repr(directory.logins("a")) + repr(directory._entries)
+    assert "hunter2" not in shown
+
+
 def test_a_changed_file_is_read_again_and_changes_the_version(tmp_path: Path) -> None:
     directory = directory_of(tmp_path, {"username": "a", "password": "old"})
     version = directory.version

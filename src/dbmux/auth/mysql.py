@@ -17,10 +17,14 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+if TYPE_CHECKING:
+    from dbmux.config import ProxyConfig
 
 __all__ = [
     "NONCE_LENGTH",
@@ -236,3 +240,25 @@ def encrypt_password(password: str, nonce: bytes, public_pem: bytes) -> bytes:
     """
     public_key = load_public_key(public_pem)
     return public_key.encrypt(_xor_cyclic(password.encode("utf-8") + b"\0", nonce), _oaep())
+
+
+def rsa_key_file(config: ProxyConfig, base_dir: Path, state_dir: Path) -> Path:
+    """Where a MySQL proxy's RSA key is: the configured file, or the one kept in the state
+    dir."""
+    if config.rsa_private_key_file is not None:
+        return base_dir / config.rsa_private_key_file
+    return state_dir / f"{config.name}.mysql-rsa-key.pem"
+
+
+def load_rsa_key(config: ProxyConfig, base_dir: Path, state_dir: Path) -> RsaKey:
+    """A MySQL proxy's RSA key for caching_sha2_password full authentication without TLS,
+    stable across restarts so that clients can pin its public half."""
+    path = rsa_key_file(config, base_dir, state_dir)
+    try:
+        if config.rsa_private_key_file is not None:
+            return RsaKey.from_file(path)
+        return RsaKey.kept_in(path)
+    except RsaKeyError as error:
+        raise RsaKeyError(
+            f"proxy {config.name}: {error} (set rsa_private_key_file or state_dir)"
+        ) from None

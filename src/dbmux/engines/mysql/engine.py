@@ -6,16 +6,14 @@ import asyncio
 import itertools
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from dbmux.auth.mysql import RsaKey, RsaKeyError
+from dbmux.auth.mysql import RsaKey, RsaKeyError, load_rsa_key, rsa_key_file
 from dbmux.auth.secrets import Credentials
 from dbmux.bounded import SetResults
 from dbmux.config import (
     ClientPasswordAuthType,
     ConfigError,
     PinningFilter,
-    ProxyConfig,
     SessionState,
     Target,
 )
@@ -114,27 +112,6 @@ class MyContext(EngineContext):
         return connection_id
 
 
-def rsa_key_file(config: ProxyConfig, base_dir: Path, state_dir: Path) -> Path:
-    """Where the proxy's RSA key is: the configured file, or the one kept in the state dir."""
-    if config.rsa_private_key_file is not None:
-        return base_dir / config.rsa_private_key_file
-    return state_dir / f"{config.name}.mysql-rsa-key.pem"
-
-
-def load_rsa_key(config: ProxyConfig, base_dir: Path, state_dir: Path) -> RsaKey:
-    """The proxy's RSA key for caching_sha2_password full authentication without TLS,
-    stable across restarts so that clients can pin its public half."""
-    path = rsa_key_file(config, base_dir, state_dir)
-    try:
-        if config.rsa_private_key_file is not None:
-            return RsaKey.from_file(path)
-        return RsaKey.kept_in(path)
-    except RsaKeyError as error:
-        raise ConfigError(
-            f"proxy {config.name}: {error} (set rsa_private_key_file or state_dir)"
-        ) from None
-
-
 class MysqlEngine(Engine):
     """MySQL client/server protocol 4.1+, for MySQL 5.7+/8 and MariaDB 10.2+."""
 
@@ -148,7 +125,10 @@ class MysqlEngine(Engine):
 
     def new_context(self, runtime: ProxyRuntime) -> MyContext:
         config = runtime.config
-        rsa_key = load_rsa_key(config, runtime.base_dir, runtime.state_dir)
+        try:
+            rsa_key = load_rsa_key(config, runtime.base_dir, runtime.state_dir)
+        except RsaKeyError as error:
+            raise ConfigError(str(error)) from None
         log.info(
             "proxy %s: caching_sha2_password's RSA key is %s; `dbmux rsa-public-key` prints "
             "its public half for clients to pin",
