@@ -1,0 +1,61 @@
+"""The admin listener of a dbmux process: where it listens and the token it asks for."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dbmux.admin.api import AdminApi
+from dbmux.admin.http import HttpServer
+from dbmux.auth.secrets import SecretError
+
+if TYPE_CHECKING:
+    from dbmux.proxy import Process
+
+
+def read_token(reference: str, base_dir: Path) -> str:
+    """The bearer token an admin.token reference (env:VAR or file:PATH) holds; the error
+    names the reference, never what it holds."""
+    scheme, _, rest = reference.partition(":")
+    if scheme == "env":
+        token = os.environ.get(rest, "")
+        where = f"environment variable {rest}"
+    else:
+        path = base_dir / rest
+        where = str(path)
+        try:
+            token = path.read_text()
+        except OSError as error:
+            raise SecretError(f"admin.token: cannot read {path}: {error.strerror}") from None
+    token = token.strip()
+    if not token:
+        raise SecretError(f"admin.token: {where} is unset or empty")
+    return token
+
+
+class AdminListener:
+    """Serves the admin API of `process` on admin.listen, from start() to stop()."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.http: HttpServer | None = None
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """Where it listens (the port chosen, for port 0), once started."""
+        return self.http.address if self.http is not None else None
+
+    async def start(self) -> None:
+        config = self.process.config
+        token = None
+        if config.admin.token is not None:
+            token = read_token(config.admin.token, config.base_dir)
+        http = HttpServer(AdminApi(self.process, token))
+        await http.start(config.admin.listen.host, config.admin.listen.port)
+        self.http = http
+
+    async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
