@@ -15,10 +15,13 @@ import psycopg
 import pytest
 
 from dbmux.auth.secrets import SecretError
+from dbmux.engines.mysql.wire import ER_CLIENT_INTERACTION_TIMEOUT
 from dbmux.testing import PostgresCluster
 from dbmux.testing.embedded import EmbeddedDbmux
 from tests.admin.answers import call, get_json
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, RunningProxy, proxy_config, wait_until
+from tests.myraw import RawMy
+from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER
 
 TOKEN = "admin-token-0123456789"
 
@@ -264,3 +267,23 @@ def test_the_openapi_document_is_served(admin):
     assert document["openapi"].startswith("3.")
     assert "/api/proxies/{name}/clients/{id}/close" in document["paths"]
     json.dumps(document)  # plain JSON throughout
+
+
+async def test_a_mysql_client_is_listed_and_closing_it_sends_the_goodbye_error(start_my_proxy):
+    proxy = start_my_proxy()
+    admin = proxy.embedded.admin_url
+    async with await RawMy.connect(proxy.host, proxy.port) as raw:
+        _, ok = await raw.login(MY_USER, MY_PASSWORD, MY_DB)
+        assert ok[0] == 0, ok
+        (row,) = get_json(f"{admin}/api/proxies/mytest/clients")["Clients"]
+        assert (row["User"], row["Database"], row["State"]) == (MY_USER, MY_DB, "idle")
+        (described,) = get_json(f"{admin}/api/proxies")["DBProxies"]
+        assert described["EngineFamily"] == "MYSQL"
+        assert described["Auth"][0]["ClientPasswordAuthType"].startswith("MYSQL_")
+        answer = call(f"{admin}/api/proxies/mytest/clients/{row['Id']}/close", "POST")
+        assert answer.status == 200
+        seq, payload = await raw.packet()  # MySQL's goodbye: an ERR with sequence id 0
+        assert (seq, payload[0]) == (0, 0xFF), payload
+        assert int.from_bytes(payload[1:3], "little") == ER_CLIENT_INTERACTION_TIMEOUT[0]
+        assert b"admin API" in payload
+        assert await raw.read_all() == b""
