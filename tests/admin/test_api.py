@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from dbmux.auth.secrets import SecretError
+from dbmux.config import ConfigError
 from dbmux.engines.mysql.wire import ER_CLIENT_INTERACTION_TIMEOUT
 from dbmux.testing import PostgresCluster
 from dbmux.testing.embedded import EmbeddedDbmux
@@ -260,6 +261,21 @@ def test_a_token_reference_that_holds_nothing_stops_the_start(pg, tmp_path, monk
             dbmux.start()
     finally:
         dbmux.stop()
+
+
+def test_an_admin_port_in_use_stops_the_start_naming_the_setting(pg, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = proxy_config(pg, tmp_path, {}, [])
+        port = taken.getsockname()[1]
+        config["admin"] = {"listen": f"127.0.0.1:{port}"}
+        dbmux = EmbeddedDbmux(config)
+        try:
+            with pytest.raises(ConfigError, match=f"admin.listen 127.0.0.1:{port}: cannot listen"):
+                dbmux.start()
+        finally:
+            dbmux.stop()
 
 
 def test_the_openapi_document_is_served(admin):

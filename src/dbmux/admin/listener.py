@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,9 +10,12 @@ from typing import TYPE_CHECKING
 from dbmux.admin.api import AdminApi
 from dbmux.admin.http import HttpServer
 from dbmux.auth.secrets import SecretError
+from dbmux.config import ConfigError
 
 if TYPE_CHECKING:
     from dbmux.proxy import Process
+
+log = logging.getLogger("dbmux.admin")
 
 
 def read_token(reference: str, base_dir: Path) -> str:
@@ -51,9 +55,17 @@ class AdminListener:
         token = None
         if config.admin.token is not None:
             token = read_token(config.admin.token, config.base_dir)
+        listen = config.admin.listen
         http = HttpServer(AdminApi(self.process, token))
-        await http.start(config.admin.listen.host, config.admin.listen.port)
+        try:
+            await http.start(listen.host, listen.port)
+        except OSError as error:
+            raise ConfigError(
+                f"admin.listen {listen}: cannot listen: {error.strerror or error}"
+            ) from None
         self.http = http
+        host, port = http.address or (listen.host, listen.port)
+        log.info("admin API on http://%s:%d%s", host, port, " (bearer token)" if token else "")
 
     async def stop(self) -> None:
         if self.http is not None:
