@@ -259,6 +259,7 @@ def dbmux_serve(
         auth.append({"secret": f"file:{secret}"})
     listen = free_port()
     config = {
+        "admin": {"listen": "127.0.0.1:0"},  # a free port: runs side by side never clash
         "proxies": [
             {
                 "name": "compat",
@@ -270,7 +271,7 @@ def dbmux_serve(
                     "targets": [{"host": host, "port": port}],
                 },
             }
-        ]
+        ],
     }
     path = work / "dbmux.yaml"
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML

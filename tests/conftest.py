@@ -278,6 +278,7 @@ def proxy_process(pg: PostgresCluster, tmp_path: Path) -> Iterator[ProxyProcess]
     port = _free_port()
     config = proxy_config(pg, tmp_path, {}, [])
     config["proxies"][0]["listen"] = f"127.0.0.1:{port}"
+    config["admin"] = {"listen": "127.0.0.1:0"}
     path = tmp_path / "dbmux.yaml"
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "dbmux.log"

@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from dbmux.auth.tokens import TokenVerifier
-from dbmux.config import AuthTokens
+from dbmux.config import AuthTokens, parse_config
+from dbmux.testing import PostgresCluster
+from dbmux.testing.embedded import EmbeddedDbmux
+from tests.conftest import RunningProxy, proxy_config
 
 DBMUX = Path(sys.executable).with_name("dbmux")
 
@@ -55,7 +59,8 @@ def test_the_script_is_installed_next_to_the_interpreter() -> None:
 def test_top_level_help_lists_every_command() -> None:
     result = dbmux("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("serve", "check-config", "token", "token-key", "rsa-public-key", "demo"):
+    commands = ("serve", "check-config", "describe", "token", "token-key", "rsa-public-key", "demo")
+    for command in commands:
         assert command in result.stdout
 
 
@@ -66,6 +71,7 @@ def test_top_level_help_lists_every_command() -> None:
         ("check-config", ["FILE"]),
         ("token", ["--host", "--port", "--user", "--key", "--lifetime", "900"]),
         ("token-key", ["--private", "--public", "0600"]),
+        ("describe", ["proxies", "targets", "clients", "servers", "--admin", "--token"]),
     ],
 )
 def test_command_help(command: str, mentions: list[str]) -> None:
@@ -268,3 +274,88 @@ def test_check_config_reads_the_token_keys_and_names_them(config_dir: Path) -> N
     assert result.returncode == 1
     assert "tokens.pub" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- dbmux describe: a running dbmux's admin API as tables -----------------------------------
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """The rows under the header line, split into cells."""
+    return [line.split() for line in output.splitlines()[1:]]
+
+
+def test_describe_proxies_prints_one_row_per_proxy(proxy: RunningProxy) -> None:
+    result = dbmux("describe", "--admin", proxy.embedded.admin_url)
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split()[:4] == ["NAME", "ENGINE", "STATUS", "ENDPOINT"]
+    (row,) = rows
+    assert row.split()[:4] == ["test", "POSTGRESQL", "available", f"{proxy.host}:{proxy.port}"]
+    assert "app-secret" not in result.stdout
+
+
+def test_describe_targets_shows_role_and_health(proxy: RunningProxy, pg: PostgresCluster) -> None:
+    result = dbmux("describe", "targets", "--admin", proxy.embedded.admin_url)
+    assert result.returncode == 0, result.stderr
+    assert table_rows(result.stdout) == [
+        ["test", pg.host, str(pg.port), "READ_WRITE", "AVAILABLE", "-", "-"]
+    ]
+
+
+def test_describe_clients_lists_each_connected_client(proxy: RunningProxy) -> None:
+    with (
+        psycopg.connect(proxy.url(), autocommit=True) as idle,
+        psycopg.connect(proxy.url(), autocommit=True) as pinned,
+    ):
+        idle.execute("SELECT 1")
+        pinned.execute("LISTEN news")
+        result = dbmux("describe", "clients", "--admin", proxy.embedded.admin_url)
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert len(rows) == 2
+    assert {(r[4], r[5], r[6], r[7]) for r in rows} == {
+        ("app", "app", "idle", "-"),
+        ("app", "app", "pinned", "listen"),
+    }
+
+
+def test_describe_finds_the_admin_api_and_its_token_through_the_config(
+    pg: PostgresCluster, tmp_path: Path
+) -> None:
+    (tmp_path / "admin-token").write_text("describe-token-42\n")
+    config = proxy_config(pg, tmp_path, {}, [])
+    config["admin"] = {"listen": "127.0.0.1:0", "token": "file:admin-token"}
+    with EmbeddedDbmux(parse_config(config, base_dir=tmp_path)) as running:
+        host, port = running.process.admin_address
+        config["admin"]["listen"] = f"{host}:{port}"
+        path = tmp_path / "dbmux.yaml"
+        path.write_text(json.dumps(config))
+        result = dbmux("describe", "servers", "--config", str(path))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == [
+            "PROXY",
+            "ID",
+            "TARGET",
+            "USER",
+            "DATABASE",
+            "STATE",
+            "AGE",
+            "CLIENT",
+        ]
+        refused = dbmux("describe", "--admin", f"http://{host}:{port}")
+    assert refused.returncode == 1
+    assert "401" in refused.stderr and "Traceback" not in refused.stderr
+    assert "describe-token-42" not in refused.stderr
+
+
+def test_describe_without_a_running_dbmux_says_so(tmp_path: Path) -> None:
+    result = dbmux("describe", "--admin", "http://127.0.0.1:1")
+    assert result.returncode == 1
+    assert "cannot reach the admin API at http://127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_describe_never_takes_the_token_itself_on_the_command_line() -> None:
+    result = dbmux("describe", "--admin", "http://127.0.0.1:1", "--token", "s3cret")
+    assert result.returncode == 2
+    assert "env:VAR or file:PATH" in result.stderr

@@ -732,3 +732,18 @@ def test_state_dir_defaults_to_xdg_state_home_or_the_users_local_state(
     assert parse_config(mysql_minimal()).state_path == Path.home() / ".local/state/dbmux"
     relative = parse_config({**mysql_minimal(), "state_dir": "state"}, base_dir=tmp_path)
     assert relative.state_path == tmp_path / "state"
+
+
+@pytest.mark.parametrize("reference", ["env:DBMUX_ADMIN_TOKEN", "file:secrets/admin-token"])
+def test_the_admin_token_is_a_reference(reference: str) -> None:
+    config = parse_config({**minimal(), "admin": {"token": reference}})
+    assert config.admin.token == reference
+    assert parse_config(minimal()).admin.token is None
+
+
+@pytest.mark.parametrize("token", ["hunter2", "env:", "file:", "arn:aws:secretsmanager:x"])
+def test_an_admin_token_written_in_the_file_is_refused_without_echoing_it(token: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**minimal(), "admin": {"token": token}})
+    assert "admin.token: " in str(caught.value) and "env:VAR or file:PATH" in str(caught.value)
+    assert "hunter2" not in str(caught.value)

@@ -1,4 +1,5 @@
-"""Command line: dbmux serve | check-config | token | token-key | rsa-public-key | demo."""
+"""Command line: dbmux serve | check-config | describe | token | token-key | rsa-public-key |
+demo."""
 
 from __future__ import annotations
 
@@ -142,6 +143,35 @@ def cmd_token_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def admin_url(listen_host: str, port: int) -> str:
+    """The URL to reach an admin listener at: a wildcard address is reached on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen_host, listen_host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from dbmux.admin.describe import DEFAULT_URL, AdminError, describe
+    from dbmux.admin.listener import read_token
+
+    url, reference, base_dir = args.admin, args.token, Path.cwd()
+    if args.config is not None:
+        config = load_config(args.config)
+        listen = config.admin.listen
+        url = url or admin_url(listen.host, listen.port)
+        if reference is None and config.admin.token is not None:
+            reference, base_dir = config.admin.token, config.base_dir
+    if reference is not None and not reference.startswith(("env:", "file:")):
+        print("dbmux describe: --token takes env:VAR or file:PATH", file=sys.stderr)
+        return 2
+    token = read_token(reference, base_dir) if reference is not None else None
+    try:
+        print(describe(args.what, url or DEFAULT_URL, token))
+    except AdminError as error:
+        print(f"dbmux describe: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging("warning")
     from dbmux.demo.run import run_demo
@@ -192,6 +222,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path, metavar="FILE")
     check.set_defaults(func=cmd_check_config)
+
+    describe_cmd = sub.add_parser(
+        "describe",
+        help="show a running dbmux's proxies, targets, clients or servers",
+        description="Ask a running dbmux's admin API (admin.listen) and print its proxies, "
+        "their targets (role, health), their live client connections or their server "
+        "connections as tables.",
+    )
+    describe_cmd.add_argument(
+        "what",
+        nargs="?",
+        default="proxies",
+        choices=["proxies", "targets", "clients", "servers"],
+        help="default: proxies",
+    )
+    describe_cmd.add_argument(
+        "--admin",
+        metavar="URL",
+        help="the admin API's URL (default: from --config's admin.listen, else "
+        "http://127.0.0.1:9187)",
+    )
+    describe_cmd.add_argument(
+        "--config", "-c", type=Path, metavar="FILE", help="the config file dbmux runs with"
+    )
+    describe_cmd.add_argument(
+        "--token",
+        metavar="env:VAR|file:PATH",
+        help="where the bearer token is (default: --config's admin.token); never the token "
+        "itself, which others could read in the process list",
+    )
+    describe_cmd.set_defaults(func=cmd_describe)
 
     public_key = sub.add_parser(
         "rsa-public-key",

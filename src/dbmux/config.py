@@ -377,9 +377,22 @@ class SecretsConfig(_Model):
 
 
 class AdminConfig(_Model):
+    """The admin HTTP listener (/metrics, /api/...): loopback by default; `token` (env:VAR or
+    file:PATH, relative to the config's folder) holds the bearer token every request must
+    carry, if set."""
+
     listen: Address = Address(host="127.0.0.1", port=9187)
+    token: str | None = None
 
     _listen = field_validator("listen", mode="before")(_address)
+
+    @field_validator("token")
+    @classmethod
+    def _token_reference(cls, value: str | None) -> str | None:
+        scheme, _, rest = (value or "env:-").partition(":")
+        if scheme not in ("env", "file") or not rest:
+            raise ValueError("must be env:VAR or file:PATH (the token itself never goes here)")
+        return value
 
 
 class Config(_Model):

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from dbmux.admin.listener import AdminListener
 from dbmux.auth.admission import Admission, LoginThrottle
 from dbmux.auth.directory import UserDirectory
 from dbmux.auth.mysql import load_public_key
@@ -362,7 +363,7 @@ class Proxy:
 
 
 class Process:
-    """Every proxy of a config file, plus the shared metrics registry."""
+    """Every proxy of a config file, the shared metrics registry, and the admin listener."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -377,11 +378,23 @@ class Process:
             )
             for p in config.proxies
         ]
+        self.admin = AdminListener(self)
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """Where the admin API listens (the port chosen, for admin.listen port 0)."""
+        return self.admin.address
 
     async def start(self) -> None:
         for proxy in self.proxies:
             await proxy.start()
+        try:
+            await self.admin.start()
+        except Exception:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
+        await self.admin.stop()
         for proxy in self.proxies:
             await proxy.stop()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
+import time
 from abc import abstractmethod
 from collections.abc import Callable
 from enum import Enum
@@ -27,6 +29,9 @@ from dbmux.engines.base import Borrower, BorrowTimeout, Lender, ProxyRuntime, Se
 from dbmux.relay import ClientEnd, ConnectionClosed
 
 log = logging.getLogger("dbmux.session")
+
+# Client ids, unique in the process: what the admin API names a client by.
+_client_ids = itertools.count(1)
 
 
 class Failure(Enum):
@@ -76,6 +81,11 @@ class ClientSession(ClientEnd, Borrower):
         self.logged_in = False
         self.last_active = runtime.clock.now
         self._task: asyncio.Task[None] | None = None  # the login, or a round trip of its own
+        self.id = next(_client_ids)
+        self.connected_at = time.monotonic()
+        # When it got its current server connection (the coarse clock: the age of what it
+        # runs there, to a second, for the admin API).
+        self.attached_at = 0.0
 
     # -- what each engine supplies ------------------------------------------------------------
 
@@ -226,7 +236,7 @@ class ClientSession(ClientEnd, Borrower):
             self.give_back(self.leftover(self.server))
 
     def expire(self, reason: str) -> None:
-        """idle_client_timeout or shutdown."""
+        """idle_client_timeout, shutdown, or an operator's close (admin API)."""
         self.fail(Failure.TERMINATED, f"terminating connection: {reason}")
 
     def pin(self, reason: str) -> None:
@@ -241,6 +251,7 @@ class ClientSession(ClientEnd, Borrower):
     def attach(self, server: Any) -> None:
         self.server = server
         server.client = self
+        self.attached_at = self.runtime.clock.now
 
     def detach(self) -> Any:
         """Part from the server connection (if any) and return it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 
 CONNECT_TIMEOUT = 10.0  # seconds to open and log in a server connection
+_server_ids = itertools.count(1)  # server connection ids, unique in the process
 
 
 class ErrorKind(Enum):
@@ -90,6 +92,7 @@ class ServerConnection(ABC):
     """
 
     def __init__(self) -> None:
+        self.id = next(_server_ids)  # what the admin API names it by
         self.pool: Home | None = None
         self.created_at = time.monotonic()
         self.idle_since = self.created_at

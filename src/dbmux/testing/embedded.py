@@ -11,11 +11,15 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from dbmux.config import Config, parse_config
+from dbmux.config import Address, AdminConfig, Config, parse_config
 from dbmux.eventloop import new_loop
 from dbmux.proxy import Process, Proxy
 
 T = TypeVar("T")
+
+# Unless a config says otherwise, an embedded dbmux's admin API takes a free port: many run
+# side by side (tests, the demo), and none may take the default 9187 from a real one.
+FREE_PORT_ADMIN = AdminConfig(listen=Address(host="127.0.0.1", port=0))
 
 
 async def _cancel_leftover_tasks() -> None:
@@ -31,7 +35,10 @@ class EmbeddedDbmux:
     """A started dbmux process on a thread; use as a context manager or call stop()."""
 
     def __init__(self, config: Config | dict[str, Any]) -> None:
-        self.config = config if isinstance(config, Config) else parse_config(config)
+        config = config if isinstance(config, Config) else parse_config(config)
+        if "admin" not in config.model_fields_set:
+            config = config.model_copy(update={"admin": FREE_PORT_ADMIN})
+        self.config = config
         self.loop = new_loop()
         self.process: Process | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, name="dbmux", daemon=True)
@@ -55,6 +62,13 @@ class EmbeddedDbmux:
         if name is None:
             return self.process.proxies[0]
         return next(p for p in self.process.proxies if p.config.name == name)
+
+    @property
+    def admin_url(self) -> str:
+        """The admin API's base URL, e.g. http://127.0.0.1:40123."""
+        assert self.process is not None and self.process.admin_address is not None
+        host, port = self.process.admin_address
+        return f"http://{host}:{port}"
 
     def address(self, name: str | None = None, endpoint: str | None = None) -> tuple[str, int]:
         """Where a proxy (the first by default) listens, or one of its `endpoints`."""

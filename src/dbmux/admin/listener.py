@@ -1,0 +1,73 @@
+"""The admin listener of a dbmux process: where it listens and the token it asks for."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dbmux.admin.api import AdminApi
+from dbmux.admin.http import HttpServer
+from dbmux.auth.secrets import SecretError
+from dbmux.config import ConfigError
+
+if TYPE_CHECKING:
+    from dbmux.proxy import Process
+
+log = logging.getLogger("dbmux.admin")
+
+
+def read_token(reference: str, base_dir: Path) -> str:
+    """The bearer token an admin.token reference (env:VAR or file:PATH) holds; the error
+    names the reference, never what it holds."""
+    scheme, _, rest = reference.partition(":")
+    if scheme == "env":
+        token = os.environ.get(rest, "")
+        where = f"environment variable {rest}"
+    else:
+        path = base_dir / rest
+        where = str(path)
+        try:
+            token = path.read_text()
+        except OSError as error:
+            raise SecretError(f"admin.token: cannot read {path}: {error.strerror}") from None
+    token = token.strip()
+    if not token:
+        raise SecretError(f"admin.token: {where} is unset or empty")
+    return token
+
+
+class AdminListener:
+    """Serves the admin API of `process` on admin.listen, from start() to stop()."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.http: HttpServer | None = None
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """Where it listens (the port chosen, for port 0), once started."""
+        return self.http.address if self.http is not None else None
+
+    async def start(self) -> None:
+        config = self.process.config
+        token = None
+        if config.admin.token is not None:
+            token = read_token(config.admin.token, config.base_dir)
+        listen = config.admin.listen
+        http = HttpServer(AdminApi(self.process, token))
+        try:
+            await http.start(listen.host, listen.port)
+        except OSError as error:
+            raise ConfigError(
+                f"admin.listen {listen}: cannot listen: {error.strerror or error}"
+            ) from None
+        self.http = http
+        host, port = http.address or (listen.host, listen.port)
+        log.info("admin API on http://%s:%d%s", host, port, " (bearer token)" if token else "")
+
+    async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
