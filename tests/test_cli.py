@@ -66,6 +66,7 @@ def test_top_level_help_lists_every_command() -> None:
         ("check-config", ["FILE"]),
         ("token", ["--host", "--port", "--user", "--key", "--lifetime", "900"]),
         ("token-key", ["--private", "--public", "0600"]),
+        ("demo", ["--clients", "--skip-mysql", "--skip-failover", "--no-tls"]),
     ],
 )
 def test_command_help(command: str, mentions: list[str]) -> None:

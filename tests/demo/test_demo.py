@@ -72,6 +72,32 @@ def test_dbmux_stays_within_its_pool(demo: tuple[DemoReport, str]) -> None:
     assert 1 <= report.dbmux.peak_pool_open <= report.pool_size
 
 
+def test_clients_use_tls_by_default(demo: tuple[DemoReport, str]) -> None:
+    """Every client requires TLS and checks the certificate against the demo's CA: the
+    direct storm's successes went over TLS to the database, and dbmux counted every login
+    of its storm as a TLS one."""
+    report, progress = demo
+    assert report.tls
+    assert report.direct.succeeded > 0
+    counters = report.dbmux_counters
+    assert counters["client_logins_tls"] == counters["client_logins"] >= report.invocations
+    assert "Every client uses TLS" in " ".join(progress.split())
+    text = " ".join(format_report(report).split())
+    logins = f"{counters['client_logins']} of {counters['client_logins']} client logins on TLS"
+    assert logins in text
+
+
+def test_no_tls_storms_in_plaintext() -> None:
+    report = storm_report(
+        clients=20, max_connections=10, invocations=40, out=io.StringIO(), tls=False
+    )
+    assert not report.tls
+    assert report.dbmux.failed == 0, report.dbmux.examples
+    assert report.dbmux_counters["client_logins"] >= 40
+    assert report.dbmux_counters["client_logins_tls"] == 0
+    assert "TLS was off (--no-tls)" in " ".join(format_report(report).split())
+
+
 def test_output_shows_progress_and_the_comparison(demo: tuple[DemoReport, str]) -> None:
     report, progress = demo
     assert "direct " in progress and "dbmux  " in progress
