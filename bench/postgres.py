@@ -196,7 +196,7 @@ class PostgresBench(Bench):
             dbname=self.dbname,
             pool_size=POOL_SIZE,
             auth_file_secret=secret,
-            tls=self.tls_files()[0] if workload.tls else None,
+            tls=self.tls_certificate() if workload.tls else None,
         )
 
     def run_client(self, workload: Workload, target: Target) -> ClientResult:

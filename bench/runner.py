@@ -129,7 +129,7 @@ class Bench:
         self.host = "127.0.0.1"
         self.port = 0
         self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
-        self._tls: tuple[CertFiles, Path] | None = None
+        self._tls: CertFiles | None = None
 
     @classmethod
     def selected(cls, args: argparse.Namespace) -> list[Workload]:
@@ -148,13 +148,12 @@ class Bench:
         if self._tls_dir is not None:
             self._tls_dir.cleanup()
 
-    def tls_files(self) -> tuple[CertFiles, Path]:
-        """The proxies' certificate for loopback names and the CA file that signed it, made
-        at the first TLS run (a throwaway CA in a temp dir, removed at close())."""
+    def tls_certificate(self) -> CertFiles:
+        """The proxies' certificate for loopback names, made at the first TLS run by a
+        throwaway CA in a temp dir (removed at close())."""
         if self._tls is None:
             self._tls_dir = tempfile.TemporaryDirectory(prefix="dbmux-bench-tls-")
-            ca = TestCA(Path(self._tls_dir.name))
-            self._tls = ca.issue("proxy"), ca.ca_file
+            self._tls = TestCA(Path(self._tls_dir.name)).issue("proxy")
         return self._tls
 
     def reset(self) -> None:
@@ -201,7 +200,7 @@ class Bench:
         """dbmux's settings for a TLS workload's clients: TLS offered and required."""
         if not workload.tls:
             return {}
-        return {"require_tls": True, "tls": self.tls_files()[0].as_tls()}
+        return {"require_tls": True, "tls": self.tls_certificate().as_tls()}
 
     def cannot_run(self, workload: Workload) -> str | None:
         """Why the workload cannot run here (its client is missing, say), else None."""

@@ -8,7 +8,8 @@ MariaDB: "Too many connections", error 1040); then the same workload goes throug
 accepts every client and multiplexes their transactions over a small pool of server
 connections. A report compares the two runs. ``dbmux demo`` storms PostgreSQL with asyncpg
 clients, then MariaDB with PyMySQL clients, each blocking on a thread of its own as a Lambda
-function would.
+function would. The clients are on TLS unless ``--no-tls``: the database and dbmux offer
+certificates of a throwaway CA, which every client checks (verify-full).
 
 Then a failover: a PostgreSQL primary and its synchronous streaming replica behind dbmux, many
 writers on long-lived connections, the primary killed (SIGKILL) and the replica promoted, with
