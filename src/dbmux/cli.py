@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--no-tls",
         action="store_true",
-        help="storm in plaintext (by default the databases and dbmux offer TLS with a "
+        help="clients in plaintext (by default the databases and dbmux offer TLS with a "
         "throwaway CA's certificates and every client uses it, checking the certificate)",
     )
     demo.set_defaults(func=cmd_demo)

@@ -4,6 +4,7 @@ report data."""
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 
 import pytest
@@ -131,6 +132,16 @@ def test_failover_keeps_every_connection_and_commit(failover: tuple[DrillResult,
     assert result.resumed_at is not None and result.failed_at is not None
     assert result.resumed_at > result.failed_at
     assert failover_exit_code(result) == 0
+
+
+def test_failover_clients_use_tls_by_default(failover: tuple[DrillResult, str]) -> None:
+    """The writers and idle clients (5 + 2) logged into dbmux over TLS, and only so."""
+    _, progress = failover
+    text = " ".join(progress.split())
+    assert "all through dbmux on TLS" in text
+    counted = re.search(r"dbmux counted (\d+) of (\d+) client logins on TLS", text)
+    assert counted is not None, text
+    assert int(counted[1]) == int(counted[2]) >= 7
 
 
 def test_failover_timeline_and_summary(failover: tuple[DrillResult, str]) -> None:

@@ -201,7 +201,9 @@ def notes(report: DemoReport) -> list[str]:
         f"dbmux it includes waiting for one of {pool} server connections. The clients and dbmux "
         "share this one Python process."
     ]
-    out.append(tls_note(report))
+    counters = report.dbmux_counters
+    logins, on_tls = counters.get("client_logins", 0), counters.get("client_logins_tls", 0)
+    out.append(tls_note(report.tls, logins, on_tls))
     if all(phase.rows_committed == phase.committed for phase in report.phases):
         out.append(
             "Rows committed: the orders table holds exactly one row for each invocation whose "
@@ -239,11 +241,9 @@ def notes(report: DemoReport) -> list[str]:
     return out
 
 
-def tls_note(report: DemoReport) -> str:
+def tls_note(tls: bool, logins: int, on_tls: int) -> str:
     """Whether the clients were on TLS, with dbmux's own count of its TLS logins."""
-    logins = report.dbmux_counters.get("client_logins", 0)
-    on_tls = report.dbmux_counters.get("client_logins_tls", 0)
-    if not report.tls:
+    if not tls:
         return f"TLS was off (--no-tls): dbmux counted {on_tls} of {logins} client logins on TLS."
     return (
         "TLS: every client connected with TLS, "

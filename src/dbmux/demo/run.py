@@ -31,7 +31,6 @@ import importlib.util
 import json
 import secrets
 import signal
-import ssl
 import sys
 import tempfile
 import threading
@@ -163,13 +162,6 @@ def _tls_note(tls: bool) -> str:
     )
 
 
-def _client_context(ca: TestCA) -> ssl.SSLContext:
-    """What the clients check servers with: the CA's certificates and the address they
-    connect to (the certificates name 127.0.0.1 and localhost); built once per storm, as a
-    function keeps it between invocations."""
-    return ssl.create_default_context(cafile=str(ca.ca_file))
-
-
 def _raise_fd_limit(needed: int, console: Console) -> None:
     """Every client is a socket here and, in the dbmux phase, another one in dbmux itself."""
     try:
@@ -295,7 +287,8 @@ def storm_report(
             )
         )
         console.say()
-        client_tls = _client_context(ca) if ca else None
+        # Built once per storm, as a function keeps its context between invocations.
+        client_tls = ca.client_context() if ca else None
 
         report = DemoReport(
             clients=clients,
@@ -411,7 +404,7 @@ def run_demo(
         console.say("-" * REPORT_WIDTH)
         console.say()
         try:
-            result = failover_report()
+            result = failover_report(tls=tls)
         except KeyboardInterrupt:
             console.say("Interrupted; the throwaway databases and dbmux have been shut down.")
             return 130
