@@ -26,7 +26,7 @@ from typing import Any
 
 from bench import failover, report
 from bench.mysql import MysqlBench
-from bench.postgres import PostgresBench
+from bench.postgres import TLS_GROUP, PostgresBench
 from bench.report import BASELINE, DBMUX_TARGETS, DEFAULT_TARGETS, TARGETS, RunResult
 from bench.runner import (
     MAX_CONNECTIONS,
@@ -45,7 +45,9 @@ BENCHES: tuple[type[Bench], ...] = (PostgresBench, MysqlBench)
 WORKLOADS = tuple(w for b in BENCHES for w in b.workloads)
 _BY_KEY = {w.key: w for w in WORKLOADS}
 # --only takes a database's name for all of its workloads.
-_GROUPS = {b.engine: [w.key for w in b.workloads] for b in BENCHES}
+_ENGINES = {b.engine: [w.key for w in b.workloads] for b in BENCHES}
+# ... and "tls" for the TLS rows with the plaintext rows they are compared with.
+_GROUPS = {**_ENGINES, "tls": TLS_GROUP}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,10 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        default=",".join([*_GROUPS, "failover"]),
+        default=",".join([*_ENGINES, "failover"]),
         metavar="WORKLOAD[,..]",
-        help=f"workloads to run (default: all): {', '.join(_GROUPS)} (all of that database's), "
-        f"{', '.join(_BY_KEY)}, or the failover drill: {', '.join(failover.KEYS)}",
+        help=f"workloads to run (default: all): {', '.join(_ENGINES)} (all of that database's), "
+        f"tls ({', '.join(TLS_GROUP)}), {', '.join(_BY_KEY)}, or the failover drill: "
+        f"{', '.join(failover.KEYS)}",
     )
     defaults = "; ".join(f"{e}: {','.join(t)}" for e, t in DEFAULT_TARGETS.items())
     parser.add_argument(
@@ -243,9 +246,11 @@ def main(argv: list[str] | None = None) -> int:
                 "script": w.script or None,
                 "targets": targets_for(args, w),
                 "dbmux_connection_borrow_timeout": borrow_timeout(args, w),
+                "client_tls": w.tls,
             }
             for w in selected
         },
+        "tls": [row for b in benches for row in b.tls_summary()],
         "runs": [r.to_json() for r in results.values()],
         "failover": failover.to_json(drills),
     }

@@ -28,6 +28,8 @@ SCALE = 10
 # instead of keeping pgbench waiting for up to 120 s after -T ends.
 PINNED_BORROW_TIMEOUT = 5.0
 STEADY = RatioTarget("pgbouncer", minimum=0.8, aim=1.0)
+# The TLS rows compare the two proxies; PostgreSQL itself offers no TLS here.
+TLS_TARGETS = ("pgbouncer", "dbmux", "dbmux-before")
 
 # Every transaction sets session state, then reads with it; application_name differs per
 # client, so a server connection always carries the previous client's value. pgbench's
@@ -94,7 +96,26 @@ WORKLOADS = (
         "ignores SET: each client's settings stay on the server connection and leak to the "
         "clients that use it next (not measured here).",
     ),
+    Workload(
+        "tls-select-simple",
+        "select-only simple, TLS",
+        ("-S", "-c", "50", "-j", "2"),
+        ratio_target=STEADY,
+        tls=True,
+        plain="select-simple",
+        targets=TLS_TARGETS,
+    ),
+    Workload(
+        "tls-storm-50",
+        "storm -S -C, 50 clients, TLS",
+        ("-S", "-C", "-c", "50", "-j", "2"),
+        tls=True,
+        plain="storm-50",
+        targets=TLS_TARGETS,
+    ),
 )
+# --only tls: the TLS rows and the plaintext rows their TLS cost is measured against.
+TLS_GROUP = [w.key for w in WORKLOADS if w.tls or any(t.plain == w.key for t in WORKLOADS)]
 
 
 class PostgresBench(Bench):
@@ -175,6 +196,7 @@ class PostgresBench(Bench):
             dbname=self.dbname,
             pool_size=POOL_SIZE,
             auth_file_secret=secret,
+            tls=self.tls_certificate() if workload.tls else None,
         )
 
     def run_client(self, workload: Workload, target: Target) -> ClientResult:
@@ -188,6 +210,7 @@ class PostgresBench(Bench):
             args=list(workload.args),
             duration=self.args.duration,
             script=workload.script,
+            tls=workload.tls,
         )
 
     def heading(self, machine: dict[str, Any]) -> str:
@@ -205,6 +228,18 @@ class PostgresBench(Bench):
             f"the machine took {NOISY:.0f}% of the CPU or more. ! = pgbench aborted clients: "
             "tps is that of the clients that kept running (if none did, of the moment before "
             "the run ended)."
+        )
+
+    def tls_legend(self) -> str:
+        return (
+            "TLS rows: pgbench with sslmode=require (a full TLS handshake per connection: "
+            "TLS 1.3, TLS_AES_256_GCM_SHA384, X25519, ECDSA with the bench's throwaway P-256 "
+            "certificate, through both proxies), PgBouncer with "
+            "client_tls_sslmode = require and dbmux with tls and require_tls; both talk to "
+            "PostgreSQL in plaintext. TLS cost = proxy CPU per transaction less that of the "
+            "same run's plaintext workload: per connect in the storm (each transaction is a "
+            "new connection, so this is the handshake's cost), per transaction in the steady "
+            "state (encryption only)."
         )
 
     def settings(self) -> dict[str, Any]:

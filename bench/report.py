@@ -51,6 +51,14 @@ class Workload:
     # targets), instead of the default 120 s; None: the default.
     borrow_timeout: float | None = None
     note: str = ""  # printed under the results table
+    # Clients on TLS: the proxies offer it with the bench's throwaway certificate and refuse
+    # plaintext, the client requires it (towards the database the proxies stay plaintext).
+    tls: bool = False
+    # The same workload without TLS: the TLS cost is the difference in proxy CPU per
+    # transaction (per connect in a -C storm) between the two, run for run.
+    plain: str = ""
+    # The only targets this workload runs (default: all of its database's).
+    targets: tuple[str, ...] = ()
 
     @property
     def command(self) -> str:
@@ -393,6 +401,86 @@ def verdict(
                         + (f" (dbmux/{name}: {fmt_ratio(dbmux.tps, r.tps)})" if dbmux else "")
                     )
     return lines
+
+
+TLS_PROXIES = ("pgbouncer", "dbmux")  # the proxies the TLS rows compare, in column order
+
+
+def _proxy_cpu_per_tx(results: dict[tuple[str, str], RunResult], wl: str, t: str) -> float | None:
+    r = results.get((wl, t))
+    return _per_tx(r.proxy_cpu_seconds, r) if r is not None else None
+
+
+def _rounded(value: float | None, digits: int = 1) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def tls_summary(
+    workloads: Sequence[Workload], results: dict[tuple[str, str], RunResult]
+) -> list[dict[str, Any]]:
+    """Per TLS workload and proxy: tps, proxy CPU per transaction and the TLS cost, that CPU
+    less the same run's plaintext workload's (per connect in a storm, where each transaction
+    is a new connection: the handshake); with the dbmux/PgBouncer ratios."""
+    rows = []
+    for w in workloads:
+        if not w.tls or not any((w.key, t) in results for t in TLS_PROXIES):
+            continue
+        row: dict[str, Any] = {"workload": w.key, "plain": w.plain or None, "per": "transaction"}
+        if "-C" in w.args:
+            row["per"] = "connect"
+        for t in TLS_PROXIES:
+            cpu = _proxy_cpu_per_tx(results, w.key, t)
+            plain = _proxy_cpu_per_tx(results, w.plain, t) if w.plain else None
+            r = results.get((w.key, t))
+            row[t] = {
+                "tps": r.tps if r is not None else None,
+                "failures": r.failures if r is not None else None,
+                "proxy_cpu_us_per_tx": _rounded(cpu),
+                "plain_proxy_cpu_us_per_tx": _rounded(plain),
+                "tls_cost_us": _rounded(cpu - plain if cpu is not None and plain else None),
+            }
+        x, p = row["dbmux"], row["pgbouncer"]
+        row["tps_ratio"] = x["tps"] / p["tps"] if x["tps"] and p["tps"] else None
+        cpu_x, cpu_p = x["proxy_cpu_us_per_tx"], p["proxy_cpu_us_per_tx"]
+        row["cpu_ratio"] = cpu_x / cpu_p if cpu_x and cpu_p else None
+        rows.append(row)
+    return rows
+
+
+def tls_table(rows: list[dict[str, Any]], titles: dict[str, str]) -> str:
+    """The TLS rows side by side: PgBouncer (p) and dbmux (x). titles: workload key -> title."""
+
+    def pair(row: dict[str, Any], key: str, fmt) -> str:
+        values = (row[t][key] for t in TLS_PROXIES)
+        return " / ".join("-" if v is None else fmt(v) for v in values)
+
+    head = [
+        "workload (clients on TLS)",
+        "PgBouncer tps",
+        "dbmux tps",
+        "dbmux/PgBouncer",
+        "failures (p / x)",
+        "proxy CPU µs/tx (p / x)",
+        "CPU dbmux/PgBouncer",
+        "TLS cost µs (p / x)",
+        "per",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for row in rows:
+        ratio, cpu_ratio = row["tps_ratio"], row["cpu_ratio"]
+        cells = [
+            titles[row["workload"]],
+            fmt_tps(row["pgbouncer"]["tps"]),
+            fmt_tps(row["dbmux"]["tps"]),
+            "-" if ratio is None else f"{ratio:.2f}x",
+            pair(row, "failures", str),
+            pair(row, "proxy_cpu_us_per_tx", lambda v: f"{v:,.1f}"),
+            "-" if cpu_ratio is None else f"{cpu_ratio:.2f}x",
+            pair(row, "tls_cost_us", lambda v: f"{v:,.1f}"),
+            row["per"] + (f" (less {row['plain']})" if row["plain"] else ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def problems(results: dict[tuple[str, str], RunResult]) -> list[str]:

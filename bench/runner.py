@@ -11,6 +11,7 @@ import argparse
 import functools
 import hashlib
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from bench.report import (
 )
 from bench.targets import Dbmux, ProcessTarget, Target, TargetError
 from bench.targets import versions as target_versions
+from dbmux.testing.certs import CertFiles, TestCA
 
 MAX_CONNECTIONS = 100
 POOL_PERCENT = 20  # of max_connections: a pool of 20, as PgBouncer's default_pool_size
@@ -43,11 +45,14 @@ def out(text: str = "", end: str = "\n") -> None:
 
 def targets_for(args: argparse.Namespace, workload: Workload) -> list[str]:
     """--targets as given (those the workload's database has), else the database's default
-    targets, dbmux-before if --baseline, and the workload's extra ones."""
+    targets, dbmux-before if --baseline, and the workload's extra ones; of those, the ones
+    the workload runs (all but direct for TLS, say)."""
+    allowed = workload.targets or ENGINE_TARGETS[workload.engine]
     if args.target_list is not None:
-        return [t for t in args.target_list if t in ENGINE_TARGETS[workload.engine]]
+        return [t for t in args.target_list if t in allowed]
     baseline = [BASELINE] if args.baseline else []
-    return [*DEFAULT_TARGETS[workload.engine], *baseline, *workload.extra_targets]
+    chosen = [*DEFAULT_TARGETS[workload.engine], *baseline, *workload.extra_targets]
+    return [t for t in chosen if t in allowed]
 
 
 def all_targets(args: argparse.Namespace, workloads: list[Workload]) -> list[str]:
@@ -123,6 +128,8 @@ class Bench:
         self.broken = False
         self.host = "127.0.0.1"
         self.port = 0
+        self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._tls: CertFiles | None = None
 
     @classmethod
     def selected(cls, args: argparse.Namespace) -> list[Workload]:
@@ -138,6 +145,16 @@ class Bench:
     def close(self) -> None:
         if self.sampler is not None:
             self.sampler.close()
+        if self._tls_dir is not None:
+            self._tls_dir.cleanup()
+
+    def tls_certificate(self) -> CertFiles:
+        """The proxies' certificate for loopback names, made at the first TLS run by a
+        throwaway CA in a temp dir (removed at close())."""
+        if self._tls is None:
+            self._tls_dir = tempfile.TemporaryDirectory(prefix="dbmux-bench-tls-")
+            self._tls = TestCA(Path(self._tls_dir.name)).issue("proxy")
+        return self._tls
 
     def reset(self) -> None:
         """Before every run: bring the tables back to where the previous run found them."""
@@ -175,9 +192,15 @@ class Bench:
             name=name,
             source=self.args.baseline if name == BASELINE else None,
             engine_family=self.family,
-            proxy_settings=DBMUX_TARGETS[name],
+            proxy_settings={**DBMUX_TARGETS[name], **self.dbmux_tls(workload)},
             pool_settings=pool,
         )
+
+    def dbmux_tls(self, workload: Workload) -> dict[str, object]:
+        """dbmux's settings for a TLS workload's clients: TLS offered and required."""
+        if not workload.tls:
+            return {}
+        return {"require_tls": True, "tls": self.tls_certificate().as_tls()}
 
     def cannot_run(self, workload: Workload) -> str | None:
         """Why the workload cannot run here (its client is missing, say), else None."""
@@ -376,3 +399,17 @@ class Bench:
         )
         out()
         out(report.cpu_table(workloads, self.results, targets, *self.cpu_columns))
+        rows = self.tls_summary()
+        if rows:
+            out()
+            out(self.tls_legend())
+            out()
+            out(report.tls_table(rows, {w.key: w.title for w in workloads}))
+
+    def tls_summary(self) -> list[dict[str, Any]]:
+        """The TLS rows' numbers (report.tls_summary) of the runs so far."""
+        return report.tls_summary(self.selected(self.args), self.results)
+
+    def tls_legend(self) -> str:
+        """What the TLS table's numbers mean, printed above it."""
+        raise NotImplementedError

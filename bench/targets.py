@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from dbmux.testing.certs import CertFiles
+
 HOST = "127.0.0.1"
 _live: set[subprocess.Popen[bytes]] = set()
 
@@ -225,17 +227,26 @@ class PgBouncer(ProcessTarget):
     log_name = "pgbouncer.log"
 
     def __init__(
-        self, *args: object, pool_size: int, auth_file_secret: str | None = None, **kwargs: object
+        self,
+        *args: object,
+        pool_size: int,
+        auth_file_secret: str | None = None,
+        tls: CertFiles | None = None,
+        **kwargs: object,
     ) -> None:
         """auth_file_secret: what userlist.txt holds for the user, by default the password.
 
         With the user's SCRAM secret from pg_authid instead (what auth_query would return),
         PgBouncer verifies client logins without PBKDF2 and logs into the server with the
         client's SCRAM proof; with the plain password it derives a SCRAM key on every login.
+
+        tls: the certificate PgBouncer offers its clients, who must then use TLS
+        (client_tls_sslmode = require; towards the server it stays plaintext).
         """
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.pool_size = pool_size
         self.auth_file_secret = auth_file_secret or self.password
+        self.tls = tls
         binary = pgbouncer_binary()
         if binary is None:
             raise TargetError("pgbouncer not installed (make system-deps)")
@@ -263,12 +274,28 @@ max_db_connections = {self.pool_size}
 max_client_conn = 10000
 logfile = {self.log}
 ignore_startup_parameters = extra_float_digits,options
-"""
+{self._tls_settings()}"""
         (self.workdir / "pgbouncer.ini").write_text(ini)
         if os.geteuid() == 0:  # PgBouncer refuses to run as root; -u switches to postgres
             account = pwd.getpwnam("postgres")
             for path in (self.workdir, *self.workdir.iterdir()):
                 os.chown(path, account.pw_uid, account.pw_gid)
+
+    def _tls_settings(self) -> str:
+        """TLS with the clients, from copies of the files in the workdir (PgBouncer may run
+        as postgres, who must be able to read the key)."""
+        if self.tls is None:
+            return ""
+        assert self.workdir is not None
+        cert, key = self.workdir / "proxy.pem", self.workdir / "proxy-key.pem"
+        shutil.copyfile(self.tls.certificate_file, cert)
+        shutil.copyfile(self.tls.key_file, key)
+        key.chmod(0o600)
+        return (
+            "client_tls_sslmode = require\n"
+            f"client_tls_cert_file = {cert}\n"
+            f"client_tls_key_file = {key}\n"
+        )
 
     def _command(self) -> list[str]:
         assert self.workdir is not None
@@ -322,6 +349,7 @@ class Dbmux(ProcessTarget):
         engine = "postgres" if self.engine_family == "POSTGRESQL" else "mysql"
         secret = {"username": self.user, "password": self.password, "engine": engine}
         (self.workdir / "app.json").write_text(json.dumps(secret))
+        (self.workdir / "app.json").chmod(0o600)  # dbmux warns about a secret others can read
         config = {
             "admin": {"listen": f"{HOST}:{free_port()}"},  # never the default 9187
             "state_dir": "state",  # MySQL's RSA key: the run's own, not the user's

@@ -72,6 +72,7 @@ def test_top_level_help_lists_every_command() -> None:
         ("token", ["--host", "--port", "--user", "--key", "--lifetime", "900"]),
         ("token-key", ["--private", "--public", "0600"]),
         ("describe", ["proxies", "targets", "clients", "servers", "--admin", "--token"]),
+        ("demo", ["--clients", "--skip-mysql", "--skip-failover", "--no-tls"]),
     ],
 )
 def test_command_help(command: str, mentions: list[str]) -> None:

@@ -181,6 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         mysql=not args.skip_mysql,
         failover=not args.skip_failover,
+        tls=not args.no_tls,
     )
 
 
@@ -338,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-failover",
         action="store_true",
         help="leave out the failover (a PostgreSQL primary killed, the replica promoted)",
+    )
+    demo.add_argument(
+        "--no-tls",
+        action="store_true",
+        help="clients in plaintext (by default the databases and dbmux offer TLS with a "
+        "throwaway CA's certificates and every client uses it, checking the certificate)",
     )
     demo.set_defaults(func=cmd_demo)
     return parser

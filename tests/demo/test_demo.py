@@ -4,6 +4,7 @@ report data."""
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 
 import pytest
@@ -72,6 +73,32 @@ def test_dbmux_stays_within_its_pool(demo: tuple[DemoReport, str]) -> None:
     assert 1 <= report.dbmux.peak_pool_open <= report.pool_size
 
 
+def test_clients_use_tls_by_default(demo: tuple[DemoReport, str]) -> None:
+    """Every client requires TLS and checks the certificate against the demo's CA: the
+    direct storm's successes went over TLS to the database, and dbmux counted every login
+    of its storm as a TLS one."""
+    report, progress = demo
+    assert report.tls
+    assert report.direct.succeeded > 0
+    counters = report.dbmux_counters
+    assert counters["client_logins_tls"] == counters["client_logins"] >= report.invocations
+    assert "Every client uses TLS" in " ".join(progress.split())
+    text = " ".join(format_report(report).split())
+    logins = f"{counters['client_logins']} of {counters['client_logins']} client logins on TLS"
+    assert logins in text
+
+
+def test_no_tls_storms_in_plaintext() -> None:
+    report = storm_report(
+        clients=20, max_connections=10, invocations=40, out=io.StringIO(), tls=False
+    )
+    assert not report.tls
+    assert report.dbmux.failed == 0, report.dbmux.examples
+    assert report.dbmux_counters["client_logins"] >= 40
+    assert report.dbmux_counters["client_logins_tls"] == 0
+    assert "TLS was off (--no-tls)" in " ".join(format_report(report).split())
+
+
 def test_output_shows_progress_and_the_comparison(demo: tuple[DemoReport, str]) -> None:
     report, progress = demo
     assert "direct " in progress and "dbmux  " in progress
@@ -105,6 +132,16 @@ def test_failover_keeps_every_connection_and_commit(failover: tuple[DrillResult,
     assert result.resumed_at is not None and result.failed_at is not None
     assert result.resumed_at > result.failed_at
     assert failover_exit_code(result) == 0
+
+
+def test_failover_clients_use_tls_by_default(failover: tuple[DrillResult, str]) -> None:
+    """The writers and idle clients (5 + 2) logged into dbmux over TLS, and only so."""
+    _, progress = failover
+    text = " ".join(progress.split())
+    assert "all through dbmux on TLS" in text
+    counted = re.search(r"dbmux counted (\d+) of (\d+) client logins on TLS", text)
+    assert counted is not None, text
+    assert int(counted[1]) == int(counted[2]) >= 7
 
 
 def test_failover_timeline_and_summary(failover: tuple[DrillResult, str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import ssl
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -13,6 +14,7 @@ from typing import Any
 
 from dbmux.demo.report import TOO_MANY_CLIENTS, TOO_MANY_CONNECTIONS
 from dbmux.demo.storm import CONNECT_TIMEOUT, Invocation, PhaseResult, pymysql_invocations
+from dbmux.testing.certs import CertFiles
 
 APP_USER = "app"
 APP_DB = "app"
@@ -32,14 +34,22 @@ class _Database:
     reserved = 0  # connections of max_connections only superusers may use
     slots_note = ""  # what the setup line says about the connection slots
 
-    def start(self, resources: contextlib.ExitStack, max_connections: int, password: str) -> None:
+    def start(
+        self,
+        resources: contextlib.ExitStack,
+        max_connections: int,
+        password: str,
+        tls: CertFiles | None = None,
+    ) -> None:
         """Start the server (cleaned up by `resources`) with the app's user, database and an
-        orders table."""
+        orders table; with `tls`, the server offers TLS with that certificate."""
         raise NotImplementedError
 
     def invocations(
-        self, host: str, port: int, password: str, clients: int
+        self, host: str, port: int, password: str, clients: int, tls: ssl.SSLContext | None
     ) -> AbstractContextManager[Invocation]:
+        """The storm's invocation against host:port; with `tls`, every connection uses TLS
+        with that context (which checks the server's certificate)."""
         raise NotImplementedError
 
     async def open_admin(self) -> None:
@@ -63,7 +73,13 @@ class _Postgres(_Database):
     refused = TOO_MANY_CLIENTS
     client = "asyncpg with its default settings"
 
-    def start(self, resources: contextlib.ExitStack, max_connections: int, password: str) -> None:
+    def start(
+        self,
+        resources: contextlib.ExitStack,
+        max_connections: int,
+        password: str,
+        tls: CertFiles | None = None,
+    ) -> None:
         from dbmux.testing import PostgresCluster
 
         self._superuser_password = secrets.token_urlsafe(16)
@@ -72,6 +88,7 @@ class _Postgres(_Database):
                 max_connections=max_connections,
                 auth_method="scram-sha-256",
                 password=self._superuser_password,
+                tls=tls,
             )
         )
         cluster.create_user(APP_USER, password)
@@ -92,7 +109,7 @@ class _Postgres(_Database):
 
     @contextlib.contextmanager
     def invocations(
-        self, host: str, port: int, password: str, clients: int
+        self, host: str, port: int, password: str, clients: int, tls: ssl.SSLContext | None
     ) -> Iterator[Invocation]:
         import asyncpg
 
@@ -104,6 +121,7 @@ class _Postgres(_Database):
                 password=password,
                 database=APP_DB,
                 timeout=CONNECT_TIMEOUT,
+                ssl=tls if tls is not None else False,
             )
             try:
                 async with conn.transaction():
@@ -157,17 +175,25 @@ class _MariaDB(_Database):
     family = "MYSQL"
     refused = TOO_MANY_CONNECTIONS
     client = (
-        "PyMySQL with its default settings but TLS, which these servers do not offer, each "
-        "client blocking on a thread of its own as a Lambda function would"
+        "PyMySQL with its default settings, each client blocking on a thread of its own as a "
+        "Lambda function would"
     )
     slots_note = "; one more connection is kept for a user with SUPER"
 
-    def start(self, resources: contextlib.ExitStack, max_connections: int, password: str) -> None:
+    def start(
+        self,
+        resources: contextlib.ExitStack,
+        max_connections: int,
+        password: str,
+        tls: CertFiles | None = None,
+    ) -> None:
         from dbmux.testing import MariaDBServer
 
         self._root_password = secrets.token_urlsafe(16)
         server = resources.enter_context(
-            MariaDBServer(max_connections=max_connections, root_password=self._root_password)
+            MariaDBServer(
+                max_connections=max_connections, root_password=self._root_password, tls=tls
+            )
         )
         server.create_user(APP_USER, password)
         server.create_database(APP_DB, owner=APP_USER)
@@ -184,11 +210,11 @@ class _MariaDB(_Database):
         self._admin_thread = resources.enter_context(ThreadPoolExecutor(max_workers=1))
 
     def invocations(
-        self, host: str, port: int, password: str, clients: int
+        self, host: str, port: int, password: str, clients: int, tls: ssl.SSLContext | None
     ) -> AbstractContextManager[Invocation]:
         connect = {"host": host, "port": port, "user": APP_USER, "password": password}
         connect["database"] = APP_DB
-        return pymysql_invocations(connect, _orders_transaction, clients)
+        return pymysql_invocations(connect, _orders_transaction, clients, tls)
 
     async def _admin_call(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._admin_thread, fn)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import ssl
 import tempfile
 import time
 from collections import Counter
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dbmux.testing.certs import CertFiles
     from dbmux.testing.embedded import EmbeddedDbmux
 
 APP_USER = "drill"
@@ -124,8 +126,9 @@ class DrillDatabase:
     def addresses(self) -> list[tuple[str, int]]:
         return [self.primary, self.replica]
 
-    async def connect(self, host: str, port: int) -> Client:
-        """The app user's connection to one address (a server or dbmux)."""
+    async def connect(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> Client:
+        """The app user's connection to one address (a server or dbmux); with `tls`, over
+        TLS with that context (which checks the server's certificate)."""
         raise NotImplementedError
 
     async def connect_writer(self) -> Client:
@@ -158,7 +161,7 @@ class PostgresPair(DrillDatabase):
         self.primary = (primary.host, primary.port)
         self.replica = (replica.host, replica.port)
 
-    async def connect(self, host: str, port: int) -> Client:
+    async def connect(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> Client:
         import asyncpg
 
         conn = await asyncpg.connect(
@@ -168,6 +171,7 @@ class PostgresPair(DrillDatabase):
             password=self.password,
             database=APP_DB,
             timeout=CONNECT_TIMEOUT,
+            ssl=tls if tls is not None else False,
         )
         return _PgClient(conn)
 
@@ -217,9 +221,10 @@ class MariaDBPair(DrillDatabase):
         self.replica = (replica.host, replica.port)
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="drill")
 
-    def _connect_blocking(self, host: str, port: int) -> Any:
+    def _connect_blocking(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> Any:
         import pymysql
 
+        security: dict[str, Any] = {"ssl": tls} if tls is not None else {"ssl_disabled": True}
         return pymysql.connect(
             host=host,
             port=port,
@@ -227,7 +232,7 @@ class MariaDBPair(DrillDatabase):
             password=self.password,
             database=APP_DB,
             autocommit=True,
-            ssl_disabled=True,
+            **security,
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=OP_TIMEOUT,
             write_timeout=OP_TIMEOUT,
@@ -236,8 +241,8 @@ class MariaDBPair(DrillDatabase):
     async def _call(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
-    async def connect(self, host: str, port: int) -> Client:
-        conn = await self._call(lambda: self._connect_blocking(host, port))
+    async def connect(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> Client:
+        conn = await self._call(lambda: self._connect_blocking(host, port, tls))
         return _MyClient(conn, self.executor)
 
     def _find_writer(self) -> Any:
@@ -369,9 +374,16 @@ def open_pair(database: str, clients: int) -> contextlib.AbstractContextManager[
 
 
 def dbmux_config(
-    db: DrillDatabase, secret_file: str, *, probe_interval: float = 0.2, borrow_timeout: float = 30
+    db: DrillDatabase,
+    secret_file: str,
+    *,
+    probe_interval: float = 0.2,
+    borrow_timeout: float = 30,
+    tls: CertFiles | None = None,
 ) -> dict[str, Any]:
-    """An embedded dbmux's config for the drill: one proxy on both servers of the pair."""
+    """An embedded dbmux's config for the drill: one proxy on both servers of the pair; with
+    `tls`, it offers its clients TLS with that certificate and requires it."""
+    client_tls = {"require_tls": True, "tls": tls.as_tls()} if tls is not None else {}
     return {
         "state_dir": str(Path(secret_file).parent),  # MySQL's RSA key: throwaway
         "proxies": [
@@ -379,6 +391,7 @@ def dbmux_config(
                 "name": "drill",
                 "engine_family": db.family,
                 "listen": "127.0.0.1:0",
+                **client_tls,
                 "auth": [{"secret": f"file:{secret_file}"}],
                 "target_group": {
                     "probe_interval": probe_interval,
@@ -399,15 +412,19 @@ def secret_json(db: DrillDatabase) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def embedded_dbmux(db: DrillDatabase, probe_interval: float = 0.2) -> Iterator[EmbeddedDbmux]:
-    """dbmux on a thread of this process in front of both servers of the pair."""
+def embedded_dbmux(
+    db: DrillDatabase, probe_interval: float = 0.2, tls: CertFiles | None = None
+) -> Iterator[EmbeddedDbmux]:
+    """dbmux on a thread of this process in front of both servers of the pair; with `tls`,
+    its clients must use TLS, with that certificate."""
     from dbmux.testing.embedded import EmbeddedDbmux
 
     with tempfile.TemporaryDirectory(prefix="dbmux-drill-") as tmp:
         secret = Path(tmp) / "drill.json"
         secret.write_text(json.dumps(secret_json(db)))
         secret.chmod(0o600)
-        with EmbeddedDbmux(dbmux_config(db, str(secret), probe_interval=probe_interval)) as mux:
+        config = dbmux_config(db, str(secret), probe_interval=probe_interval, tls=tls)
+        with EmbeddedDbmux(config) as mux:
             yield mux
 
 

@@ -6,15 +6,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TextIO
 
 from dbmux.demo.drill import PAUSE, Drill
 from dbmux.demo.drill_pairs import embedded_dbmux, open_pair
 from dbmux.demo.drill_result import DrillResult, Timeline, seconds, summary_rows
-from dbmux.demo.report import REPORT_WIDTH, Console, paragraph
+from dbmux.demo.report import REPORT_WIDTH, Console, paragraph, tls_note
+from dbmux.testing.certs import TestCA
 
 FAILOVER_WRITERS = 50
 FAILOVER_IDLE = 5
@@ -55,10 +58,12 @@ def failover_report(
     before: float = FAILOVER_BEFORE,
     after: float = FAILOVER_AFTER,
     out: TextIO | None = None,
+    tls: bool = True,
 ) -> DrillResult:
     """Start a PostgreSQL primary and synchronous replica and dbmux in front of both, run the
     writers through dbmux, kill the primary, promote the replica, with a live timeline on
-    `out`; clean up and return the drill's result."""
+    `out`; clean up and return the drill's result. With `tls` the clients use TLS to dbmux,
+    checking its certificate against a throwaway CA."""
     console = Console(out if out is not None else sys.stdout)
     console.say(
         paragraph(
@@ -73,10 +78,14 @@ def failover_report(
     t0 = time.monotonic()
     console.say("Starting a PostgreSQL primary and a synchronous streaming replica ...")
     result = DrillResult("dbmux", "PostgreSQL", writers, idle_clients)
-    with (
-        open_pair("postgresql", writers + idle_clients) as db,
-        embedded_dbmux(db) as mux,
-    ):
+    with contextlib.ExitStack() as stack:
+        db = stack.enter_context(open_pair("postgresql", writers + idle_clients))
+        certificate, client_tls = None, None
+        if tls:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="dbmux-demo-"))
+            ca = TestCA(Path(folder), name="dbmux demo CA")
+            certificate, client_tls = ca.issue("proxy"), ca.client_context()
+        mux = stack.enter_context(embedded_dbmux(db, tls=certificate))
         host, port = mux.address()
         targets = mux.proxy().targets
         console.say(
@@ -91,7 +100,8 @@ def failover_report(
         console.say(
             paragraph(
                 f"{writers} writers (asyncpg, autocommit INSERTs, {PAUSE * 1000:g} ms "
-                f"apart) and {idle_clients} idle clients, all through dbmux; {before:g} s of "
+                f"apart) and {idle_clients} idle clients, all through dbmux"
+                f"{' on TLS' if tls else ''}; {before:g} s of "
                 f"writes, the failover, {after:g} s more. Timeline (t since the writers "
                 "started):",
                 indent="",
@@ -100,7 +110,7 @@ def failover_report(
         run = Drill(
             result,
             db,
-            lambda: db.connect(host, port),
+            lambda: db.connect(host, port, client_tls),
             reconnect=False,
             before=before,
             after=after,
@@ -113,6 +123,9 @@ def failover_report(
                 run.run_sync()
         finally:
             console.end_line()
+        metrics = mux.proxy().metrics
+        logins = int(metrics.client_connections_setup_succeeded.value)
+        console.say(paragraph(tls_note(tls, logins, int(metrics.client_connections_tls.value))))
     return result
 
 

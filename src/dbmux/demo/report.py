@@ -40,6 +40,7 @@ class DemoReport:
     pin_reasons: Counter[str] = field(default_factory=Counter)
     database: str = "PostgreSQL"
     refused: str = TOO_MANY_CLIENTS  # the cause of a login refused for want of slots
+    tls: bool = False  # the clients used TLS (verify-full), with the database and with dbmux
 
     @property
     def phases(self) -> tuple[PhaseResult, PhaseResult]:
@@ -200,6 +201,9 @@ def notes(report: DemoReport) -> list[str]:
         f"dbmux it includes waiting for one of {pool} server connections. The clients and dbmux "
         "share this one Python process."
     ]
+    counters = report.dbmux_counters
+    logins, on_tls = counters.get("client_logins", 0), counters.get("client_logins_tls", 0)
+    out.append(tls_note(report.tls, logins, on_tls))
     if all(phase.rows_committed == phase.committed for phase in report.phases):
         out.append(
             "Rows committed: the orders table holds exactly one row for each invocation whose "
@@ -235,6 +239,17 @@ def notes(report: DemoReport) -> list[str]:
             if cause != report.refused:
                 out.append(f"{report.label(phase)}, {cause_name(cause)}, for example: {message}")
     return out
+
+
+def tls_note(tls: bool, logins: int, on_tls: int) -> str:
+    """Whether the clients were on TLS, with dbmux's own count of its TLS logins."""
+    if not tls:
+        return f"TLS was off (--no-tls): dbmux counted {on_tls} of {logins} client logins on TLS."
+    return (
+        "TLS: every client connected with TLS, "
+        "checking the server's certificate against the demo's throwaway CA; dbmux counted "
+        f"{on_tls} of {logins} client logins on TLS (ClientConnectionsTLS)."
+    )
 
 
 def conclusion(report: DemoReport) -> str:

@@ -8,7 +8,8 @@ MariaDB: "Too many connections", error 1040); then the same workload goes throug
 accepts every client and multiplexes their transactions over a small pool of server
 connections. A report compares the two runs. ``dbmux demo`` storms PostgreSQL with asyncpg
 clients, then MariaDB with PyMySQL clients, each blocking on a thread of its own as a Lambda
-function would.
+function would. The clients are on TLS unless ``--no-tls``: the database and dbmux offer
+certificates of a throwaway CA, which every client checks (verify-full).
 
 Then a failover: a PostgreSQL primary and its synchronous streaming replica behind dbmux, many
 writers on long-lived connections, the primary killed (SIGKILL) and the replica promoted, with
@@ -51,6 +52,7 @@ from dbmux.demo.report import (
 )
 from dbmux.demo.storm import Invocation, PhaseResult, run_clients
 from dbmux.eventloop import run
+from dbmux.testing.certs import TestCA
 
 INVOCATIONS_PER_CLIENT = 5
 PHASE_TIMEOUT = 120.0  # seconds for one storm, so that a hang cannot make the demo hang
@@ -150,6 +152,16 @@ async def _storm(
 # ----------------------------------------------------------------------------- setup
 
 
+def _tls_note(tls: bool) -> str:
+    if not tls:
+        return "TLS is off (--no-tls): every client connects in plaintext."
+    return (
+        "Every client uses TLS, with the database and with dbmux alike, and checks the "
+        "server's certificate against the demo's throwaway CA (verify-full); dbmux talks to "
+        "the database in plaintext."
+    )
+
+
 def _raise_fd_limit(needed: int, console: Console) -> None:
     """Every client is a socket here and, in the dbmux phase, another one in dbmux itself."""
     try:
@@ -190,9 +202,13 @@ def storm_report(
     invocations: int | None = None,
     out: TextIO | None = None,
     database: str = "postgresql",
+    tls: bool = True,
 ) -> DemoReport:
     """Start the database ("postgresql" or "mysql") and dbmux, run both storms with progress
-    on `out`, clean up, report.
+    on `out`, clean up, report. With `tls`, the database and dbmux offer TLS with
+    certificates of a throwaway CA and every client uses TLS, checking the certificate
+    against that CA and the name against the address (verify-full); dbmux talks to the
+    database in plaintext.
 
     KeyboardInterrupt propagates (after cleanup); setup problems raise ServerStartError and friends.
     """
@@ -222,7 +238,11 @@ def storm_report(
         )
         console.say()
         console.say(f"Starting a throwaway {db.name} (max_connections = {max_connections}) ...")
-        db.start(resources, max_connections, app_password)
+        secret_dir = Path(
+            resources.enter_context(tempfile.TemporaryDirectory(prefix="dbmux-demo-"))
+        )
+        ca = TestCA(secret_dir / "tls", name="dbmux demo CA") if tls else None
+        db.start(resources, max_connections, app_password, ca.issue("database") if ca else None)
         console.say(
             paragraph(
                 f"{db.name} {db.version} on {db.host}:{db.port}, ready in "
@@ -231,9 +251,6 @@ def storm_report(
             )
         )
 
-        secret_dir = Path(
-            resources.enter_context(tempfile.TemporaryDirectory(prefix="dbmux-demo-"))
-        )
         secret = secret_dir / "app.json"
         secret.write_text(json.dumps({"username": APP_USER, "password": app_password}))
         secret.chmod(0o600)
@@ -244,6 +261,7 @@ def storm_report(
                     "name": "demo",
                     "engine_family": db.family,
                     "listen": "127.0.0.1:0",
+                    **({"require_tls": True, "tls": ca.issue("proxy").as_tls()} if ca else {}),
                     "auth": [{"secret": f"file:{secret}"}],
                     "target_group": {
                         "connection_pool_config": {"max_connections_percent": POOL_PERCENT},
@@ -264,11 +282,13 @@ def storm_report(
             paragraph(
                 f"The storm: {invocations} invocations, {clients} at a time. Each one, like a "
                 "serverless function, connects, runs BEGIN; INSERT one row; SELECT count(*); "
-                f"COMMIT, and disconnects ({db.client}).",
+                f"COMMIT, and disconnects ({db.client}). {_tls_note(ca is not None)}",
                 indent="",
             )
         )
         console.say()
+        # Built once per storm, as a function keeps its context between invocations.
+        client_tls = ca.client_context() if ca else None
 
         report = DemoReport(
             clients=clients,
@@ -280,6 +300,7 @@ def storm_report(
             dbmux=PhaseResult("dbmux", invocations, clients),
             database=db.name,
             refused=db.refused,
+            tls=ca is not None,
         )
 
         async def main() -> None:
@@ -297,7 +318,9 @@ def storm_report(
                             progress_line(phase, sampler.now, max_connections, console.width)
                         )
 
-                    with db.invocations(host, port, app_password, clients) as invocation:
+                    with db.invocations(
+                        host, port, app_password, clients, client_tls
+                    ) as invocation:
                         await _storm(phase, invocation, sampler, show, console, pool_open)
                     phase.rows_committed = await db.rows(phase.name)
             finally:
@@ -310,6 +333,7 @@ def storm_report(
             metrics = dbmux.proxy().metrics
             report.dbmux_counters = {
                 "client_logins": int(metrics.client_connections_setup_succeeded.value),
+                "client_logins_tls": int(metrics.client_connections_tls.value),
                 "queries": int(metrics.query_requests.value),
                 "server_connections_opened": int(
                     metrics.database_connections_setup_succeeded.value
@@ -330,10 +354,16 @@ def storm_report(
 
 
 def run_demo(
-    clients: int = 400, max_connections: int = 100, *, mysql: bool = True, failover: bool = True
+    clients: int = 400,
+    max_connections: int = 100,
+    *,
+    mysql: bool = True,
+    failover: bool = True,
+    tls: bool = True,
 ) -> int:
     """``dbmux demo``: storm PostgreSQL, then MariaDB unless `mysql` is False, and print each
-    comparison; then the failover unless `failover` is False. 0 if dbmux failed no client."""
+    comparison, the clients on TLS unless `tls` is False; then the failover unless `failover`
+    is False. 0 if dbmux failed no client."""
     console = Console(sys.stdout)
     databases = ["postgresql", "mysql"] if mysql else ["postgresql"]
     missing = [DRIVERS[d] for d in databases if importlib.util.find_spec(DRIVERS[d]) is None]
@@ -353,7 +383,7 @@ def run_demo(
             console.say("-" * REPORT_WIDTH)
             console.say()
         try:
-            report = storm_report(clients, max_connections, database=database)
+            report = storm_report(clients, max_connections, database=database, tls=tls)
         except KeyboardInterrupt:
             console.say("Interrupted; the throwaway database and dbmux have been shut down.")
             return 130
@@ -374,7 +404,7 @@ def run_demo(
         console.say("-" * REPORT_WIDTH)
         console.say()
         try:
-            result = failover_report()
+            result = failover_report(tls=tls)
         except KeyboardInterrupt:
             console.say("Interrupted; the throwaway databases and dbmux have been shut down.")
             return 130

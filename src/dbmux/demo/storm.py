@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import math
+import ssl
 import sys
 import time
 from collections import Counter
@@ -130,18 +131,24 @@ Transaction = Callable[[Any, str, int], None]
 
 @contextlib.contextmanager
 def pymysql_invocations(
-    connect: dict[str, Any], transaction: Transaction, threads: int
+    connect: dict[str, Any],
+    transaction: Transaction,
+    threads: int,
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[Invocation]:
     """An Invocation of PyMySQL with its default settings, as a Lambda function uses it:
     connect, BEGIN, the transaction, COMMIT, close, blocking, on one of `threads` threads.
 
-    connect: pymysql.connect() keywords (host, port, user, password, database). TLS is off:
-    PyMySQL's default ("preferred") builds a new SSL context per connection, about 30 ms of
-    CPU loading the system's CA certificates, to find out that the server offers no TLS.
+    connect: pymysql.connect() keywords (host, port, user, password, database). tls: the
+    context every connection uses, so TLS is required and the context built once, as a
+    function would keep it between invocations. Without it TLS is off: PyMySQL's default
+    ("preferred") builds a new SSL context per connection, about 30 ms of CPU loading the
+    system's CA certificates, to find out that the server offers no TLS.
     """
     import pymysql
 
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pymysql-client")
+    security: dict[str, Any] = {"ssl": tls} if tls is not None else {"ssl_disabled": True}
 
     def blocking(name: str, number: int) -> tuple[bool, Exception | None]:
         """(COMMIT acknowledged, the error if any): errors cross the thread as values."""
@@ -149,7 +156,7 @@ def pymysql_invocations(
         try:
             conn = pymysql.connect(
                 **connect,
-                ssl_disabled=True,
+                **security,
                 connect_timeout=CONNECT_TIMEOUT,
                 read_timeout=INVOCATION_TIMEOUT,
                 write_timeout=INVOCATION_TIMEOUT,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,11 @@ class TestCA:
         )
         self.ca_file = folder / "ca.pem"
         self.ca_file.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client's context that trusts this CA alone and checks the server's name or
+        address against its certificate (libpq's verify-full)."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
 
     def issue(
         self,
