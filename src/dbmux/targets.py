@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -30,6 +31,7 @@ SUSPECT_GAP = 0.05
 # While the writer is lost (for up to FAILOVER_WINDOW seconds), probes come this often.
 FAILOVER_PROBE_INTERVAL = 0.25
 FAILOVER_WINDOW = 60.0
+MAX_EVENTS = 200  # writer and health changes kept for the admin API (the dashboard's timeline)
 
 
 class TargetHealth(StrEnum):
@@ -46,6 +48,33 @@ class HealthReason(StrEnum):
     UNREACHABLE = "UNREACHABLE"
     INVALID_REPLICATION_STATE = "INVALID_REPLICATION_STATE"
     PENDING_PROXY_CAPACITY = "PENDING_PROXY_CAPACITY"  # no connection slot left for dbmux
+
+
+class EventKind(StrEnum):
+    WRITER = "writer"  # the writer changed, was lost, or was first found
+    HEALTH = "health"  # a target's health (or its reason) changed
+    ROLE = "role"  # a target turned writer or replica (a promotion, a demotion)
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float  # wall clock (time.time()): operators read it next to their other logs
+    kind: EventKind
+    description: str
+
+
+class EventLog:
+    """The last MAX_EVENTS events of a target group, oldest first. Bounded: a target that
+    flaps for days costs no more memory than one that never did."""
+
+    def __init__(self, limit: int = MAX_EVENTS) -> None:
+        self._events: deque[Event] = deque(maxlen=limit)
+
+    def add(self, kind: EventKind, description: str) -> None:
+        self._events.append(Event(time.time(), kind, description))
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(list(self._events))
 
 
 # Probe one instance's role (and replica lag); raises ServerError/OSError when it cannot.
@@ -108,6 +137,7 @@ class TargetGroup:
         self._suspected_at = 0.0
         self._writer_lost_at = 0.0  # when the last writer was lost (0: never)
         self._tasks: list[asyncio.Task[None]] = []
+        self.events = EventLog()
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -259,6 +289,9 @@ class TargetGroup:
         else:
             role = TargetRole.READ_WRITE if found.writable else TargetRole.READ_ONLY
             if role is not instance.role and instance.role is not None:
+                self.events.add(
+                    EventKind.ROLE, f"{instance.name}: {instance.role.value} -> {role.value}"
+                )
                 log.info("target %s: role %s -> %s", instance.name, instance.role.value, role.value)
             instance.role = role
             instance.lag = found.lag
@@ -282,6 +315,10 @@ class TargetGroup:
         description: str,
     ) -> None:
         if (instance.health, instance.reason) != (health, reason):
+            self.events.add(
+                EventKind.HEALTH,
+                f"{instance.name}: {health.value}" + (f" ({reason.value})" if reason else ""),
+            )
             log.info(
                 "target %s: %s%s%s",
                 instance.name,
@@ -311,6 +348,7 @@ class TargetGroup:
         if chosen is current:
             return
         self.writer = chosen
+        self.events.add(EventKind.WRITER, _writer_change(current, chosen))
         self.generation += 1
         self._changed.set()
         self._changed = asyncio.Event()
@@ -320,3 +358,9 @@ class TargetGroup:
         else:
             log.info("writer is now %s", chosen.name)
         self.on_writer_change(current, chosen)
+
+
+def _writer_change(old: Instance | None, new: Instance | None) -> str:
+    if new is None:
+        return f"writer {old.name if old else '(none)'} lost; new transactions wait for one"
+    return f"writer {old.name} -> {new.name}" if old else f"writer is {new.name}"
