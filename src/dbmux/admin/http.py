@@ -165,6 +165,10 @@ class HttpServer:
             await self._serve(reader, writer)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the peer went away, or does not read its answers
+        except asyncio.CancelledError:
+            # stop() ends a kept-alive connection (a browser's): the task ends normally,
+            # as asyncio's stream callback reads its exception() and would log a cancel.
+            pass
         finally:
             self._connections.discard(task)
             if not task.cancelling():  # (cancelled: the admin listener stops)
