@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench fuzz lint fmt clean system-deps
+.PHONY: demo test bench fuzz lint fmt clean system-deps browser-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,18 @@ system-deps:
 		(apt-get install -y -q --no-install-recommends sysbench >/dev/null || \
 		 (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends sysbench >/dev/null))
 
+# Headless Chromium, its WebDriver and a font from Debian, for the dashboard's browser test.
+BROWSER_PACKAGES := chromium chromium-driver fonts-liberation
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+		(apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null || \
+		 (apt-get update -q >/dev/null && \
+		  apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null))
+
 demo: $(STAMP)
 	$(BIN)/dbmux demo
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(BIN)/pytest
 
 bench: $(STAMP) system-deps

@@ -186,7 +186,7 @@ def test_closing_an_unknown_client_or_proxy_is_404(admin, connections):
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [
-        ("GET", "/", 404),
+        ("GET", "/nothing", 404),
         ("GET", "/api/nothing", 404),
         ("GET", "/api/proxies/nope", 404),
         ("GET", "/api/proxies/nope/clients", 404),

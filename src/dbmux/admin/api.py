@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from dbmux.admin import views
+from dbmux.admin.dashboard import dashboard_page
 from dbmux.admin.http import HttpError, Request, Response
 from dbmux.admin.openapi import openapi_document
 
@@ -37,6 +38,7 @@ class Route:
     method: str
     pattern: tuple[str, ...]  # path segments; "{name}" takes any one segment
     view: View
+    public: bool = False  # answered without the token: it holds no data (the dashboard page)
 
     def match(self, segments: list[str]) -> Params | None:
         if len(segments) != len(self.pattern):
@@ -53,9 +55,9 @@ class Route:
 ROUTES: list[Route] = []
 
 
-def route(method: str, path: str) -> Callable[[View], View]:
+def route(method: str, path: str, *, public: bool = False) -> Callable[[View], View]:
     def register(view: View) -> View:
-        ROUTES.append(Route(method, tuple(path.strip("/").split("/")), view))
+        ROUTES.append(Route(method, tuple(path.strip("/").split("/")), view, public))
         return view
 
     return register
@@ -88,7 +90,6 @@ class AdminApi:
 
     async def __call__(self, request: Request) -> Response:
         self._check_origin(request)
-        self._check_token(request)
         segments = request.path.strip("/").split("/")
         allowed = []
         for candidate in ROUTES:
@@ -96,8 +97,11 @@ class AdminApi:
             if params is None:
                 continue
             if candidate.method == request.method:
+                if not candidate.public:
+                    self._check_token(request)
                 return await candidate.view(self, params)
             allowed.append(candidate.method)
+        self._check_token(request)  # who has no token learns nothing of what exists
         if allowed:
             raise HttpError(405, f"{request.method} is not allowed here", Allow=", ".join(allowed))
         raise HttpError(404, f"no such resource: {request.path[:200]}")
@@ -131,6 +135,14 @@ class AdminApi:
         raise HttpError(404, f"no proxy named {name[:100]!r}")
 
 
+@route("GET", "/", public=True)
+async def dashboard(api: AdminApi, params: Params) -> Response:
+    """The live dashboard: a static page whose script reads the API below (with the token
+    from its URL's #token=... fragment, which browsers never send)."""
+    page = dashboard_page()
+    return Response(200, page.body, "text/html; charset=utf-8", dict(page.headers))
+
+
 @route("GET", "/metrics")
 async def metrics(api: AdminApi, params: Params) -> Response:
     return Response(200, api.process.registry.render().encode(), PROMETHEUS_TEXT)
@@ -161,6 +173,12 @@ async def targets(api: AdminApi, params: Params) -> Response:
 @route("GET", "/api/proxies/{name}/target-groups")
 async def target_groups(api: AdminApi, params: Params) -> Response:
     return Response.json(200, {"TargetGroups": [views.describe_target_group(api.proxy(params))]})
+
+
+@route("GET", "/api/proxies/{name}/events")
+async def events(api: AdminApi, params: Params) -> Response:
+    found = api.proxy(params)
+    return Response.json(200, {"Events": [views.describe_event(e) for e in found.targets.events]})
 
 
 @route("GET", "/api/proxies/{name}/clients")

@@ -8,7 +8,7 @@ from typing import Any
 
 from dbmux import __version__
 from dbmux.config import IamAuth, PinningFilter, TargetRole
-from dbmux.targets import HealthReason, TargetHealth
+from dbmux.targets import EventKind, HealthReason, TargetHealth
 
 JsonObject = dict[str, Any]
 
@@ -151,6 +151,13 @@ SCHEMAS: dict[str, JsonObject] = {
             "ClientId": _nullable("integer"),
         }
     ),
+    "Event": _object(
+        {
+            "Time": {**STRING, "format": "date-time"},
+            "Kind": _enum([k.value for k in EventKind]),
+            "Description": STRING,
+        }
+    ),
     "ClientClosed": _object({"Id": INTEGER, "Closed": BOOLEAN}),
     "DBProxies": _list_of("DBProxies", "DBProxy"),
     "DBProxyResult": _object({"DBProxy": _ref("DBProxy")}),
@@ -158,6 +165,7 @@ SCHEMAS: dict[str, JsonObject] = {
     "TargetGroups": _list_of("TargetGroups", "DBProxyTargetGroup"),
     "Clients": _list_of("Clients", "Client"),
     "Servers": _list_of("Servers", "Server"),
+    "Events": _list_of("Events", "Event"),
 }
 
 ERRORS = {
@@ -189,6 +197,20 @@ CLIENT_ID = {"name": "id", "in": "path", "required": True, "schema": INTEGER}
 def _paths() -> JsonObject:
     named = {"parameters": [NAME]}
     paths: JsonObject = {
+        "/": {
+            "get": {
+                "summary": "The live dashboard: a page whose script reads this API every "
+                "second (open it as /#token=... when admin.token is set)",
+                "security": [{}],
+                "responses": {
+                    "200": {
+                        "description": "A self-contained HTML page",
+                        "content": {"text/html": {"schema": STRING}},
+                    },
+                    "403": _json(_ref("Error"), ERRORS["403"]),
+                },
+            }
+        },
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics, named after RDS Proxy's CloudWatch metrics",
@@ -233,6 +255,14 @@ def _paths() -> JsonObject:
         "/api/proxies/{name}/servers": {
             **named,
             "get": _operation("Live server connections (SHOW SERVERS)", "Servers", "404"),
+        },
+        "/api/proxies/{name}/events": {
+            **named,
+            "get": _operation(
+                "Its last writer, role and health changes, oldest first (a bounded log)",
+                "Events",
+                "404",
+            ),
         },
         "/api/proxies/{name}/clients/{id}/close": {
             "parameters": [NAME, CLIENT_ID],

@@ -10,6 +10,7 @@ reference (env:VAR, file:PATH or an ARN), never by what the secret holds.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from dbmux.config import TargetRole
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from dbmux.engines.base import ServerConnection
     from dbmux.proxy import Proxy
     from dbmux.session import ClientSession
-    from dbmux.targets import Instance
+    from dbmux.targets import Event, Instance
 
 AUTH_SCHEME = "SECRETS"  # the only one RDS Proxy has
 TARGET_GROUP = "default"  # a proxy has one target group, named as RDS Proxy names it
@@ -123,6 +124,16 @@ def describe_target(proxy: Proxy, instance: Instance) -> dict[str, Any]:
         "TargetHealth": health,
         "IsWriter": instance is proxy.targets.writer,
         "ReplicaLag": instance.lag,
+    }
+
+
+def describe_event(event: Event) -> dict[str, Any]:
+    """One entry of the target group's event log, its time in ISO 8601 UTC."""
+    when = datetime.fromtimestamp(event.time, UTC).isoformat(timespec="milliseconds")
+    return {
+        "Time": when.replace("+00:00", "Z"),
+        "Kind": event.kind.value,
+        "Description": event.description,
     }
 
 
