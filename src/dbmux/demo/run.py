@@ -363,7 +363,17 @@ def run_demo(
 ) -> int:
     """``dbmux demo``: storm PostgreSQL, then MariaDB unless `mysql` is False, and print each
     comparison, the clients on TLS unless `tls` is False; then the failover unless `failover`
-    is False. 0 if dbmux failed no client."""
+    is False. 0 if dbmux failed no client. Every dbmux it starts serves the live dashboard at
+    one address, printed first."""
+    from dbmux.testing.embedded import admin_for_every_dbmux, dashboard_admin
+
+    admin = dashboard_admin()
+    Console(sys.stdout).say(f"dashboard: http://{admin.listen}/ (live while the demo runs)")
+    with admin_for_every_dbmux(admin):
+        return _run_demo(clients, max_connections, mysql=mysql, failover=failover, tls=tls)
+
+
+def _run_demo(clients: int, max_connections: int, *, mysql: bool, failover: bool, tls: bool) -> int:
     console = Console(sys.stdout)
     databases = ["postgresql", "mysql"] if mysql else ["postgresql"]
     missing = [DRIVERS[d] for d in databases if importlib.util.find_spec(DRIVERS[d]) is None]

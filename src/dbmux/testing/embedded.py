@@ -7,9 +7,11 @@ stall it, as with a separate process, while metrics and pools stay inspectable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Coroutine, Iterator
+from typing import Any, ClassVar, TypeVar
 
 from dbmux.config import Address, AdminConfig, Config, parse_config
 from dbmux.eventloop import new_loop
@@ -20,6 +22,7 @@ T = TypeVar("T")
 # Unless a config says otherwise, an embedded dbmux's admin API takes a free port: many run
 # side by side (tests, the demo), and none may take the default 9187 from a real one.
 FREE_PORT_ADMIN = AdminConfig(listen=Address(host="127.0.0.1", port=0))
+DASHBOARD_PORT = 9187  # admin.listen's default: the demo's dashboard, if no real dbmux has it
 
 
 async def _cancel_leftover_tasks() -> None:
@@ -34,10 +37,12 @@ async def _cancel_leftover_tasks() -> None:
 class EmbeddedDbmux:
     """A started dbmux process on a thread; use as a context manager or call stop()."""
 
+    default_admin: ClassVar[AdminConfig] = FREE_PORT_ADMIN  # unless a config names one
+
     def __init__(self, config: Config | dict[str, Any]) -> None:
         config = config if isinstance(config, Config) else parse_config(config)
         if "admin" not in config.model_fields_set:
-            config = config.model_copy(update={"admin": FREE_PORT_ADMIN})
+            config = config.model_copy(update={"admin": self.default_admin})
         self.config = config
         self.loop = new_loop()
         self.process: Process | None = None
@@ -91,3 +96,28 @@ class EmbeddedDbmux:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def dashboard_admin() -> AdminConfig:
+    """A loopback admin listener for the demo's dashboard: port 9187 if it is free, else any
+    free port."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
+        try:
+            sock.bind(("127.0.0.1", DASHBOARD_PORT))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return AdminConfig(listen=Address(host="127.0.0.1", port=port))
+
+
+@contextlib.contextmanager
+def admin_for_every_dbmux(admin: AdminConfig) -> Iterator[None]:
+    """Inside, an EmbeddedDbmux whose config names no admin listener takes `admin`: the
+    demo starts one dbmux after another, and its dashboard stays at one address."""
+    saved = EmbeddedDbmux.default_admin
+    EmbeddedDbmux.default_admin = admin
+    try:
+        yield
+    finally:
+        EmbeddedDbmux.default_admin = saved
