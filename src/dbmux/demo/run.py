@@ -368,7 +368,9 @@ def run_demo(
     from dbmux.testing.embedded import admin_for_every_dbmux, dashboard_admin
 
     admin = dashboard_admin()
-    Console(sys.stdout).say(f"dashboard: http://{admin.listen}/ (live while the demo runs)")
+    Console(sys.stdout).say(
+        f"dashboard: http://{admin.listen}/ (live while the demo runs, from when dbmux starts)"
+    )
     with admin_for_every_dbmux(admin):
         return _run_demo(clients, max_connections, mysql=mysql, failover=failover, tls=tls)
 
