@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sized
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -130,6 +130,8 @@ class ServerConnection(ABC):
 
     # The message that ends a session politely (PostgreSQL Terminate, MySQL COM_QUIT).
     goodbye: bytes
+    # The statements prepared on it (the engine's cache; the PreparedStatements gauge).
+    prepared: Sized = ()
 
     if TYPE_CHECKING:  # the engine's connection is also a relay.ServerEnd
 
