@@ -84,6 +84,8 @@ class ClientSession(ClientEnd, Borrower):
         # database (the latency histograms; only while runtime.metrics.timed).
         self.request_at = 0.0
         self.sent_at = 0.0
+        self._response_latency = runtime.metrics.query_response_latency
+        self._database_latency = runtime.metrics.query_database_response_latency
 
     # -- what each engine supplies ------------------------------------------------------------
 
@@ -294,9 +296,8 @@ class ClientSession(ClientEnd, Borrower):
         arrives with nothing else in flight, `sent_at` again when it had to wait for a
         server connection, and calls this only while `runtime.metrics.timed`."""
         now = perf_counter()
-        metrics = self.runtime.metrics
-        metrics.query_response_latency.observe(now - self.request_at)
-        metrics.query_database_response_latency.observe(now - self.sent_at)
+        self._response_latency.observe(now - self.request_at)
+        self._database_latency.observe(now - self.sent_at)
 
     # -- the server connection ----------------------------------------------------------------
 
