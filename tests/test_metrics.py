@@ -14,6 +14,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -462,3 +463,16 @@ def test_bucket_bounds_are_the_documented_ones() -> None:
         if sample.endswith("_bucket")
     ]
     assert [float(le) for le in les] == [*LATENCY_BUCKETS, math.inf]
+
+
+def test_a_request_is_timed_from_its_arrival_and_from_its_sending() -> None:
+    metrics = ProxyMetrics(Registry(), "orders")
+    response, database = metrics.query_response_latency, metrics.query_database_response_latency
+    at_once = time.perf_counter() - 0.2  # arrived and sent at once, 0.2 s ago
+    metrics.request_latency.observe(at_once, at_once)
+    assert response.counts == database.counts and response.count == 1
+    assert response.sum == database.sum >= 0.2
+    waited = time.perf_counter() - 2.0  # arrived 2 s ago, sent after a wait of about 2 s
+    metrics.request_latency.observe(waited, waited + 1.99)
+    assert response.count == database.count == 2
+    assert response.sum - database.sum >= 1.99 - 1e-6

@@ -18,7 +18,6 @@ import ssl
 from abc import abstractmethod
 from collections.abc import Callable
 from enum import Enum
-from time import perf_counter
 from typing import Any
 
 from dbmux.auth.admission import Refusal, local_address
@@ -84,8 +83,7 @@ class ClientSession(ClientEnd, Borrower):
         # database (the latency histograms; only while runtime.metrics.timed).
         self.request_at = 0.0
         self.sent_at = 0.0
-        self._response_latency = runtime.metrics.query_response_latency
-        self._database_latency = runtime.metrics.query_database_response_latency
+        self._latency = runtime.metrics.request_latency
 
     # -- what each engine supplies ------------------------------------------------------------
 
@@ -295,9 +293,7 @@ class ClientSession(ClientEnd, Borrower):
         and `sent_at` (its sending to the database). The engine sets both when a request
         arrives with nothing else in flight, `sent_at` again when it had to wait for a
         server connection, and calls this only while `runtime.metrics.timed`."""
-        now = perf_counter()
-        self._response_latency.observe(now - self.request_at)
-        self._database_latency.observe(now - self.sent_at)
+        self._latency.observe(self.request_at, self.sent_at)
 
     # -- the server connection ----------------------------------------------------------------
 
