@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="T[,..]",
         help=f"targets to run, in this order, for every workload whose database has them: "
         f"{', '.join(TARGETS)} (default: {defaults}; plus dbmux-pin, dbmux with "
-        f"session_state: pin, for set-heavy; plus {BASELINE} with --baseline)",
+        f"session_state: pin, for set-heavy; plus dbmux-nohist, dbmux with "
+        f"latency_histograms: false, for select-simple; plus {BASELINE} with --baseline)",
     )
     parser.add_argument(
         "--baseline",

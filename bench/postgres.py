@@ -46,6 +46,10 @@ WORKLOADS = (
         "select-only simple",
         ("-S", "-c", "50", "-j", "2"),
         ratio_target=STEADY,
+        extra_targets=("dbmux-nohist",),
+        note="select-only simple: dbmux-nohist is dbmux with latency_histograms: false; the "
+        "CPU table puts both side by side, the difference being what the query latency "
+        "histograms cost per transaction.",
     ),
     Workload(
         "select-extended",

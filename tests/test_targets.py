@@ -99,6 +99,11 @@ async def test_clients_live_through_a_failover_without_reconnecting(dbmux, clust
     assert targets.writer is not None and targets.writer.target.port == replica.port
     old = next(i for i in targets.instances if i.target.port == primary.port)
     assert old.health is TargetHealth.UNAVAILABLE
+    # The metrics saw one failover, to the replica, and the old primary's down time.
+    metrics = dbmux.proxy().metrics
+    assert metrics.failovers() == 1
+    assert metrics.failover_duration.count == 1 and metrics.failover_duration.sum > 0
+    assert old.availability() < 100
 
 
 def test_server_connections_ask_the_kernel_to_watch_them(dbmux: EmbeddedDbmux) -> None:
@@ -305,6 +310,7 @@ class Group:
     targets: TargetGroup
     answers: Answers
     changes: list[tuple[int | None, int | None]]
+    failovers: list[tuple[int, float]]  # (the new writer's port, seconds without a writer)
 
     def instance(self, port: int) -> Instance:
         return next(i for i in self.targets.instances if i.target.port == port)
@@ -321,9 +327,13 @@ class Group:
 @contextlib.asynccontextmanager
 async def group(answers: Answers) -> AsyncIterator[Group]:
     changes: list[tuple[int | None, int | None]] = []
+    failovers: list[tuple[int, float]] = []
 
     def changed(old: Instance | None, new: Instance | None) -> None:
         changes.append((old and old.target.port, new and new.target.port))
+
+    def failover(writer: Instance, seconds: float) -> None:
+        failovers.append((writer.target.port, seconds))
 
     targets = TargetGroup(
         [Target(host="127.0.0.1", port=port) for port in answers.by_port],
@@ -331,10 +341,11 @@ async def group(answers: Answers) -> AsyncIterator[Group]:
         classify,
         interval=0.02,
         on_writer_change=changed,
+        on_failover=failover,
     )
     targets.start()
     try:
-        running = Group(targets, answers, changes)
+        running = Group(targets, answers, changes, failovers)
         await running.probed()
         yield running
     finally:
@@ -395,6 +406,21 @@ async def test_clients_wait_for_the_next_writer_during_a_failover() -> None:
         assert await asyncio.wait_for(changed, WAIT)
         assert g.changes == [(None, PRIMARY), (PRIMARY, None), (None, SECONDARY)]
         assert g.instance(PRIMARY).reason is HealthReason.CONNECTION_FAILED
+        # One failover (the first writer found is none), lasting from loss to promotion.
+        ((port, seconds),) = g.failovers
+        assert port == SECONDARY and seconds > 0
+
+
+async def test_availability_is_the_share_of_time_an_instance_was_available() -> None:
+    async with group(Answers(p1001=WRITER, p1002=OSError("connection refused"))) as g:
+        assert g.instance(SECONDARY).availability() == 0
+        up = g.instance(PRIMARY)
+        assert 0 < up.availability() <= 100
+        g.answers[PRIMARY] = OSError("connection refused")
+        await eventually(lambda: g.targets.writer is None, "the writer lost")
+        before = up.availability()
+        await asyncio.sleep(0.05)
+        assert up.availability() < before  # down time keeps growing, up time does not
 
 
 async def test_with_no_writer_a_wait_ends_in_error_08001_naming_every_target() -> None:

@@ -303,6 +303,9 @@ class ProxyConfig(_Model):
     # What died with a server connection runs again on the next writer when that is safe:
     # MySQL whole open transactions, PostgreSQL a read in flight (engines/*/replay.py).
     transaction_replay: bool = False
+    # The query latency histograms (QueryResponseLatency, QueryDatabaseResponseLatency): two
+    # clock reads per request. Off, they stay empty; every other metric is kept.
+    latency_histograms: bool = True
 
     _listen = field_validator("listen", mode="before")(_address)
 

@@ -136,6 +136,8 @@ class Pool(BudgetLender):
         self.waiters: deque[tuple[float, Borrower]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
+        # The borrow latency histogram's first bucket, bound for the hot path (try_borrow).
+        self._lent_at_once = metrics.borrow_latency.counts
         self.server_facts: dict[str, str] | None = None
         self.unused_since: float | None = None  # when the janitor first found it unused
         budget.pools.append(self)
@@ -154,6 +156,7 @@ class Pool(BudgetLender):
             conn = self.idle.pop()
             self.lent.add(conn)
             self.metrics.database_connection_requests.value += 1
+            self._lent_at_once[0] += 1  # DatabaseConnectionsBorrowLatency: no wait, no clock
             return conn
         return None
 
@@ -183,14 +186,26 @@ class Pool(BudgetLender):
         if self.waiters:
             self._timer = loop.call_at(self.waiters[0][0], self._expire)
 
-    def _next_waiter(self) -> Borrower | None:
+    def _next_waiter(self) -> tuple[float, Borrower] | None:
+        """The oldest waiter, out of the queue: (its deadline, itself)."""
         if not self.waiters:
             return None
-        borrower = self.waiters.popleft()[1]
+        entry = self.waiters.popleft()
         if not self.waiters and self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        return borrower
+        return entry
+
+    def _lend_to_waiter(self, conn: ServerConnection) -> bool:
+        """Lend `conn` to the oldest waiter, timing its wait; False if nobody waits."""
+        entry = self._next_waiter()
+        if entry is None:
+            return False
+        deadline, borrower = entry
+        self.metrics.borrow_latency.observe(self.loop.time() - deadline + self.timeout)
+        self.lent.add(conn)
+        borrower.on_connection(conn)
+        return True
 
     def grow(self) -> None:
         """Open connections for waiters that no connection being opened will serve."""
@@ -209,9 +224,9 @@ class Pool(BudgetLender):
             self.metrics.database_connections_setup_failed.value += 1
             log.warning("cannot open a server connection for %s: %s", self._label, error)
             self.budget.on_trouble()
-            borrower = self._next_waiter()
-            if borrower is not None:
-                borrower.on_borrow_failed(error)
+            entry = self._next_waiter()
+            if entry is not None:
+                entry[1].on_borrow_failed(error)
             self.budget.give_back()
             return
         self.opening -= 1
@@ -226,10 +241,7 @@ class Pool(BudgetLender):
             pool.grow()
 
     def _hand_over(self, conn: ServerConnection) -> None:
-        borrower = self._next_waiter()
-        if borrower is not None:
-            self.lent.add(conn)
-            borrower.on_connection(conn)
+        if self._lend_to_waiter(conn):
             return
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
@@ -298,11 +310,7 @@ class Pool(BudgetLender):
             conn.close(graceful=True)  # the writer changed during the check
             return
         conn.checked_at = time.monotonic()
-        borrower = self._next_waiter()
-        if borrower is not None:
-            self.lent.add(conn)
-            borrower.on_connection(conn)
-        else:
+        if not self._lend_to_waiter(conn):
             self.idle.appendleft(conn)  # still among the longest idle
 
     def reap_idle(self, now: float) -> None:

@@ -84,7 +84,8 @@ class Proxy:
         self.engine = engine_class(config.engine_family)(
             target_security(config.target_group, base_dir)
         )
-        self.metrics = ProxyMetrics(registry, config.name)
+        self.registry = registry
+        self.metrics = ProxyMetrics(registry, config.name, timed=config.latency_histograms)
         self.users = UserDirectory.from_config(config.auth, secrets or SecretsConfig(), base_dir)
         self.users.load()
         self.pool_config = config.target_group.connection_pool_config
@@ -95,6 +96,7 @@ class Proxy:
             interval=config.target_group.probe_interval,
             on_writer_change=self._writer_changed,
             on_probed=self._probed,
+            on_failover=lambda writer, seconds: self.metrics.count_failover(writer.name, seconds),
         )
         self.users.on_change = self.targets.credentials_changed
         self.pools = PoolSet(self._writer_opener(read_only=False), self.metrics, self._budget())
@@ -142,18 +144,41 @@ class Proxy:
                 sets.append(route.fallback)
         return sets
 
+    @property
+    def _budgets(self) -> list[TargetBudget]:
+        return list({id(s.budget): s.budget for s in self.pool_sets}.values())
+
     def _register_gauges(self) -> None:
-        m, proxy = self.metrics, self.config.name
+        """The gauges read at scrape time, from the pools and clients themselves."""
+        m, proxy, clients = self.metrics, self.config.name, self.runtime.clients
 
-        def opened() -> int:
-            return sum(b.open for b in {id(s.budget): s.budget for s in self.pool_sets}.values())
+        def lent() -> int:
+            return sum(len(p.lent) for b in self._budgets for p in b.pools)
 
-        m.client_connections.observe_with(lambda: len(self.runtime.clients), proxy=proxy)
-        m.database_connections.observe_with(opened, proxy=proxy)
-        m.database_connections_borrowed.observe_with(
-            lambda: sum(s.lent_count for s in self.pool_sets), proxy=proxy
+        def longest_wait() -> float:
+            pools = [p for b in self._budgets for p in b.pools if p.waiters]
+            return max((p.loop.time() - p.waiters[0][0] + p.timeout for p in pools), default=0.0)
+
+        def prepared() -> int:
+            pools = [p for b in self._budgets for p in b.pools]
+            return sum(len(c.prepared) for p in pools for c in (*p.idle, *p.lent))
+
+        m.database_connections.observe_with(lambda: sum(b.open for b in self._budgets), proxy=proxy)
+        m.database_connections_borrowed.observe_with(lent, proxy=proxy)
+        m.database_connections_in_transaction.observe_with(
+            lambda: sum(1 for c in clients if c.server is not None and c.in_transaction),
+            proxy=proxy,
+        )
+        m.database_connections_pinned.observe_with(
+            lambda: sum(1 for c in clients if c.server is not None and c.pin_reason is not None),
+            proxy=proxy,
         )
         m.max_database_connections.observe_with(lambda: self.pools.budget.limit or 0, proxy=proxy)
+        m.clients_waiting.observe_with(lambda: sum(1 for c in clients if c.waiting), proxy=proxy)
+        m.longest_wait.observe_with(longest_wait, proxy=proxy)
+        m.prepared_statements.observe_with(prepared, proxy=proxy)
+        for instance in self.targets.instances:
+            m.availability.observe_with(instance.availability, proxy=proxy, target=instance.name)
 
     def _session_init(self, read_only: bool) -> tuple[str, ...]:
         init = self.pool_config.init_query
@@ -279,14 +304,15 @@ class Proxy:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        writer_factory = self.engine.serve(self.runtime)
-        listens = [(self.config.listen, writer_factory)]
+        listens = [(self.config.listen, self.engine.serve(self.runtime))]
         for endpoint in self.config.endpoints:
-            route = self.routes.get(endpoint.name)
-            factory = writer_factory
-            if route is not None:
-                factory = self.engine.serve(dataclasses.replace(self.runtime, pools=route))
-            listens.append((endpoint.listen, factory))
+            # Its own metrics (the endpoint label), and a read-only one its own pools.
+            metrics = ProxyMetrics(
+                self.registry, self.config.name, endpoint.name, timed=self.metrics.timed
+            )
+            pools = self.routes.get(endpoint.name, self.runtime.pools)
+            runtime = dataclasses.replace(self.runtime, pools=pools, metrics=metrics)
+            listens.append((endpoint.listen, self.engine.serve(runtime)))
         for address, factory in listens:
             server = await loop.create_server(
                 factory, address.host, address.port, reuse_address=True, backlog=4096

@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import itertools
 import logging
+import ssl
 import time
 from abc import abstractmethod
 from collections.abc import Callable
@@ -86,6 +87,13 @@ class ClientSession(ClientEnd, Borrower):
         # When it got its current server connection (the coarse clock: the age of what it
         # runs there, to a second, for the admin API).
         self.attached_at = 0.0
+        # Why the last password check failed, when the proof was an auth token.
+        self._token_refused = False
+        # perf_counter() when the request being answered arrived, and when it went to the
+        # database (the latency histograms; only while runtime.metrics.timed).
+        self.request_at = 0.0
+        self.sent_at = 0.0
+        self._latency = runtime.metrics.request_latency
 
     # -- what each engine supplies ------------------------------------------------------------
 
@@ -120,6 +128,11 @@ class ClientSession(ClientEnd, Borrower):
         connection ids)."""
 
     @property
+    def in_transaction(self) -> bool:
+        """The server connection is in a transaction (DatabaseConnectionsCurrentlyInTransaction)."""
+        return False
+
+    @property
     @abstractmethod
     def in_flight(self) -> bool:
         """Something the client asked for is not answered yet: a request at the server, a
@@ -130,7 +143,9 @@ class ClientSession(ClientEnd, Borrower):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.runtime.metrics.client_connections_received.value += 1
+        metrics = self.runtime.metrics
+        metrics.client_connections_received.value += 1
+        metrics.client_connections.value += 1
         self.runtime.clients.add(self)
         self._task = asyncio.get_running_loop().create_task(self._login())
 
@@ -186,10 +201,12 @@ class ClientSession(ClientEnd, Borrower):
                 tokens.verify(text, host=host, port=port, user=name)
             except TokenRefused as refused:
                 self.runtime.metrics.count_token_refusal(refused.reason.value)
+                self._token_refused = True
                 return False
             return self.runtime.users.get(name) is not None  # who has no secret cannot log in
         if method.iam_auth is IamAuth.REQUIRED:
             self.runtime.metrics.count_token_refusal(RefusalReason.MALFORMED.value)
+            self._token_refused = True
             return False
         return await self.check_password(
             name, lambda user: any(hmac.compare_digest(p.encode(), typed) for p in user.passwords)
@@ -199,6 +216,38 @@ class ClientSession(ClientEnd, Borrower):
         """A user who must log in with a token is on plaintext: it is refused before it
         sends one (a token seen on the way is as good as a password for 15 minutes)."""
         self.runtime.metrics.count_token_refusal(RefusalReason.NO_TLS.value)
+        self.runtime.metrics.count_auth_failure("tls_required")
+
+    def auth_failed(self, name: str) -> None:
+        """Count a refused proof by reason (ClientConnectionsSetupFailedAuth): a refused
+        token, a name no auth entry holds, or a wrong password. The client is told the same
+        in every case; only the metrics tell them apart."""
+        if self._token_refused:
+            reason = "token_refused"
+        elif self.runtime.users.get(name) is None:
+            reason = "unknown_user"
+        else:
+            reason = "wrong_password"
+        self.runtime.metrics.count_auth_failure(reason)
+
+    async def start_tls(
+        self,
+        context: ssl.SSLContext,
+        timeout: float,
+        *,
+        server_hostname: str | None = None,
+        received: bytes = b"",
+    ) -> None:
+        """ClientEnd.start_tls, counted (ClientTLSHandshakes, ClientTLSHandshakesFailed)."""
+        metrics = self.runtime.metrics
+        try:
+            await super().start_tls(
+                context, timeout, server_hostname=server_hostname, received=received
+            )
+        except BaseException:
+            metrics.client_tls_handshakes_failed.value += 1
+            raise
+        metrics.client_tls_handshakes.value += 1
 
     def admit(self, deadline: asyncio.Timeout) -> Refusal | None:
         """The password is proved: the client counts against max_client_connections from now
@@ -227,6 +276,7 @@ class ClientSession(ClientEnd, Borrower):
         runtime = self.runtime
         runtime.clients.discard(self)
         runtime.metrics.client_connections_closed.value += 1
+        runtime.metrics.client_connections.value -= 1
         self.unregister()
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -245,6 +295,15 @@ class ClientSession(ClientEnd, Borrower):
         self.runtime.metrics.count_pin(reason)
         if self.runtime.config.debug_logging:
             log.info("client %s pinned to its server connection: %s", self.user, reason)
+
+    # -- latency (QueryResponseLatency, QueryDatabaseResponseLatency) --------------------------
+
+    def answered(self) -> None:
+        """Everything the client asked is answered: time it, from `request_at` (its arrival)
+        and `sent_at` (its sending to the database). The engine sets both when a request
+        arrives with nothing else in flight, `sent_at` again when it had to wait for a
+        server connection, and calls this only while `runtime.metrics.timed`."""
+        self._latency.observe(self.request_at, self.sent_at)
 
     # -- the server connection ----------------------------------------------------------------
 

@@ -92,6 +92,11 @@ class Instance:
     role: TargetRole | None = None
     lag: float | None = None  # a replica's replay delay, when some endpoint limits it
     probed_at: float = 0.0  # when the last finished probe began (what it found is that new)
+    # AvailabilityPercentage: seconds AVAILABLE before `available_since` (None: not now),
+    # out of the time since `watched_since`.
+    watched_since: float = field(default_factory=time.monotonic)
+    available_seconds: float = 0.0
+    available_since: float | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _probed: asyncio.Event = field(default_factory=asyncio.Event)  # set when a probe ends
 
@@ -107,6 +112,15 @@ class Instance:
     def is_replica(self) -> bool:
         return self.health is TargetHealth.AVAILABLE and self.role is TargetRole.READ_ONLY
 
+    def availability(self) -> float:
+        """Per cent of the time since it was first watched that it was AVAILABLE."""
+        now = time.monotonic()
+        up = self.available_seconds
+        if self.available_since is not None:
+            up += now - self.available_since
+        elapsed = now - self.watched_since
+        return 100.0 * up / elapsed if elapsed > 0 else 0.0
+
 
 class TargetGroup:
     """The instances of one proxy and the writer among them."""
@@ -120,6 +134,7 @@ class TargetGroup:
         interval: float,
         on_writer_change: Callable[[Instance | None, Instance | None], None],
         on_probed: Callable[[Instance], None] = lambda instance: None,
+        on_failover: Callable[[Instance, float], None] = lambda writer, seconds: None,
     ) -> None:
         self.instances = [Instance(t) for t in targets]
         self.probe = probe
@@ -127,6 +142,8 @@ class TargetGroup:
         self.interval = interval
         self.on_writer_change = on_writer_change
         self.on_probed = on_probed  # after every probe (read-only endpoints re-route)
+        # A new writer after a lost one (or instead of one): it, and the seconds without one.
+        self.on_failover = on_failover
         self.writer: Instance | None = None
         self.generation = 0  # grows at every writer change
         # Set while there is a writer, or while every instance refuses the proxy's login (a
@@ -326,6 +343,13 @@ class TargetGroup:
                 f" ({reason.value})" if reason else "",
                 f": {description}" if description else "",
             )
+        if (health is TargetHealth.AVAILABLE) != (instance.available_since is not None):
+            now = time.monotonic()
+            if instance.available_since is None:
+                instance.available_since = now
+            else:
+                instance.available_seconds += now - instance.available_since
+                instance.available_since = None
         instance.health, instance.reason, instance.description = health, reason, description
 
     def _choose_writer(self) -> None:
@@ -352,12 +376,17 @@ class TargetGroup:
         self.generation += 1
         self._changed.set()
         self._changed = asyncio.Event()
+        now = time.monotonic()
         if chosen is None:
-            self._writer_lost_at = time.monotonic()
+            self._writer_lost_at = now
             log.warning("no writer among the targets; new transactions wait for one")
         else:
             log.info("writer is now %s", chosen.name)
         self.on_writer_change(current, chosen)
+        if chosen is not None and current is not None:
+            self.on_failover(chosen, 0.0)
+        elif chosen is not None and self._writer_lost_at > 0:
+            self.on_failover(chosen, now - self._writer_lost_at)
 
 
 def _writer_change(old: Instance | None, new: Instance | None) -> str:

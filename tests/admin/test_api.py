@@ -156,9 +156,9 @@ def test_metrics_are_prometheus_text_with_the_client_count(admin, connections):
     assert answer.status == 200
     assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = answer.body.decode()
-    assert re.search(r'^dbmux_client_connections\{proxy="test"\} 3$', text, re.M), text
+    assert re.search(r'^dbmux_client_connections\{endpoint="default",proxy="test"\} 3$', text, re.M)
     connections[0].close()
-    two = 'dbmux_client_connections{proxy="test"} 2'
+    two = 'dbmux_client_connections{endpoint="default",proxy="test"} 2'
     wait_until(lambda: two in call(f"{admin}/metrics").body.decode(), "the metric follows")
 
 

@@ -160,6 +160,7 @@ def test_a_refused_token_gets_28p01_and_is_counted_by_reason(
     assert "password authentication failed" in str(refused.value)
     assert reason not in str(refused.value)  # the reason is the operator's, not the client's
     assert refusals(proxy, reason) == 1
+    assert proxy.metrics.auth_failures("token_refused") == proxy.metrics.auth_failures() == 1
 
 
 def test_a_token_signed_by_an_unknown_key_is_refused(
@@ -184,6 +185,7 @@ def test_a_token_user_on_plaintext_is_refused_before_sending_anything(
         pg_login(proxy, token, sslmode="disable")
     assert "accepted over TLS only" in str(refused.value)
     assert refusals(proxy, "NO_TLS") == 1
+    assert proxy.metrics.auth_failures("tls_required") == proxy.metrics.auth_failures() == 1
 
 
 def test_with_iam_auth_enabled_a_token_and_the_password_both_work(

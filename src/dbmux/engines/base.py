@@ -14,7 +14,7 @@ import dataclasses
 import itertools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sized
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -133,6 +133,8 @@ class ServerConnection(ABC):
 
     # The message that ends a session politely (PostgreSQL Terminate, MySQL COM_QUIT).
     goodbye: bytes
+    # The statements prepared on it (the engine's cache; the PreparedStatements gauge).
+    prepared: Sized = ()
 
     if TYPE_CHECKING:  # the engine's connection is also a relay.ServerEnd
 

@@ -47,7 +47,7 @@ def test_a_wrong_password_or_unknown_user_is_refused_with_1045(my_proxy: MyProxy
         my_proxy.connect(user=user, password=password)
     assert caught.value.args[0] == 1045
     assert "Access denied" in caught.value.args[1]
-    assert my_proxy.metrics.client_connections_setup_failed_auth.value == 1
+    assert my_proxy.metrics.auth_failures() == 1
 
 
 def test_caching_sha2_fast_path_with_pymysql_and_connector(sha2_proxy: MyProxy) -> None:

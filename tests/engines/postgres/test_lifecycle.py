@@ -175,7 +175,7 @@ async def test_wrong_password_is_28P01_and_counted(proxy):
         await asyncpg.connect(proxy.url(password="wrong"))
     with pytest.raises(asyncpg.InvalidPasswordError):
         await asyncpg.connect(proxy.url(user="nobody"))
-    assert proxy.metrics.client_connections_setup_failed_auth.value == 2
+    assert proxy.metrics.auth_failures() == 2
 
 
 async def test_md5_client_auth_when_the_auth_entry_asks_for_it(start_proxy, tmp_path):

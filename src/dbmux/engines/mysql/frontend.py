@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from dbmux.engines.base import BorrowTimeout, ServerError
@@ -91,6 +92,7 @@ class MyClient(
         self._held = False  # reading paused: too much sent ahead of the replies
         self._clock = ctx.clock
         self._requests = ctx.metrics.query_requests
+        self._timed = ctx.metrics.timed
         self._verdict = ctx.classifier.verdict
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -183,6 +185,8 @@ class MyClient(
                 and n - 4 <= self.reader.limit
             ):
                 self._requests.value += 1
+                if self._timed:
+                    self.request_at = self.sent_at = perf_counter()
                 try:
                     self._command(data[4:], data)
                 except wire.ProtocolViolation as error:
@@ -222,6 +226,8 @@ class MyClient(
                 )
                 return
             self._requests.value += 1
+            if self._timed:
+                self.request_at = self.sent_at = perf_counter()
             try:
                 self._command(payload)
             except wire.ProtocolViolation as error:
@@ -399,9 +405,12 @@ class MyClient(
             self._command_sent(request)
         payload, kind, statement, frame = request
         if statement is not None:
+            metrics = self.ctx.metrics
             if statement.text in server.prepared:
+                metrics.prepared_statement_cache_hits.value += 1
                 self._send_statement(server, payload, statement, kind)
             else:
+                metrics.prepared_statement_cache_misses.value += 1
                 self._start(self._prepare_then_send(payload, statement, kind))
             return
         if kind is not None:
@@ -418,6 +427,8 @@ class MyClient(
             self._task = self.ctx.loop.create_task(self._step_then_send(conn))
             return
         self.queued, self.waiting = None, False
+        if self._timed:
+            self.sent_at = perf_counter()
         self.attach(conn)
         self._send(conn, request)
 
@@ -499,6 +510,8 @@ class MyClient(
                 self._replayed()
                 return
             self._logged(server)
+        if self._timed:
+            self.answered()
         self._release_if_idle(server)
 
     def _holds(self, server: MyServer) -> bool:
@@ -539,6 +552,11 @@ class MyClient(
     @property
     def in_flight(self) -> bool:
         return self.busy  # a command is being answered, or waits for a server connection
+
+    @property
+    def in_transaction(self) -> bool:
+        server = self.server
+        return server is not None and bool(server.scanner.status & wire.SERVER_STATUS_IN_TRANS)
 
     # -- KILL ---------------------------------------------------------------------------------
 

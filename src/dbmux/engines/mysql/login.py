@@ -169,7 +169,6 @@ class LoginMixin(ClientSession):
         chosen = ctx.runtime.users.method_for(user)
         if chosen.iam_auth is IamAuth.REQUIRED and not self.tls:
             self.refuse_token_without_tls()
-            ctx.metrics.client_connections_setup_failed_auth.value += 1
             raise LoginRefused(
                 seq + 1,
                 wire.ER_ACCESS_DENIED_ERROR,
@@ -207,7 +206,7 @@ class LoginMixin(ClientSession):
                 lambda known: any(hmac.compare_digest(sent, p.encode()) for p in known.passwords),
             )
         if not ok:
-            ctx.metrics.client_connections_setup_failed_auth.value += 1
+            self.auth_failed(user)
             await throttle.sit_out(self, throttle.failed(user, address))
             using = "YES" if response else "NO"
             raise LoginRefused(

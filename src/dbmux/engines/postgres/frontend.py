@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from dbmux.engines.base import ServerError
@@ -95,6 +96,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         # Bound once: the relay reads them for every chunk.
         self._clock = ctx.clock
         self._requests = ctx.metrics.query_requests
+        self._timed = ctx.metrics.timed
         self._classify = ctx.classifier.verdict
         self.key = (0, 0)
         self.pid_bytes = b"\0\0\0\0"  # the process id this client was given, as sent
@@ -175,6 +177,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
     def _send_raw(self, data: bytes, syncs: int) -> None:
         """Relay scanned bytes to our server, borrowing one first if needed."""
         self._requests.value += syncs
+        if self._timed:
+            self.arrived()
         server = self.server
         if server is not None:
             self.outstanding += syncs
@@ -275,6 +279,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
             self._task = self.ctx.loop.create_task(self._apply_settings(server))
             return
         self.waiting = False
+        if self._timed:
+            self.sent_at = perf_counter()
         self.attach(server)
         if self.rewriting:
             self._send_queue()
@@ -288,6 +294,12 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self.last_sent = data
         server.transport.write(data)
         self._stop_holding_for_wait()
+
+    def arrived(self) -> None:
+        """A request arrives: its clock starts, unless an earlier one is still in flight
+        (requests sent back to back are timed as one, up to the last answer)."""
+        if not self.outstanding and not self.waiting:
+            self.request_at = self.sent_at = perf_counter()
 
     def _stop_holding_for_wait(self) -> None:
         if self._held_for_wait:
@@ -371,6 +383,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         """The server answered `count` requests; give it back at the end of a transaction."""
         self.outstanding -= count
         self.tx_status = status
+        if self._timed and self.outstanding == 0:
+            self.answered()
         if self.forget_server_statements:
             # SQL about prepared statements ran: what the connection holds is unknown
             # until DISCARD ALL clears it (the session is pinned).
@@ -479,6 +493,10 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
     @property
     def in_flight(self) -> bool:
         return self.outstanding > 0 or self.waiting  # sent and unanswered, or queued
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.tx_status != wire.IDLE
 
 
 def cancel_server(server: PgServer) -> None:

@@ -190,7 +190,6 @@ class LoginMixin(ClientSession):
         method = ctx.runtime.users.method_for(user)
         if method.iam_auth is IamAuth.REQUIRED and not self.tls:
             self.refuse_token_without_tls()
-            ctx.metrics.client_connections_setup_failed_auth.value += 1
             raise LoginRefused(
                 "28000",
                 f'user "{user}" logs in with an auth token, which is accepted over TLS only',
@@ -214,7 +213,7 @@ class LoginMixin(ClientSession):
         else:
             ok = await self._scram(user)
         if not ok:
-            ctx.metrics.client_connections_setup_failed_auth.value += 1
+            self.auth_failed(user)
             await throttle.sit_out(self, throttle.failed(user, address))
             raise LoginRefused("28P01", f'password authentication failed for user "{user}"')
         self.write(wire.authentication(wire.AUTH_OK))

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from dbmux.engines.base import Clock
     from dbmux.engines.postgres.backend import PgServer
     from dbmux.engines.postgres.engine import PgContext
+    from dbmux.metrics import ProxyMetrics
 
 _DROPS_ALL = re.compile(rb"(?i)\b(?:deallocate\s+(?:prepare\s+)?all|discard\s+all)\b")
 CLOSED_STATEMENT = b"dbmux_closed"  # never created: closing it only yields CloseComplete
@@ -27,6 +28,7 @@ class StatementsMixin(ClientSession):
     _clock: Clock
     _held_for_wait: bool
     _requests: Any  # the query_requests counter (engines see the metrics through ctx only)
+    _timed: bool  # the latency histograms are on
     _whole: bytearray
     ctx: PgContext
     expose_names: bool
@@ -46,6 +48,7 @@ class StatementsMixin(ClientSession):
     if TYPE_CHECKING:  # provided by PgClient and the classes it mixes in
 
         def _answered(self, server: PgServer) -> bool: ...
+        def arrived(self) -> None: ...
         def _continue_refusal(self, syncs: int) -> None: ...
         def fatal(self, code: str, text: str, *, hint: str = "") -> None: ...
         def _inspect(self, messages: list[tuple[int, bytes]]) -> None: ...
@@ -76,6 +79,8 @@ class StatementsMixin(ClientSession):
         if not messages:
             return
         self._requests.value += syncs
+        if self._timed:
+            self.arrived()
         self.queue += messages
         self.queue_syncs += syncs
         self._send_queue()
@@ -164,7 +169,9 @@ class StatementsMixin(ClientSession):
         """The queue as the server must see it (see _Batch)."""
         if len(self.shared_seen) > 2 * MAX_CLIENT_STATEMENTS:
             self.shared_seen.clear()  # (only an optimisation's memory: see _named_parse)
-        batch = _Batch(self.statements, self.parsed_settings, server, self._proxy_name)
+        batch = _Batch(
+            self.statements, self.parsed_settings, server, self._proxy_name, self.ctx.metrics
+        )
         if self.expose_names:
             # SQL (EXECUTE name) refers to the client's own names: on the pinned connection
             # its statements exist under those names too.
@@ -215,6 +222,7 @@ class _Batch:
         parsed_settings: dict[bytes, frozenset[str]],
         server: PgServer,
         proxy_name: Callable[[bytes], bytes],
+        metrics: ProxyMetrics,
     ) -> None:
         assert server.scanner.plan is not None
         self.plan = server.scanner.plan
@@ -223,6 +231,9 @@ class _Batch:
         self.server = server
         self.prepared = server.prepared
         self.proxy_name = proxy_name
+        # The server's statements as a cache of the clients': a use finds one, or creates it.
+        self.hits = metrics.prepared_statement_cache_hits
+        self.misses = metrics.prepared_statement_cache_misses
         self.out: list[bytes] = []
         self.refreshed: set[bytes] = set()
 
@@ -280,6 +291,7 @@ class _Batch:
             self._create(shared, rest, name, injected=False)
             return b""
         prepared.move_to_end(shared)
+        self.hits.value += 1
         plan.parse(shared, name, creates=False, injected=False)
         return b"\0" + rest
 
@@ -297,12 +309,14 @@ class _Batch:
         """The next message uses `shared`: create it first if the server lacks it."""
         if shared in self.prepared:
             self.prepared.move_to_end(shared)
+            self.hits.value += 1
         else:
             self._create(shared, rest, b"", injected=True)
 
     def _create(self, shared: bytes, rest: bytes, client_name: bytes, *, injected: bool) -> None:
         """A Parse creating `shared` (after a Close where the proxy no longer knows what the
         connection holds, so that "already exists" cannot happen)."""
+        self.misses.value += 1
         if self.server.statements_unknown:
             self.out.append(_close_statement(shared))
             self.plan.close(b"", injected=True)
