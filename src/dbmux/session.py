@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
+import time
 from abc import abstractmethod
 from collections.abc import Callable
 from enum import Enum
@@ -24,9 +26,13 @@ from dbmux.auth.directory import Method, User
 from dbmux.auth.tokens import RefusalReason, TokenRefused, looks_like_token
 from dbmux.config import IamAuth
 from dbmux.engines.base import Borrower, BorrowTimeout, Lender, ProxyRuntime, ServerError
+from dbmux.redact import redact
 from dbmux.relay import ClientEnd, ConnectionClosed
 
 log = logging.getLogger("dbmux.session")
+# debug_logging's records: each statement, its answer, pin decisions (config: debug_logging).
+debug_log = logging.getLogger("dbmux.debug")
+_numbers = itertools.count(1)  # client ids, unique in the process (logs, the admin API)
 
 
 class Failure(Enum):
@@ -36,7 +42,8 @@ class Failure(Enum):
     LOGIN_TIMEOUT = "login timeout"  # client_login_timeout
     PROTOCOL_VIOLATION = "protocol violation"  # the client sent what the protocol forbids
     INTERNAL = "internal error"  # a bug in the proxy, costing this client only
-    TERMINATED = "terminated"  # idle_client_timeout, shutdown
+    TERMINATED = "terminated"  # idle_client_timeout
+    SHUTDOWN = "shutdown"  # the proxy drains (SIGTERM, a reload that removed its listener)
     BORROW_TIMEOUT = "borrow timeout"  # connection_borrow_timeout (the request fails)
     NO_SERVER = "no server connection"  # one could not be opened (the request fails)
 
@@ -76,6 +83,8 @@ class ClientSession(ClientEnd, Borrower):
         self.logged_in = False
         self.last_active = runtime.clock.now
         self._task: asyncio.Task[None] | None = None  # the login, or a round trip of its own
+        self.number = next(_numbers)
+        self.debug_since = 0.0  # debug_logging: when the request being answered was sent
 
     # -- what each engine supplies ------------------------------------------------------------
 
@@ -108,6 +117,12 @@ class ClientSession(ClientEnd, Borrower):
     def unregister(self) -> None:
         """The client is gone: drop it from the engine's own registries (cancel keys,
         connection ids)."""
+
+    @property
+    @abstractmethod
+    def in_transaction(self) -> bool:
+        """A transaction is open (or a batch is half sent): the client is in the middle of
+        something a drain lets it finish."""
 
     @property
     @abstractmethod
@@ -226,15 +241,65 @@ class ClientSession(ClientEnd, Borrower):
             self.give_back(self.leftover(self.server))
 
     def expire(self, reason: str) -> None:
-        """idle_client_timeout or shutdown."""
+        """idle_client_timeout."""
         self.fail(Failure.TERMINATED, f"terminating connection: {reason}")
+
+    def shut_down(self, reason: str) -> None:
+        """The proxy drains: tell the client in its engine's words for a server shutting
+        down, so that it reconnects (to another process, after a restart)."""
+        self.fail(Failure.SHUTDOWN, f"terminating connection: {reason}", "reconnect to go on")
+
+    @property
+    def between_transactions(self) -> bool:
+        """Logged in, silent, nothing in flight and no transaction open: ending it now costs
+        the client a reconnect, never a transaction."""
+        return (
+            self.logged_in and not self.active and (self.server is None or not self.in_transaction)
+        )
 
     def pin(self, reason: str) -> None:
         """Keep this server connection for the rest of the session, because of `reason`."""
         self.pin_reason = reason
         self.runtime.metrics.count_pin(reason)
         if self.runtime.config.debug_logging:
-            log.info("client %s pinned to its server connection: %s", self.user, reason)
+            debug_log.info(
+                "client %d pinned to its server connection: %s",
+                self.number,
+                reason,
+                extra={**self.debug_fields(), "pin_reason": reason},
+            )
+
+    # -- debug_logging (callers check config.debug_logging first: the one cost when off) ---
+
+    def debug_fields(self) -> dict[str, Any]:
+        """Who the client is and which server connection it holds, for a debug record."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        server = self.server
+        return {
+            "client": self.number,
+            "address": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
+            "user": self.user,
+            "server": server.label if server is not None else None,
+            "pinned": self.pin_reason,
+        }
+
+    def debug_statement(self, text: bytes) -> None:
+        """A statement the client sent (literals of password clauses hidden)."""
+        if not self.debug_since:
+            self.debug_since = time.monotonic()
+        fields = {**self.debug_fields(), "statement": redact(text)}
+        debug_log.info("client %d statement", self.number, extra=fields)
+
+    def debug_answered(self) -> None:
+        """The server answered what was sent since `debug_since`."""
+        duration = (time.monotonic() - self.debug_since) * 1000
+        self.debug_since = 0.0
+        debug_log.info(
+            "client %d answered in %.3f ms",
+            self.number,
+            duration,
+            extra={**self.debug_fields(), "duration_ms": round(duration, 3)},
+        )
 
     # -- the server connection ----------------------------------------------------------------
 

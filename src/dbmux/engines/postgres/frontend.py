@@ -42,6 +42,7 @@ FAILURE_CODES = {
     Failure.PROTOCOL_VIOLATION: "08P01",
     Failure.INTERNAL: "XX000",
     Failure.TERMINATED: "57P01",
+    Failure.SHUTDOWN: "57P01",  # admin_shutdown
     Failure.BORROW_TIMEOUT: "53300",
     Failure.NO_SERVER: "08006",
 }
@@ -233,6 +234,10 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         settings it changes. A prepared statement changes them when it is executed (Bind),
         not when it is parsed, so with named statements the note waits for the Bind."""
         classify = self._classify
+        if self.ctx.config.debug_logging:
+            for kind, body in messages:
+                if kind != 66:
+                    self.debug_statement(body[body.find(b"\0") + 1 :] if kind == 80 else body)
         for kind, body in messages:
             if kind == 66:  # Bind: portal, statement
                 name = wire.bound_statement(body)
@@ -371,6 +376,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         """The server answered `count` requests; give it back at the end of a transaction."""
         self.outstanding -= count
         self.tx_status = status
+        if self.debug_since:
+            self.debug_answered()
         if self.forget_server_statements:
             # SQL about prepared statements ran: what the connection holds is unknown
             # until DISCARD ALL clears it (the session is pinned).
@@ -479,6 +486,15 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
     @property
     def in_flight(self) -> bool:
         return self.outstanding > 0 or self.waiting  # sent and unanswered, or queued
+
+    @property
+    def in_transaction(self) -> bool:
+        scanner = self.scanner
+        return (
+            self.tx_status != wire.IDLE
+            or scanner.mid_message
+            or scanner.last_kind not in wire.SYNCING_TYPES
+        )
 
 
 def cancel_server(server: PgServer) -> None:
