@@ -85,12 +85,7 @@ class Listener:
     runtime: ProxyRuntime
     context: EngineContext
     server: asyncio.Server | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self.server is not None
-        host, port = self.server.sockets[0].getsockname()[:2]
-        return host, port
+    address: tuple[str, int] = ("", 0)  # where it listens (the port chosen for port 0)
 
 
 @dataclass
@@ -122,6 +117,9 @@ class Proxy:
         self.config = config
         self.base_dir = base_dir
         self.secrets = secrets or SecretsConfig()
+        self.paused = False  # pause(): nothing is lent until resume()
+        self.draining = False
+        self.shutdown_timeout = 30.0  # seconds a removed listener's clients have (Config's)
         self.engine = engine_class(config.engine_family)(
             target_security(config.target_group, base_dir)
         )
@@ -168,9 +166,6 @@ class Proxy:
             TokenVerifier.for_proxy(config, base_dir),
         )
         self.listeners: list[Listener] = []  # serving: the proxy's listen first
-        self.paused = False
-        self.draining = False
-        self.shutdown_timeout = 30.0  # seconds a removed listener's clients have (Config's)
         self._janitor: asyncio.Task[None] | None = None
         self._drains: set[asyncio.Task[Any]] = set()  # of removed listeners
         self._register_gauges()
@@ -356,6 +351,7 @@ class Proxy:
             reuse_port=True,
             backlog=4096,
         )
+        listener.address = listener.server.sockets[0].getsockname()[:2]
 
     async def start(self) -> None:
         listeners = [self._listener(n, s) for n, s in self._wanted_listeners(self.config).items()]

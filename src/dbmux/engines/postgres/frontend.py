@@ -236,8 +236,9 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         classify = self._classify
         if self.ctx.config.debug_logging:
             for kind, body in messages:
-                if kind != 66:
-                    self.debug_statement(body[body.find(b"\0") + 1 :] if kind == 80 else body)
+                if kind != 66:  # Query: text; Parse: name, text
+                    text = body.partition(b"\0")[2] if kind == 80 else body
+                    self.debug_statement(text.partition(b"\0")[0])
         for kind, body in messages:
             if kind == 66:  # Bind: portal, statement
                 name = wire.bound_statement(body)
