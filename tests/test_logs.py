@@ -39,4 +39,4 @@ def test_json_lines_hold_an_exception_in_one_line() -> None:
 
 def test_text_lines_append_fields_as_key_value() -> None:
     line = TextFormatter().format(_record(client=7, statement="SELECT 1"))
-    assert line.endswith("dbmux.debug: client 7 client=7 statement=\"SELECT 1\"")
+    assert line.endswith('dbmux.debug: client 7 client=7 statement="SELECT 1"')

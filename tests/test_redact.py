@@ -13,7 +13,7 @@ from dbmux.redact import MAX_LOGGED, REDACTED, redact
         b"ALTER ROLE x PASSWORD 'secret'",
         b"alter role x with encrypted password 'secret' valid until 'infinity'",
         b"CREATE USER u IDENTIFIED BY 'secret'",
-        b"create user u identified with caching_sha2_password by \"secret\"",
+        b'create user u identified with caching_sha2_password by "secret"',
         b"SET PASSWORD = PASSWORD('secret')",
         b"SET PASSWORD FOR u@'%' = 'secret'",
         b"ALTER USER u IDENTIFIED BY 'sec''ret'",

@@ -587,16 +587,18 @@ class Proxy:
         return {"proxy": self.config.name, "drained": True, "clients_cut_off": cut}
 
     async def _drain_clients(self, which: Callable[[Any], bool], timeout: float) -> int:
-        """End `which` clients as each gets between transactions; those still in one after
-        `timeout` are ended anyway. Returns how many were."""
+        """End `which` clients as each gets between transactions (looked at by the engine at
+        the end of each reply, and here for those that stay silent); those still in one
+        after `timeout` are ended anyway. Returns how many were."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         reason = "the proxy is shutting down"
+        for client in [c for c in self.runtime.clients if which(c)]:
+            client.runtime.draining = client.watched = True
         while True:
             left = [c for c in self.runtime.clients if which(c)]
             for client in left:
-                if client.between_transactions:
-                    client.shut_down(reason)
+                client.leave_if_between_transactions()
             left = [c for c in left if c in self.runtime.clients]
             if not left:
                 return 0

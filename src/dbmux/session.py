@@ -84,6 +84,9 @@ class ClientSession(ClientEnd, Borrower):
         self.last_active = runtime.clock.now
         self._task: asyncio.Task[None] | None = None  # the login, or a round trip of its own
         self.number = next(_numbers)
+        # The engine calls `answered` after each reply while this is set: debug_logging
+        # times a request, or a drain waits for the end of a transaction.
+        self.watched = False
         self.debug_since = 0.0  # debug_logging: when the request being answered was sent
 
     # -- what each engine supplies ------------------------------------------------------------
@@ -251,11 +254,28 @@ class ClientSession(ClientEnd, Borrower):
 
     @property
     def between_transactions(self) -> bool:
-        """Logged in, silent, nothing in flight and no transaction open: ending it now costs
-        the client a reconnect, never a transaction."""
+        """Logged in, nothing in flight and no transaction open: ending it now costs the
+        client a reconnect, never a transaction (what it has not read yet is read first)."""
         return (
-            self.logged_in and not self.active and (self.server is None or not self.in_transaction)
+            self.logged_in
+            and not self.in_flight
+            and (self.server is None or not self.in_transaction)
         )
+
+    def answered(self) -> None:
+        """A reply ended, for a `watched` client: time it (debug_logging); during a drain,
+        end the client once the server connection is given back, if it is between
+        transactions then."""
+        if self.debug_since:
+            self.debug_answered()
+        self.watched = self.runtime.draining
+        if self.watched:
+            asyncio.get_running_loop().call_soon(self.leave_if_between_transactions)
+
+    def leave_if_between_transactions(self) -> None:
+        """A drain's look at this client: shut down if it is between transactions."""
+        if not self.is_closed and self.between_transactions:
+            self.shut_down("the proxy is shutting down")
 
     def pin(self, reason: str) -> None:
         """Keep this server connection for the rest of the session, because of `reason`."""
@@ -287,6 +307,7 @@ class ClientSession(ClientEnd, Borrower):
         """A statement the client sent (literals of password clauses hidden)."""
         if not self.debug_since:
             self.debug_since = time.monotonic()
+            self.watched = True
         fields = {**self.debug_fields(), "statement": redact(text)}
         debug_log.info("client %d statement", self.number, extra=fields)
 

@@ -385,6 +385,8 @@ class ProxyRuntime:
     base_dir: Path = Path(".")  # the config's folder: its relative paths resolve against it
     state_dir: Path = Path(".")  # where what the proxy generates is kept (Config.state_path)
     tokens: TokenVerifier | None = None  # signed auth tokens (config: auth_tokens)
+    # A drain ends each of these clients between transactions (ClientSession.answered).
+    draining: bool = False
 
 
 @dataclass

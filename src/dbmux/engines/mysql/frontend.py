@@ -488,8 +488,8 @@ class MyClient(
         transaction, learning first what the transaction changed in the session."""
         server = self.server
         assert server is not None
-        if self.debug_since:
-            self.debug_answered()
+        if self.watched:
+            self.answered()
         scanner = server.scanner
         if scanner.insert_id:
             self.insert_id = server.insert_id = scanner.insert_id

@@ -377,8 +377,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         """The server answered `count` requests; give it back at the end of a transaction."""
         self.outstanding -= count
         self.tx_status = status
-        if self.debug_since:
-            self.debug_answered()
+        if self.watched:
+            self.answered()
         if self.forget_server_statements:
             # SQL about prepared statements ran: what the connection holds is unknown
             # until DISCARD ALL clears it (the session is pinned).
