@@ -132,9 +132,9 @@ class ServerConnection(ABC):
     goodbye: bytes
 
     @property
-    @abstractmethod
     def label(self) -> str:
         """Which database session this is, as the database names it (logs, admin API)."""
+        return f"connection {id(self):#x}"
 
     if TYPE_CHECKING:  # the engine's connection is also a relay.ServerEnd
 
