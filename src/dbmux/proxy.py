@@ -417,7 +417,7 @@ class Proxy:
 
     # -- reload ------------------------------------------------------------------------------
 
-    def rebuilt_by(self, new: ProxyConfig, secrets: SecretsConfig) -> bool:
+    def rebuilt_by(self, new: ProxyConfig) -> bool:
         """`new` changes what this proxy cannot change while it runs (the engine, the target
         group's instances, how it reaches them, the MySQL RSA key): a new proxy takes its
         listeners over (SO_REUSEPORT) and this one drains."""
@@ -700,16 +700,17 @@ class Process:
             return await self._apply(config)
         except RELOAD_ERRORS as error:
             reason = str(error)
-            log.error("reload refused, the running configuration stays: %s", reason)
-            return {"status": "refused", "reason": reason}
+        except Exception as error:  # a bug must cost the reload only, and say so
+            log.exception("reload failed unexpectedly")
+            reason = f"internal error: {error}"
+        log.error("reload refused, the running configuration stays: %s", reason)
+        return {"status": "refused", "reason": reason}
 
     async def _apply(self, config: Config) -> dict[str, Any]:
         running = {p.config.name: p for p in self.proxies}
         wanted = {p.name: p for p in config.proxies}
         gone = [p for n, p in running.items() if n not in wanted]
-        rebuilt = [
-            p for n, p in running.items() if n in wanted and p.rebuilt_by(wanted[n], config.secrets)
-        ]
+        rebuilt = [p for n, p in running.items() if n in wanted and p.rebuilt_by(wanted[n])]
         kept = [p for p in running.values() if p not in gone and p not in rebuilt]
         old_config, self.config = self.config, config  # new proxies are built with it
         started: list[Proxy] = []
