@@ -250,3 +250,32 @@ def test_debug_logging_logs_each_statement_redacted(
 @pytest.fixture(autouse=True)
 def _debug_records(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="dbmux")
+
+
+def test_reload_changes_the_targets_without_dropping_clients(
+    reloadable: Callable[..., Reloadable], pg: PostgresCluster
+) -> None:
+    running = reloadable()
+    proxy = running.dbmux.proxy()
+    unreachable = {"host": "127.0.0.1", "port": _free_port()}
+    targets = running.settings["target_group"]["targets"]
+    with psycopg.connect(running.url(), autocommit=True) as client:
+        client.execute("BEGIN")
+        client.execute("SELECT 1")
+        running.settings["target_group"]["targets"] = [unreachable, *targets]
+        running.settings["target_group"]["probe_interval"] = 0.5
+        result = running.reload()
+        assert result["status"] == "applied" and result["rebuilt"] == []
+        names = [i.name for i in proxy.targets.instances]
+        assert names == [f"127.0.0.1:{unreachable['port']}", f"{pg.host}:{pg.port}"]
+        wait_until(
+            lambda: proxy.targets.instances[0].health.value == "UNAVAILABLE",
+            "the new target is probed",
+        )
+        client.execute("COMMIT")  # the transaction under way goes on
+        assert client.execute("SELECT 1").fetchone() == (1,)
+        running.settings["target_group"]["targets"] = targets
+        assert running.reload()["status"] == "applied"
+        assert [i.name for i in proxy.targets.instances] == [f"{pg.host}:{pg.port}"]
+        assert proxy.targets.interval == 0.5
+        assert client.execute("SELECT 2").fetchone() == (2,)

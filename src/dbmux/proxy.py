@@ -97,6 +97,7 @@ class ProxyUpdate:
     users: UserDirectory | None  # None: the auth entries did not change
     tls: ClientSideTls | None
     tokens: TokenVerifier | None
+    security: TargetSecurity | None  # None: how it reaches the targets did not change
     added: list[Listener]  # bound, not yet serving
     removed: list[Listener]
     routes: dict[str, ReplicaRoute]  # of added READ_ONLY endpoints
@@ -418,16 +419,13 @@ class Proxy:
     # -- reload ------------------------------------------------------------------------------
 
     def rebuilt_by(self, new: ProxyConfig) -> bool:
-        """`new` changes what this proxy cannot change while it runs (the engine, the target
-        group's instances, how it reaches them, the MySQL RSA key): a new proxy takes its
-        listeners over (SO_REUSEPORT) and this one drains."""
+        """`new` changes what this proxy cannot change while it runs (the engine, the MySQL
+        RSA key its clients may have pinned): a new proxy takes its listeners over
+        (SO_REUSEPORT) and this one drains."""
         old = self.config
-        pools = old.target_group.connection_pool_config
-        same_group = new.target_group.model_copy(update={"connection_pool_config": pools})
         return (
             new.engine_family != old.engine_family
             or new.rsa_private_key_file != old.rsa_private_key_file
-            or same_group != old.target_group
         )
 
     async def prepare(self, new: ProxyConfig, secrets: SecretsConfig) -> ProxyUpdate:
@@ -443,10 +441,18 @@ class Proxy:
             else None
         )
         tokens = TokenVerifier.for_proxy(new, self.base_dir)
+        old_group, group = self.config.target_group, new.target_group
+        security = None
+        if (group.tls, group.allow_cleartext_password, group.server_public_key_file) != (
+            old_group.tls,
+            old_group.allow_cleartext_password,
+            old_group.server_public_key_file,
+        ):
+            security = target_security(group, self.base_dir)
         wanted = self._wanted_listeners(new)
         current = {x.name: x for x in self.listeners}
         removed = [x for x in self.listeners if wanted.get(x.name) != x.spec]
-        update = ProxyUpdate(new, users, tls, tokens, [], removed, {})
+        update = ProxyUpdate(new, users, tls, tokens, security, [], removed, {})
         for endpoint in new.endpoints:
             changed = current.get(endpoint.name) in removed or endpoint.name not in current
             if changed and endpoint.target_role is TargetRole.READ_ONLY:
@@ -507,6 +513,7 @@ class Proxy:
             budget.reconfigure(self.pool_config)
         for route in self.routes.values():
             route.timeout = self.pool_config.connection_borrow_timeout
+        self._change_targets(old, new, update.security)
         if old.target_group.connection_pool_config.init_query != self.pool_config.init_query:
             for pools in self.pool_sets:
                 pools.retire(pools.budget.generation)  # idle ones close; new ones run it
@@ -522,6 +529,27 @@ class Proxy:
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
         return changed
+
+    def _change_targets(
+        self, old: ProxyConfig, new: ProxyConfig, security: TargetSecurity | None
+    ) -> None:
+        """The target group's instances, probe interval and way in (TLS, keys): new server
+        connections follow at once; transactions under way finish where they are."""
+        self.targets.interval = new.target_group.probe_interval
+        if new.target_group.targets != old.target_group.targets:
+            added, removed = self.targets.set_targets(list(new.target_group.targets))
+            for route in self.routes.values():
+                route.targets_changed(added, removed)
+            log.info(
+                "proxy %s: targets now %s",
+                new.name,
+                ", ".join(i.name for i in self.targets.instances),
+            )
+        if security is not None:
+            self.engine.security = security
+            for pools in self.pool_sets:
+                pools.retire(pools.budget.generation)  # idle ones close; new ones use it
+            self.targets.credentials_changed()  # probe with it now
 
     # -- pause, resume, drain, stop ----------------------------------------------------------
 
