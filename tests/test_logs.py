@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 from dbmux.logs import JsonFormatter, TextFormatter
 
@@ -30,8 +31,6 @@ def test_json_lines_hold_an_exception_in_one_line() -> None:
         raise ValueError("boom")
     except ValueError:
         record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), None)
-        import sys
-
         record.exc_info = sys.exc_info()
     parsed = json.loads(JsonFormatter().format(record))
     assert "ValueError: boom" in parsed["exception"]

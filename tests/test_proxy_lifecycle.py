@@ -279,3 +279,42 @@ def test_reload_changes_the_targets_without_dropping_clients(
         assert [i.name for i in proxy.targets.instances] == [f"{pg.host}:{pg.port}"]
         assert proxy.targets.interval == 0.5
         assert client.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_mysql_debug_logging_logs_each_query_redacted(
+    start_my_proxy: Callable[..., MyProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = start_my_proxy(debug_logging=True)
+    with proxy.connect() as client, client.cursor() as cursor:
+        cursor.execute("SELECT 'hunter2' AS password, 1")
+        cursor.execute("SELECT GET_LOCK('lifecycle', 0)")  # pins
+    debug = [r for r in caplog.records if r.name == "dbmux.debug"]
+    statements = [r.__dict__["statement"] for r in debug if "statement" in r.__dict__]
+    assert "SELECT '***' AS password, 1" in statements
+    assert "hunter2" not in caplog.text
+    answered = [r for r in debug if "duration_ms" in r.__dict__]
+    assert answered and all(r.__dict__["server"].startswith("thread ") for r in answered)
+    assert any(r.__dict__.get("pin_reason") for r in debug)
+
+
+def test_close_client_ends_that_client_only(reloadable: Callable[..., Reloadable]) -> None:
+    running = reloadable()
+    proxy = running.dbmux.proxy()
+    with (
+        psycopg.connect(running.url(), autocommit=True) as closed,
+        psycopg.connect(running.url(), autocommit=True) as kept,
+    ):
+        before = {c.number for c in proxy.runtime.clients}
+        closed.execute("BEGIN")
+        busy = [c.number for c in proxy.runtime.clients if c.server is not None]
+        assert len(busy) == 1 and busy[0] in before
+        running.dbmux.call(_in_loop(lambda: proxy.close_client(busy[0])))
+        with pytest.raises(psycopg.errors.AdminShutdown):
+            closed.execute("SELECT 1")
+        assert kept.execute("SELECT 1").fetchone() == (1,)
+        with pytest.raises(KeyError):
+            running.dbmux.call(_in_loop(lambda: proxy.close_client(busy[0])))
+
+
+async def _in_loop(call: Callable[[], Any]) -> Any:
+    return call()

@@ -593,6 +593,15 @@ class Proxy:
         log.info("proxy %s resumed (%d held requests go on)", self.config.name, held)
         return {"proxy": self.config.name, "paused": False, "resumed_requests": held}
 
+    def close_client(self, number: int) -> dict[str, Any]:
+        """End one client now (ClientSession.number), in a transaction or not, with the
+        engine's shutdown error; KeyError if the proxy has no such client."""
+        for client in self.runtime.clients:
+            if client.number == number:
+                client.shut_down("closed by an operator")
+                return {"proxy": self.config.name, "client": number, "closed": True}
+        raise KeyError(f"proxy {self.config.name} has no client {number}")
+
     async def drain(self, timeout: float = 30.0) -> dict[str, Any]:
         """Stop accepting; let transactions finish (up to `timeout` seconds); end each
         client between transactions with the engine's shutdown error (PostgreSQL 57P01,
@@ -679,6 +688,7 @@ class Process:
         self.path = path  # the config file SIGHUP and reload() read again
         self.registry = Registry()
         self._drains: set[asyncio.Task[Any]] = set()  # of proxies a reload removed
+        self._reloading = asyncio.Lock()  # one reload at a time (SIGHUP, the admin API)
         self.proxies = [self._new_proxy(p) for p in config.proxies]
 
     def _new_proxy(self, config: ProxyConfig) -> Proxy:
@@ -724,8 +734,9 @@ class Process:
         try:
             if path is None:
                 raise ConfigError("this process was not started from a config file")
-            config = await asyncio.to_thread(load_config, path)
-            return await self._apply(config)
+            async with self._reloading:
+                config = await asyncio.to_thread(load_config, path)
+                return await self._apply(config)
         except RELOAD_ERRORS as error:
             reason = str(error)
         except Exception as error:  # a bug must cost the reload only, and say so
