@@ -318,3 +318,24 @@ def test_close_client_ends_that_client_only(reloadable: Callable[..., Reloadable
 
 async def _in_loop(call: Callable[[], Any]) -> Any:
     return call()
+
+
+def test_reload_starts_an_added_proxy_and_drains_a_removed_one(
+    reloadable: Callable[..., Reloadable],
+) -> None:
+    running = reloadable()
+    port = _free_port()
+    second = {**running.settings, "name": "second", "listen": f"127.0.0.1:{port}"}
+    running.data["proxies"].append(second)
+    result = running.reload()
+    assert (result["status"], result["added"]) == ("applied", ["second"])
+    with psycopg.connect(running.url(port), autocommit=True) as client:
+        assert client.execute("SELECT 1").fetchone() == (1,)
+        running.data["proxies"].pop()
+        result = running.reload()
+        assert (result["status"], result["removed"]) == ("applied", ["second"])
+        with pytest.raises(psycopg.errors.AdminShutdown):
+            client.execute("SELECT 1")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(running.url(port), connect_timeout=10)
+    assert [p.config.name for p in running.process.proxies] == ["test"]

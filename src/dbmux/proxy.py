@@ -722,6 +722,7 @@ class Process:
         shutdown_timeout)."""
         limit = self.config.shutdown_timeout if timeout is None else timeout
         results = await asyncio.gather(*(p.drain(limit) for p in self.proxies))
+        await asyncio.gather(*self._drains, return_exceptions=True)  # proxies a reload removed
         return {"proxies": list(results)}
 
     async def reload(self, path: Path | None = None) -> dict[str, Any]:
