@@ -781,6 +781,8 @@ class Process:
             task = asyncio.get_running_loop().create_task(proxy.drain(config.shutdown_timeout))
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
+        if config.state_dir != old_config.state_dir:
+            log.warning("state_dir changed: it applies at the next start")
         order = [p.name for p in config.proxies]
         self.proxies = sorted(kept + started, key=lambda p: order.index(p.config.name))
         result = {
