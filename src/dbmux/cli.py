@@ -23,39 +23,57 @@ from dbmux.auth.tokens import (
 )
 from dbmux.config import ConfigError, load_config
 from dbmux.eventloop import run
+from dbmux.logs import LOG_FORMATS, setup_logging
 
 log = logging.getLogger("dbmux")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-
-
 async def _serve(path: Path) -> int:
+    """Serve until SIGTERM or SIGINT, then drain (a second one stops at once); SIGHUP
+    reloads the config file."""
     from dbmux.proxy import Process
 
     config = load_config(path)
-    process = Process(config)
+    process = Process(config, path)
     await process.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_stop() -> None:
+        if stop.is_set():
+            log.warning("stopping at once")
+            for task in draining:
+                task.cancel()
+        stop.set()
+
+    def on_hup() -> None:
+        task = loop.create_task(process.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    draining: list[asyncio.Task[object]] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     log.info(
-        "dbmux %s ready (%d proxies); Ctrl-C or SIGTERM stops it", __version__, len(process.proxies)
+        "dbmux %s ready (%d proxies); SIGHUP reloads, SIGTERM or Ctrl-C drains and stops",
+        __version__,
+        len(process.proxies),
     )
     await stop.wait()
-    log.info("shutting down")
-    await process.stop()
+    log.info("draining for up to %g s", process.config.shutdown_timeout)
+    draining.append(loop.create_task(process.drain()))
+    try:
+        await draining[0]
+    except asyncio.CancelledError:
+        await process.stop()
+    log.info("stopped")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     result = 0
 
     async def main() -> None:
@@ -173,7 +191,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _setup_logging("warning")
+    setup_logging("warning")
     from dbmux.demo.run import run_demo
 
     return run_demo(
@@ -197,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the proxies of a config file",
-        description="Run every proxy in the config file until SIGINT/SIGTERM.",
+        description="Run every proxy in the config file: SIGHUP reloads the file, "
+        "SIGTERM or SIGINT drains (up to shutdown_timeout) and exits 0.",
     )
     serve.add_argument(
         "--config",
@@ -212,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="default: info",
+    )
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines, or one JSON object per line (default: text)",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -408,6 +408,9 @@ class Config(_Model):
     # keys); relative to the config's folder. None: $XDG_STATE_HOME/dbmux, by default
     # ~/.local/state/dbmux.
     state_dir: Path | None = None
+    # Seconds a drain (SIGTERM, SIGINT, a proxy or listener a reload removed) lets
+    # transactions under way finish before their clients are cut off.
+    shutdown_timeout: float = Field(30, ge=0)
 
     @property
     def state_path(self) -> Path:

@@ -52,11 +52,41 @@ class TargetBudget:
         # Called when a connection cannot be opened or closes while lent: the instance may
         # have failed over, so its role is probed at once (TargetGroup.suspect).
         self.on_trouble = on_trouble
+        # Paused (PgBouncer's PAUSE): nothing is lent; requests are held, without a
+        # deadline, until resume.
+        self.paused = False
+        self.held: deque[tuple[Pool, Borrower]] = deque()
+        self.max_connections: tuple[int, int] | None = None  # as learned, to size again
+
+    def reconfigure(self, config: ConnectionPoolConfig) -> None:
+        """A reload changed the pool settings: they apply from now on (the size at once)."""
+        self.config = config
+        if self.max_connections is not None:
+            self.learn_server_limit(*self.max_connections)
+            for pool in self.pools:
+                pool.grow()
+
+    def pause(self) -> None:
+        """Lend nothing from now on; who waits for a connection waits until resume."""
+        self.paused = True
+        for pool in self.pools:
+            while (entry := pool._next_waiter()) is not None:
+                self.held.append((pool, entry[1]))
+
+    def resume(self) -> None:
+        """Lend again: the held requests first, in the order they came."""
+        self.paused = False
+        held, self.held = self.held, deque()
+        for pool, borrower in held:
+            conn = pool.request(borrower)
+            if conn is not None:
+                borrower.on_connection(conn)
 
     def learn_server_limit(self, max_connections: int, reserved: int) -> None:
         """Size the budget as a percentage of the database's max_connections, never more than
         the connections it leaves to non-superusers."""
         self.relearn = False
+        self.max_connections = (max_connections, reserved)
         usable = max(1, max_connections - reserved)
         percent = self.config.max_connections_percent
         self.limit = max(1, min(usable, math.floor(max_connections * percent / 100)))
@@ -152,7 +182,7 @@ class Pool(BudgetLender):
         return self._budget
 
     def try_borrow(self) -> ServerConnection | None:
-        if self.idle and not self.waiters:
+        if self.idle and not self.waiters and not self._budget.paused:
             conn = self.idle.pop()
             self.lent.add(conn)
             self.metrics.database_connection_requests.value += 1
@@ -164,6 +194,9 @@ class Pool(BudgetLender):
         conn = self.try_borrow()
         if conn is not None:
             return conn
+        if self._budget.paused:
+            self._budget.held.append((self, borrower))
+            return None
         self.metrics.database_connection_requests.value += 1
         self.waiters.append((self.loop.time() + self.timeout, borrower))
         if self._timer is None:
@@ -175,6 +208,11 @@ class Pool(BudgetLender):
         for entry in self.waiters:
             if entry[1] is borrower:
                 self.waiters.remove(entry)
+                return
+        held = self._budget.held
+        for pair in held:
+            if pair[1] is borrower:
+                held.remove(pair)
                 return
 
     def _expire(self) -> None:
@@ -326,10 +364,11 @@ class Pool(BudgetLender):
     def close_all(self) -> None:
         for conn in [*self.idle, *self.lent]:
             conn.close(graceful=conn in self.idle)
-        while self.waiters:
-            self.waiters.popleft()[1].on_borrow_failed(
-                ConnectionAbortedError("the proxy is shutting down")
-            )
+        held = [b for pool, b in self._budget.held if pool is self]
+        self._budget.held = deque(pair for pair in self._budget.held if pair[0] is not self)
+        for borrower in [*(b for _, b in self.waiters), *held]:
+            borrower.on_borrow_failed(ConnectionAbortedError("the proxy is shutting down"))
+        self.waiters.clear()
 
 
 class PoolSet:

@@ -42,6 +42,7 @@ class ReplicaRoute:
         self.instances = instances
         self.fallback = fallback
         self.timeout = timeout
+        self.replica_pools = replica_pools
         self.sets = {i.name: replica_pools(i) for i in instances}
         self.usable: list[Instance] = []
         self._turn = 0  # where the next choice starts looking among equally busy replicas
@@ -70,6 +71,19 @@ class ReplicaRoute:
             elif now - pool.unused_since >= POOL_LINGER:
                 del self.pools[key]
 
+    def targets_changed(self, added: list[Instance], removed: list[Instance]) -> None:
+        """A reload changed the targets: new replicas get pools (used once a probe finds them
+        fit); removed ones serve no new transaction, their connections close as they come
+        back."""
+        for instance in added:
+            self.sets[instance.name] = self.replica_pools(instance)
+        for instance in removed:
+            if instance in self.usable:
+                self.usable.remove(instance)
+            pools = self.sets.pop(instance.name, None)
+            if pools is not None:
+                pools.retire(pools.budget.generation + 1)
+
     def fits(self, instance: Instance) -> bool:
         limit = self.endpoint.max_replica_lag
         if not instance.is_replica:
@@ -92,10 +106,9 @@ class ReplicaRoute:
                 lag = "unknown" if instance.lag is None else f"{instance.lag:g} s"
                 why = f"replication lag {lag}"
             log.warning("endpoint %s: %s skipped: %s", self.endpoint.name, instance.name, why)
-        if not instance.is_replica:
-            pools = self.sets[instance.name]
-            if pools.budget.open:
-                pools.retire(pools.budget.generation + 1)
+        pools = self.sets.get(instance.name)  # (None: a reload removed it meanwhile)
+        if pools is not None and not instance.is_replica and pools.budget.open:
+            pools.retire(pools.budget.generation + 1)
 
     def choose(self, key: PoolKey) -> Pool | None:
         """The pool of the usable replica with the fewest busy connections (ties taken in

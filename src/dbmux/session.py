@@ -27,11 +27,13 @@ from dbmux.auth.directory import Method, User
 from dbmux.auth.tokens import RefusalReason, TokenRefused, looks_like_token
 from dbmux.config import IamAuth
 from dbmux.engines.base import Borrower, BorrowTimeout, Lender, ProxyRuntime, ServerError
+from dbmux.redact import redact
 from dbmux.relay import ClientEnd, ConnectionClosed
 
 log = logging.getLogger("dbmux.session")
-
-# Client ids, unique in the process: what the admin API names a client by.
+# debug_logging's records: each statement, its answer, pin decisions (config: debug_logging).
+debug_log = logging.getLogger("dbmux.debug")
+# Client ids, unique in the process: what logs and the admin API name a client by.
 _client_ids = itertools.count(1)
 
 
@@ -42,7 +44,8 @@ class Failure(Enum):
     LOGIN_TIMEOUT = "login timeout"  # client_login_timeout
     PROTOCOL_VIOLATION = "protocol violation"  # the client sent what the protocol forbids
     INTERNAL = "internal error"  # a bug in the proxy, costing this client only
-    TERMINATED = "terminated"  # idle_client_timeout, shutdown
+    TERMINATED = "terminated"  # idle_client_timeout
+    SHUTDOWN = "shutdown"  # the proxy drains (SIGTERM, a reload that removed its listener)
     BORROW_TIMEOUT = "borrow timeout"  # connection_borrow_timeout (the request fails)
     NO_SERVER = "no server connection"  # one could not be opened (the request fails)
 
@@ -94,6 +97,10 @@ class ClientSession(ClientEnd, Borrower):
         self.request_at = 0.0
         self.sent_at = 0.0
         self._latency = runtime.metrics.request_latency
+        # The engine calls `answered` after each reply while this is set: debug_logging
+        # times a request, or a drain waits for the end of a transaction.
+        self.watched = False
+        self.debug_since = 0.0  # debug_logging: when the request being answered was sent
 
     # -- what each engine supplies ------------------------------------------------------------
 
@@ -128,9 +135,11 @@ class ClientSession(ClientEnd, Borrower):
         connection ids)."""
 
     @property
+    @abstractmethod
     def in_transaction(self) -> bool:
-        """The server connection is in a transaction (DatabaseConnectionsCurrentlyInTransaction)."""
-        return False
+        """A transaction is open (or a batch is half sent): the client is in the middle of
+        something a drain lets it finish (and DatabaseConnectionsCurrentlyInTransaction
+        counts it)."""
 
     @property
     @abstractmethod
@@ -286,19 +295,87 @@ class ClientSession(ClientEnd, Borrower):
             self.give_back(self.leftover(self.server))
 
     def expire(self, reason: str) -> None:
-        """idle_client_timeout, shutdown, or an operator's close (admin API)."""
+        """idle_client_timeout, or an operator's close (admin API)."""
         self.fail(Failure.TERMINATED, f"terminating connection: {reason}")
+
+    def shut_down(self, reason: str) -> None:
+        """The proxy drains: tell the client in its engine's words for a server shutting
+        down, so that it reconnects (to another process, after a restart)."""
+        self.fail(Failure.SHUTDOWN, f"terminating connection: {reason}", "reconnect to go on")
+
+    @property
+    def between_transactions(self) -> bool:
+        """Logged in, nothing in flight and no transaction open: ending it now costs the
+        client a reconnect, never a transaction (what it has not read yet is read first)."""
+        return (
+            self.logged_in
+            and not self.in_flight
+            and (self.server is None or not self.in_transaction)
+        )
+
+    def answered(self) -> None:
+        """A reply ended, for a `watched` client: time it (debug_logging); during a drain,
+        end the client once the server connection is given back, if it is between
+        transactions then."""
+        if self.debug_since:
+            self.debug_answered()
+        self.watched = self.runtime.draining
+        if self.watched:
+            asyncio.get_running_loop().call_soon(self.leave_if_between_transactions)
+
+    def leave_if_between_transactions(self) -> None:
+        """A drain's look at this client: shut down if it is between transactions."""
+        if not self.is_closed and self.between_transactions:
+            self.shut_down("the proxy is shutting down")
 
     def pin(self, reason: str) -> None:
         """Keep this server connection for the rest of the session, because of `reason`."""
         self.pin_reason = reason
         self.runtime.metrics.count_pin(reason)
         if self.runtime.config.debug_logging:
-            log.info("client %s pinned to its server connection: %s", self.user, reason)
+            debug_log.info(
+                "client %d pinned to its server connection: %s",
+                self.id,
+                reason,
+                extra={**self.debug_fields(), "pin_reason": reason},
+            )
+
+    # -- debug_logging (callers check config.debug_logging first: the one cost when off) ---
+
+    def debug_fields(self) -> dict[str, Any]:
+        """Who the client is and which server connection it holds, for a debug record."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        server = self.server
+        return {
+            "client": self.id,
+            "address": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
+            "user": self.user,
+            "server": server.label if server is not None else None,
+            "pinned": self.pin_reason,
+        }
+
+    def debug_statement(self, text: bytes) -> None:
+        """A statement the client sent (literals of password clauses hidden)."""
+        if not self.debug_since:
+            self.debug_since = time.monotonic()
+            self.watched = True
+        fields = {**self.debug_fields(), "statement": redact(text)}
+        debug_log.info("client %d statement", self.id, extra=fields)
+
+    def debug_answered(self) -> None:
+        """The server answered what was sent since `debug_since`."""
+        duration = (time.monotonic() - self.debug_since) * 1000
+        self.debug_since = 0.0
+        debug_log.info(
+            "client %d answered in %.3f ms",
+            self.id,
+            duration,
+            extra={**self.debug_fields(), "duration_ms": round(duration, 3)},
+        )
 
     # -- latency (QueryResponseLatency, QueryDatabaseResponseLatency) --------------------------
 
-    def answered(self) -> None:
+    def record_latency(self) -> None:
         """Everything the client asked is answered: time it, from `request_at` (its arrival)
         and `sent_at` (its sending to the database). The engine sets both when a request
         arrives with nothing else in flight, `sent_at` again when it had to wait for a

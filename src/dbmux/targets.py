@@ -153,16 +153,39 @@ class TargetGroup:
         self._changed = asyncio.Event()  # set (and replaced) at every writer change
         self._suspected_at = 0.0
         self._writer_lost_at = 0.0  # when the last writer was lost (0: never)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[Target, asyncio.Task[None]] = {}  # each instance's watch
         self.events = EventLog()
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._watch(i)) for i in self.instances]
+        self._tasks = {i.target: loop.create_task(self._watch(i)) for i in self.instances}
 
     def stop(self) -> None:
-        for task in self._tasks:
+        for task in self._tasks.values():
             task.cancel()
+
+    def set_targets(self, targets: list[Target]) -> tuple[list[Instance], list[Instance]]:
+        """A reload changed the targets: new ones are watched from now on, removed ones no
+        longer (if the writer was one, the next writer is chosen among the others). The
+        instances list changes in place: read-only endpoints share it. Returns the added
+        and the removed instances."""
+        current = {i.target: i for i in self.instances}
+        added = [Instance(t) for t in targets if t not in current]
+        removed = [i for t, i in current.items() if t not in targets]
+        fresh = {i.target: i for i in added}
+        self.instances[:] = [current.get(t) or fresh[t] for t in targets]
+        started = bool(self._tasks)
+        for instance in removed:
+            task = self._tasks.pop(instance.target, None)
+            if task is not None:
+                task.cancel()
+        if started:
+            loop = asyncio.get_running_loop()
+            for instance in added:
+                self._tasks[instance.target] = loop.create_task(self._watch(instance))
+        if self.writer in removed:
+            self._choose_writer()
+        return added, removed
 
     @property
     def failing_over(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,7 +21,15 @@ from dbmux.engines.mysql.wire import ER_CLIENT_INTERACTION_TIMEOUT
 from dbmux.testing import PostgresCluster
 from dbmux.testing.embedded import EmbeddedDbmux
 from tests.admin.answers import call, get_json
-from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, RunningProxy, proxy_config, wait_until
+from tests.conftest import (
+    APP_DB,
+    APP_PASSWORD,
+    APP_USER,
+    WAIT,
+    RunningProxy,
+    proxy_config,
+    wait_until,
+)
 from tests.myraw import RawMy
 from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER
 
@@ -193,10 +202,7 @@ def test_closing_an_unknown_client_or_proxy_is_404(admin, connections):
         ("POST", "/api/proxies", 405),
         ("DELETE", "/api/proxies/test", 405),
         ("GET", "/api/proxies/test/clients/1/close", 405),
-        ("POST", "/api/reload", 501),
-        ("POST", "/api/proxies/test/pause", 501),
-        ("POST", "/api/proxies/test/resume", 501),
-        ("POST", "/api/proxies/test/drain", 501),
+        ("POST", "/api/reload", 422),  # an embedded proxy has no config file to read
         ("POST", "/api/proxies/nope/drain", 404),
     ],
 )
@@ -204,11 +210,30 @@ def test_what_is_not_there_is_a_json_error(admin, method, path, status):
     answer = call(f"{admin}{path}", method)
     assert answer.status == status
     assert answer.headers["Content-Type"] == "application/json"
-    assert answer.json["message"]
     if status == 405:
         assert answer.headers["Allow"]
-    if status == 501:
-        assert answer.json["message"].startswith("not available yet")
+    if status != 422:
+        assert answer.json["message"]
+    if status == 422:
+        assert "not started from a config file" in answer.json["reason"]
+
+
+def test_pause_holds_a_new_transaction_until_resume(admin, connections):
+    paused = call(f"{admin}/api/proxies/test/pause", "POST")
+    assert paused.status == 200 and paused.json["paused"] is True
+    finished = threading.Event()
+
+    def transaction() -> None:
+        connections[0].execute("SELECT 1")
+        finished.set()
+
+    worker = threading.Thread(target=transaction)
+    worker.start()
+    assert not finished.wait(1.0)  # held, not failed
+    resumed = call(f"{admin}/api/proxies/test/resume", "POST")
+    assert resumed.status == 200 and resumed.json["paused"] is False
+    assert finished.wait(WAIT)
+    worker.join(WAIT)
 
 
 def test_requests_a_web_page_could_forge_are_refused(admin):

@@ -205,20 +205,28 @@ async def close_client(api: AdminApi, params: Params) -> Response:
     return Response.json(200, {"Id": client.id, "Closed": True})
 
 
-# The life cycle's operations answer 501 until Process.reload and Proxy.pause / resume /
-# drain exist (they are being written on another branch); wiring them is a call each.
 @route("POST", "/api/reload")
 async def reload(api: AdminApi, params: Params) -> Response:
-    return Response.error(501, "not available yet: reload")
+    """Read the config file again, as SIGHUP does; a config that does not validate is refused
+    (422, with the reason) and the running one stays."""
+    outcome = await api.process.reload()
+    return Response.json(422 if outcome["status"] == "refused" else 200, outcome)
 
 
-def _not_yet(operation: str) -> View:
-    async def view(api: AdminApi, params: Params) -> Response:
-        api.proxy(params)  # an unknown proxy is still a 404
-        return Response.error(501, f"not available yet: {operation}")
-
-    return view
+@route("POST", "/api/proxies/{name}/pause")
+async def pause(api: AdminApi, params: Params) -> Response:
+    """Let transactions under way finish; new ones wait (not fail) until resume."""
+    return Response.json(200, await api.proxy(params).pause())
 
 
-for _operation in ("pause", "resume", "drain"):
-    route("POST", f"/api/proxies/{{name}}/{_operation}")(_not_yet(_operation))
+@route("POST", "/api/proxies/{name}/resume")
+async def resume(api: AdminApi, params: Params) -> Response:
+    return Response.json(200, await api.proxy(params).resume())
+
+
+@route("POST", "/api/proxies/{name}/drain")
+async def drain(api: AdminApi, params: Params) -> Response:
+    """Stop accepting, let transactions finish (shutdown_timeout), end each client between
+    transactions with the engine's shutdown error."""
+    proxy = api.proxy(params)
+    return Response.json(200, await proxy.drain(proxy.shutdown_timeout))

@@ -139,8 +139,10 @@ class HttpServer:
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> None:
+        # reuse_port: during a restart the new process listens beside the draining one (as
+        # the proxies' listeners do), so the same config starts twice.
         self.server = await asyncio.start_server(
-            self._accept, host, port, limit=MAX_HEAD, reuse_address=True
+            self._accept, host, port, limit=MAX_HEAD, reuse_address=True, reuse_port=True
         )
         self.address = self.server.sockets[0].getsockname()[:2]
 

@@ -48,6 +48,9 @@ PROXY_STATUS = _enum(["available", "suspended"])
 
 SCHEMAS: dict[str, JsonObject] = {
     "Error": _object({"message": STRING}),
+    # What a life-cycle operation did (Process.reload, Proxy.pause / resume / drain): its
+    # fields depend on the operation, so this one schema is open.
+    "Operation": {"type": "object"},
     "UserAuthConfigInfo": _object(
         {
             "Description": STRING,
@@ -173,7 +176,7 @@ ERRORS = {
     "403": "a cross-origin request, or a Host other than an IP address or localhost "
     "without admin.token",
     "404": "no such proxy (or client)",
-    "501": "not available yet in this dbmux",
+    "422": "the new config is refused (the reason is given); the old one keeps running",
 }
 
 
@@ -272,12 +275,21 @@ def _paths() -> JsonObject:
                 "404",
             ),
         },
-        "/api/reload": {"post": _operation("Read the config file again", None, "501")},
+        "/api/reload": {
+            "post": {
+                "summary": "Read the config file again",
+                "responses": {
+                    "200": _json(_ref("Operation"), "applied: what changed"),
+                    "422": _json(_ref("Operation"), ERRORS["422"]),
+                    **_errors(),
+                },
+            }
+        },
     }
     for action in ("pause", "resume", "drain"):
         paths[f"/api/proxies/{{name}}/{action}"] = {
             **named,
-            "post": _operation(f"{action.capitalize()} the proxy", None, "404", "501"),
+            "post": _operation(f"{action.capitalize()} the proxy", "Operation", "404"),
         }
     return paths
 

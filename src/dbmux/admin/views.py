@@ -33,7 +33,8 @@ def _seconds(value: float) -> float:
 
 def proxy_status(proxy: Proxy) -> str:
     """RDS Proxy's words: `available` while every listener accepts clients."""
-    if proxy.servers and all(server.is_serving() for server in proxy.servers):
+    servers = [listener.server for listener in proxy.listeners]
+    if servers and all(server is not None and server.is_serving() for server in servers):
         return "available"
     return "suspended"
 

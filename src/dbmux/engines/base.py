@@ -136,6 +136,11 @@ class ServerConnection(ABC):
     # The statements prepared on it (the engine's cache; the PreparedStatements gauge).
     prepared: Sized = ()
 
+    @property
+    def label(self) -> str:
+        """Which database session this is, as the database names it (logs, admin API)."""
+        return f"connection {id(self):#x}"
+
     if TYPE_CHECKING:  # the engine's connection is also a relay.ServerEnd
 
         def write(self, data: bytes) -> None: ...
@@ -179,6 +184,8 @@ class Engine(ABC):
     error_kinds: dict[str, ErrorKind]
     # The ALPN protocol names its clients' TLS may ask for (none: ALPN is not offered).
     alpn_protocols: tuple[str, ...] = ()
+    # Prepared statements kept per server connection (max_prepared_statements).
+    prepared_capacity = 500
 
     def __init__(self, security: TargetSecurity | None = None) -> None:
         self._context: EngineContext | None = None
@@ -198,14 +205,18 @@ class Engine(ABC):
     def new_session(self, context: Any) -> asyncio.Protocol:
         """A client session of this engine, on `context`."""
 
-    def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
-        """The protocol factory of one listener. A proxy's listeners (its read-only
-        endpoints) share one context, with their own pools, so cancel requests and KILL
-        find clients of any of them."""
+    def context_for(self, runtime: ProxyRuntime) -> EngineContext:
+        """The context of one listener. A proxy's listeners (its read-only endpoints) share
+        one context, with their own pools, so cancel requests and KILL find clients of any
+        of them."""
         if self._context is None:
-            context = self._context = self.new_context(runtime)
-        else:
-            context = dataclasses.replace(self._context, runtime=runtime)
+            self._context = self.new_context(runtime)
+            return self._context
+        return dataclasses.replace(self._context, runtime=runtime)
+
+    def serve(self, runtime: ProxyRuntime) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory of one listener."""
+        context = self.context_for(runtime)
         return lambda: self.new_session(context)
 
     @abstractmethod
@@ -379,6 +390,8 @@ class ProxyRuntime:
     base_dir: Path = Path(".")  # the config's folder: its relative paths resolve against it
     state_dir: Path = Path(".")  # where what the proxy generates is kept (Config.state_path)
     tokens: TokenVerifier | None = None  # signed auth tokens (config: auth_tokens)
+    # A drain ends each of these clients between transactions (ClientSession.answered).
+    draining: bool = False
 
 
 @dataclass
@@ -386,6 +399,10 @@ class EngineContext:
     """What one proxy's client sessions of an engine share; each engine extends it."""
 
     runtime: ProxyRuntime
+
+    def refresh(self) -> None:
+        """A reload changed `runtime.config`: derive again what was derived from it. Sessions
+        already connected keep what they bound at their start (their pinning classifier)."""
 
 
 @dataclass(frozen=True, slots=True)

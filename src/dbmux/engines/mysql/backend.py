@@ -59,6 +59,10 @@ class MyServer(ServerEnd, ServerConnection):
 
     goodbye = wire.packet(0, bytes((wire.COM_QUIT,)))
 
+    @property
+    def label(self) -> str:
+        return f"thread {self.thread_id} on {self.host}:{self.port}"
+
     def __init__(self, host: str, port: int, capabilities: int, prepared_capacity: int) -> None:
         ServerEnd.__init__(self)
         ServerConnection.__init__(self)

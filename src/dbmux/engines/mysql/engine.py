@@ -14,6 +14,7 @@ from dbmux.config import (
     ClientPasswordAuthType,
     ConfigError,
     PinningFilter,
+    ProxyConfig,
     SessionState,
     Target,
 )
@@ -88,6 +89,10 @@ class MyContext(EngineContext):
             SHA2 if types == {ClientPasswordAuthType.MYSQL_CACHING_SHA2_PASSWORD} else NATIVE
         )
 
+    def refresh(self) -> None:
+        self.__post_init__()
+        self.classifier = classifier_for(self.config)
+
     @staticmethod
     def plugin_for(auth_type: ClientPasswordAuthType | None) -> str:
         return SHA2 if auth_type is ClientPasswordAuthType.MYSQL_CACHING_SHA2_PASSWORD else NATIVE
@@ -112,10 +117,18 @@ class MyContext(EngineContext):
         return connection_id
 
 
+def classifier_for(config: ProxyConfig) -> Classifier:
+    """The pinning classifier the proxy's settings ask for."""
+    return Classifier(
+        exclude_variable_sets=PinningFilter.EXCLUDE_VARIABLE_SETS
+        in config.target_group.connection_pool_config.session_pinning_filters,
+        replay_settings=config.session_state is SessionState.REPLAY,
+    )
+
+
 class MysqlEngine(Engine):
     """MySQL client/server protocol 4.1+, for MySQL 5.7+/8 and MariaDB 10.2+."""
 
-    prepared_capacity = 500
     read_only_statement = "SET SESSION TRANSACTION READ ONLY"
     auth_types = (
         ClientPasswordAuthType.MYSQL_NATIVE_PASSWORD,
@@ -137,13 +150,9 @@ class MysqlEngine(Engine):
         )
         pool_config = runtime.config.target_group.connection_pool_config
         self.prepared_capacity = pool_config.max_prepared_statements
-        filters = pool_config.session_pinning_filters
         return MyContext(
             runtime,
-            Classifier(
-                exclude_variable_sets=PinningFilter.EXCLUDE_VARIABLE_SETS in filters,
-                replay_settings=runtime.config.session_state is SessionState.REPLAY,
-            ),
+            classifier_for(runtime.config),
             rsa_key,
         )
 

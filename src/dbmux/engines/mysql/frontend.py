@@ -112,6 +112,8 @@ class MyClient(
     def fail(self, failure: Failure, text: str, hint: str = "") -> None:
         if failure is Failure.TERMINATED:  # MySQL's own goodbye (an ERR, sequence id 0)
             self.goodbye(wire.ER_CLIENT_INTERACTION_TIMEOUT, text)
+        elif failure is Failure.SHUTDOWN:
+            self.goodbye(wire.ER_SERVER_SHUTDOWN, f"{text}: {hint}")
         elif failure is Failure.TOO_MANY_CLIENTS:
             # Sequence id 2 answers a handshake response, 0 comes instead of the greeting.
             self.refuse_login(too_many(2 if self.nonce else 0, text, hint))
@@ -336,6 +338,8 @@ class MyClient(
             else:
                 self._kill(kill.connection_id, query=kill.query)
             return
+        if self.ctx.config.debug_logging:
+            self.debug_statement(payload[1:])
         verdict = self._verdict(payload[1:])
         if verdict is not NO_STATE:
             self._note(verdict, payload[1:])
@@ -495,6 +499,8 @@ class MyClient(
         transaction, learning first what the transaction changed in the session."""
         server = self.server
         assert server is not None
+        if self.watched:
+            self.answered()
         scanner = server.scanner
         if scanner.insert_id:
             self.insert_id = server.insert_id = scanner.insert_id
@@ -511,7 +517,7 @@ class MyClient(
                 return
             self._logged(server)
         if self._timed:
-            self.answered()
+            self.record_latency()
         self._release_if_idle(server)
 
     def _holds(self, server: MyServer) -> bool:
@@ -556,7 +562,9 @@ class MyClient(
     @property
     def in_transaction(self) -> bool:
         server = self.server
-        return server is not None and bool(server.scanner.status & wire.SERVER_STATUS_IN_TRANS)
+        return bool(self.long_data) or (
+            server is not None and bool(server.scanner.status & wire.SERVER_STATUS_IN_TRANS)
+        )
 
     # -- KILL ---------------------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ ER_NOT_SUPPORTED_AUTH_MODE = (1251, "08004")
 ER_UNKNOWN_STMT_HANDLER = (1243, "HY000")
 ER_MAX_PREPARED_STMT_COUNT_REACHED = (1461, "42000")
 ER_CLIENT_INTERACTION_TIMEOUT = (4031, "HY000")
+ER_SERVER_SHUTDOWN = (1053, "08S01")
 ER_CONNECTION_KILLED = (1927, "70100")
 # A server in read-only mode (--read-only; MariaDB's read-only storage) refused a write
 # before running it.

@@ -48,6 +48,10 @@ class PgServer(ServerEnd, ServerConnection):
 
     goodbye = wire.TERMINATE
 
+    @property
+    def label(self) -> str:
+        return f"pid {self.process_id} on {self.host}:{self.port}"
+
     def __init__(self, host: str, port: int, prepared_capacity: int = 500) -> None:
         ServerEnd.__init__(self)
         ServerConnection.__init__(self)

@@ -12,7 +12,13 @@ from dbmux.auth.directory import User
 from dbmux.auth.scram import ScramVerifier, user_salt
 from dbmux.auth.secrets import Credentials
 from dbmux.bounded import LruDict, SetResults
-from dbmux.config import ClientPasswordAuthType, PinningFilter, SessionState, Target
+from dbmux.config import (
+    ClientPasswordAuthType,
+    PinningFilter,
+    ProxyConfig,
+    SessionState,
+    Target,
+)
 from dbmux.engines.base import (
     Engine,
     EngineContext,
@@ -108,6 +114,11 @@ class PgContext(EngineContext):
         self.clients = self.runtime.clients
         self.loop = asyncio.get_running_loop()
 
+    def refresh(self) -> None:
+        self.__post_init__()
+        self.classifier = classifier_for(self.config)
+        self.logins_version = -1  # the users may be another directory now
+
     def login_for(self, name: str) -> Login | None:
         """The user `name` with its SCRAM verifiers, derived on its first login after its
         passwords changed."""
@@ -137,10 +148,18 @@ class PgContext(EngineContext):
                 return key
 
 
+def classifier_for(config: ProxyConfig) -> Classifier:
+    """The pinning classifier the proxy's settings ask for."""
+    return Classifier(
+        exclude_variable_sets=PinningFilter.EXCLUDE_VARIABLE_SETS
+        in config.target_group.connection_pool_config.session_pinning_filters,
+        replay_settings=config.session_state is SessionState.REPLAY,
+    )
+
+
 class PostgresEngine(Engine):
     """PostgreSQL protocol 3.0."""
 
-    prepared_capacity = 500
     read_only_statement = "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
     auth_types = (
         ClientPasswordAuthType.POSTGRES_SCRAM_SHA_256,
@@ -152,13 +171,9 @@ class PostgresEngine(Engine):
     def new_context(self, runtime: ProxyRuntime) -> PgContext:
         pool_config = runtime.config.target_group.connection_pool_config
         self.prepared_capacity = pool_config.max_prepared_statements
-        filters = pool_config.session_pinning_filters
         return PgContext(
             runtime,
-            Classifier(
-                exclude_variable_sets=PinningFilter.EXCLUDE_VARIABLE_SETS in filters,
-                replay_settings=runtime.config.session_state is SessionState.REPLAY,
-            ),
+            classifier_for(runtime.config),
         )
 
     def new_session(self, context: PgContext) -> PgClient:

@@ -43,6 +43,7 @@ FAILURE_CODES = {
     Failure.PROTOCOL_VIOLATION: "08P01",
     Failure.INTERNAL: "XX000",
     Failure.TERMINATED: "57P01",
+    Failure.SHUTDOWN: "57P01",  # admin_shutdown
     Failure.BORROW_TIMEOUT: "53300",
     Failure.NO_SERVER: "08006",
 }
@@ -237,6 +238,11 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         settings it changes. A prepared statement changes them when it is executed (Bind),
         not when it is parsed, so with named statements the note waits for the Bind."""
         classify = self._classify
+        if self.ctx.config.debug_logging:
+            for kind, body in messages:
+                if kind != 66:  # Query: text; Parse: name, text
+                    text = body.partition(b"\0")[2] if kind == 80 else body
+                    self.debug_statement(text.partition(b"\0")[0])
         for kind, body in messages:
             if kind == 66:  # Bind: portal, statement
                 name = wire.bound_statement(body)
@@ -384,6 +390,8 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self.outstanding -= count
         self.tx_status = status
         if self._timed and self.outstanding == 0:
+            self.record_latency()
+        if self.watched:
             self.answered()
         if self.forget_server_statements:
             # SQL about prepared statements ran: what the connection holds is unknown
@@ -496,7 +504,12 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
 
     @property
     def in_transaction(self) -> bool:
-        return self.tx_status != wire.IDLE
+        scanner = self.scanner
+        return (
+            self.tx_status != wire.IDLE
+            or scanner.mid_message
+            or scanner.last_kind not in wire.SYNCING_TYPES
+        )
 
 
 def cancel_server(server: PgServer) -> None:
