@@ -19,7 +19,8 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "dbmux"
 ENGINE_DIRS = sorted(p for p in (SRC / "engines").iterdir() if (p / "engine.py").exists())
 # What of dbmux an engine may import besides its own folder.
 INTERFACE = ("dbmux.engines.base", "dbmux.session", "dbmux.relay", "dbmux.bounded", "dbmux.config")
-LIBRARIES = ("dbmux.auth",)
+# Libraries that know no engine: auth, and the metrics an engine counts into.
+LIBRARIES = ("dbmux.auth", "dbmux.metrics")
 # Tools that drive engines from outside (a demo, throwaway servers) are not the core.
 NOT_CORE = ("demo", "testing", "engines")
 

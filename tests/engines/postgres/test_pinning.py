@@ -584,3 +584,19 @@ def test_a_do_block_pins_because_its_body_is_not_read(sql: str, expected: str | 
 )
 def test_replay_knows_which_settings_go_back_to_their_default(sql: str, resets: set[str]) -> None:
     assert Classifier(replay_settings=True).verdict(sql.encode()).resets == resets
+
+
+_PIECES = st.sampled_from(
+    [b"SELECT ", b"TEMP", b"pg_temp.t", b"U&'x'", b' u&"y"', b"hold ", b"WITH HOLD", b"x", b";",
+     b"advisory_lock(1)", b"currVal('s')", b"LASTVAL()", b"set_config('a','b',false)", b"tem",
+     b"hol", b" ", b"\n", b"--", b"/*", b"'", b'"', b"_"]
+)  # fmt: skip
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_PIECES, max_size=12).map(b"".join))
+def test_the_literal_prefilter_never_hides_what_the_regex_finds(sql: bytes) -> None:
+    """might_pin skips its regex when none of the literals is there; that must never turn a
+    text the regex matches into a miss."""
+    if pinning._ANYWHERE.search(sql.lower()) is not None:
+        assert might_pin(sql)
