@@ -77,8 +77,9 @@ WORKLOADS = (
         "bench.storm) at once, each invocation a new connection, as a Lambda function makes: "
         "connect (mysql_native_password), BEGIN, a point select, COMMIT, COM_QUIT, over and "
         "over for --duration. tps = successful invocations per second of --duration, latency "
-        "= connect to disconnect. Straight at MariaDB the clients beyond max_connections are "
-        "refused (1040 Too many connections), and in some runs a few logins are accepted "
+        "= connect to disconnect. Straight at MariaDB, and through HAProxy (which relays each "
+        "connection), the clients beyond max_connections are refused (1040 Too many "
+        "connections), and in some runs a few logins are accepted "
         "but never greeted: those fail after 30 s and keep the direct run going past "
         "--duration.",
     ),
