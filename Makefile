@@ -12,11 +12,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Binaries the benchmarks run: PgBouncer (the reference proxy) and sysbench (the MySQL load).
+# Binaries the benchmarks run: PgBouncer (the reference proxy), HAProxy (one TCP relay hop)
+# and sysbench (the MySQL load).
 system-deps:
 	@command -v pgbouncer >/dev/null 2>&1 || command -v /usr/sbin/pgbouncer >/dev/null 2>&1 || \
 		(apt-get install -y -q --no-install-recommends pgbouncer >/dev/null || \
 		 (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends pgbouncer >/dev/null))
+	@command -v haproxy >/dev/null 2>&1 || command -v /usr/sbin/haproxy >/dev/null 2>&1 || \
+		(apt-get install -y -q --no-install-recommends haproxy >/dev/null || \
+		 (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends haproxy >/dev/null))
 	@command -v sysbench >/dev/null 2>&1 || \
 		(apt-get install -y -q --no-install-recommends sysbench >/dev/null || \
 		 (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends sysbench >/dev/null))

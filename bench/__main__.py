@@ -1,7 +1,7 @@
-"""python -m bench: dbmux side by side with direct access (and PgBouncer), for each database.
+"""python -m bench: dbmux side by side with direct access, PgBouncer and HAProxy.
 
-PostgreSQL: pgbench straight at the cluster, through PgBouncer and through dbmux. MariaDB:
-sysbench and a connect-per-request storm straight at the server and through dbmux. Each
+PostgreSQL: pgbench straight at the cluster, through PgBouncer, HAProxy and dbmux. MariaDB:
+sysbench and a connect-per-request storm straight at the server, through HAProxy and dbmux. Each
 database is one throwaway server (max_connections 100) and one section of the report:
 throughput, latency, failures and peak server connections with dbmux's ratios, workload by
 workload. Then the failover drill (bench.failover), on fresh primary/replica pairs of its own.
@@ -53,7 +53,7 @@ _GROUPS = {**_ENGINES, "tls": TLS_GROUP}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="dbmux against direct access (and PgBouncer), side by side: pgbench on "
+        description="dbmux against direct access, PgBouncer and HAProxy, side by side: pgbench on "
         "PostgreSQL, sysbench and a connection storm on MariaDB.",
     )
     parser.add_argument(

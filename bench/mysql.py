@@ -1,5 +1,6 @@
-"""The MariaDB section: sysbench and a connect-per-request storm, straight at MariaDB and
-through dbmux, on one throwaway server (max_connections 100). See bench/README.md.
+"""The MariaDB section: sysbench and a connect-per-request storm, straight at MariaDB,
+through HAProxy (a TCP relay) and through dbmux, on one throwaway server (max_connections
+100). See bench/README.md.
 
 sysbench is Debian's (make system-deps installs it). Without it the sysbench workloads are
 reported as not run, and the storm, which needs only PyMySQL, still runs.
@@ -15,7 +16,7 @@ from typing import Any
 from bench import storm, sysbench
 from bench.client import ClientResult
 from bench.monitor import ConnectionSampler, MariaDBAdmin
-from bench.report import NOISY, RatioTarget, Workload
+from bench.report import NOISY, PROXY_CPU_LEGEND, RatioTarget, Workload
 from bench.runner import (
     MAX_CONNECTIONS,
     POOL_SIZE,
@@ -76,8 +77,9 @@ WORKLOADS = (
         "bench.storm) at once, each invocation a new connection, as a Lambda function makes: "
         "connect (mysql_native_password), BEGIN, a point select, COMMIT, COM_QUIT, over and "
         "over for --duration. tps = successful invocations per second of --duration, latency "
-        "= connect to disconnect. Straight at MariaDB the clients beyond max_connections are "
-        "refused (1040 Too many connections), and in some runs a few logins are accepted "
+        "= connect to disconnect. Straight at MariaDB, and through HAProxy (which relays each "
+        "connection), the clients beyond max_connections are refused (1040 Too many "
+        "connections), and in some runs a few logins are accepted "
         "but never greeted: those fail after 30 s and keep the direct run going past "
         "--duration.",
     ),
@@ -127,7 +129,10 @@ class MysqlBench(Bench):
             **proxy_versions(self.args.baseline),
         }
         v = self.versions
-        out(f"{v['sysbench']}; {dbmux_versions(v)}; pool {POOL_SIZE} server connections per proxy")
+        out(
+            f"{v['sysbench']}; {v['haproxy']}; {dbmux_versions(v)}; "
+            f"pool {POOL_SIZE} server connections per dbmux"
+        )
         out()
 
     def _options(self, port: int) -> list[str]:
@@ -175,7 +180,8 @@ class MysqlBench(Bench):
 
     def heading(self, machine: dict[str, Any]) -> str:
         return (
-            f"## MariaDB: dbmux vs direct ({self.args.duration}s per run, pool {POOL_SIZE}, "
+            f"## MariaDB: dbmux vs HAProxy vs direct ({self.args.duration}s per run, "
+            f"pool {POOL_SIZE}, "
             f"max_connections {MAX_CONNECTIONS}, sysbench {' '.join(TABLE_OPTIONS)}, "
             f"{machine['cpus']} CPUs)"
         )
@@ -188,6 +194,7 @@ class MysqlBench(Bench):
             "failures = errors sysbench ignored (--mysql-ignore-errors=all; it does not say "
             "which, and oltp_read_write's are usually InnoDB deadlocks, which direct access "
             "gets too) plus those that stopped it (FATAL); the storm's failed invocations. "
+            f"{PROXY_CPU_LEGEND} "
             "reconnects: sysbench's, after "
             "a lost connection. server logins (CPU table): MariaDB's Connections less "
             f"Aborted_connects. * = noisy run: other processes took {NOISY:.0f}% of the CPU or "

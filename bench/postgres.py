@@ -10,7 +10,7 @@ from typing import Any
 from bench import pgbench
 from bench.client import ClientResult
 from bench.monitor import ConnectionSampler, PostgresAdmin
-from bench.report import NOISY, RatioTarget, Workload
+from bench.report import NOISY, PROXY_CPU_LEGEND, RatioTarget, Workload
 from bench.runner import (
     MAX_CONNECTIONS,
     POOL_SIZE,
@@ -161,7 +161,7 @@ class PostgresBench(Bench):
         }
         v = self.versions
         out(
-            f"{v['pgbench']}; {v['pgbouncer']}; {dbmux_versions(v)}; "
+            f"{v['pgbench']}; {v['pgbouncer']}; {v['haproxy']}; {dbmux_versions(v)}; "
             f"pool {POOL_SIZE} server connections per proxy"
         )
         out()
@@ -219,7 +219,8 @@ class PostgresBench(Bench):
 
     def heading(self, machine: dict[str, Any]) -> str:
         return (
-            f"## PostgreSQL: dbmux vs PgBouncer vs direct ({self.args.duration}s per run, "
+            f"## PostgreSQL: dbmux vs PgBouncer vs HAProxy vs direct "
+            f"({self.args.duration}s per run, "
             f"pool {POOL_SIZE}, "
             f"max_connections {MAX_CONNECTIONS}, pgbench -s {SCALE}, {machine['cpus']} CPUs)"
         )
@@ -231,7 +232,7 @@ class PostgresBench(Bench):
             "failed transactions + clients pgbench aborted. * = noisy run: other processes on "
             f"the machine took {NOISY:.0f}% of the CPU or more. ! = pgbench aborted clients: "
             "tps is that of the clients that kept running (if none did, of the moment before "
-            "the run ended)."
+            f"the run ended). {PROXY_CPU_LEGEND}"
         )
 
     def tls_legend(self) -> str:

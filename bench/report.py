@@ -10,11 +10,15 @@ from bench.client import ClientResult
 
 # dbmux-before: dbmux as configured for "dbmux", run from the source tree --baseline names.
 BASELINE = "dbmux-before"
-TARGETS = ("direct", "pgbouncer", "dbmux", "dbmux-pin", "dbmux-nohist", BASELINE)
+TARGETS = ("direct", "pgbouncer", "haproxy", "dbmux", "dbmux-pin", "dbmux-nohist", BASELINE)
 # The targets each database's workloads can run, and those they run unless --targets names
 # them (besides each workload's extra_targets, and dbmux-before with --baseline).
-ENGINE_TARGETS = {"postgresql": TARGETS, "mysql": ("direct", "dbmux", BASELINE)}
-DEFAULT_TARGETS = {"postgresql": ("direct", "pgbouncer", "dbmux"), "mysql": ("direct", "dbmux")}
+# haproxy: one TCP relay hop in C, no pooling, the cost of a hop for either database.
+ENGINE_TARGETS = {"postgresql": TARGETS, "mysql": ("direct", "haproxy", "dbmux", BASELINE)}
+DEFAULT_TARGETS = {
+    "postgresql": ("direct", "pgbouncer", "haproxy", "dbmux"),
+    "mysql": ("direct", "haproxy", "dbmux"),
+}
 # The proxy settings each dbmux target adds to its config.
 DBMUX_TARGETS: dict[str, dict[str, Any]] = {
     "dbmux": {},
@@ -26,12 +30,19 @@ DBMUX_TARGETS: dict[str, dict[str, Any]] = {
 _LETTERS = {
     "direct": "d",
     "pgbouncer": "p",
+    "haproxy": "h",
     "dbmux": "x",
     "dbmux-pin": "pin",
     "dbmux-nohist": "nh",
     BASELINE: "b",
 }
-_NAMES = {"direct": "direct", "pgbouncer": "PgBouncer"}
+_NAMES = {"direct": "direct", "pgbouncer": "PgBouncer", "haproxy": "HAProxy"}
+# What the results table's proxy CPU column holds, for the sections' legends.
+PROXY_CPU_LEGEND = (
+    "proxy CPU µs/tx: the proxy's own user + system CPU per transaction (per connect in a "
+    "storm), all of its threads, from /proc; HAProxy's is the cost of one relay hop in C "
+    "(TCP mode, one thread, no pooling: each client connection is a server connection)."
+)
 NOISY = 10.0  # per cent of all cores used by processes outside the benchmark
 
 
@@ -236,13 +247,16 @@ def table(
     defaults = DEFAULT_TARGETS[workloads[0].engine]
     tps_columns = [*defaults, *(t for t in targets if t not in defaults)]
     # What dbmux's tps and latency are compared with besides direct access.
-    against = [t for t in ("pgbouncer", BASELINE) if t in tps_columns]
+    against = [t for t in ("pgbouncer", "haproxy", BASELINE) if t in tps_columns]
+    proxies = [t for t in targets if t != "direct"]
+    proxy_order = " / ".join(_LETTERS[t] for t in proxies)
     qps, reconnects = (_reported(results, workloads, a) for a in ("qps", "reconnects"))
     head = [
         "workload",
         *(f"{t} tps" for t in tps_columns),
         *(f"dbmux/{t}" for t in against),
         "dbmux/direct",
+        *([f"proxy CPU µs/tx ({proxy_order})"] if proxies else []),
         *([f"qps ({order})"] if qps else []),
         f"latency avg ms ({order})",
         *(f"latency dbmux/{t}" for t in against),
@@ -272,6 +286,7 @@ def table(
             *(tps(t) for t in tps_columns),
             *(fmt_ratio(get("dbmux", "tps"), get(t, "tps")) for t in against),
             fmt_ratio(get("dbmux", "tps"), get("direct", "tps")),
+            *([_cell(results, w.key, proxies, _fmt_cpu_per_tx)] if proxies else []),
             *([cell(lambda r: fmt_tps(r.client.qps))] if qps else []),
             cell(lambda r: f"{r.latency:.2f}" if r.latency else "-"),
             *(fmt_ratio(get("dbmux", "latency"), get(t, "latency")) for t in against),
@@ -296,6 +311,12 @@ def _reported_count(n: int | None) -> str:
 def _per_tx(seconds: float | None, r: RunResult) -> float | None:
     tx = r.client.transactions if r.client else None
     return 1e6 * seconds / tx if seconds is not None and tx else None
+
+
+def _fmt_cpu_per_tx(r: RunResult) -> str:
+    """The proxy's own CPU (user + system, all its threads) per transaction, in µs."""
+    value = _per_tx(r.proxy_cpu_seconds, r)
+    return "?" if value is None else f"{value:,.1f}"
 
 
 def cpu_table(
@@ -379,13 +400,14 @@ def verdict(
         if dbmux and base and dbmux.tps and base.tps:
             lines.append(_ratio_verdict(w, dbmux, base))
         if w.storm:
-            direct = results.get((w.key, "direct"))
             if dbmux and dbmux.client:
                 mark = "PASS" if dbmux.failures == 0 and not dbmux.client.timed_out else "FAIL"
                 lines.append(f"{mark}  {w.title}: dbmux failures {dbmux.failures} (target 0)")
-            if direct and direct.client:
-                how = "fails, as expected" if direct.failures else "did NOT fail (unexpected)"
-                lines.append(f"      {w.title}: direct {how}: {direct.failures} failures")
+            for name in ("direct", "haproxy"):  # no pooling: one server connection each
+                r = results.get((w.key, name))
+                if r and r.client:
+                    how = "fails, as expected" if r.failures else "did NOT fail (unexpected)"
+                    lines.append(f"      {w.title}: {name} {how}: {r.failures} failures")
         if w.key == "set-heavy":
             if dbmux and dbmux.client:
                 peak = dbmux.peak_server_connections

@@ -28,7 +28,7 @@ from bench.report import (
     RunResult,
     Workload,
 )
-from bench.targets import Dbmux, ProcessTarget, Target, TargetError
+from bench.targets import Dbmux, HAProxy, ProcessTarget, Target, TargetError
 from bench.targets import versions as target_versions
 from dbmux.testing.certs import CertFiles, TestCA
 
@@ -90,7 +90,7 @@ def _git_revision(src: Path) -> str:
 
 @functools.cache
 def proxy_versions(baseline: Path | None) -> dict[str, str]:
-    """pgbouncer, dbmux and dbmux_git (the source the dbmux runs are of); with --baseline,
+    """pgbouncer, haproxy, dbmux and dbmux_git (the source the dbmux runs are of); with --baseline,
     dbmux_before_src and dbmux_before_git (the source the dbmux-before runs are of)."""
     versions = {**target_versions(), "dbmux_git": _git_revision(SRC)}
     if baseline is not None:
@@ -179,6 +179,10 @@ class Bench:
     def make_target(self, name: str, workload: Workload) -> Target:
         if name == "direct":
             return Target(self.host, self.port)
+        if name == "haproxy":
+            return HAProxy(
+                upstream_port=self.port, user=self.user, password=self.password, dbname=self.dbname
+            )
         pool: dict[str, object] = {}
         timeout = borrow_timeout(self.args, workload)
         if timeout is not None:

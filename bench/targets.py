@@ -1,4 +1,5 @@
-"""What the clients talk to: the server directly, PgBouncer, or dbmux (each a separate process).
+"""What the clients talk to: the server directly, PgBouncer, HAProxy or dbmux (each a separate
+process).
 
 Every proxy gets a fresh temp dir, a free loopback port and a fresh process per run, so a run
 never inherits another run's warm server connections (each run's peak server connection count
@@ -75,14 +76,22 @@ def pgbouncer_binary() -> str | None:
     )
 
 
+def haproxy_binary() -> str | None:
+    return "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").is_file() else shutil.which("haproxy")
+
+
 def dbmux_binary() -> str:
     return str(Path(sys.executable).parent / "dbmux")
 
 
 def versions() -> dict[str, str]:
-    pgbouncer = pgbouncer_binary()
+    pgbouncer, haproxy = pgbouncer_binary(), haproxy_binary()
     return {
         "pgbouncer": _first_line([pgbouncer, "--version"]) if pgbouncer else "(not installed)",
+        # "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/"
+        "haproxy": _first_line([haproxy, "-v"]).split(" - ")[0]
+        if haproxy
+        else "HAProxy (not installed)",
         "dbmux": _first_line([dbmux_binary(), "--version"]),
     }
 
@@ -301,6 +310,54 @@ ignore_startup_parameters = extra_float_digits,options
         assert self.workdir is not None
         user = ["-u", "postgres"] if os.geteuid() == 0 else []
         return [self.binary, *user, str(self.workdir / "pgbouncer.ini")]
+
+
+class HAProxy(ProcessTarget):
+    """Debian's HAProxy as a plain TCP relay: one thread, no pooling, no protocol awareness.
+
+    What one hop through a C event loop costs, for either database: every client connection
+    is a server connection, so beyond max_connections clients fail as they do directly. It
+    runs in the foreground (-db) without master-worker, so its pid is the relay itself and
+    the bench's /proc reader sees all of its CPU (one process, all threads).
+    """
+
+    name = "haproxy"
+    log_name = "stdout.log"  # -db: alerts and warnings on stderr; no traffic log
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        binary = haproxy_binary()
+        if binary is None:
+            raise TargetError("haproxy not installed (make system-deps)")
+        self.binary = binary
+
+    def _write_config(self) -> None:
+        assert self.workdir is not None
+        # Timeouts long enough for any run; the backlog as dbmux's, so a storm's SYNs queue;
+        # maxconn far above any run's clients, yet low enough for HAProxy's fds (2 per
+        # connection) to fit the usual limit.
+        cfg = f"""\
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+
+listen db
+    bind {HOST}:{self.port}
+    backlog 4096
+    maxconn 4096
+    server db {HOST}:{self.upstream_port}
+"""
+        (self.workdir / "haproxy.cfg").write_text(cfg)
+
+    def _command(self) -> list[str]:
+        assert self.workdir is not None
+        return [self.binary, "-f", str(self.workdir / "haproxy.cfg"), "-db"]
 
 
 class Dbmux(ProcessTarget):
