@@ -186,18 +186,16 @@ def test_mysql_connector_verifying_the_proxy_s_name_is_served_over_tls(
         conn.close()
 
 
-def test_asyncpg_verifying_the_proxy_logs_in_with_scram_over_tls(
-    start_proxy: Any, certificate: dict[str, str]
-) -> None:
-    proxy = start_proxy(tls=certificate, require_tls=True)
-    context = ssl.create_default_context(cafile=ca_of(certificate))  # verify-full
+def asyncpg_answer(port: int, password: str, context: ssl.SSLContext) -> Any:
+    """What `SELECT 6 * 7` gives asyncpg logged in to the proxy on `port` as the app user over
+    TLS with `context`, by the name localhost (which the proxy's certificate holds)."""
 
     async def login() -> Any:
         conn = await asyncpg.connect(
             host="localhost",
-            port=proxy.port,
+            port=port,
             user=APP_USER,
-            password=APP_PASSWORD,
+            password=password,
             database=APP_DB,
             ssl=context,
             timeout=10,
@@ -207,7 +205,16 @@ def test_asyncpg_verifying_the_proxy_logs_in_with_scram_over_tls(
         finally:
             await conn.close()
 
-    assert asyncio.run(login()) == 42
+    return asyncio.run(login())
+
+
+def test_asyncpg_verifying_the_proxy_logs_in_with_scram_over_tls(
+    start_proxy: Any, certificate: dict[str, str]
+) -> None:
+    proxy = start_proxy(tls=certificate, require_tls=True)
+    context = ssl.create_default_context(cafile=ca_of(certificate))  # verify-full
+
+    assert asyncpg_answer(proxy.port, APP_PASSWORD, context) == 42
     assert proxy.metrics.client_connections_tls.value == 1
 
 

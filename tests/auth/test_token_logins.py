@@ -9,21 +9,19 @@ before it sends anything. Refusals are counted by reason and never explained to 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import mysql.connector
 import psycopg
 import pymysql
 import pytest
 
 from dbmux.auth.tokens import generate_auth_token, write_key_pair
-from tests.auth.test_tls import ca_of, write_certificate
+from tests.auth.test_tls import asyncpg_answer, ca_of, write_certificate
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
 from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER
 
@@ -92,22 +90,7 @@ def test_asyncpg_logs_in_with_a_token(
     token = generate_auth_token("localhost", proxy.port, APP_USER, private_key=private)
     context = ssl.create_default_context(cafile=proxy.ca)
 
-    async def login() -> Any:
-        conn = await asyncpg.connect(
-            host="localhost",
-            port=proxy.port,
-            user=APP_USER,
-            password=token,
-            database=APP_DB,
-            ssl=context,
-            timeout=10,
-        )
-        try:
-            return await conn.fetchval("SELECT 6 * 7")
-        finally:
-            await conn.close()
-
-    assert asyncio.run(login()) == 42
+    assert asyncpg_answer(proxy.port, token, context) == 42
 
 
 @pytest.mark.parametrize(
