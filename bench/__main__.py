@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 "targets": targets_for(args, w),
                 "dbmux_connection_borrow_timeout": borrow_timeout(args, w),
                 "client_tls": w.tls,
+                "login_allowance_seconds": w.login_allowance,
             }
             for w in selected
         },

@@ -8,6 +8,7 @@ pipes: a storm of failing clients writes more to stderr than a pipe holds.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import tempfile
@@ -81,6 +82,22 @@ class Finished:
             "stderr_tail": "\n".join(self.stderr.splitlines()[-10:]),
             "timed_out": self.timed_out,
         }
+
+
+def allow_open_files(wanted: int) -> int:
+    """Raise this process's open-file limit, which every client and proxy inherits, to
+    `wanted` (up to the hard limit, past it if we are root); the soft limit now in force.
+
+    pgbench refuses to start with fewer than -c + 3 open files, and a proxy holds one per
+    client besides its server connections: 1,000 clients do not fit the usual 1,024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted and os.geteuid() == 0:
+            hard = wanted
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
 
 
 def _wait(pid: int, deadline: float) -> tuple[int | None, float]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,11 @@ class PgbenchResult(ClientResult):
     latency_stddev_ms: float | None = None
     failed_transactions: int | None = None
     connection_ms: float | None = None  # initial (or, with -C, average) connection time
+    # From the transaction log (--log), where the workload keeps one (read_log):
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    tx_per_client: dict[str, float] | None = None  # min, median, max over all -c clients
+    clients_served: int | None = None  # clients that completed at least one transaction
 
     @property
     def failures(self) -> int:
@@ -134,6 +141,53 @@ def parse(stdout: str, stderr: str) -> dict[str, Any]:
     }
 
 
+def read_log(lines: Iterable[str], clients: int) -> dict[str, Any]:
+    """Fairness and latency percentiles from pgbench --log's per-transaction lines.
+
+    A line is `client_id transaction_no time script_no time_epoch time_us [...]`, time being
+    the latency in µs or `failed` / `skipped`. Every one of the `clients` counts, those that
+    never completed a transaction with 0, so a starved client shows as min 0.
+    """
+    done = [0] * clients
+    latencies: list[int] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or not fields[2].isdigit():  # failed or skipped
+            continue
+        client_id = int(fields[0])
+        if client_id >= len(done):
+            done.extend([0] * (client_id + 1 - len(done)))
+        done[client_id] += 1
+        latencies.append(int(fields[2]))
+    if not done:
+        return {}
+    result: dict[str, Any] = {
+        "tx_per_client": {
+            "min": min(done),
+            "median": statistics.median(done),
+            "max": max(done),
+        },
+        "clients_served": sum(1 for n in done if n),
+    }
+    if len(latencies) >= 2:
+        cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+        result["latency_p50_ms"] = round(cuts[49] / 1000, 3)
+        result["latency_p99_ms"] = round(cuts[98] / 1000, 3)
+    return result
+
+
+def _read_logs(directory: Path, clients: int) -> dict[str, Any]:
+    """read_log over every thread's file (`tx.<pid>`, `tx.<pid>.<thread>`)."""
+    paths = sorted(directory.glob("tx.*"))
+
+    def lines() -> Iterable[str]:
+        for path in paths:
+            with path.open() as f:
+                yield from f
+
+    return read_log(lines(), clients)
+
+
 def run(
     pgbench: str,
     *,
@@ -146,11 +200,13 @@ def run(
     duration: int,
     script: str = "",
     tls: bool = False,
+    transaction_log: bool = False,
     grace: float = 60.0,
 ) -> PgbenchResult:
     """pgbench -n ARGS [-f SCRIPT] -T DURATION against host:port; killed if it runs grace s
     too long. script: a custom transaction script's text, written to a temp file for -f.
-    tls: connect with TLS (sslmode=require).
+    tls: connect with TLS (sslmode=require). transaction_log: with --log, for transactions
+    per client and latency percentiles (read_log).
 
     -n: the caller vacuums directly beforehand, so every target starts from the same tables
     and the proxy is not timed relaying VACUUM.
@@ -161,6 +217,11 @@ def run(
             script_path = Path(tmp, "script.sql")
             script_path.write_text(script)
             cmd += ["-f", str(script_path)]
+        if transaction_log:
+            cmd += ["--log", f"--log-prefix={Path(tmp, 'tx')}"]
         cmd += ["-T", str(duration), dbname]
         done = client.run(cmd, env=client_env(password, tls=tls), limit=duration + grace)
-    return PgbenchResult(**done.common(), **parse(done.stdout, done.stderr))
+        numbers = parse(done.stdout, done.stderr)
+        if transaction_log:
+            numbers.update(_read_logs(Path(tmp), numbers["clients"] or 0))
+    return PgbenchResult(**done.common(), **numbers)

@@ -7,7 +7,7 @@ import subprocess
 import time
 from typing import Any
 
-from bench import pgbench
+from bench import client, pgbench
 from bench.client import ClientResult
 from bench.monitor import ConnectionSampler, PostgresAdmin
 from bench.report import NOISY, PROXY_CPU_LEGEND, RatioTarget, Workload
@@ -30,6 +30,15 @@ PINNED_BORROW_TIMEOUT = 5.0
 STEADY = RatioTarget("pgbouncer", minimum=0.8, aim=1.0)
 # The TLS rows compare the two proxies; PostgreSQL itself offers no TLS here.
 TLS_TARGETS = ("pgbouncer", "dbmux", "dbmux-before")
+# active-1000: ten times max_connections, so only the pooling proxies can serve them.
+ACTIVE_CLIENTS = 1000
+# pgbench logs them in one by one per thread, each login a SCRAM exchange whose PBKDF2 is the
+# client's: 3.6 s through PgBouncer, 6.9 s through dbmux on a busy 2-core machine.
+ACTIVE_LOGIN_ALLOWANCE = 10
+POOLING_TARGETS = ("pgbouncer", "dbmux", "dbmux-before")
+# Open files for pgbench's 1,000 clients (it wants -c + 3) and a proxy's 1,000 client
+# connections besides its pool and its own, with room to spare.
+OPEN_FILES = 4 * ACTIVE_CLIENTS
 
 # Every transaction sets session state, then reads with it; application_name differs per
 # client, so a server connection always carries the previous client's value. pgbench's
@@ -117,6 +126,25 @@ WORKLOADS = (
         plain="storm-50",
         targets=TLS_TARGETS,
     ),
+    Workload(
+        "select-1",
+        "select-only, 1 client",
+        ("-S", "-c", "1", "-j", "1"),
+        round_trip=True,
+    ),
+    Workload(
+        "active-1000",
+        "select-only, 1,000 clients",
+        ("-S", "-c", str(ACTIVE_CLIENTS), "-j", "2"),
+        transaction_log=True,
+        targets=POOLING_TARGETS,
+        login_allowance=ACTIVE_LOGIN_ALLOWANCE,
+        note="select-only, 1,000 clients: every client busy, 50 per server connection of the "
+        "pool. Direct access and HAProxy would run out of max_connections and do not run. "
+        f"pgbench runs {ACTIVE_LOGIN_ALLOWANCE} s longer than --duration (its -T counts the "
+        "clients' logins, seconds for 1,000 of them) and logs every transaction (--log) for "
+        "the transactions per client and the latency percentiles of the fairness table.",
+    ),
 )
 # --only tls: the TLS rows and the plaintext rows their TLS cost is measured against.
 TLS_GROUP = [w.key for w in WORKLOADS if w.tls or any(t.plain == w.key for t in WORKLOADS)]
@@ -130,6 +158,9 @@ class PostgresBench(Bench):
     family = "POSTGRESQL"
 
     def start(self) -> None:
+        files = client.allow_open_files(OPEN_FILES)
+        if files < OPEN_FILES:
+            out(f"open files limited to {files}: active-1000 wants {OPEN_FILES}")
         self.cluster = PostgresCluster(
             max_connections=MAX_CONNECTIONS, auth_method="scram-sha-256", password=self.password
         )
@@ -212,9 +243,10 @@ class PostgresBench(Bench):
             password=self.password,
             dbname=self.dbname,
             args=list(workload.args),
-            duration=self.args.duration,
+            duration=self.args.duration + workload.login_allowance,
             script=workload.script,
             tls=workload.tls,
+            transaction_log=workload.transaction_log,
         )
 
     def heading(self, machine: dict[str, Any]) -> str:

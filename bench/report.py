@@ -79,6 +79,14 @@ class Workload:
     plain: str = ""
     # The only targets this workload runs (default: all of its database's).
     targets: tuple[str, ...] = ()
+    # pgbench --log: transactions per client and latency percentiles, in the fairness table
+    # (bench.rows) with dbmux's borrow wait.
+    transaction_log: bool = False
+    # One client: the latency each proxy adds to a round trip, in the round-trip table.
+    round_trip: bool = False
+    # Seconds added to the client's run: pgbench's -T clock runs while it logs its clients in,
+    # one at a time per thread, which for 1,000 clients takes seconds.
+    login_allowance: int = 0
 
     @property
     def command(self) -> str:
@@ -106,6 +114,8 @@ class RunResult:
     problems: list[str] = field(default_factory=list)  # start/stop failures, proxy log lines
     log_tail: str = ""
     profile: dict[str, Any] | None = None
+    # dbmux's DatabaseConnectionsBorrowLatency after the run (bench.rows.borrow_wait).
+    borrow_wait: dict[str, Any] | None = None
 
     @property
     def noisy(self) -> bool:
@@ -171,6 +181,7 @@ class RunResult:
             "problems": self.problems,
             "log_tail": self.log_tail,
             "profile": self.profile,
+            "borrow_wait": self.borrow_wait,
         }
 
 
@@ -286,7 +297,7 @@ def table(
             *(tps(t) for t in tps_columns),
             *(fmt_ratio(get("dbmux", "tps"), get(t, "tps")) for t in against),
             fmt_ratio(get("dbmux", "tps"), get("direct", "tps")),
-            *([_cell(results, w.key, proxies, _fmt_cpu_per_tx)] if proxies else []),
+            *([_cell(results, w.key, proxies, fmt_cpu_per_tx)] if proxies else []),
             *([cell(lambda r: fmt_tps(r.client.qps))] if qps else []),
             cell(lambda r: f"{r.latency:.2f}" if r.latency else "-"),
             *(fmt_ratio(get("dbmux", "latency"), get(t, "latency")) for t in against),
@@ -313,7 +324,7 @@ def _per_tx(seconds: float | None, r: RunResult) -> float | None:
     return 1e6 * seconds / tx if seconds is not None and tx else None
 
 
-def _fmt_cpu_per_tx(r: RunResult) -> str:
+def fmt_cpu_per_tx(r: RunResult) -> str:
     """The proxy's own CPU (user + system, all its threads) per transaction, in µs."""
     value = _per_tx(r.proxy_cpu_seconds, r)
     return "?" if value is None else f"{value:,.1f}"

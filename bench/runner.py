@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from bench import profile, report
+from bench import profile, report, rows
 from bench.client import ClientResult
 from bench.monitor import ConnectionSampler, Snapshot
 from bench.report import (
@@ -296,6 +296,11 @@ class Bench:
         result.window_seconds = round(after.time - before.time, 3)
         result.context_switches = after.context_switches - before.context_switches
         result.proxy_alive_after = target.alive()
+        if result.proxy_alive_after and isinstance(target, Dbmux):
+            try:
+                result.borrow_wait = rows.borrow_wait(target.metrics())
+            except OSError as exc:
+                result.problems.append(f"{target.name} /metrics: {exc}")
         if result.client.timed_out and isinstance(target, ProcessTarget):
             self.broken = True
         if not result.proxy_alive_after:
@@ -391,6 +396,7 @@ class Bench:
                 out()
                 out(w.note.format(borrow_timeout=borrow_timeout(self.args, w)))
         lines = report.verdict(workloads, self.results, POOL_SIZE)
+        lines += rows.verdict(workloads, self.results)
         if lines:
             out()
             out("Targets:")
@@ -403,12 +409,22 @@ class Bench:
         )
         out()
         out(report.cpu_table(workloads, self.results, targets, *self.cpu_columns))
-        rows = self.tls_summary()
-        if rows:
+        if any(w.transaction_log for w in workloads):
+            out()
+            out(rows.FAIRNESS_LEGEND)
+            out()
+            out(rows.fairness_table(workloads, self.results, targets))
+        if any(w.round_trip for w in workloads):
+            out()
+            out(rows.ROUND_TRIP_LEGEND)
+            out()
+            out(rows.round_trip_table(workloads, self.results, targets))
+        tls_rows = self.tls_summary()
+        if tls_rows:
             out()
             out(self.tls_legend())
             out()
-            out(report.tls_table(rows, {w.key: w.title for w in workloads}))
+            out(report.tls_table(tls_rows, {w.key: w.title for w in workloads}))
 
     def tls_summary(self) -> list[dict[str, Any]]:
         """The TLS rows' numbers (report.tls_summary) of the runs so far."""

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -397,6 +398,7 @@ class Dbmux(ProcessTarget):
         self.percent = max_connections_percent
         self.proxy_settings = dict(proxy_settings or {})
         self.pool_settings = dict(pool_settings or {})
+        self.admin_port = 0  # its admin API (/metrics), on a free port at start()
         self.binary = dbmux_binary()
         if not Path(self.binary).is_file():
             raise TargetError(f"{self.binary} not found (make installs dbmux into .venv)")
@@ -407,8 +409,9 @@ class Dbmux(ProcessTarget):
         secret = {"username": self.user, "password": self.password, "engine": engine}
         (self.workdir / "app.json").write_text(json.dumps(secret))
         (self.workdir / "app.json").chmod(0o600)  # dbmux warns about a secret others can read
+        self.admin_port = free_port()  # never the default 9187
         config = {
-            "admin": {"listen": f"{HOST}:{free_port()}"},  # never the default 9187
+            "admin": {"listen": f"{HOST}:{self.admin_port}"},
             "state_dir": "state",  # MySQL's RSA key: the run's own, not the user's
             "proxies": [
                 {
@@ -430,6 +433,12 @@ class Dbmux(ProcessTarget):
             ],
         }
         (self.workdir / "dbmux.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def metrics(self, timeout: float = 10.0) -> str:
+        """Its Prometheus text from the admin API (no token: the bench sets none)."""
+        url = f"http://{HOST}:{self.admin_port}/metrics"
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return str(response.read().decode())
 
     def _env(self) -> dict[str, str] | None:
         if self.source is None:

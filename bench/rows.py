@@ -1,0 +1,191 @@
+"""The tables of the rows whose point is not throughput, with their targets.
+
+- fairness (active-1000): many more clients than server connections, all busy. Is every
+  client served, how evenly (transactions per client, from pgbench --log), and how long does
+  a transaction wait for a server connection (dbmux's borrow wait histogram)?
+- round trip (select-1): one client, so every transaction is a full round trip through the
+  proxy: the latency each proxy adds to direct access.
+
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from bench import prometheus
+from bench.pgbench import PgbenchResult
+from bench.report import RunResult, Workload, fmt_cpu_per_tx, fmt_tps
+
+BORROW_LATENCY = "dbmux_database_connections_borrow_latency_seconds"
+# Fair: no client got less than this share of the median client's transactions.
+FAIR_SHARE = 0.5
+# select-1's target: dbmux adds at most PgBouncer's added latency plus this, per round trip.
+ADDED_SLACK_US = 10.0
+
+FAIRNESS_LEGEND = (
+    "Fairness, every client busy (pgbench --log): clients served = clients that completed a "
+    "transaction; tx per client over all of them, a starved client counting 0; latency "
+    "percentiles of every logged transaction, its wait for a server connection included; "
+    "borrow wait: dbmux's DatabaseConnectionsBorrowLatency after the run, as Prometheus's "
+    "histogram_quantile() estimates it from the buckets (immediate borrows in the first, "
+    "0-1 ms). Proxy CPU per transaction includes the clients' logins, in this row 1 per "
+    "client. * = noisy run."
+)
+ROUND_TRIP_LEGEND = (
+    "Round trip, one client (pgbench -c 1): latency avg = pgbench's average (1 µs resolution), "
+    "each transaction one simple-protocol query and its answer; added = the target's "
+    "average less direct access's in the same section. * = noisy run."
+)
+
+
+def borrow_wait(metrics_text: str) -> dict[str, Any] | None:
+    """dbmux's DatabaseConnectionsBorrowLatency from its /metrics: borrows and the p50 and p99
+    wait in ms, as Prometheus's histogram_quantile estimates them. None: no borrow at all."""
+    cumulative = prometheus.buckets(metrics_text, BORROW_LATENCY)
+    if not cumulative or not cumulative[-1][1]:
+        return None
+
+    def ms(q: float) -> float | None:
+        value = prometheus.quantile(q, cumulative)
+        return None if value is None else round(1000 * value, 3)
+
+    return {"borrows": int(cumulative[-1][1]), "p50_ms": ms(0.5), "p99_ms": ms(0.99)}
+
+
+def _pgbench(r: RunResult | None) -> PgbenchResult | None:
+    return r.client if r is not None and isinstance(r.client, PgbenchResult) else None
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.2f}"
+
+
+def _spread(c: PgbenchResult) -> str:
+    """Transactions per client: min / median / max."""
+    if c.tx_per_client is None:
+        return "-"
+    return " / ".join(f"{c.tx_per_client[k]:,g}" for k in ("min", "median", "max"))
+
+
+def fairness_table(
+    workloads: Sequence[Workload], results: dict[tuple[str, str], RunResult], targets: Sequence[str]
+) -> str:
+    head = [
+        "workload",
+        "target",
+        "tps",
+        "proxy CPU µs/tx",
+        "failures",
+        "clients served",
+        "tx per client (min / median / max)",
+        "latency p50 / p99 ms",
+        "borrow wait p50 / p99 ms",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for w in workloads:
+        if not w.transaction_log:
+            continue
+        for t in targets:
+            r = results.get((w.key, t))
+            c = _pgbench(r)
+            if r is None or c is None:
+                continue
+            wait = r.borrow_wait
+            cells = [
+                w.title,
+                t,
+                fmt_tps(c.tps) + ("*" if r.noisy else ""),
+                fmt_cpu_per_tx(r),
+                str(c.failures),
+                "-" if c.clients_served is None else f"{c.clients_served:,} of {c.clients:,}",
+                _spread(c),
+                f"{_ms(c.latency_p50_ms)} / {_ms(c.latency_p99_ms)}",
+                f"{_ms(wait['p50_ms'])} / {_ms(wait['p99_ms'])}" if wait else "-",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _added_us(results: dict[tuple[str, str], RunResult], wl: str, t: str) -> float | None:
+    """Average latency through target t less direct access's, in µs."""
+    r, direct = results.get((wl, t)), results.get((wl, "direct"))
+    if r is None or direct is None or r.latency is None or direct.latency is None:
+        return None
+    return 1000 * (r.latency - direct.latency)
+
+
+def round_trip_table(
+    workloads: Sequence[Workload], results: dict[tuple[str, str], RunResult], targets: Sequence[str]
+) -> str:
+    head = ["workload", "target", "tps", "latency avg µs", "added vs direct µs", "failures"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for w in workloads:
+        if not w.round_trip:
+            continue
+        for t in targets:
+            r = results.get((w.key, t))
+            if r is None or r.client is None:
+                continue
+            added = _added_us(results, w.key, t) if t != "direct" else None
+            cells = [
+                w.title,
+                t,
+                fmt_tps(r.tps) + ("*" if r.noisy else ""),
+                "-" if r.latency is None else f"{1000 * r.latency:,.0f}",
+                "-" if added is None else f"{added:+,.0f}",
+                str(r.failures),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fairness_verdict(w: Workload, results: dict[tuple[str, str], RunResult]) -> list[str]:
+    dbmux = results.get((w.key, "dbmux"))
+    c = _pgbench(dbmux)
+    if dbmux is None or c is None:
+        return []
+    spread = c.tx_per_client
+    fair = bool(spread) and spread["min"] >= FAIR_SHARE * spread["median"] > 0
+    ok = fair and c.failures == 0 and c.clients_served == c.clients and not c.timed_out
+    wait = dbmux.borrow_wait or {}
+    lines = [
+        f"{'PASS' if ok else 'FAIL'}  {w.title}: dbmux serves every client fairly (each at "
+        f"least {FAIR_SHARE:g}x the median client's transactions), zero failures: "
+        f"served {c.clients_served} of {c.clients}, tx per client {_spread(c)}, "
+        f"failures {c.failures}; p99 borrow wait {_ms(wait.get('p99_ms'))} ms "
+        f"({wait.get('borrows', 0):,} borrows)"
+    ]
+    other = _pgbench(results.get((w.key, "pgbouncer")))
+    if other is not None:
+        lines.append(
+            f"      {w.title}: pgbouncer served {other.clients_served} of {other.clients}, "
+            f"tx per client {_spread(other)}, failures {other.failures}"
+        )
+    return lines
+
+
+def _round_trip_verdict(w: Workload, results: dict[tuple[str, str], RunResult]) -> list[str]:
+    dbmux, pgbouncer = (_added_us(results, w.key, t) for t in ("dbmux", "pgbouncer"))
+    if dbmux is None or pgbouncer is None:
+        return []
+    limit = pgbouncer + ADDED_SLACK_US
+    ok = dbmux <= limit
+    noisy = any(r.noisy for (wl, _), r in results.items() if wl == w.key)
+    return [
+        f"{'PASS' if ok else 'FAIL'}  {w.title}: dbmux adds {dbmux:,.0f} µs per round trip to "
+        f"direct access, PgBouncer {pgbouncer:,.0f} µs: target <= PgBouncer's + "
+        f"{ADDED_SLACK_US:g} µs ({limit:,.0f} µs) {'met' if ok else 'missed'}"
+        + (" (noisy run, see CPU table)" if noisy else "")
+    ]
+
+
+def verdict(workloads: Sequence[Workload], results: dict[tuple[str, str], RunResult]) -> list[str]:
+    lines = []
+    for w in workloads:
+        if w.transaction_log:
+            lines += _fairness_verdict(w, results)
+        if w.round_trip:
+            lines += _round_trip_verdict(w, results)
+    return lines
