@@ -194,7 +194,9 @@ class Bench:
             dbname=self.dbname,
             max_connections_percent=POOL_PERCENT,
             name=name,
-            source=self.args.baseline if name == BASELINE else None,
+            # This checkout's dbmux, as the versions line says, even where the venv's editable
+            # install is another checkout's (the bench run from a git worktree).
+            source=self.args.baseline if name == BASELINE else SRC,
             engine_family=self.family,
             proxy_settings={**DBMUX_TARGETS[name], **self.dbmux_tls(workload)},
             pool_settings=pool,
