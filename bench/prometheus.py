@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 # `name{label="value",...} 123` (the labels optional; a trailing timestamp ignored).
 _SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)")
@@ -31,7 +32,16 @@ def buckets(text: str, name: str) -> list[tuple[float, float]]:
     return sorted(totals.items())
 
 
-def quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
+@dataclass(frozen=True)
+class Estimate:
+    """A quantile's estimate and the bucket it lies in, which is all the histogram knows."""
+
+    value: float
+    lower: float
+    upper: float
+
+
+def quantile(q: float, cumulative: list[tuple[float, float]]) -> Estimate | None:
     """Prometheus's histogram_quantile(q): linear within the bucket the q-th observation falls
     in (from 0 for the first bucket); in +Inf's, the highest finite bound. None: no data."""
     if not cumulative or not math.isinf(cumulative[-1][0]) or cumulative[-1][1] <= 0:
@@ -41,9 +51,8 @@ def quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
     for bound, count in cumulative:
         if count >= rank:
             if math.isinf(bound):
-                return lower
-            if count == below:
-                return bound
-            return lower + (bound - lower) * (rank - below) / (count - below)
+                return Estimate(lower, lower, bound)
+            share = (rank - below) / (count - below) if count > below else 1.0
+            return Estimate(lower + (bound - lower) * share, lower, bound)
         lower, below = bound, count
-    return lower
+    return None  # unreachable: +Inf's count is the total

@@ -29,9 +29,9 @@ FAIRNESS_LEGEND = (
     "transaction; tx per client over all of them, a starved client counting 0; latency "
     "percentiles of every logged transaction, its wait for a server connection included; "
     "borrow wait: dbmux's DatabaseConnectionsBorrowLatency after the run, as Prometheus's "
-    "histogram_quantile() estimates it from the buckets (immediate borrows in the first, "
-    "0-1 ms). Proxy CPU per transaction includes the clients' logins, in this row 1 per "
-    "client. * = noisy run."
+    "histogram_quantile() estimates it from the buckets, with the bucket it lies in "
+    "(immediate borrows are in the first, 0-1 ms). Proxy CPU per transaction includes the "
+    "clients' logins, one per client. * = noisy run."
 )
 ROUND_TRIP_LEGEND = (
     "Round trip, one client (pgbench -c 1): latency avg = pgbench's average (1 µs resolution), "
@@ -41,17 +41,19 @@ ROUND_TRIP_LEGEND = (
 
 
 def borrow_wait(metrics_text: str) -> dict[str, Any] | None:
-    """dbmux's DatabaseConnectionsBorrowLatency from its /metrics: borrows and the p50 and p99
-    wait in ms, as Prometheus's histogram_quantile estimates them. None: no borrow at all."""
+    """dbmux's DatabaseConnectionsBorrowLatency from its /metrics: borrows, and the p50 and p99
+    wait in ms as Prometheus's histogram_quantile estimates them, each with the bounds of the
+    bucket it lies in (the true value is somewhere in there). None: no borrow at all."""
     cumulative = prometheus.buckets(metrics_text, BORROW_LATENCY)
     if not cumulative or not cumulative[-1][1]:
         return None
-
-    def ms(q: float) -> float | None:
-        value = prometheus.quantile(q, cumulative)
-        return None if value is None else round(1000 * value, 3)
-
-    return {"borrows": int(cumulative[-1][1]), "p50_ms": ms(0.5), "p99_ms": ms(0.99)}
+    wait: dict[str, Any] = {"borrows": int(cumulative[-1][1])}
+    for name, q in (("p50", 0.5), ("p99", 0.99)):
+        estimate = prometheus.quantile(q, cumulative)
+        assert estimate is not None
+        wait[f"{name}_ms"] = round(1000 * estimate.value, 3)
+        wait[f"{name}_bucket_ms"] = [1000 * estimate.lower, 1000 * estimate.upper]
+    return wait
 
 
 def _pgbench(r: RunResult | None) -> PgbenchResult | None:
@@ -60,6 +62,14 @@ def _pgbench(r: RunResult | None) -> PgbenchResult | None:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.2f}"
+
+
+def _wait(wait: dict[str, Any] | None, name: str) -> str:
+    """A borrow wait quantile in ms with its bucket: `645.08 (500-1,000)`."""
+    if not wait or wait.get(f"{name}_ms") is None:
+        return "-"
+    lower, upper = wait[f"{name}_bucket_ms"]
+    return f"{_ms(wait[f'{name}_ms'])} ({lower:,g}-{upper:,g})"
 
 
 def _spread(c: PgbenchResult) -> str:
@@ -81,7 +91,7 @@ def fairness_table(
         "clients served",
         "tx per client (min / median / max)",
         "latency p50 / p99 ms",
-        "borrow wait p50 / p99 ms",
+        "borrow wait p50 / p99 ms (bucket)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for w in workloads:
@@ -92,7 +102,6 @@ def fairness_table(
             c = _pgbench(r)
             if r is None or c is None:
                 continue
-            wait = r.borrow_wait
             cells = [
                 w.title,
                 t,
@@ -102,7 +111,7 @@ def fairness_table(
                 "-" if c.clients_served is None else f"{c.clients_served:,} of {c.clients:,}",
                 _spread(c),
                 f"{_ms(c.latency_p50_ms)} / {_ms(c.latency_p99_ms)}",
-                f"{_ms(wait['p50_ms'])} / {_ms(wait['p99_ms'])}" if wait else "-",
+                f"{_wait(r.borrow_wait, 'p50')} / {_wait(r.borrow_wait, 'p99')}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -149,13 +158,12 @@ def _fairness_verdict(w: Workload, results: dict[tuple[str, str], RunResult]) ->
     spread = c.tx_per_client
     fair = bool(spread) and spread["min"] >= FAIR_SHARE * spread["median"] > 0
     ok = fair and c.failures == 0 and c.clients_served == c.clients and not c.timed_out
-    wait = dbmux.borrow_wait or {}
     lines = [
         f"{'PASS' if ok else 'FAIL'}  {w.title}: dbmux serves every client fairly (each at "
         f"least {FAIR_SHARE:g}x the median client's transactions), zero failures: "
         f"served {c.clients_served} of {c.clients}, tx per client {_spread(c)}, "
-        f"failures {c.failures}; p99 borrow wait {_ms(wait.get('p99_ms'))} ms "
-        f"({wait.get('borrows', 0):,} borrows)"
+        f"failures {c.failures}; p99 borrow wait {_wait(dbmux.borrow_wait, 'p99')} ms "
+        f"of {(dbmux.borrow_wait or {}).get('borrows', 0):,} borrows"
     ]
     other = _pgbench(results.get((w.key, "pgbouncer")))
     if other is not None:

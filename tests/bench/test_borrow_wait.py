@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from bench.prometheus import buckets, quantile
+from bench.prometheus import Estimate, buckets, quantile
 from bench.rows import BORROW_LATENCY, borrow_wait
 
 from dbmux.metrics import LATENCY_BUCKETS, ProxyMetrics, Registry, render
@@ -54,13 +54,13 @@ def test_quantile_interpolates_within_the_bucket() -> None:
     # 90 immediate borrows and 10 waits in (0.25, 0.5]: the median is in the first bucket,
     # the 99th observation nine tenths into (0.25, 0.5].
     cumulative = buckets(scrape(("bench", [0.3] * 10, 90)), BORROW_LATENCY)
-    assert quantile(0.5, cumulative) == pytest.approx(0.001 * 50 / 90)
-    assert quantile(0.99, cumulative) == pytest.approx(0.25 + 0.25 * 9 / 10)
+    assert quantile(0.5, cumulative) == Estimate(pytest.approx(0.001 * 50 / 90), 0.0, 0.001)
+    assert quantile(0.99, cumulative) == Estimate(pytest.approx(0.475), 0.25, 0.5)
 
 
 def test_quantile_in_the_inf_bucket_is_the_highest_finite_bound() -> None:
     cumulative = buckets(scrape(("bench", [500.0], 0)), BORROW_LATENCY)
-    assert quantile(0.99, cumulative) == LATENCY_BUCKETS[-1]
+    assert quantile(0.99, cumulative) == Estimate(120.0, 120.0, math.inf)
 
 
 def test_no_observations_no_quantile() -> None:
@@ -68,12 +68,14 @@ def test_no_observations_no_quantile() -> None:
     assert quantile(0.99, buckets("", BORROW_LATENCY)) is None
 
 
-def test_borrow_wait_in_ms() -> None:
+def test_borrow_wait_in_ms_with_the_bucket_of_each_quantile() -> None:
     wait = borrow_wait(scrape(("bench", [0.3] * 10, 90)))
     assert wait == {
         "borrows": 100,
         "p50_ms": pytest.approx(50 / 90, abs=0.001),
+        "p50_bucket_ms": [0.0, 1.0],
         "p99_ms": pytest.approx(475.0),
+        "p99_bucket_ms": [250.0, 500.0],
     }
 
 
