@@ -129,7 +129,7 @@ WORKLOADS = (
     Workload(
         "select-1",
         "select-only, 1 client",
-        ("-S", "-c", "1", "-j", "1"),
+        ("-S", "-c", "1", "-j", "1", "-P", "1"),
         round_trip=True,
     ),
     Workload(

@@ -1,11 +1,12 @@
-"""pgbench --log's per-transaction lines, read for the fairness table: transactions per client
-(every client counting, a starved one with 0) and latency percentiles. The lines are pgbench
-15's own, captured from real runs."""
+"""pgbench's per-transaction log (--log), read for the fairness table: transactions per client
+(every client counting, a starved one with 0) and latency percentiles; and its per-second
+progress (-P 1), read for the round-trip table's quietest second. The lines are pgbench 15's
+own, captured from real runs."""
 
 from __future__ import annotations
 
 import pytest
-from bench.pgbench import read_log
+from bench.pgbench import parse, read_log
 
 # pgbench -f select1.sql -c 3 -j 1 -t 3 --log: client_id transaction_no latency_us script_no
 # epoch_s epoch_us.
@@ -97,3 +98,41 @@ def test_an_empty_log_of_a_run_that_served_nobody() -> None:
     assert result["tx_per_client"] == {"min": 0, "median": 0, "max": 0}
     assert result["clients_served"] == 0
     assert "latency_p99_ms" not in result
+
+
+# pgbench -f select1.sql -c 1 -j 1 -T 3 -P 1: the summary on stdout, the progress on stderr.
+PROGRESS_STDOUT = """\
+pgbench (15.20 (Debian 15.20-0+deb12u1))
+transaction type: s.sql
+scaling factor: 1
+query mode: simple
+number of clients: 1
+number of threads: 1
+maximum number of tries: 1
+duration: 3 s
+number of transactions actually processed: 50053
+number of failed transactions: 0 (0.000%)
+latency average = 0.056 ms
+latency stddev = 0.202 ms
+initial connection time = 9.536 ms
+tps = 16736.903949 (without initial connection time)
+"""
+PROGRESS_STDERR = """\
+progress: 1.0 s, 9747.8 tps, lat 0.100 ms stddev 0.183, 0 failed
+progress: 2.0 s, 18290.5 tps, lat 0.049 ms stddev 0.218, 0 failed
+progress: 3.0 s, 22015.6 tps, lat 0.041 ms stddev 0.194, 0 failed
+"""
+
+
+def test_the_quietest_second_is_the_lowest_per_second_latency() -> None:
+    numbers = parse(PROGRESS_STDOUT, PROGRESS_STDERR)
+    assert numbers["latency_best_second_ms"] == 0.041
+    assert numbers["latency_ms"] == 0.056
+
+
+def test_progress_lines_are_not_errors() -> None:
+    assert parse(PROGRESS_STDOUT, PROGRESS_STDERR)["errors"] == {}
+
+
+def test_without_progress_no_quietest_second() -> None:
+    assert parse(PROGRESS_STDOUT, "")["latency_best_second_ms"] is None

@@ -18,26 +18,36 @@ def run(workload: str, target: str, **numbers: Any) -> tuple[tuple[str, str], Ru
     return (workload, target), RunResult(workload, target, client=client)
 
 
-def round_trips(**latency_ms: float) -> dict[tuple[str, str], RunResult]:
-    return dict(run("select-1", t, latency_ms=ms) for t, ms in latency_ms.items())
+def round_trips(**latency_ms: tuple[float, float]) -> dict[tuple[str, str], RunResult]:
+    """Per target: pgbench's average latency and that of its quietest second."""
+    return dict(
+        run("select-1", t, latency_ms=avg, latency_best_second_ms=best)
+        for t, (avg, best) in latency_ms.items()
+    )
 
 
 def test_select_1_met_within_10_us_of_pgbouncers_added_latency() -> None:
-    (line,) = verdict([SELECT_1], round_trips(direct=0.150, pgbouncer=0.200, dbmux=0.209))
-    assert line.startswith("PASS")
-    assert "dbmux adds 59 µs" in line
-    assert "PgBouncer 50 µs" in line
-    assert line.endswith("(60 µs) met")
+    results = round_trips(direct=(0.150, 0.100), pgbouncer=(0.200, 0.140), dbmux=(0.209, 0.149))
+    average, quietest = verdict([SELECT_1], results)
+    assert average.startswith("PASS")
+    assert "run's average: dbmux adds 59 µs" in average
+    assert "PgBouncer 50 µs" in average
+    assert average.endswith("(60 µs) met")
+    assert quietest.startswith("PASS")
+    assert "quietest second: dbmux adds 49 µs" in quietest
+    assert quietest.endswith("(50 µs) met")
 
 
 def test_select_1_missed_beyond_it() -> None:
-    (line,) = verdict([SELECT_1], round_trips(direct=0.150, pgbouncer=0.200, dbmux=0.215))
-    assert line.startswith("FAIL")
-    assert line.endswith("missed")
+    results = round_trips(direct=(0.150, 0.100), pgbouncer=(0.200, 0.140), dbmux=(0.215, 0.151))
+    average, quietest = verdict([SELECT_1], results)
+    assert average.startswith("FAIL")
+    assert average.endswith("missed")
+    assert quietest.startswith("FAIL")
 
 
 def test_select_1_needs_direct_access_to_judge() -> None:
-    assert verdict([SELECT_1], round_trips(pgbouncer=0.200, dbmux=0.209)) == []
+    assert verdict([SELECT_1], round_trips(pgbouncer=(0.2, 0.1), dbmux=(0.2, 0.1))) == []
 
 
 def active(target: str, low: int, median: float, served: int) -> tuple[tuple[str, str], RunResult]:
