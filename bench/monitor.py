@@ -36,23 +36,44 @@ _MY_LOGINS_SQL = (
 
 
 def process_cpu_seconds(pid: int | None) -> tuple[float, float] | None:
-    """(user, system) CPU seconds of a live process (all its threads), None if unknown."""
+    """(user, system) CPU seconds of a live process, its reaped children and its live
+    children (all their threads; a dbmux with workers is a supervisor and its worker
+    processes), None if unknown."""
     fields = _stat_fields(pid) if pid is not None else None
     if fields is None:
         return None
-    return int(fields[11]) / _TICK, int(fields[12]) / _TICK  # utime, stime
+    user, system = int(fields[11]) + int(fields[13]), int(fields[12]) + int(fields[14])
+    for child in _children(pid):
+        stat = _stat_fields(child)
+        if stat is not None:
+            user += int(stat[11]) + int(stat[13])
+            system += int(stat[12]) + int(stat[14])
+    return user / _TICK, system / _TICK
+
+
+def _children(pid: int | None) -> list[int]:
+    """`pid`'s live children."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            child = _stat_fields(int(entry.name))
+            if child is not None and child[1] == str(pid):  # ppid
+                found.append(int(entry.name))
+    return found
 
 
 def process_schedstat(pid: int | None) -> tuple[float, float] | None:
-    """(seconds on a CPU, seconds runnable but waiting for a CPU) of all threads of pid."""
+    """(seconds on a CPU, seconds runnable but waiting for a CPU) of all threads of pid and
+    of its live children."""
     if pid is None:
         return None
     on_cpu = waiting = 0
     try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            run_ns, wait_ns, _ = (task / "schedstat").read_text().split()
-            on_cpu += int(run_ns)
-            waiting += int(wait_ns)
+        for process in [pid, *_children(pid)]:
+            for task in Path(f"/proc/{process}/task").iterdir():
+                run_ns, wait_ns, _ = (task / "schedstat").read_text().split()
+                on_cpu += int(run_ns)
+                waiting += int(wait_ns)
     except (OSError, ValueError):
         return None
     return on_cpu / 1e9, waiting / 1e9
@@ -69,18 +90,8 @@ def _stat_fields(pid: int) -> list[str] | None:
 def tree_cpu_seconds(root: int | None) -> float | None:
     """CPU seconds of root, its reaped children and its live children (e.g. the postmaster:
     backends that exited are in its cutime/cstime, running ones are read one by one)."""
-    if root is None:
-        return None
-    fields = _stat_fields(root)
-    if fields is None:
-        return None
-    ticks = sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            child = _stat_fields(int(entry.name))
-            if child is not None and child[1] == str(root):  # ppid
-                ticks += sum(int(v) for v in child[11:15])
-    return ticks / _TICK
+    seconds = process_cpu_seconds(root)
+    return None if seconds is None else sum(seconds)
 
 
 def machine_cpu() -> tuple[float, float, float]:

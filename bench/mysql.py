@@ -44,6 +44,9 @@ WORKLOADS = (
         engine="mysql",
         tool="sysbench",
         ratio_target=POINT_SELECT,
+        extra_targets=("dbmux-w2",),
+        note="point select: dbmux-w2 is dbmux with workers: 2, its CPU column counting both "
+        "workers and their supervisor.",
     ),
     Workload(
         "my-point-select-ps",

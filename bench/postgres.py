@@ -55,10 +55,12 @@ WORKLOADS = (
         "select-only simple",
         ("-S", "-c", "50", "-j", "2"),
         ratio_target=STEADY,
-        extra_targets=("dbmux-nohist",),
+        extra_targets=("dbmux-nohist", "dbmux-w2"),
         note="select-only simple: dbmux-nohist is dbmux with latency_histograms: false; the "
         "CPU table puts both side by side, the difference being what the query latency "
-        "histograms cost per transaction.",
+        "histograms cost per transaction. dbmux-w2 is dbmux with workers: 2 (two processes "
+        "sharing the port and the pool), whose CPU column counts both workers and their "
+        "supervisor.",
     ),
     Workload(
         "select-extended",

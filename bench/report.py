@@ -10,11 +10,23 @@ from bench.client import ClientResult
 
 # dbmux-before: dbmux as configured for "dbmux", run from the source tree --baseline names.
 BASELINE = "dbmux-before"
-TARGETS = ("direct", "pgbouncer", "haproxy", "dbmux", "dbmux-pin", "dbmux-nohist", BASELINE)
+TARGETS = (
+    "direct",
+    "pgbouncer",
+    "haproxy",
+    "dbmux",
+    "dbmux-pin",
+    "dbmux-nohist",
+    "dbmux-w2",
+    BASELINE,
+)
 # The targets each database's workloads can run, and those they run unless --targets names
 # them (besides each workload's extra_targets, and dbmux-before with --baseline).
 # haproxy: one TCP relay hop in C, no pooling, the cost of a hop for either database.
-ENGINE_TARGETS = {"postgresql": TARGETS, "mysql": ("direct", "haproxy", "dbmux", BASELINE)}
+ENGINE_TARGETS = {
+    "postgresql": TARGETS,
+    "mysql": ("direct", "haproxy", "dbmux", "dbmux-w2", BASELINE),
+}
 DEFAULT_TARGETS = {
     "postgresql": ("direct", "pgbouncer", "haproxy", "dbmux"),
     "mysql": ("direct", "haproxy", "dbmux"),
@@ -25,8 +37,11 @@ DBMUX_TARGETS: dict[str, dict[str, Any]] = {
     "dbmux-pin": {"session_state": "pin"},
     # The query latency histograms off: their CPU cost is dbmux's minus this one's.
     "dbmux-nohist": {"latency_histograms": False},
+    "dbmux-w2": {},
     BASELINE: {},
 }
+# Worker processes per dbmux target (config: workers); 1 unless named here.
+DBMUX_WORKERS = {"dbmux-w2": 2}
 _LETTERS = {
     "direct": "d",
     "pgbouncer": "p",
@@ -34,6 +49,7 @@ _LETTERS = {
     "dbmux": "x",
     "dbmux-pin": "pin",
     "dbmux-nohist": "nh",
+    "dbmux-w2": "w2",
     BASELINE: "b",
 }
 _NAMES = {"direct": "direct", "pgbouncer": "PgBouncer", "haproxy": "HAProxy"}

@@ -23,6 +23,7 @@ from bench.monitor import ConnectionSampler, Snapshot
 from bench.report import (
     BASELINE,
     DBMUX_TARGETS,
+    DBMUX_WORKERS,
     DEFAULT_TARGETS,
     ENGINE_TARGETS,
     RunResult,
@@ -200,6 +201,7 @@ class Bench:
             engine_family=self.family,
             proxy_settings={**DBMUX_TARGETS[name], **self.dbmux_tls(workload)},
             pool_settings=pool,
+            workers=DBMUX_WORKERS.get(name, 1),
         )
 
     def dbmux_tls(self, workload: Workload) -> dict[str, object]:

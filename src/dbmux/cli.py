@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any, Protocol
 
 from dbmux import __version__
 from dbmux.auth.mysql import RsaKeyError
@@ -21,24 +22,63 @@ from dbmux.auth.tokens import (
     generate_auth_token,
     write_key_pair,
 )
-from dbmux.config import ConfigError, load_config
+from dbmux.config import Config, ConfigError, load_config
 from dbmux.eventloop import run
 from dbmux.logs import LOG_FORMATS, setup_logging
 
 log = logging.getLogger("dbmux")
 
 
-async def _serve(path: Path) -> int:
-    """Serve until SIGTERM or SIGINT, then drain (a second one stops at once); SIGHUP
-    reloads the config file."""
-    from dbmux.proxy import Process
+class Servable(Protocol):
+    """What `dbmux serve` runs: one Process, a Supervisor of workers, or one worker."""
 
-    config = load_config(path)
-    process = Process(config, path)
-    await process.start()
+    config: Config
+
+    async def start(self) -> None: ...
+    async def drain(self) -> Any: ...
+    async def stop(self) -> None: ...
+    async def reload(self) -> Any: ...
+    def describe(self) -> str: ...
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT, then drain (a second one stops at once); SIGHUP
+    reloads the config file. With several workers, this is their supervisor."""
+    from dbmux.proxy import Process
+    from dbmux.workers.supervisor import Supervisor
+    from dbmux.workers.worker import WorkerLink
+
+    config = load_config(args.config)
     stop = asyncio.Event()
+    server: Servable
+    if args.worker is not None:
+        index, _, fd = args.worker.partition(":")
+        link = WorkerLink(int(index))
+        await link.connect(int(fd), stop.set)  # the supervisor is gone: drain and exit
+        server = link.process = Process(
+            config, args.config, worker=link.index, peers=link, shares=link.share
+        )
+        await server.start()
+        link.ready()
+        return await _until_stopped(server, stop, hup=False)
+    if config.worker_count > 1:
+        log_args = ("--log-level", args.log_level, "--log-format", args.log_format)
+        server = Supervisor(config, args.config, log_args=log_args)
+    else:
+        server = Process(config, args.config)
+    await server.start()
+    log.info(
+        "dbmux %s ready (%s); SIGHUP reloads, SIGTERM or Ctrl-C drains and stops",
+        __version__,
+        server.describe(),
+    )
+    return await _until_stopped(server, stop, hup=True)
+
+
+async def _until_stopped(server: Servable, stop: asyncio.Event, *, hup: bool) -> int:
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[object]] = set()
+    draining: list[asyncio.Task[object]] = []
 
     def on_stop() -> None:
         if stop.is_set():
@@ -48,37 +88,34 @@ async def _serve(path: Path) -> int:
         stop.set()
 
     def on_hup() -> None:
-        task = loop.create_task(process.reload())
+        task = loop.create_task(server.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    draining: list[asyncio.Task[object]] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_stop)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    log.info(
-        "dbmux %s ready (%d proxies); SIGHUP reloads, SIGTERM or Ctrl-C drains and stops",
-        __version__,
-        len(process.proxies),
-    )
+    if hup:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    else:  # a worker: its supervisor reloads it
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
     await stop.wait()
-    log.info("draining for up to %g s", process.config.shutdown_timeout)
-    draining.append(loop.create_task(process.drain()))
+    log.info("draining for up to %g s", server.config.shutdown_timeout)
+    draining.append(loop.create_task(server.drain()))
     try:
         await draining[0]
     except asyncio.CancelledError:
-        await process.stop()
+        await server.stop()
     log.info("stopped")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level, args.log_format, worker=args.worker)
     result = 0
 
     async def main() -> None:
         nonlocal result
-        result = await _serve(args.config)
+        result = await _serve(args)
 
     run(main())
     return result
@@ -215,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the proxies of a config file",
-        description="Run every proxy in the config file: SIGHUP reloads the file, "
+        description="Run every proxy in the config file, in `workers` processes (default: one "
+        "per core) sharing the ports and the connection budgets: SIGHUP reloads the file, "
         "SIGTERM or SIGINT drains (up to shutdown_timeout) and exits 0.",
     )
     serve.add_argument(
@@ -238,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_FORMATS,
         help="text lines, or one JSON object per line (default: text)",
     )
+    serve.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX:FD, from the supervisor
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser(

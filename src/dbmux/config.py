@@ -20,6 +20,7 @@ from pydantic import (
 from dbmux.auth.mysql import RsaKey, RsaKeyError
 from dbmux.auth.tokens import DEFAULT_LIFETIME, MAX_LIFETIME_LIMIT, canonical_host
 from dbmux.engines import ENGINES, engine_class
+from dbmux.engines.base import MAX_WORKERS
 
 
 class ConfigError(Exception):
@@ -411,6 +412,13 @@ class Config(_Model):
     # Seconds a drain (SIGTERM, SIGINT, a proxy or listener a reload removed) lets
     # transactions under way finish before their clients are cut off.
     shutdown_timeout: float = Field(30, ge=0)
+    # Processes `dbmux serve` runs, sharing the listening ports (SO_REUSEPORT) and one
+    # connection budget per target. None: one per core.
+    workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers if self.workers is not None else 1
 
     @property
     def state_path(self) -> Path:

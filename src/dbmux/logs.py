@@ -63,10 +63,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def setup_logging(level: str, log_format: str = "text") -> None:
-    """The root logger writes to stderr at `level`, in `log_format` (text or json)."""
+class _Worker(logging.Filter):
+    """Tags every record of a worker process with its index (the `worker` field)."""
+
+    def __init__(self, index: str) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def setup_logging(level: str, log_format: str = "text", *, worker: str | None = None) -> None:
+    """The root logger writes to stderr at `level`, in `log_format` (text or json); a
+    worker's records carry its index (`worker`: "INDEX:..." as the supervisor passes it)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    if worker is not None:
+        handler.addFilter(_Worker(worker.partition(":")[0]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))

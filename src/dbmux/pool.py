@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -32,18 +32,50 @@ PING_TIMEOUT = 5.0  # seconds an idle connection's health check may take
 Opener = Callable[[PoolKey, bool], Awaitable[ServerConnection]]
 
 
+class BudgetShare(ABC):
+    """Where a budget's slots come from when several worker processes share one budget per
+    target (config: workers). The share grants slots later, through `TargetBudget.grant`,
+    and may ask for some back (`TargetBudget.shed`) for a worker whose clients wait."""
+
+    @abstractmethod
+    def ask(self, count: int) -> None:
+        """`count` more slots are wanted."""
+
+    @abstractmethod
+    def give(self, count: int) -> None:
+        """`count` slots are no longer used."""
+
+    @abstractmethod
+    def learned(self, limit: int) -> None:
+        """The budget's size, as the database's max_connections gave it."""
+
+
+# What makes a budget's share, given the budget's name (proxy, target) and the budget.
+ShareFactory = Callable[[tuple[str, str], "TargetBudget"], BudgetShare]
+
+
 class TargetBudget:
     """The connections one database instance may have from this proxy, shared by its pools.
 
     The limit is a percentage of the database's own max_connections, which is only known
     after the first connection has asked; until then one connection at a time is opened.
+    With a `share` (several workers), the slots this process may use are those granted.
     """
 
-    def __init__(self, config: ConnectionPoolConfig, on_trouble: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: ConnectionPoolConfig,
+        on_trouble: Callable[[], None],
+        share: BudgetShare | None = None,
+    ) -> None:
         self.config = config
         self.limit: int | None = None
         self.max_idle = 0
         self.open = 0
+        self.share = share
+        self.granted = 0  # slots the share gave this process (open <= granted)
+        self.asked = 0  # slots asked of the share and not yet granted
+        self.owed = 0  # slots the share wants back: connections close instead of being lent
         self.pools: list[Pool] = []
         self._wake_scheduled = False
         # Connections of an older generation (another writer) are closed, never lent again.
@@ -92,15 +124,20 @@ class TargetBudget:
         self.limit = max(1, min(usable, math.floor(max_connections * percent / 100)))
         idle_percent = self.config.max_idle_connections_percent or 0
         self.max_idle = min(self.limit, math.floor(max_connections * idle_percent / 100))
+        if self.share is not None:
+            self.share.learned(self.limit)
+
+    @property
+    def allowed(self) -> int:
+        """How many connections this process may have open now."""
+        if self.share is not None:
+            return self.granted
+        return 1 if self.limit is None else self.limit  # one at a time until it is known
 
     def try_reserve(self, requester: Pool) -> bool:
-        """Take a slot for a new connection, closing another pool's idle one if that frees one."""
-        if self.limit is None:
-            if self.open == 0:
-                self.open += 1
-                return True
-            return False
-        if self.open < self.limit:
+        """Take a slot for a new connection, closing another pool's idle one if that frees
+        one; failing that, ask the share (if any) for more."""
+        if self.open < self.allowed:
             self.open += 1
             return True
         for pool in self.pools:
@@ -108,12 +145,28 @@ class TargetBudget:
                 pool.idle.popleft().close(graceful=True)  # frees a slot through Pool.remove
                 self.open += 1
                 return True
+        if self.share is not None:
+            unserved = self.unserved - self.asked
+            if unserved > 0:
+                self.asked += unserved
+                self.share.ask(unserved)
         return False
+
+    @property
+    def unserved(self) -> int:
+        """Waiters that no connection being opened will serve."""
+        return sum(max(0, len(p.waiters) - p.opening) for p in self.pools)
 
     def give_back(self) -> None:
         """A slot became free: let pools with waiting clients use it, on the next loop pass
-        so that a close inside `try_reserve` never re-enters `Pool.grow`."""
+        so that a close inside `try_reserve` never re-enters `Pool.grow`. With a share, a
+        slot nobody here waits for (or that the share asked back) goes back to it."""
         self.open -= 1
+        if self.share is not None and (self.owed or not self.unserved):
+            self.owed = max(0, self.owed - 1)
+            self.granted -= 1
+            self.share.give(1)
+            return
         if not self._wake_scheduled and any(p.waiters for p in self.pools):
             self._wake_scheduled = True
             asyncio.get_running_loop().call_soon(self._wake)
@@ -123,6 +176,25 @@ class TargetBudget:
         for pool in self.pools:
             if pool.waiters:
                 pool.grow()
+
+    def grant(self, count: int) -> None:
+        """The share gave `count` slots: open connections for who waits, and give back at
+        once what nobody waits for any more."""
+        self.granted += count
+        self.asked = max(0, self.asked - count)
+        self._wake()
+        spare = self.granted - self.open
+        if spare > 0 and self.share is not None and not self.unserved:
+            self.granted -= spare
+            self.share.give(spare)
+
+    def shed(self, count: int) -> None:
+        """The share wants `count` slots back for another worker's waiting clients: idle
+        connections close now, lent ones as they come back (Pool._hand_over)."""
+        self.owed += count
+        for pool in self.pools:
+            while self.owed and pool.idle:
+                pool.idle.popleft().close(graceful=True)  # give_back pays one slot
 
     @property
     def idle_count(self) -> int:
@@ -279,6 +351,9 @@ class Pool(BudgetLender):
             pool.grow()
 
     def _hand_over(self, conn: ServerConnection) -> None:
+        if self._budget.owed:
+            conn.close(graceful=True)  # its slot goes to another worker (TargetBudget.shed)
+            return
         if self._lend_to_waiter(conn):
             return
         conn.idle_since = time.monotonic()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dbmux.admin.api import AdminApi
 from dbmux.admin.listener import AdminListener
 from dbmux.auth.admission import Admission, LoginThrottle
 from dbmux.auth.directory import UserDirectory
@@ -36,6 +37,7 @@ from dbmux.engines.base import (
     Clock,
     EngineContext,
     ErrorKind,
+    Peers,
     PoolKey,
     ProbeResult,
     ProxyRuntime,
@@ -44,7 +46,7 @@ from dbmux.engines.base import (
     TargetSecurity,
 )
 from dbmux.metrics import ProxyMetrics, Registry
-from dbmux.pool import Opener, PoolSet, TargetBudget
+from dbmux.pool import Opener, PoolSet, ShareFactory, TargetBudget
 from dbmux.replicas import ReplicaRoute
 from dbmux.session import ClientSession
 from dbmux.targets import Instance, TargetGroup
@@ -52,11 +54,18 @@ from dbmux.targets import Instance, TargetGroup
 log = logging.getLogger("dbmux.proxy")
 
 JANITOR_INTERVAL = 1.0
+WRITER = "writer"  # the name of the writer's budget (a replica's is the replica's name)
 DRAIN_INTERVAL = 0.05  # seconds between looks for clients a drain may end
 # What a reload cannot take from a config file it refuses.
 RELOAD_ERRORS = (ConfigError, SecretError, TlsError, TokenKeyError, OSError)
 
 _T = TypeVar("_T")
+
+
+def refused(reason: str) -> dict[str, Any]:
+    """A reload's answer when the config cannot be used: the running one stays."""
+    log.error("reload refused, the running configuration stays: %s", reason)
+    return {"status": "refused", "reason": reason}
 
 
 def target_security(group: TargetGroupConfig, base_dir: Path) -> TargetSecurity:
@@ -115,9 +124,13 @@ class Proxy:
         base_dir: Path,
         state_dir: Path,
         secrets: SecretsConfig | None = None,
+        worker: int = 0,
+        peers: Peers | None = None,
+        shares: ShareFactory | None = None,
     ) -> None:
         self.config = config
         self.base_dir = base_dir
+        self.shares = shares  # several workers: each target's budget is shared among them
         self.secrets = secrets or SecretsConfig()
         self.paused = False  # pause(): nothing is lent until resume()
         self.draining = False
@@ -140,7 +153,9 @@ class Proxy:
             on_failover=lambda writer, seconds: self.metrics.count_failover(writer.name, seconds),
         )
         self.users.on_change = self.targets.credentials_changed
-        self.pools = PoolSet(self._writer_opener(read_only=False), self.metrics, self._budget())
+        self.pools = PoolSet(
+            self._writer_opener(read_only=False), self.metrics, self._budget(WRITER)
+        )
         read_only = [e for e in config.endpoints if e.target_role is TargetRole.READ_ONLY]
         self.routes = {e.name: self._route(e) for e in read_only}
         self._measure_lag = any(e.max_replica_lag is not None for e in config.endpoints)
@@ -168,6 +183,8 @@ class Proxy:
             base_dir,
             state_dir,
             TokenVerifier.for_proxy(config, base_dir),
+            worker=worker,
+            peers=peers,
         )
         self.listeners: list[Listener] = []  # serving: the proxy's listen first
         self._janitor: asyncio.Task[None] | None = None
@@ -275,12 +292,16 @@ class Proxy:
             conn.generation = generation
             return conn
 
-        pools = PoolSet(open_to_replica, self.metrics, self._budget(), follows_writer=False)
+        budget = self._budget(instance.name)
+        pools = PoolSet(open_to_replica, self.metrics, budget, follows_writer=False)
         return pools
 
-    def _budget(self) -> TargetBudget:
-        """A budget for one target; trouble with its connections probes the targets."""
+    def _budget(self, name: str) -> TargetBudget:
+        """The budget of one target (`name`: WRITER, or a replica's name); trouble with its
+        connections probes the targets."""
         budget = TargetBudget(self.pool_config, self.targets.suspect)
+        if self.shares is not None:
+            budget.share = self.shares((self.config.name, name), budget)
         budget.paused = self.paused
         return budget
 
@@ -349,6 +370,8 @@ class Proxy:
                 old.name,
             )
         self.pools.retire(self.targets.generation)
+        if new is not None and self.runtime.peers is not None:
+            self.runtime.peers.writer_changed(self.config.name)
 
     def _listener(self, name: str, spec: Address | Endpoint) -> Listener:
         """A listener (not yet bound) and the runtime of its clients: an endpoint's has its
@@ -700,14 +723,27 @@ class Proxy:
 class Process:
     """Every proxy of a config file, the shared metrics registry, and the admin listener."""
 
-    def __init__(self, config: Config, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        path: Path | None = None,
+        *,
+        worker: int = 0,
+        peers: Peers | None = None,
+        shares: ShareFactory | None = None,
+    ) -> None:
+        """`worker`, `peers`, `shares`: one of several worker processes (dbmux.workers),
+        whose supervisor serves the admin API."""
         self.config = config
         self.path = path  # the config file SIGHUP and reload() read again
+        self.worker = worker
+        self.peers = peers
+        self.shares = shares
         self.registry = Registry()
         self._drains: set[asyncio.Task[Any]] = set()  # of proxies a reload removed
         self._reloading = asyncio.Lock()  # one reload at a time (SIGHUP, the admin API)
         self.proxies = [self._new_proxy(p) for p in config.proxies]
-        self.admin = AdminListener(self)
+        self.admin = AdminListener(self, lambda token: AdminApi(self, token)) if not peers else None
 
     def _new_proxy(self, config: ProxyConfig) -> Proxy:
         proxy = Proxy(
@@ -716,6 +752,9 @@ class Process:
             base_dir=self.config.base_dir,
             state_dir=self.config.state_path,
             secrets=self.config.secrets,
+            worker=self.worker,
+            peers=self.peers,
+            shares=self.shares,
         )
         proxy.shutdown_timeout = self.config.shutdown_timeout
         return proxy
@@ -730,11 +769,16 @@ class Process:
     @property
     def admin_address(self) -> tuple[str, int] | None:
         """Where the admin API listens (the port chosen, for admin.listen port 0)."""
-        return self.admin.address
+        return self.admin.address if self.admin is not None else None
+
+    def describe(self) -> str:
+        return f"{len(self.proxies)} proxies"
 
     async def start(self) -> None:
         for proxy in self.proxies:
             await proxy.start()
+        if self.admin is None:
+            return
         try:
             await self.admin.start()
         except Exception:
@@ -742,7 +786,8 @@ class Process:
             raise
 
     async def stop(self) -> None:
-        await self.admin.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         for proxy in self.proxies:
             await proxy.stop()
 
@@ -754,26 +799,29 @@ class Process:
         await asyncio.gather(*self._drains, return_exceptions=True)  # proxies a reload removed
         return {"proxies": list(results)}
 
-    async def reload(self, path: Path | None = None) -> dict[str, Any]:
-        """Read the config file again and apply it without dropping clients (SIGHUP, the
-        admin API). A file that cannot be used is refused, naming why, and the running
-        configuration stays: `{"status": "refused", "reason": ...}`. Otherwise
-        `{"status": "applied", "added": [...], "removed": [...], "rebuilt": [...],
-        "changed": {proxy: [setting, ...]}}`."""
+    async def reload(
+        self, path: Path | None = None, config: Config | None = None
+    ) -> dict[str, Any]:
+        """Read the config file again (or take `config`, read by the supervisor) and apply it
+        without dropping clients (SIGHUP, the admin API). A file that cannot be used is
+        refused, naming why, and the running configuration stays: `{"status": "refused",
+        "reason": ...}`. Otherwise `{"status": "applied", "added": [...], "removed": [...],
+        "rebuilt": [...], "changed": {proxy: [setting, ...]}}`."""
         path = path or self.path
         try:
-            if path is None:
+            if path is None and config is None:
                 raise ConfigError("this process was not started from a config file")
             async with self._reloading:
-                config = await asyncio.to_thread(load_config, path)
+                if config is None:
+                    assert path is not None
+                    config = await asyncio.to_thread(load_config, path)
                 return await self._apply(config)
         except RELOAD_ERRORS as error:
             reason = str(error)
         except Exception as error:  # a bug must cost the reload only, and say so
             log.exception("reload failed unexpectedly")
             reason = f"internal error: {error}"
-        log.error("reload refused, the running configuration stays: %s", reason)
-        return {"status": "refused", "reason": reason}
+        return refused(reason)
 
     async def _apply(self, config: Config) -> dict[str, Any]:
         running = {p.config.name: p for p in self.proxies}

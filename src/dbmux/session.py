@@ -26,7 +26,14 @@ from dbmux.auth.admission import Refusal, local_address
 from dbmux.auth.directory import Method, User
 from dbmux.auth.tokens import RefusalReason, TokenRefused, looks_like_token
 from dbmux.config import IamAuth
-from dbmux.engines.base import Borrower, BorrowTimeout, Lender, ProxyRuntime, ServerError
+from dbmux.engines.base import (
+    WORKER_ID_SPAN,
+    Borrower,
+    BorrowTimeout,
+    Lender,
+    ProxyRuntime,
+    ServerError,
+)
 from dbmux.redact import redact
 from dbmux.relay import ClientEnd, ConnectionClosed
 
@@ -85,7 +92,7 @@ class ClientSession(ClientEnd, Borrower):
         self.logged_in = False
         self.last_active = runtime.clock.now
         self._task: asyncio.Task[None] | None = None  # the login, or a round trip of its own
-        self.id = next(_client_ids)
+        self.id = runtime.worker * WORKER_ID_SPAN + next(_client_ids)
         self.connected_at = time.monotonic()
         # When it got its current server connection (the coarse clock: the age of what it
         # runs there, to a second, for the admin API).

@@ -15,7 +15,8 @@ import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from dbmux.admin import views
@@ -33,12 +34,28 @@ Params = dict[str, str]
 View = Callable[["AdminApi", Params], Awaitable[Response]]
 
 
+class Reloader(Protocol):
+    async def reload(self) -> dict[str, Any]: ...
+
+
+class Across(StrEnum):
+    """How a route is answered when several workers run (dbmux.workers.admin)."""
+
+    HERE = "here"  # by the supervisor itself (the page, the document, a reload)
+    METRICS = "metrics"  # every worker's metrics, merged
+    FIRST = "first"  # by one worker: what all of them know alike (settings, targets)
+    CONCAT = "concat"  # every worker's list, joined (clients, servers)
+    ANY = "any"  # by the worker that has it (a client), else a 404
+    SUM = "sum"  # by every worker, their counts added (pause, resume, drain)
+
+
 @dataclass(frozen=True)
 class Route:
     method: str
     pattern: tuple[str, ...]  # path segments; "{name}" takes any one segment
     view: View
     public: bool = False  # answered without the token: it holds no data (the dashboard page)
+    across: Across = Across.FIRST
 
     def match(self, segments: list[str]) -> Params | None:
         if len(segments) != len(self.pattern):
@@ -55,12 +72,29 @@ class Route:
 ROUTES: list[Route] = []
 
 
-def route(method: str, path: str, *, public: bool = False) -> Callable[[View], View]:
+def route(
+    method: str, path: str, *, public: bool = False, across: Across = Across.FIRST
+) -> Callable[[View], View]:
     def register(view: View) -> View:
-        ROUTES.append(Route(method, tuple(path.strip("/").split("/")), view, public))
+        ROUTES.append(Route(method, tuple(path.strip("/").split("/")), view, public, across))
         return view
 
     return register
+
+
+def _find(request: Request) -> tuple[Route | None, Params, list[str]]:
+    """The route answering `request` with its parameters, or None and the methods the path
+    allows."""
+    segments = request.path.strip("/").split("/")
+    allowed = []
+    for candidate in ROUTES:
+        params = candidate.match(segments)
+        if params is None:
+            continue
+        if candidate.method == request.method:
+            return candidate, params, []
+        allowed.append(candidate.method)
+    return None, {}, allowed
 
 
 def _host_name(host: str) -> str:
@@ -88,23 +122,30 @@ class AdminApi:
         self.process = process
         self.token = token
 
+    @property
+    def reloader(self) -> Reloader:
+        """What POST /api/reload reloads."""
+        return self.process
+
     async def __call__(self, request: Request) -> Response:
         self._check_origin(request)
-        segments = request.path.strip("/").split("/")
-        allowed = []
-        for candidate in ROUTES:
-            params = candidate.match(segments)
-            if params is None:
-                continue
-            if candidate.method == request.method:
-                if not candidate.public:
-                    self._check_token(request)
-                return await candidate.view(self, params)
-            allowed.append(candidate.method)
+        found, params, _ = _find(request)
+        if found is not None and found.public:
+            return await self.run(found, params, request)
         self._check_token(request)  # who has no token learns nothing of what exists
+        return await self.dispatch(request)
+
+    async def dispatch(self, request: Request) -> Response:
+        """The answer to a request whose origin and token were checked."""
+        found, params, allowed = _find(request)
+        if found is not None:
+            return await self.run(found, params, request)
         if allowed:
             raise HttpError(405, f"{request.method} is not allowed here", Allow=", ".join(allowed))
         raise HttpError(404, f"no such resource: {request.path[:200]}")
+
+    async def run(self, found: Route, params: Params, request: Request) -> Response:
+        return await found.view(self, params)
 
     def _check_origin(self, request: Request) -> None:
         host = request.headers.get("host")
@@ -135,7 +176,7 @@ class AdminApi:
         raise HttpError(404, f"no proxy named {name[:100]!r}")
 
 
-@route("GET", "/", public=True)
+@route("GET", "/", public=True, across=Across.HERE)
 async def dashboard(api: AdminApi, params: Params) -> Response:
     """The live dashboard: a static page whose script reads the API below (with the token
     from its URL's #token=... fragment, which browsers never send)."""
@@ -143,12 +184,12 @@ async def dashboard(api: AdminApi, params: Params) -> Response:
     return Response(200, page.body, "text/html; charset=utf-8", dict(page.headers))
 
 
-@route("GET", "/metrics")
+@route("GET", "/metrics", across=Across.METRICS)
 async def metrics(api: AdminApi, params: Params) -> Response:
     return Response(200, api.process.registry.render().encode(), PROMETHEUS_TEXT)
 
 
-@route("GET", "/api/openapi.json")
+@route("GET", "/api/openapi.json", across=Across.HERE)
 async def openapi(api: AdminApi, params: Params) -> Response:
     return Response.json(200, openapi_document())
 
@@ -181,17 +222,17 @@ async def events(api: AdminApi, params: Params) -> Response:
     return Response.json(200, {"Events": [views.describe_event(e) for e in found.targets.events]})
 
 
-@route("GET", "/api/proxies/{name}/clients")
+@route("GET", "/api/proxies/{name}/clients", across=Across.CONCAT)
 async def clients(api: AdminApi, params: Params) -> Response:
     return Response.json(200, {"Clients": views.describe_clients(api.proxy(params))})
 
 
-@route("GET", "/api/proxies/{name}/servers")
+@route("GET", "/api/proxies/{name}/servers", across=Across.CONCAT)
 async def servers(api: AdminApi, params: Params) -> Response:
     return Response.json(200, {"Servers": views.describe_servers(api.proxy(params))})
 
 
-@route("POST", "/api/proxies/{name}/clients/{id}/close")
+@route("POST", "/api/proxies/{name}/clients/{id}/close", across=Across.ANY)
 async def close_client(api: AdminApi, params: Params) -> Response:
     """Disconnect one client with the engine's error for a terminated connection (PostgreSQL
     57P01, MySQL's goodbye ERR), as idle_client_timeout does."""
@@ -205,26 +246,26 @@ async def close_client(api: AdminApi, params: Params) -> Response:
     return Response.json(200, {"Id": client.id, "Closed": True})
 
 
-@route("POST", "/api/reload")
+@route("POST", "/api/reload", across=Across.HERE)
 async def reload(api: AdminApi, params: Params) -> Response:
     """Read the config file again, as SIGHUP does; a config that does not validate is refused
     (422, with the reason) and the running one stays."""
-    outcome = await api.process.reload()
+    outcome = await api.reloader.reload()
     return Response.json(422 if outcome["status"] == "refused" else 200, outcome)
 
 
-@route("POST", "/api/proxies/{name}/pause")
+@route("POST", "/api/proxies/{name}/pause", across=Across.SUM)
 async def pause(api: AdminApi, params: Params) -> Response:
     """Let transactions under way finish; new ones wait (not fail) until resume."""
     return Response.json(200, await api.proxy(params).pause())
 
 
-@route("POST", "/api/proxies/{name}/resume")
+@route("POST", "/api/proxies/{name}/resume", across=Across.SUM)
 async def resume(api: AdminApi, params: Params) -> Response:
     return Response.json(200, await api.proxy(params).resume())
 
 
-@route("POST", "/api/proxies/{name}/drain")
+@route("POST", "/api/proxies/{name}/drain", across=Across.SUM)
 async def drain(api: AdminApi, params: Params) -> Response:
     """Stop accepting, let transactions finish (shutdown_timeout), end each client between
     transactions with the engine's shutdown error."""

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from dbmux.admin.api import AdminApi
-from dbmux.admin.http import HttpServer
+from dbmux.admin.http import Handler, HttpServer
 from dbmux.auth.secrets import SecretError
-from dbmux.config import ConfigError
+from dbmux.config import Config, ConfigError
 
-if TYPE_CHECKING:
-    from dbmux.proxy import Process
+
+class Configured(Protocol):
+    config: Config
+
 
 log = logging.getLogger("dbmux.admin")
 
@@ -39,10 +41,12 @@ def read_token(reference: str, base_dir: Path) -> str:
 
 
 class AdminListener:
-    """Serves the admin API of `process` on admin.listen, from start() to stop()."""
+    """Serves the admin API on admin.listen of `owner`'s config, from start() to stop();
+    `make_api` makes the request handler, given the token it asks for."""
 
-    def __init__(self, process: Process) -> None:
-        self.process = process
+    def __init__(self, owner: Configured, make_api: Callable[[str | None], Handler]) -> None:
+        self.owner = owner
+        self.make_api = make_api
         self.http: HttpServer | None = None
 
     @property
@@ -51,12 +55,12 @@ class AdminListener:
         return self.http.address if self.http is not None else None
 
     async def start(self) -> None:
-        config = self.process.config
+        config = self.owner.config
         token = None
         if config.admin.token is not None:
             token = read_token(config.admin.token, config.base_dir)
         listen = config.admin.listen
-        http = HttpServer(AdminApi(self.process, token))
+        http = HttpServer(self.make_api(token))
         try:
             await http.start(listen.host, listen.port)
         except OSError as error:

@@ -36,6 +36,54 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT = 10.0  # seconds to open and log in a server connection
 _server_ids = itertools.count(1)  # server connection ids, unique in the process
 
+# With several worker processes (config: workers), the ids clients are given to name their
+# session later (PostgreSQL BackendKeyData process ids, MySQL connection ids) carry the index
+# of the worker that owns the client in bits 24-29, so that a cancel request or KILL reaching
+# another worker is forwarded to the owner. Bit 31 stays clear: drivers read them as int32.
+WORKER_SHIFT = 24
+MAX_WORKERS = 64
+CLIENT_ID_BITS = (1 << WORKER_SHIFT) - 1  # the part of an id a worker chooses
+
+
+# Client and server connection ids (the admin API's) are unique across workers: worker N's
+# start at N * this.
+WORKER_ID_SPAN = 1_000_000_000
+
+
+def number_servers_for(worker: int) -> None:
+    """Server connection ids of this process start where worker `worker`'s do."""
+    global _server_ids
+    _server_ids = itertools.count(worker * WORKER_ID_SPAN + 1)
+
+
+def owner_of(client_id: int) -> int:
+    """The worker that gave a client `client_id` (see WORKER_SHIFT)."""
+    return (client_id >> WORKER_SHIFT) % MAX_WORKERS
+
+
+class Peers(ABC):
+    """The other worker processes of this dbmux, for requests about clients they own."""
+
+    index: int  # this worker's
+
+    @abstractmethod
+    def tell(self, worker: int, proxy: str, request: tuple[Any, ...]) -> None:
+        """Hand `request` to the engine of proxy `proxy` in `worker` (Engine.answer_peer),
+        expecting no answer."""
+
+    @abstractmethod
+    async def ask(self, worker: int, proxy: str, request: tuple[Any, ...]) -> Any:
+        """The answer of `worker`'s Engine.answer_peer to `request`; PeerUnavailable if that
+        worker cannot answer."""
+
+    @abstractmethod
+    def writer_changed(self, proxy: str) -> None:
+        """The writer of `proxy` changed as this worker sees it: the others probe now."""
+
+
+class PeerUnavailable(Exception):
+    """The worker a request was for is gone (it is being restarted) or did not answer."""
+
 
 class ErrorKind(Enum):
     """What a database error means to the core (each engine maps its own codes)."""
@@ -204,6 +252,11 @@ class Engine(ABC):
     @abstractmethod
     def new_session(self, context: Any) -> asyncio.Protocol:
         """A client session of this engine, on `context`."""
+
+    async def answer_peer(self, context: Any, request: tuple[Any, ...]) -> Any:
+        """Another worker's request about a client of `context` that this worker owns (a
+        cancel request or KILL that reached the other worker; see Peers)."""
+        raise ValueError(f"{type(self).__name__} answers no request {request[:1]!r}")
 
     def context_for(self, runtime: ProxyRuntime) -> EngineContext:
         """The context of one listener. A proxy's listeners (its read-only endpoints) share
@@ -392,6 +445,8 @@ class ProxyRuntime:
     tokens: TokenVerifier | None = None  # signed auth tokens (config: auth_tokens)
     # A drain ends each of these clients between transactions (ClientSession.answered).
     draining: bool = False
+    worker: int = 0  # this process's index among the workers (config: workers)
+    peers: Peers | None = None  # the other workers, if there are any
 
 
 @dataclass

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from dbmux.auth.mysql import RsaKey, RsaKeyError, load_rsa_key, rsa_key_file
 from dbmux.auth.secrets import Credentials
@@ -19,6 +20,8 @@ from dbmux.config import (
     Target,
 )
 from dbmux.engines.base import (
+    CLIENT_ID_BITS,
+    WORKER_SHIFT,
     Engine,
     EngineContext,
     ErrorKind,
@@ -28,9 +31,10 @@ from dbmux.engines.base import (
     ServerConnection,
     ServerError,
 )
-from dbmux.engines.mysql import handshake
+from dbmux.engines.mysql import handshake, wire
 from dbmux.engines.mysql.backend import NATIVE, SHA2, MyServer, open_server, read_greeting
 from dbmux.engines.mysql.frontend import MyClient
+from dbmux.engines.mysql.login import error_of
 from dbmux.engines.mysql.pinning import Classifier
 
 log = logging.getLogger("dbmux.mysql")
@@ -112,9 +116,14 @@ class MyContext(EngineContext):
         return self._greeting
 
     def new_connection_id(self, client: MyClient) -> int:
-        connection_id = next(self._ids) & 0xFFFFFFFF
-        self.sessions[connection_id] = client
-        return connection_id
+        """A connection id no client of this proxy holds, naming this worker (see
+        WORKER_SHIFT)."""
+        worker = self.runtime.worker << WORKER_SHIFT
+        while True:
+            connection_id = worker | (next(self._ids) & CLIENT_ID_BITS)
+            if connection_id not in self.sessions and connection_id & CLIENT_ID_BITS:
+                self.sessions[connection_id] = client
+                return connection_id
 
 
 def classifier_for(config: ProxyConfig) -> Classifier:
@@ -158,6 +167,24 @@ class MysqlEngine(Engine):
 
     def new_session(self, context: MyContext) -> MyClient:
         return MyClient(context)
+
+    async def answer_peer(self, context: MyContext, request: tuple[Any, ...]) -> Any:
+        """("kill", connection id, user, query): a KILL [QUERY] for one of this worker's
+        clients, sent by `user` through another worker. Answers None when done, else the
+        error (code, text) the killer is to get."""
+        kind, connection_id, user, query = request
+        if kind != "kill":
+            return await super().answer_peer(context, request)
+        target = context.sessions.get(connection_id)
+        if target is None:
+            return (wire.ER_NO_SUCH_THREAD, f"Unknown thread id: {connection_id}")
+        if target.user != user:
+            return (wire.ER_KILL_DENIED, f"You are not owner of thread {connection_id}")
+        try:
+            await target.killed(query=query)
+        except ServerError as error:
+            return (error_of(error), str(error))
+        return None
 
     async def connect(
         self,

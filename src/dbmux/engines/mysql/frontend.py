@@ -18,7 +18,7 @@ from collections.abc import Coroutine
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from dbmux.engines.base import BorrowTimeout, ServerError
+from dbmux.engines.base import BorrowTimeout, Lender, PeerUnavailable, ServerError, owner_of
 from dbmux.engines.mysql import scanners, wire
 from dbmux.engines.mysql.backend import MyServer
 from dbmux.engines.mysql.kill import ER_NOT_SUPPORTED_YET, find_kill
@@ -570,7 +570,13 @@ class MyClient(
 
     def _kill(self, connection_id: int, *, query: bool) -> None:
         """KILL [QUERY] names the connection id the proxy gave a client: stop what that
-        client runs now, on the server connection it runs on, and never another's."""
+        client runs now, on the server connection it runs on, and never another's. A client
+        of another worker is that worker's to stop."""
+        runtime = self.ctx.runtime
+        owner = owner_of(connection_id)
+        if runtime.peers is not None and owner != runtime.worker:
+            self._start(self._kill_elsewhere(owner, connection_id, query))
+            return
         target = self.ctx.sessions.get(connection_id)
         if target is None:
             self.reply_error(wire.ER_NO_SUCH_THREAD, f"Unknown thread id: {connection_id}")
@@ -594,6 +600,33 @@ class MyClient(
             self._leave(1, wire.ER_CONNECTION_KILLED, "Connection was killed")
         else:
             self.ok()
+
+    async def _kill_elsewhere(self, owner: int, connection_id: int, query: bool) -> None:
+        runtime = self.ctx.runtime
+        assert runtime.peers is not None
+        request = ("kill", connection_id, self.user, query)
+        try:
+            refusal = await runtime.peers.ask(owner, runtime.config.name, request)
+        except PeerUnavailable:
+            refusal = (wire.ER_NO_SUCH_THREAD, f"Unknown thread id: {connection_id}")
+        if refusal is not None:
+            raise CommandFailed(*refusal)
+        self.ok()
+        self._end_command()
+
+    async def killed(self, *, query: bool) -> None:
+        """A client of another worker KILLed this one (with `query`, only what it runs)."""
+        server = self.server
+        running = server is not None and server.scanner.busy
+        if not query:
+            self.goodbye(wire.ER_CONNECTION_KILLED, "Connection was killed")
+        if running and self.pool is not None:
+            assert server is not None
+            server.begin_cancel()  # not lent again before the KILL is done
+            try:
+                await stop_query_on(self.pool, server.thread_id)
+            finally:
+                server.end_cancel()
 
     async def _stop_query(self, thread_id: int) -> None:
         """KILL QUERY on the target's server connection, sent from one of ours. A killed
@@ -651,3 +684,16 @@ class MyClient(
         elif server.scanner.status & wire.SERVER_STATUS_IN_TRANS:
             # (Lost during the proxy's own exchange, which its task answers, the same.)
             self.transaction_lost = reason
+
+
+async def stop_query_on(lender: Lender, thread_id: int) -> None:
+    """KILL QUERY `thread_id` through a connection borrowed from `lender` (a thread that is
+    gone has nothing left to stop)."""
+    server: MyServer = await lender.borrow()
+    try:
+        await server.query(f"KILL QUERY {thread_id:d}")
+    except ServerError as error:
+        if error.code != str(wire.ER_NO_SUCH_THREAD[0]):
+            raise
+    finally:
+        lender.release(server)

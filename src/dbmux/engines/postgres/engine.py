@@ -7,6 +7,7 @@ import itertools
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from dbmux.auth.directory import User
 from dbmux.auth.scram import ScramVerifier, user_salt
@@ -20,6 +21,7 @@ from dbmux.config import (
     Target,
 )
 from dbmux.engines.base import (
+    WORKER_SHIFT,
     Engine,
     EngineContext,
     ErrorKind,
@@ -30,7 +32,7 @@ from dbmux.engines.base import (
 )
 from dbmux.engines.postgres import wire
 from dbmux.engines.postgres.backend import open_server
-from dbmux.engines.postgres.frontend import PgClient
+from dbmux.engines.postgres.frontend import PgClient, cancel_client
 from dbmux.engines.postgres.pinning import Classifier
 
 # SQLSTATEs by what they mean to the core.
@@ -140,9 +142,11 @@ class PgContext(EngineContext):
         return login
 
     def new_cancel_key(self, client: PgClient) -> tuple[int, int]:
-        """A BackendKeyData pair unique among this proxy's clients."""
+        """A BackendKeyData pair unique among this proxy's clients, its process id naming
+        this worker (see WORKER_SHIFT)."""
+        worker = self.runtime.worker << WORKER_SHIFT
         while True:
-            key = (secrets.randbits(31), secrets.randbits(32) - (1 << 31))
+            key = (worker | secrets.randbits(WORKER_SHIFT), secrets.randbits(32) - (1 << 31))
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 return key
@@ -178,6 +182,15 @@ class PostgresEngine(Engine):
 
     def new_session(self, context: PgContext) -> PgClient:
         return PgClient(context)
+
+    async def answer_peer(self, context: PgContext, request: tuple[Any, ...]) -> Any:
+        """("cancel", process id, secret key): a CancelRequest for one of this worker's
+        clients reached another worker."""
+        kind, process_id, secret_key = request
+        if kind != "cancel":
+            return await super().answer_peer(context, request)
+        cancel_client(context, process_id, secret_key)
+        return None
 
     async def connect(
         self,

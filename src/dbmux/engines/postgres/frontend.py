@@ -15,7 +15,7 @@ import logging
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from dbmux.engines.base import ServerError
+from dbmux.engines.base import ServerError, owner_of
 from dbmux.engines.postgres import scanners, wire
 from dbmux.engines.postgres.backend import PgServer, send_cancel
 from dbmux.engines.postgres.login import LoginMixin
@@ -139,10 +139,14 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self.close_lingering()
 
     def _forward_cancel(self, process_id: int, secret_key: int) -> None:
-        """Cancel what the named client runs right now, on the server it runs on, only."""
-        target = self.ctx.cancel_keys.get((process_id, secret_key))
-        if target is not None and target.server is not None:
-            cancel_server(target.server)
+        """Cancel what the named client runs right now, on the server it runs on, only; a
+        client of another worker is that worker's to cancel."""
+        runtime = self.ctx.runtime
+        owner = owner_of(process_id)
+        if runtime.peers is None or owner == runtime.worker:
+            cancel_client(self.ctx, process_id, secret_key)
+        else:
+            runtime.peers.tell(owner, runtime.config.name, ("cancel", process_id, secret_key))
 
     # -- relay: client to server (hot path) --------------------------------------------
 
@@ -510,6 +514,13 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
             or scanner.mid_message
             or scanner.last_kind not in wire.SYNCING_TYPES
         )
+
+
+def cancel_client(ctx: PgContext, process_id: int, secret_key: int) -> None:
+    """Cancel what the client with this BackendKeyData runs now, if it runs anything."""
+    target = ctx.cancel_keys.get((process_id, secret_key))
+    if target is not None and target.server is not None:
+        cancel_server(target.server)
 
 
 def cancel_server(server: PgServer) -> None:
