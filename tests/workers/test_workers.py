@@ -5,6 +5,7 @@ held return, and one admin API and /metrics speak for all of them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ import pytest
 import yaml
 
 import dbmux
+from dbmux.auth.scram import ScramClient
 from dbmux.engines.base import owner_of
 from dbmux.testing import MariaDBServer, PostgresCluster
 from tests.conftest import (
@@ -39,6 +41,7 @@ from tests.conftest import (
 )
 from tests.mysql_fixtures import MY_DB, MY_PASSWORD, MY_USER, my_proxy_config
 from tests.mysql_fixtures import server_connections as my_server_connections
+from tests.pgraw import AUTH_SASL, AUTH_SASL_CONTINUE, RawClient, sasl_initial_response
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -358,3 +361,28 @@ def test_every_worker_follows_a_failover(
     assert writers == [replica.port]
     for conn in clients:
         conn.close()
+
+
+def test_a_name_gets_the_same_salt_whichever_worker_answers(
+    pg: PostgresCluster, tmp_path: Path, serve: Callable[[dict[str, Any]], Served]
+) -> None:
+    """A name's SCRAM salt is fixed, known user or not, so that it tells nothing about who
+    exists: the workers share what it is derived from. Over 16 logins per name, both
+    workers answer (all on one: 1 in 32,768)."""
+    served = serve(_pg_config(pg, tmp_path))
+
+    async def salt(user: str) -> bytes:
+        async with await RawClient.connect("127.0.0.1", served.port) as client:
+            sasl = await client.start(user, APP_DB)
+            assert sasl.kind == b"R" and sasl.auth_code == AUTH_SASL
+            await client.send(sasl_initial_response(ScramClient("guess").client_first()))
+            cont = await client.read_message()
+            assert cont.kind == b"R" and cont.auth_code == AUTH_SASL_CONTINUE
+            fields = dict(f.split(b"=", 1) for f in cont.payload[4:].split(b","))
+            return fields[b"s"]
+
+    async def salts(user: str) -> set[bytes]:
+        return set(await asyncio.gather(*(salt(user) for _ in range(16))))
+
+    assert len(asyncio.run(salts(APP_USER))) == 1
+    assert len(asyncio.run(salts("nobody-at-all"))) == 1

@@ -313,7 +313,19 @@ class ScramVerifier:
         )
 
 
-_MOCK_SECRET = secrets.token_bytes(32)
+_name_secret = secrets.token_bytes(32)
+
+
+def name_secret() -> bytes:
+    """What user_salt derives from: random per process, or the supervisor's (workers)."""
+    return _name_secret
+
+
+def use_name_secret(secret: bytes) -> None:
+    """Derive from `secret` from now on: the workers of one dbmux share their supervisor's,
+    so that a name gets the same salt (and method) whichever worker a login lands on."""
+    global _name_secret
+    _name_secret = secret
 
 
 def user_salt(user: str) -> bytes:
@@ -321,7 +333,7 @@ def user_salt(user: str) -> bytes:
     process's life, so the salt tells nothing about who exists, and the same for all of a
     user's passwords, so one exchange can be checked against each (during a rotation)."""
     name = user.encode("utf-8", "surrogateescape")
-    return hmac.digest(_MOCK_SECRET, b"salt:" + name, "sha256")[:_SALT_BYTES]
+    return hmac.digest(_name_secret, b"salt:" + name, "sha256")[:_SALT_BYTES]
 
 
 def mock_verifier(user: str, iterations: int = DEFAULT_ITERATIONS) -> ScramVerifier:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dbmux.admin.listener import AdminListener
+from dbmux.auth.scram import name_secret
 from dbmux.config import Config, ConfigError, load_config
 from dbmux.engines.base import PeerUnavailable
 from dbmux.proxy import RELOAD_ERRORS, refused
@@ -181,6 +182,8 @@ class Supervisor:
 
     async def _handle(self, worker: Worker, body: tuple[Any, ...]) -> Any:
         kind = body[0]
+        if kind == "name secret":
+            return name_secret()
         if kind == "ready":
             assert worker.ready is not None
             if not worker.ready.done():

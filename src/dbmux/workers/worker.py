@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from dbmux.admin.api import AdminApi
 from dbmux.admin.http import HttpError, Request, Response
+from dbmux.auth.scram import use_name_secret
 from dbmux.engines.base import Peers, number_servers_for
 from dbmux.pool import BudgetShare, TargetBudget
 from dbmux.workers.channel import Channel
@@ -57,6 +58,9 @@ class WorkerLink(Peers):
             on_lost()
 
         self.channel = await Channel.open(sock, self.handle, lost)
+        # Salts and login methods derive from the name with the supervisor's secret, so no
+        # two workers answer a login as one name differently (that would tell who exists).
+        use_name_secret(await self.channel.ask("name secret"))
 
     def share(self, key: BudgetKey, budget: TargetBudget) -> BudgetShare:
         """The ShareFactory of this worker's proxies."""
