@@ -418,7 +418,7 @@ class Config(_Model):
 
     @property
     def worker_count(self) -> int:
-        return self.workers if self.workers is not None else 1
+        return self.workers if self.workers is not None else os.cpu_count() or 1
 
     @property
     def state_path(self) -> Path:
