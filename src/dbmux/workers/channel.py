@@ -139,12 +139,16 @@ class Channel(asyncio.Protocol):
     async def _serve(self, body: tuple[Any, ...]) -> None:
         try:
             await self._call(body)
+        except PeerUnavailable as error:  # a cancel for a worker being restarted, say
+            log.info("a %r message was dropped: %s", body[0], error)
         except Exception:
             log.exception("a %r message from the other process failed", body[0])
 
     async def _answer(self, request_id: int, body: tuple[Any, ...]) -> None:
         try:
             value, ok = await self._call(body), True
+        except PeerUnavailable as error:
+            value, ok = str(error), False
         except Exception as error:
             log.exception("a %r request from the other process failed", body[0])
             value, ok = f"{type(error).__name__}: {error}", False

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from dbmux.admin.api import AdminApi
 from dbmux.admin.http import HttpError, Request, Response
 from dbmux.auth.scram import use_name_secret
-from dbmux.engines.base import Peers, number_servers_for
+from dbmux.engines.base import Peers, PeerUnavailable, number_servers_for
 from dbmux.pool import BudgetShare, TargetBudget
 from dbmux.workers.channel import Channel
 
@@ -106,7 +106,10 @@ class WorkerLink(Peers):
             return None
         if kind == "peer":
             _, name, request = body
-            proxy = process.proxy(name)
+            try:
+                proxy = process.proxy(name)
+            except KeyError:  # a reload removed it since the client connected
+                raise PeerUnavailable(f"no proxy named {name!r} here") from None
             return await proxy.engine.answer_peer(proxy.listeners[0].context, request)
         if kind == "admin":
             _, method, path, payload = body
