@@ -100,7 +100,19 @@ def test_check_config_on_a_good_file_prints_a_summary_and_ok(config_dir: Path) -
     assert "127.0.0.1:5432" in summary
     assert "app" in summary
     assert endpoint.split() == ["endpoint", "orders-ro:", "READ_ONLY", "on", "127.0.0.1:6433"]
-    assert ok == f"{path}: OK"
+    assert ok.startswith(f"{path}: OK (") and " worker" in ok
+
+
+def test_check_config_refuses_port_0_with_several_workers(config_dir: Path) -> None:
+    """Each worker would get a port of its own: the error names the field and the way out."""
+    path = config_dir / "dbmux.yaml"
+    path.write_text(GOOD_YAML.replace("127.0.0.1:6432", "127.0.0.1:0") + "workers: 2\n")
+    result = dbmux("check-config", str(path))
+    assert result.returncode == 1
+    assert "proxies.0.listen: port 0 with 2 workers" in result.stderr
+    assert "workers: 1" in result.stderr
+    path.write_text(GOOD_YAML.replace("127.0.0.1:6432", "127.0.0.1:0") + "workers: 1\n")
+    assert dbmux("check-config", str(path)).stdout.strip().endswith("OK (1 worker)")
 
 
 def test_check_config_resolves_secrets_against_the_config_folder(

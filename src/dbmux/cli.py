@@ -156,7 +156,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                 f"  endpoint {endpoint.name}: {endpoint.target_role.value} on "
                 f"{endpoint.listen}{extra}"
             )
-    print(f"{args.file}: OK")
+    if config.worker_count > 1:
+        from dbmux.workers.supervisor import refuse_port_zero
+
+        refuse_port_zero(config)
+    workers = config.worker_count
+    print(f"{args.file}: OK ({workers} worker{'s' if workers > 1 else ''})")
     return 0
 
 

@@ -62,7 +62,7 @@ class Worker:
         )
 
 
-def _refuse_port_zero(config: Config) -> None:
+def refuse_port_zero(config: Config) -> None:
     """Port 0 would give every worker a port of its own."""
     for i, proxy in enumerate(config.proxies):
         places = [(f"proxies.{i}.listen", proxy.listen)] + [
@@ -97,7 +97,7 @@ class Supervisor:
         return f"{len(self.workers)} workers, {len(self.config.proxies)} proxies"
 
     async def start(self) -> None:
-        _refuse_port_zero(self.config)
+        refuse_port_zero(self.config)
         try:
             await asyncio.gather(*(self._start(worker) for worker in self.workers))
             await self.admin.start()
