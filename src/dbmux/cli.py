@@ -48,19 +48,20 @@ async def _serve(args: argparse.Namespace) -> int:
     from dbmux.workers.supervisor import Supervisor
     from dbmux.workers.worker import WorkerLink
 
-    config = load_config(args.config)
     stop = asyncio.Event()
     server: Servable
     if args.worker is not None:
         index, _, fd = args.worker.partition(":")
         link = WorkerLink(int(index))
         await link.connect(int(fd), stop.set)  # the supervisor is gone: drain and exit
+        config = await link.config()  # the supervisor's, as the other workers run it
         server = link.process = Process(
             config, args.config, worker=link.index, peers=link, shares=link.share
         )
         await server.start()
         link.ready()
         return await _until_stopped(server, stop, hup=False)
+    config = load_config(args.config)
     if config.worker_count > 1:
         log_args = ("--log-level", args.log_level, "--log-format", args.log_format)
         server = Supervisor(config, args.config, log_args=log_args)

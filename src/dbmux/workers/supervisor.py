@@ -184,6 +184,8 @@ class Supervisor:
         kind = body[0]
         if kind == "name secret":
             return name_secret()
+        if kind == "config":
+            return self.config
         if kind == "ready":
             assert worker.ready is not None
             if not worker.ready.done():
@@ -237,6 +239,8 @@ class Supervisor:
         async with self._reloading:
             try:
                 config = await asyncio.to_thread(load_config, path or self.path)
+                if config.worker_count > 1:
+                    refuse_port_zero(config)
             except RELOAD_ERRORS as error:
                 return refused(str(error))
             if config.worker_count != len(self.workers):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from dbmux.admin.api import AdminApi
 from dbmux.admin.http import HttpError, Request, Response
 from dbmux.auth.scram import use_name_secret
+from dbmux.config import Config
 from dbmux.engines.base import Peers, PeerUnavailable, number_servers_for
 from dbmux.pool import BudgetShare, TargetBudget
 from dbmux.workers.channel import Channel
@@ -61,6 +62,11 @@ class WorkerLink(Peers):
         # Salts and login methods derive from the name with the supervisor's secret, so no
         # two workers answer a login as one name differently (that would tell who exists).
         use_name_secret(await self.channel.ask("name secret"))
+
+    async def config(self) -> Config:
+        """The configuration the supervisor runs (the file as last read and accepted)."""
+        config: Config = await self.channel.ask("config")
+        return config
 
     def share(self, key: BudgetKey, budget: TargetBudget) -> BudgetShare:
         """The ShareFactory of this worker's proxies."""
