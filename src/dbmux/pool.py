@@ -188,6 +188,19 @@ class TargetBudget:
             self.granted -= spare
             self.share.give(spare)
 
+    def spare(self, count: int) -> int:
+        """Close up to `count` idle connections (the oldest first) for another worker's
+        waiting clients; their slots go back to the share. Returns how many closed."""
+        closed = 0
+        while closed < count:
+            pools = [p for p in self.pools if p.idle]
+            if not pools:
+                break
+            oldest = min(pools, key=lambda p: p.idle[0].idle_since)
+            oldest.idle.popleft().close(graceful=True)  # give_back gives its slot
+            closed += 1
+        return closed
+
     def shed(self, count: int) -> None:
         """The share wants `count` slots back for another worker's waiting clients: idle
         connections close now, lent ones as they come back (Pool._hand_over)."""

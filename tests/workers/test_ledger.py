@@ -111,3 +111,17 @@ def test_grants_never_take_the_budget_over_its_limit(ops: list[tuple[str, int, i
         if result[0]:
             assert ledger.held(KEY) <= max(size, before)
         assert all(ledger.held(KEY, w) == held[w] >= 0 for w in held)
+
+
+def test_what_a_waiting_worker_lacks_beyond_fair_shares_is_looked_for_in_idle_slots() -> None:
+    """Worker 1 holds one slot (idle, say) and is below its share; worker 0 waits at its
+    share: no shed is due, so the ledger says what is lacking and who may have idle slots."""
+    ledger = Ledger()
+    ledger.learn(KEY, 5)
+    ledger.ask(1, KEY, 1)
+    ledger.ask(0, KEY, 4)
+    result = ledger.ask(0, KEY, 1)
+    assert granted(result) == {} and shed(result) == {}
+    assert ledger.lacking(KEY) == (1, [1])
+    assert granted(ledger.give(1, KEY, 1)) == {0: 1}
+    assert ledger.lacking(KEY) == (0, [])

@@ -386,3 +386,30 @@ def test_a_name_gets_the_same_salt_whichever_worker_answers(
 
     assert len(asyncio.run(salts(APP_USER))) == 1
     assert len(asyncio.run(salts("nobody-at-all"))) == 1
+
+
+def test_a_worker_holding_the_pool_idle_sheds_it_for_another_workers_clients(
+    pg: PostgresCluster, tmp_path: Path, serve: Callable[[dict[str, Any]], Served]
+) -> None:
+    """Worker 0's clients fill the pool and leave it idle there; worker 1's clients then
+    get their share at once (worker 0 closes idle connections for them) instead of waiting
+    out connection_borrow_timeout while the budget sits idle in another process."""
+    served = serve(_pg_config(pg, tmp_path, connection_borrow_timeout=10))
+    clients = [_pg(served) for _ in range(4 * POOL)]
+    by_worker = {w: [c for c in clients if owner_of(c.info.backend_pid) == w] for w in (0, 1)}
+    assert len(by_worker[0]) >= POOL and len(by_worker[1]) >= POOL // 2, "both have clients"
+
+    def begin(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")
+
+    with ThreadPoolExecutor(POOL) as pool:
+        list(pool.map(begin, by_worker[0][:POOL]))
+    assert server_connections(pg) == POOL
+    for conn in by_worker[0][:POOL]:
+        conn.execute("COMMIT")  # the whole pool idle, in worker 0
+    with ThreadPoolExecutor(POOL) as pool:
+        list(pool.map(begin, by_worker[1][: POOL // 2]))  # would time out after 10 s
+    assert server_connections(pg) <= POOL
+    for conn in clients:
+        conn.close()

@@ -7,7 +7,9 @@ rest in the order asked. When the budget is full and a worker waits, every worke
 more than its fair share (the limit divided among the workers that want connections) is
 asked to shed the excess: its idle connections close now, lent ones when they come back.
 So the total never exceeds the limit, a worker that dies gives everything back at once, and
-under contention every busy worker ends up with its share.
+under contention every busy worker ends up with its share. Slots idle in a worker at or below
+its share are asked for too (`lacking`: the supervisor asks such workers to close idle
+connections), so a budget never sits idle in one process while another's clients wait.
 """
 
 from __future__ import annotations
@@ -66,6 +68,18 @@ class Ledger:
 
     def limit(self, key: Key) -> int | None:
         return self._accounts[key].limit
+
+    def lacking(self, key: Key) -> tuple[int, list[int]]:
+        """Slots waiting workers want and no grant or shed already under way will bring,
+        and the other workers holding slots, the most first (who may have idle ones)."""
+        account = self._accounts[key]
+        waiting = {w for w, _ in account.queue}
+        lacking = sum(n for _, n in account.queue) - sum(account.shedding.values())
+        holders = sorted(
+            (w for w, n in account.held.items() if n and w not in waiting),
+            key=lambda w: -account.held[w],
+        )
+        return max(0, lacking), holders
 
     def learn(self, key: Key, limit: int) -> tuple[list[Grant], list[Grant]]:
         """A worker learned the budget's size; (grants, sheds) that follow from it."""

@@ -27,7 +27,7 @@ from dbmux.engines.base import PeerUnavailable
 from dbmux.proxy import RELOAD_ERRORS, refused
 from dbmux.workers.admin import WorkersApi
 from dbmux.workers.channel import Channel
-from dbmux.workers.ledger import Grant, Ledger
+from dbmux.workers.ledger import Grant, Key, Ledger
 
 log = logging.getLogger("dbmux.workers")
 
@@ -88,6 +88,9 @@ class Supervisor:
         self.stopping = False
         self.admin = AdminListener(self, lambda token: WorkersApi(self, token))
         self._reloading = asyncio.Lock()
+        self._sparing: set[Key] = set()  # budgets whose idle slots are being asked for
+        self._asked_keys: set[Key] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def admin_address(self) -> tuple[str, int] | None:
@@ -191,8 +194,11 @@ class Supervisor:
             if not worker.ready.done():
                 worker.ready.set_result(None)
         elif kind == "ask":
+            log.debug("worker %d asks %d slots of %s", worker.index, body[2], body[1])
+            self._asked_keys.add(body[1])
             self._settle(*self.ledger.ask(worker.index, body[1], body[2]))
         elif kind == "give":
+            log.debug("worker %d gives %d slots of %s back", worker.index, body[2], body[1])
             self._settle(*self.ledger.give(worker.index, body[1], body[2]))
         elif kind == "limit":
             self._settle(*self.ledger.learn(body[1], body[2]))
@@ -214,9 +220,37 @@ class Supervisor:
     def _settle(self, grants: list[Grant], sheds: list[Grant]) -> None:
         for kind, items in (("grant", grants), ("shed", sheds)):
             for item in items:
+                log.debug("%s %d slots of %s to worker %d", kind, item.count, item.key, item.worker)
                 channel = self.workers[item.worker].channel
                 if channel is not None:
                     channel.tell(kind, item.key, item.count)
+        for key in {item.key for item in (*grants, *sheds)} | self._asked_keys:
+            if key not in self._sparing and self.ledger.lacking(key)[0]:
+                self._sparing.add(key)
+                task = asyncio.get_running_loop().create_task(self._spare(key))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        self._asked_keys.clear()
+
+    async def _spare(self, key: Key) -> None:
+        """Waiting workers lack slots that fair shares do not bring: ask the other workers,
+        the biggest holders first, to close idle connections (their slots come back as
+        gives, which the ledger grants to who waits)."""
+        try:
+            for index in self.ledger.lacking(key)[1]:
+                lacking = self.ledger.lacking(key)[0]
+                channel = self.workers[index].channel
+                if lacking <= 0:
+                    return
+                if channel is None or not self.workers[index].live:
+                    continue
+                try:
+                    closed = await channel.ask("spare", key, lacking)
+                except PeerUnavailable:
+                    continue
+                log.debug("worker %d closed %d idle connections of %s", index, closed, key)
+        finally:
+            self._sparing.discard(key)
 
     # -- asking every worker ------------------------------------------------------------------
 

@@ -102,6 +102,10 @@ class WorkerLink(Peers):
             else:
                 budget.shed(count)
             return None
+        if kind == "spare":  # another worker waits: close idle connections for it
+            _, key, count = body
+            budget = self.budgets.get(key)
+            return budget.spare(count) if budget is not None else 0
         process = self.process
         if process is None:
             raise RuntimeError("the worker is still starting")
