@@ -217,6 +217,9 @@ def test_a_worker_that_dies_is_started_again_and_its_share_returns(
     served.wait_for("starting it again")
     served.wait_for("started again")
     assert victim not in served.worker_pids() and len(served.worker_pids()) == WORKERS
+    metrics = served.get("/metrics")
+    assert "dbmux_worker_restarts_total 1" in metrics
+    assert f"dbmux_workers {WORKERS}" in metrics
     for conn in held:
         conn.close()
     # All of the pool again, for clients on both workers: if the dead worker's slots had

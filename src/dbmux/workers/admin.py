@@ -34,6 +34,7 @@ class WorkersApi(AdminApi):
             return await found.view(self, params)
         if found.across is Across.METRICS:
             snapshots = await self.supervisor.fan_out("metrics")
+            snapshots.append(self.supervisor.registry.snapshot())
             return Response(200, render(snapshots).encode(), PROMETHEUS_TEXT)
         answers: list[Answer] = await self.supervisor.fan_out(
             "admin", request.method, request.path, request.body, timeout=_timeout(found)

@@ -24,6 +24,7 @@ from dbmux.admin.listener import AdminListener
 from dbmux.auth.scram import name_secret
 from dbmux.config import Config, ConfigError, load_config
 from dbmux.engines.base import PeerUnavailable
+from dbmux.metrics import Registry
 from dbmux.proxy import RELOAD_ERRORS, refused
 from dbmux.workers.admin import WorkersApi
 from dbmux.workers.channel import Channel
@@ -48,7 +49,6 @@ class Worker:
     channel: Channel | None = None
     ready: asyncio.Future[None] | None = None
     failures: int = 0  # deaths in a row, each soon after its start
-    restarts: int = 0
     started_at: float = 0.0
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -88,6 +88,13 @@ class Supervisor:
         self.stopping = False
         self.admin = AdminListener(self, lambda token: WorkersApi(self, token))
         self._reloading = asyncio.Lock()
+        self.registry = Registry()  # the supervisor's own series, beside the workers'
+        self.registry.gauge("Workers", "Worker processes running").observe_with(
+            lambda: sum(1 for w in self.workers if w.live)
+        )
+        self._restarts = self.registry.counter(
+            "WorkerRestarts", "Worker processes started again after they died"
+        ).labels()
         self._sparing: set[Key] = set()  # budgets whose idle slots are being asked for
         self._asked_keys: set[Key] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -177,7 +184,7 @@ class Supervisor:
                 log.error("%s; trying again in %g s", error, delay)
                 await asyncio.sleep(delay)
                 continue
-            worker.restarts += 1
+            self._restarts.value += 1
             log.info("worker %d started again (pid %d)", worker.index, worker.process.pid)  # type: ignore[union-attr]
             return
 
