@@ -94,6 +94,39 @@ def tree_cpu_seconds(root: int | None) -> float | None:
     return None if seconds is None else sum(seconds)
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and fields[1] == str(pid):  # ppid
+                found.append(int(entry.name))
+    return found
+
+
+def tree_rss_bytes(root: int | None) -> int | None:
+    """Resident memory of root and all its descendants (VmRSS, summed), None if root is gone."""
+    if root is None:
+        return None
+    total, todo, seen = 0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            if pid == root:
+                return None
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+        todo += _children(pid)
+    return total
+
+
 def machine_cpu() -> tuple[float, float, float]:
     """(busy, irq, total) CPU seconds of the whole machine since boot, summed over all cores;
     irq (hard + soft interrupts, e.g. loopback packet delivery) is part of busy."""
