@@ -78,6 +78,26 @@ _NOTHING, _SESSION, _UNKNOWN, _RUNNING = (
 class ClientSession(ClientEnd, Borrower):
     """One client connection of any engine."""
 
+    __slots__ = (
+        "_latency",
+        "_task",
+        "_token_refused",
+        "attached_at",
+        "connected_at",
+        "debug_since",
+        "id",
+        "last_active",
+        "logged_in",
+        "pin_reason",
+        "pool",
+        "request_at",
+        "runtime",
+        "sent_at",
+        "server",
+        "user",
+        "waiting",
+        "watched",
+    )
     # The engine's exception for malformed client input (its wire.ProtocolViolation).
     protocol_violation: type[Exception]
 
@@ -188,6 +208,8 @@ class ClientSession(ClientEnd, Borrower):
             self.fail(Failure.INTERNAL, "internal error in the proxy during login")
         finally:
             runtime.admission.leave(self)
+            if self._task is asyncio.current_task():
+                self._task = None  # a finished task and its coroutine: dead weight per client
 
     async def check_password(self, name: str, check: Callable[[User], bool]) -> bool:
         """`check` the proof a client sent against user `name`'s passwords (the current

@@ -26,7 +26,7 @@ from dbmux.engines.postgres.pinning import (
     Verdict,
 )
 from dbmux.engines.postgres.replay import rerunnable, rerunnable_messages
-from dbmux.engines.postgres.settings import SettingsMixin
+from dbmux.engines.postgres.settings import NO_SETTINGS, SettingsMixin
 from dbmux.engines.postgres.statements import StatementsMixin
 from dbmux.session import ClientSession, Failure, Leftover
 
@@ -52,6 +52,44 @@ FAILURE_CODES = {
 class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
     """One client connection."""
 
+    __slots__ = (
+        "_classify",
+        "_clock",
+        "_held_for_wait",
+        "_requests",
+        "_timed",
+        "_whole",
+        "channel_binding",
+        "ctx",
+        "errors_at_attach",
+        "expose_names",
+        "forget_server_statements",
+        "key",
+        "last_queue",
+        "last_sent",
+        "login_settings",
+        "lost_reason",
+        "outstanding",
+        "parsed_settings",
+        "pending",
+        "pending_syncs",
+        "pid_bytes",
+        "queue",
+        "queue_syncs",
+        "refusing",
+        "resets",
+        "rewriting",
+        "scanner",
+        "server_params_changed",
+        "set_texts",
+        "shared_seen",
+        "statements",
+        "touched",
+        "transaction_lost",
+        "tx_status",
+        "unmemoizable",
+        "wanted",
+    )
     protocol_violation = wire.ProtocolViolation
     server: PgServer | None
 
@@ -79,16 +117,19 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self.queue_syncs = 0
         self.forget_server_statements = False
         self.expose_names = False  # pinned by SQL that names the client's statements
-        self.shared_seen: set[bytes] = set()  # shared statements this client ever parsed
+        # Shared statements this client ever parsed (made at its first named statement).
+        self.shared_seen: set[bytes] | None = None
         self.statements: dict[bytes, tuple[bytes, bytes]] = {}  # name -> (proxy name, text)
         # Settings each parsed statement changes when executed (b"" is the unnamed one).
         self.parsed_settings: dict[bytes, frozenset[str]] = {}
-        self.touched: set[str] = set()  # settings this transaction SET or RESET (replay)
+        # Settings this transaction SET or RESET (replay); immutable, so that the many
+        # sessions that never SET anything share one empty set.
+        self.touched = NO_SETTINGS
         self.set_texts: list[bytes] = []  # the SET statements behind `touched`...
         self.unmemoizable = False  # ...unless some came from elsewhere (see _memo_key)
         self.errors_at_attach = 0
         self.login_settings: dict[str, str] = {}
-        self.resets: set[str] = set()  # settings RESET in this transaction
+        self.resets = NO_SETTINGS  # settings RESET in this transaction
         self.transaction_lost = False  # the server died while the client sat in a transaction
         # An error was sent (or is owed, when transaction_lost); ReadyForQuery follows at the
         # next Sync.

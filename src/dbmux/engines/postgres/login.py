@@ -72,6 +72,9 @@ def parse_options(options: str) -> dict[str, str]:
 class LoginMixin(ClientSession):
     """PgClient's login conversation (runs once, before the relay starts)."""
 
+    if not TYPE_CHECKING:  # the slots are PgClient's (mypy would look for them here)
+        __slots__ = ()
+
     channel_binding: bytes | None
     ctx: PgContext
     key: tuple[int, int]

@@ -22,18 +22,23 @@ log = logging.getLogger("dbmux.postgres")
 # that it is pinned (SESSION_STATE_SIZE) and its server connection holds them, as directly.
 MAX_CARRIED_SETTINGS = 1000
 SESSION_STATE_SIZE = "session_state_size"
+# A session's `touched` and `resets` while it has none: one immutable empty set for all.
+NO_SETTINGS: frozenset[str] = frozenset()
 
 
 class SettingsMixin(ClientSession):
     """PgClient's part that follows session settings (session_state: replay or pin)."""
 
+    if not TYPE_CHECKING:  # the slots are PgClient's (mypy would look for them here)
+        __slots__ = ()
+
     ctx: PgContext
     errors_at_attach: int
     login_settings: dict[str, str]
-    resets: set[str]
+    resets: frozenset[str]
     server_params_changed: bool
     set_texts: list[bytes]
-    touched: set[str]
+    touched: frozenset[str]
     unmemoizable: bool
     wanted: dict[str, str]
 
@@ -64,7 +69,7 @@ class SettingsMixin(ClientSession):
         names -= {name.lower() for name in pool.server_facts}  # reported by the server itself
         memo_key = self._memo_key(server)
         restore = self._login_values_to_restore()
-        self.touched.clear()
+        self.touched = NO_SETTINGS
         self.set_texts.clear()
         self.unmemoizable = False
         known = self.ctx.set_results.outcome(*memo_key) if memo_key else None
@@ -81,7 +86,7 @@ class SettingsMixin(ClientSession):
         the login value; the server connection never saw the login, so the proxy puts it
         back itself."""
         resets, login = self.resets, self.login_settings
-        self.resets = set()
+        self.resets = NO_SETTINGS
         if ALL_SETTINGS in resets:
             return dict(login)
         return {name: value for name, value in login.items() if name.lower() in resets}
