@@ -53,6 +53,43 @@ class MyClient(
 ):
     """One MySQL client connection."""
 
+    __slots__ = (
+        "_after_replay",
+        "_clock",
+        "_held",
+        "_replay_queue",
+        "_requests",
+        "_timed",
+        "_verdict",
+        "busy",
+        "cancelling",
+        "capabilities",
+        "connection_id",
+        "ctx",
+        "insert_id",
+        "last_prepared",
+        "long_data",
+        "memo_text",
+        "next_statement_id",
+        "nonce",
+        "pending_schema",
+        "queued",
+        "reader",
+        "replay_log",
+        "replaying",
+        "retried",
+        "schema",
+        "schema_touched",
+        "sent",
+        "statement_bytes",
+        "statements",
+        "touched",
+        "transaction_lost",
+        "upload",
+        "variant",
+        "want_insert_id",
+        "wanted",
+    )
     protocol_violation = wire.ProtocolViolation
     server: MyServer | None
 

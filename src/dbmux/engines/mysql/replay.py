@@ -83,6 +83,9 @@ class TransactionLog:
 class ReplayMixin(ClientSession):
     """MyClient's side of transaction_replay (see the module docstring)."""
 
+    if not TYPE_CHECKING:  # the slots are MyClient's (mypy would look for them here)
+        __slots__ = ()
+
     replay_log: TransactionLog | None
     replaying: bool
     _replay_queue: deque[tuple[Request, bytes]]

@@ -159,6 +159,9 @@ def set_statement(changes: dict[str, str]) -> str:
 class SettingsMixin(ClientSession):
     """MyClient's part that follows session state (session_state: replay or pin)."""
 
+    if not TYPE_CHECKING:  # the slots are MyClient's (mypy would look for them here)
+        __slots__ = ()
+
     ctx: MyContext
     insert_id: int
     long_data: set[bytes]

@@ -49,6 +49,9 @@ Request = tuple[bytes, "int | None", "ClientStatement | None", "bytes | None"]
 class StatementsMixin(ClientSession):
     """MyClient's prepared statements (COM_STMT_*)."""
 
+    if not TYPE_CHECKING:  # the slots are MyClient's (mypy would look for them here)
+        __slots__ = ()
+
     _verdict: Callable[[bytes], Verdict]
     busy: bool
     last_prepared: int
