@@ -124,7 +124,9 @@ def _progress(prefix: str, wanted: int) -> Any:
     return show
 
 
-def run_target(name: str, cluster: PostgresCluster, password: str, clients: int, concurrency: int) -> IdleResult:
+def run_target(
+    name: str, cluster: PostgresCluster, password: str, clients: int, concurrency: int
+) -> IdleResult:
     result = IdleResult(name, clients)
     common = {"upstream_port": cluster.port, "user": USER, "password": password, "dbname": DBNAME}
     target: ProcessTarget

@@ -68,7 +68,7 @@ class LoginFailed(Exception):
 class Connection(asyncio.Protocol):
     """One client: messages while it logs in, then nothing but noticing a close."""
 
-    __slots__ = ("transport", "buffer", "waiter", "idle", "lost")
+    __slots__ = ("buffer", "idle", "lost", "transport", "waiter")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -269,7 +269,7 @@ class IdleClients:
         per_process: int | None = None,
     ) -> None:
         if per_process is None:
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
             per_process = max(1, limit - SPARE_FDS)
         shares = [per_process] * (clients // per_process)

@@ -4,6 +4,7 @@ the benchmark controls (it measures the proxy while they are idle)."""
 from __future__ import annotations
 
 from bench.idleclients import IdleClients, Outcome
+
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, RunningProxy, wait_until
 
 DEADLINE = 60.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from dbmux.engines.postgres.pinning import (
     Verdict,
 )
 from dbmux.engines.postgres.replay import rerunnable, rerunnable_messages
-from dbmux.engines.postgres.settings import NO_SETTINGS, SettingsMixin
+from dbmux.engines.postgres.settings import NO_LOGIN_SETTINGS, NO_SETTINGS, SettingsMixin
 from dbmux.engines.postgres.statements import StatementsMixin
 from dbmux.session import ClientSession, Failure, Leftover
 
@@ -104,7 +105,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         # What was last relayed to a server, for transaction_replay: bytes, or (named
         # statements) the queue of messages before their names were mapped.
         self.last_sent = b""
-        self.last_queue: list[tuple[int, bytes]] = []
+        self.last_queue: Sequence[tuple[int, bytes]] = ()
         self.pending_syncs = 0
         # (`waiting` also covers bringing a server's settings to ours.)
         self._held_for_wait = False  # reading paused because more came while waiting
@@ -125,10 +126,10 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         # Settings this transaction SET or RESET (replay); immutable, so that the many
         # sessions that never SET anything share one empty set.
         self.touched = NO_SETTINGS
-        self.set_texts: list[bytes] = []  # the SET statements behind `touched`...
+        self.set_texts: tuple[bytes, ...] = ()  # the SET statements behind `touched`...
         self.unmemoizable = False  # ...unless some came from elsewhere (see _memo_key)
         self.errors_at_attach = 0
-        self.login_settings: dict[str, str] = {}
+        self.login_settings = NO_LOGIN_SETTINGS
         self.resets = NO_SETTINGS  # settings RESET in this transaction
         self.transaction_lost = False  # the server died while the client sat in a transaction
         # An error was sent (or is owed, when transaction_lost); ReadyForQuery follows at the
@@ -319,7 +320,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
                     self.resets |= verdict.resets
                     self.unmemoizable = True  # the outcome depends on this client's login
                 elif kind == 81 and verdict.memoizable and self.tx_status == wire.IDLE:
-                    self.set_texts.append(body)
+                    self.set_texts += (body,)
                 else:
                     self.unmemoizable = True
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from dbmux.engines.base import PoolKey, ServerError
@@ -24,6 +26,8 @@ MAX_CARRIED_SETTINGS = 1000
 SESSION_STATE_SIZE = "session_state_size"
 # A session's `touched` and `resets` while it has none: one immutable empty set for all.
 NO_SETTINGS: frozenset[str] = frozenset()
+# A session's `login_settings` when it gave none at login (most do not).
+NO_LOGIN_SETTINGS: Mapping[str, str] = MappingProxyType({})
 
 
 class SettingsMixin(ClientSession):
@@ -34,10 +38,10 @@ class SettingsMixin(ClientSession):
 
     ctx: PgContext
     errors_at_attach: int
-    login_settings: dict[str, str]
+    login_settings: Mapping[str, str]
     resets: frozenset[str]
     server_params_changed: bool
-    set_texts: list[bytes]
+    set_texts: tuple[bytes, ...]
     touched: frozenset[str]
     unmemoizable: bool
     wanted: dict[str, str]
@@ -70,7 +74,7 @@ class SettingsMixin(ClientSession):
         memo_key = self._memo_key(server)
         restore = self._login_values_to_restore()
         self.touched = NO_SETTINGS
-        self.set_texts.clear()
+        self.set_texts = ()
         self.unmemoizable = False
         known = self.ctx.set_results.outcome(*memo_key) if memo_key else None
         if not restore and (not names or known is not None):

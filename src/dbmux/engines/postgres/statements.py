@@ -4,7 +4,7 @@ shared per server connection by text, prepared lazily where the client borrows."
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dbmux.engines.postgres import scanners, wire
@@ -36,7 +36,7 @@ class StatementsMixin(ClientSession):
     ctx: PgContext
     expose_names: bool
     forget_server_statements: bool
-    last_queue: list[tuple[int, bytes]]
+    last_queue: Sequence[tuple[int, bytes]]
     outstanding: int
     parsed_settings: dict[bytes, frozenset[str]]
     queue: list[tuple[int, bytes]]
