@@ -43,8 +43,8 @@ MB = 1024 * 1024
 def add_arguments(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, standalone: bool
 ) -> None:
-    """The row's options (also offered by `python -m bench`, where the failover drill shares
-    --idle-clients: there it is the drill's idle clients too, default 5)."""
+    """The row's options (also offered by `python -m bench`, where --idle-clients is the
+    failover drill's too: see bench.__main__)."""
     if standalone:
         parser.add_argument(
             "--idle-clients",
@@ -198,12 +198,12 @@ def _summary(r: IdleResult) -> str:
     )
 
 
-def run_all(args: argparse.Namespace, targets: list[str]) -> dict[str, IdleResult]:
-    """Every target on one throwaway cluster."""
-    raise_fd_limit(args.idle_clients + SPARE_FDS)  # the proxies inherit it
-    clients, note = fitting_clients(args.idle_clients)
+def run_all(wanted: int, concurrency: int, targets: list[str]) -> dict[str, IdleResult]:
+    """Every target on one throwaway cluster, `wanted` clients each (or as many as fit)."""
+    raise_fd_limit(wanted + SPARE_FDS)  # the proxies inherit it
+    clients, note = fitting_clients(wanted)
     out(
-        f"{KEY}: {clients} idle clients per target (SCRAM logins, {args.idle_concurrency} at a "
+        f"{KEY}: {clients} idle clients per target (SCRAM logins, {concurrency} at a "
         f"time), targets {','.join(targets)}"
     )
     if note:
@@ -218,9 +218,7 @@ def run_all(args: argparse.Namespace, targets: list[str]) -> dict[str, IdleResul
             cluster.create_database(DBNAME, USER)
             for name in targets:
                 try:
-                    results[name] = run_target(
-                        name, cluster, password, clients, args.idle_concurrency
-                    )
+                    results[name] = run_target(name, cluster, password, clients, concurrency)
                 except TargetError as error:
                     results[name] = IdleResult(name, clients, problem=f"did not start: {error}")
                     out(f"  {name}: NOT run: {error}")
@@ -314,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--idle-clients must be at least 1")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
-        results = run_all(args, targets)
+        results = run_all(args.idle_clients, args.idle_concurrency, targets)
     except KeyboardInterrupt:
         out("\ninterrupted")
         return 130
