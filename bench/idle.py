@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from bench.idleclients import SPARE_FDS, IdleClients, Outcome, raise_fd_limit
-from bench.monitor import tree_rss_bytes
+from bench.monitor import tree_rss
 from bench.runner import MAX_CONNECTIONS, POOL_PERCENT, POOL_SIZE, RESULTS, out
 from bench.targets import Dbmux, PgBouncer, ProcessTarget, TargetError
 from dbmux.testing import CommandError, PostgresCluster, ServerStartError
@@ -77,6 +77,7 @@ class IdleResult:
     login_seconds: float = 0.0
     rss_before: int | None = None  # bytes, before the first client
     rss_idle: int | None = None  # bytes, with every client logged in and idle
+    processes: int = 0  # in the proxy's process tree, when idle
     errors: dict[str, int] = field(default_factory=dict)
     problem: str = ""
 
@@ -149,7 +150,7 @@ def run_target(
     idle: IdleClients | None = None
     try:
         time.sleep(1.0)  # past its start-up
-        result.rss_before = tree_rss_bytes(target.pid)
+        result.rss_before = _rss(target.pid)
         idle = IdleClients(
             host=target.host,
             port=target.port,
@@ -163,7 +164,9 @@ def run_target(
         if sys.stdout.isatty():
             sys.stdout.write("\r")
         time.sleep(SETTLE)
-        result.rss_idle = tree_rss_bytes(target.pid)
+        tree = tree_rss(target.pid)
+        if tree is not None:
+            result.rss_idle, result.processes = tree
         result.connected, result.failed = ready.connected, ready.failed
         result.login_seconds = ready.seconds
         result.errors = dict(ready.errors)
@@ -185,14 +188,20 @@ def run_target(
     return result
 
 
+def _rss(pid: int | None) -> int | None:
+    tree = tree_rss(pid)
+    return None if tree is None else tree[0]
+
+
 def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value / MB:.1f} MB"
 
 
 def _summary(r: IdleResult) -> str:
     per = r.per_client
+    tree = f" ({r.processes} processes)" if r.processes > 1 else ""
     return (
-        f"{r.connected} logged in ({r.failed} failed) in {r.login_seconds:.0f}s; RSS "
+        f"{r.connected} logged in ({r.failed} failed) in {r.login_seconds:.0f}s; RSS{tree} "
         f"{_mb(r.rss_before)} -> {_mb(r.rss_idle)}, "
         f"{'-' if per is None else f'{per:,.0f}'} bytes per client"
     )

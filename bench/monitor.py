@@ -104,8 +104,9 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def tree_rss_bytes(root: int | None) -> int | None:
-    """Resident memory of root and all its descendants (VmRSS, summed), None if root is gone."""
+def tree_rss(root: int | None) -> tuple[int, int] | None:
+    """Resident memory of root and all its descendants (VmRSS, summed, in bytes) and how many
+    processes that is; None if root is gone."""
     if root is None:
         return None
     total, todo, seen = 0, [root], set()
@@ -113,18 +114,18 @@ def tree_rss_bytes(root: int | None) -> int | None:
         pid = todo.pop()
         if pid in seen:
             continue
-        seen.add(pid)
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             if pid == root:
                 return None
             continue
+        seen.add(pid)
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1]) * 1024
         todo += _children(pid)
-    return total
+    return total, len(seen)
 
 
 def machine_cpu() -> tuple[float, float, float]:
