@@ -18,7 +18,7 @@ import logging
 import ssl
 import time
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from enum import Enum
 from typing import Any
 
@@ -183,7 +183,20 @@ class ClientSession(ClientEnd, Borrower):
         metrics.client_connections_received.value += 1
         metrics.client_connections.value += 1
         self.runtime.clients.add(self)
-        self._task = asyncio.get_running_loop().create_task(self._login())
+        self.run_own(self._login())
+
+    def run_own(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `coro` as this client's conversation of its own (the login, or a round trip
+        the proxy makes for it), cancelled if the client leaves. Let go of once done: tens
+        of thousands of idle clients must not each keep a finished task and its coroutine."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._task = task
+        task.add_done_callback(self._forget_task)
+        return task
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        if self._task is task:
+            self._task = None
 
     async def _login(self) -> None:
         runtime = self.runtime
@@ -208,8 +221,6 @@ class ClientSession(ClientEnd, Borrower):
             self.fail(Failure.INTERNAL, "internal error in the proxy during login")
         finally:
             runtime.admission.leave(self)
-            if self._task is asyncio.current_task():
-                self._task = None  # a finished task and its coroutine: dead weight per client
 
     async def check_password(self, name: str, check: Callable[[User], bool]) -> bool:
         """`check` the proof a client sent against user `name`'s passwords (the current

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from dbmux.engines.base import BorrowTimeout, ServerError
 from dbmux.engines.mysql import wire
+from dbmux.engines.mysql.settings import NOTHING_TOUCHED
 from dbmux.relay import ConnectionClosed
 from dbmux.session import ClientSession, Leftover
 
@@ -97,7 +98,7 @@ class ReplayMixin(ClientSession):
     schema: str
     sent: Request | None
     server: MyServer | None
-    touched: set[str]
+    touched: frozenset[str]
     transaction_lost: str
     queued: Request | None
     wanted: dict[str, str]
@@ -219,7 +220,7 @@ class ReplayMixin(ClientSession):
                 "rolled back",
                 seq=seq,
             )
-            self.touched.clear()
+            self.touched = NOTHING_TOUCHED
         else:
             self.transaction_lost = why
         self._end_command()

@@ -328,7 +328,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         """The pool lends us a server: bring its settings to ours if needed, then relay
         what waited."""
         if server.applied != self.wanted:
-            self._task = self.ctx.loop.create_task(self._apply_settings(server))
+            self.run_own(self._apply_settings(server))
             return
         self.waiting = False
         if self._timed:

@@ -81,9 +81,7 @@ class SettingsMixin(ClientSession):
             self._settle_settings(server, known or {})
         else:
             self.waiting = True
-            self._task = self.ctx.loop.create_task(
-                self._learn_settings(server, names, memo_key, restore)
-            )
+            self.run_own(self._learn_settings(server, names, memo_key, restore))
 
     def _login_values_to_restore(self) -> dict[str, str]:
         """RESET goes back to the session's default, which for a setting given at login is
