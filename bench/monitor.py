@@ -94,16 +94,6 @@ def tree_cpu_seconds(root: int | None) -> float | None:
     return None if seconds is None else sum(seconds)
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
-            if fields is not None and fields[1] == str(pid):  # ppid
-                found.append(int(entry.name))
-    return found
-
-
 def tree_rss(root: int | None) -> tuple[int, int] | None:
     """Resident memory of root and all its descendants (VmRSS, summed, in bytes) and how many
     processes that is; None if root is gone."""
