@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     if args.target_list == []:
         parser.error("--targets names no target")
-    chosen = args.target_list or idle.TARGETS
+    chosen = args.target_list or ["pgbouncer", "dbmux", *([BASELINE] if args.baseline else [])]
     args.idle_targets = [t for t in chosen if t in idle.TARGETS] if run_idle else []
     if run_idle and not args.idle_targets:
         parser.error(f"--targets names none of {idle.KEY}'s targets ({', '.join(idle.TARGETS)})")
@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         if completed and args.idle_targets:
             if benches:
                 out()
-            idles = idle.run_all(args.idle_row_clients, args.idle_concurrency, args.idle_targets)
+            idles = idle.run_all(
+                args.idle_row_clients, args.idle_concurrency, args.idle_targets, args.baseline
+            )
         if completed and args.failover:
             if benches or idles:
                 out()

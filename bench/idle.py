@@ -7,7 +7,7 @@ resident memory (VmRSS of the process and its descendants) is read before the fi
 and once all are logged in and idle; the difference per client is what an idle client
 costs. See bench/README.md.
 
-    python -m bench.idle [--idle-clients 20000] [--targets pgbouncer,dbmux]
+    python -m bench.idle [--idle-clients 20000] [--targets pgbouncer,dbmux] [--baseline SRC]
     python -m bench --only idle-20k            # the same, from the benchmark's entry point
 """
 
@@ -21,16 +21,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from bench.idleclients import SPARE_FDS, IdleClients, Outcome, raise_fd_limit
 from bench.monitor import tree_rss
-from bench.runner import MAX_CONNECTIONS, POOL_PERCENT, POOL_SIZE, RESULTS, out
+from bench.report import BASELINE
+from bench.runner import MAX_CONNECTIONS, POOL_PERCENT, POOL_SIZE, RESULTS, SRC, out
 from bench.targets import Dbmux, PgBouncer, ProcessTarget, TargetError
 from dbmux.testing import CommandError, PostgresCluster, ServerStartError
 
 KEY = "idle-20k"  # what --only takes in `python -m bench`
-TARGETS = ("pgbouncer", "dbmux")
+TARGETS = ("pgbouncer", "dbmux", BASELINE)  # dbmux-before: with --baseline only
 CLIENTS = 20_000
 CONCURRENCY = 200
 TARGET_MB = 100  # dbmux's whole RSS with CLIENTS idle clients (issue 14)
@@ -54,9 +56,15 @@ def add_arguments(
         )
         parser.add_argument(
             "--targets",
-            default=",".join(TARGETS),
             metavar="T[,..]",
-            help=f"targets, in this order: {', '.join(TARGETS)} (default: both)",
+            help=f"targets, in this order: {', '.join(TARGETS)} (default: pgbouncer,dbmux, "
+            f"and {BASELINE} with --baseline)",
+        )
+        parser.add_argument(
+            "--baseline",
+            type=Path,
+            metavar="SRC",
+            help=f"also run {BASELINE}: dbmux from SRC, another checkout's src/ directory",
         )
     parser.add_argument(
         "--idle-concurrency",
@@ -126,7 +134,12 @@ def _progress(prefix: str, wanted: int) -> Any:
 
 
 def run_target(
-    name: str, cluster: PostgresCluster, password: str, clients: int, concurrency: int
+    name: str,
+    cluster: PostgresCluster,
+    password: str,
+    clients: int,
+    concurrency: int,
+    baseline: Path | None = None,
 ) -> IdleResult:
     result = IdleResult(name, clients)
     common = {"upstream_port": cluster.port, "user": USER, "password": password, "dbname": DBNAME}
@@ -142,10 +155,12 @@ def run_target(
     else:
         target = Dbmux(
             **common,
+            name=name,
             max_connections_percent=POOL_PERCENT,
+            source=baseline if name == BASELINE else SRC,
             proxy_settings={"max_client_connections": clients + SPARE_FDS},
         )
-    prefix = f"  {name:<10}"
+    prefix = f"  {name:<12}"
     target.start()
     idle: IdleClients | None = None
     try:
@@ -207,8 +222,11 @@ def _summary(r: IdleResult) -> str:
     )
 
 
-def run_all(wanted: int, concurrency: int, targets: list[str]) -> dict[str, IdleResult]:
-    """Every target on one throwaway cluster, `wanted` clients each (or as many as fit)."""
+def run_all(
+    wanted: int, concurrency: int, targets: list[str], baseline: Path | None = None
+) -> dict[str, IdleResult]:
+    """Every target on one throwaway cluster, `wanted` clients each (or as many as fit);
+    dbmux-before runs dbmux from `baseline`."""
     raise_fd_limit(wanted + SPARE_FDS)  # the proxies inherit it
     clients, note = fitting_clients(wanted)
     out(
@@ -227,7 +245,9 @@ def run_all(wanted: int, concurrency: int, targets: list[str]) -> dict[str, Idle
             cluster.create_database(DBNAME, USER)
             for name in targets:
                 try:
-                    results[name] = run_target(name, cluster, password, clients, concurrency)
+                    results[name] = run_target(
+                        name, cluster, password, clients, concurrency, baseline
+                    )
                 except TargetError as error:
                     results[name] = IdleResult(name, clients, problem=f"did not start: {error}")
                     out(f"  {name}: NOT run: {error}")
@@ -314,14 +334,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.idle", description=__doc__)
     add_arguments(parser, standalone=True)
     args = parser.parse_args(argv)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    default = ["pgbouncer", "dbmux", *([BASELINE] if args.baseline else [])]
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else default
     if not targets or any(t not in TARGETS for t in targets):
         parser.error(f"--targets takes {', '.join(TARGETS)}")
+    if BASELINE in targets and args.baseline is None:
+        parser.error(f"target {BASELINE} needs --baseline SRC")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
     if args.idle_clients < 1:
         parser.error("--idle-clients must be at least 1")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
-        results = run_all(args.idle_clients, args.idle_concurrency, targets)
+        results = run_all(args.idle_clients, args.idle_concurrency, targets, args.baseline)
     except KeyboardInterrupt:
         out("\ninterrupted")
         return 130
