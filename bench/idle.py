@@ -189,6 +189,9 @@ def run_target(
         out(f"{prefix} {_summary(result)}")
     except TimeoutError as error:
         result.problem = str(error)
+        if idle is not None:
+            idle.kill()
+            result.problem += f"; the clients' stderr: {idle.stderr_tail() or '-'}"
         out(f"{prefix} {error}")
     finally:
         if idle is not None:
