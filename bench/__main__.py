@@ -4,7 +4,8 @@ PostgreSQL: pgbench straight at the cluster, through PgBouncer, HAProxy and dbmu
 sysbench and a connect-per-request storm straight at the server, through HAProxy and dbmux. Each
 database is one throwaway server (max_connections 100) and one section of the report:
 throughput, latency, failures and peak server connections with dbmux's ratios, workload by
-workload. Then the failover drill (bench.failover), on fresh primary/replica pairs of its own.
+workload. Then the idle-20k row (bench.idle: the proxies' memory with 20,000 idle clients) and
+the failover drill (bench.failover), on servers of their own.
 Raw numbers go to bench/results/<timestamp>.json. See bench/README.md.
 """
 
@@ -24,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench import failover, report
+from bench import failover, idle, report
 from bench.mysql import MysqlBench
 from bench.postgres import TLS_GROUP, PostgresBench
 from bench.report import BASELINE, DBMUX_TARGETS, DEFAULT_TARGETS, TARGETS, RunResult
@@ -61,11 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        default=",".join([*_ENGINES, "failover"]),
+        default=",".join([*_ENGINES, idle.KEY, "failover"]),
         metavar="WORKLOAD[,..]",
         help=f"workloads to run (default: all): {', '.join(_ENGINES)} (all of that database's), "
-        f"tls ({', '.join(TLS_GROUP)}), {', '.join(_BY_KEY)}, or the failover drill: "
-        f"{', '.join(failover.KEYS)}",
+        f"tls ({', '.join(TLS_GROUP)}), {', '.join(_BY_KEY)}, {idle.KEY} (the proxies' "
+        f"memory with idle clients), or the failover drill: {', '.join(failover.KEYS)}",
     )
     defaults = "; ".join(f"{e}: {','.join(t)}" for e, t in DEFAULT_TARGETS.items())
     parser.add_argument(
@@ -100,15 +101,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     group = parser.add_argument_group("the failover drill (--only failover)")
     failover.add_arguments(group, standalone=False)
+    group = parser.add_argument_group(f"idle clients (--only {idle.KEY})")
+    idle.add_arguments(group, standalone=False)
     args = parser.parse_args(argv)
     names = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = [w for w in names if w not in _BY_KEY and w not in _GROUPS]
-    unknown = [w for w in unknown if w not in failover.KEYS]
+    unknown = [w for w in unknown if w not in failover.KEYS and w != idle.KEY]
     if unknown:
-        choices = ", ".join([*_GROUPS, *_BY_KEY, *failover.KEYS])
+        choices = ", ".join([*_GROUPS, *_BY_KEY, idle.KEY, *failover.KEYS])
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {choices}")
     args.failover = list(dict.fromkeys(d for n in names for d in failover.KEYS.get(n, ())))
-    names = [n for n in names if n not in failover.KEYS]
+    # --idle-clients: the failover drill's idle clients and the idle row's, each its own
+    # default unless given.
+    given = args.idle_clients
+    args.idle_clients = failover.IDLE if given is None else given
+    args.idle_row_clients = idle.CLIENTS if given is None else given
+    run_idle = idle.KEY in names
+    names = [n for n in names if n not in failover.KEYS and n != idle.KEY]
     args.workloads = list(dict.fromkeys(k for n in names for k in _GROUPS.get(n, [n])))
     args.target_list = (
         [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
@@ -118,6 +127,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     if args.target_list == []:
         parser.error("--targets names no target")
+    chosen = args.target_list or ["pgbouncer", "dbmux", *([BASELINE] if args.baseline else [])]
+    args.idle_targets = [t for t in chosen if t in idle.TARGETS] if run_idle else []
+    if run_idle and not args.idle_targets:
+        parser.error(f"--targets names none of {idle.KEY}'s targets ({', '.join(idle.TARGETS)})")
     if args.baseline is not None:
         args.baseline = args.baseline.resolve()  # the proxy runs in a temp dir
         if not (args.baseline / "dbmux" / "__init__.py").is_file():
@@ -177,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     password = secrets.token_urlsafe(12)
     machine = _machine()
     selected = [_BY_KEY[k] for k in args.workloads]
-    drills = f", failover drill {','.join(args.failover)}" if args.failover else ""
+    drills = f", {idle.KEY} {','.join(args.idle_targets)}" if args.idle_targets else ""
+    drills += f", failover drill {','.join(args.failover)}" if args.failover else ""
     out(
         f"dbmux bench {stamp}: {machine['cpus']} CPUs ({machine['cpu_model']}), "
         f"{args.duration}s per run, workloads {','.join(args.workloads) or '-'}, "
@@ -191,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     numbers = itertools.count(1)
     drills: dict[str, dict[str, failover.DrillResult]] = {}
+    idles: dict[str, idle.IdleResult] = {}
     total = sum(len(targets_for(args, w)) for w in selected)
     completed, broken = True, False
     try:
@@ -207,21 +222,29 @@ def main(argv: list[str] | None = None) -> int:
                 bench.close()
             if not completed:
                 break
-        if completed and args.failover:
+        if completed and args.idle_targets:
             if benches:
+                out()
+            idles = idle.run_all(
+                args.idle_row_clients, args.idle_concurrency, args.idle_targets, args.baseline
+            )
+        if completed and args.failover:
+            if benches or idles:
                 out()
             drills = failover.run_all(args.failover, args)
     except KeyboardInterrupt:
         out("\ninterrupted")
         completed = False
     results = {key: r for b in benches for key, r in b.results.items()}
-    if not results and not drills:
+    if not results and not drills and not idles:
         return 130 if not completed else 1
 
     elapsed = time.monotonic() - started
     for bench in benches:
         bench.print_section(machine)
     print_report(results)
+    for line in idle.report(idles):
+        out(line)
     for line in failover.report(drills):
         out(line)
     out_path = RESULTS / f"{stamp}.json"
@@ -254,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "tls": [row for b in benches for row in b.tls_summary()],
         "runs": [r.to_json() for r in results.values()],
+        idle.KEY: idle.to_json(idles),
         "failover": failover.to_json(drills),
     }
     out_path.write_text(json.dumps(record, indent=2))
@@ -261,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     out(f"raw results: {out_path}  ({elapsed:.0f}s in all)")
     if not completed:
         return 130
-    return 1 if broken or failover.broken(drills) or any(b.broken for b in benches) else 0
+    failed = broken or idle.broken(idles) or failover.broken(drills)
+    return 1 if failed or any(b.broken for b in benches) else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+from bench import idle
 from bench.runner import RESULTS, out
 from bench.targets import Dbmux, TargetError
 from dbmux.demo.drill import PAUSE, Drill
@@ -61,8 +62,9 @@ def add_arguments(
     parser.add_argument(
         "--idle-clients",
         type=int,
-        default=IDLE,
-        help=f"clients that stay idle through the failover (default: {IDLE})",
+        default=IDLE if standalone else None,  # `python -m bench` resolves it per use
+        help=f"clients that stay idle through the failover (default: {IDLE})"
+        + ("" if standalone else f"; also the {idle.KEY} row's (default: {idle.CLIENTS})"),
     )
     parser.add_argument(
         "--before",

@@ -94,6 +94,30 @@ def tree_cpu_seconds(root: int | None) -> float | None:
     return None if seconds is None else sum(seconds)
 
 
+def tree_rss(root: int | None) -> tuple[int, int] | None:
+    """Resident memory of root and all its descendants (VmRSS, summed, in bytes) and how many
+    processes that is; None if root is gone."""
+    if root is None:
+        return None
+    total, todo, seen = 0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            if pid == root:
+                return None
+            continue
+        seen.add(pid)
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+        todo += _children(pid)
+    return total, len(seen)
+
+
 def machine_cpu() -> tuple[float, float, float]:
     """(busy, irq, total) CPU seconds of the whole machine since boot, summed over all cores;
     irq (hard + soft interrupts, e.g. loopback packet delivery) is part of busy."""

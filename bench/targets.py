@@ -242,6 +242,7 @@ class PgBouncer(ProcessTarget):
         pool_size: int,
         auth_file_secret: str | None = None,
         tls: CertFiles | None = None,
+        max_client_conn: int = 10000,
         **kwargs: object,
     ) -> None:
         """auth_file_secret: what userlist.txt holds for the user, by default the password.
@@ -252,11 +253,15 @@ class PgBouncer(ProcessTarget):
 
         tls: the certificate PgBouncer offers its clients, who must then use TLS
         (client_tls_sslmode = require; towards the server it stays plaintext).
+
+        max_client_conn: how many clients it takes (its file descriptor limit is ours: it
+        inherits it).
         """
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.pool_size = pool_size
         self.auth_file_secret = auth_file_secret or self.password
         self.tls = tls
+        self.max_client_conn = max_client_conn
         binary = pgbouncer_binary()
         if binary is None:
             raise TargetError("pgbouncer not installed (make system-deps)")
@@ -281,7 +286,7 @@ auth_file = {self.workdir / "userlist.txt"}
 pool_mode = transaction
 default_pool_size = {self.pool_size}
 max_db_connections = {self.pool_size}
-max_client_conn = 10000
+max_client_conn = {self.max_client_conn}
 logfile = {self.log}
 ignore_startup_parameters = extra_float_digits,options
 {self._tls_settings()}"""

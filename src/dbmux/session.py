@@ -18,7 +18,7 @@ import logging
 import ssl
 import time
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from enum import Enum
 from typing import Any
 
@@ -78,6 +78,26 @@ _NOTHING, _SESSION, _UNKNOWN, _RUNNING = (
 class ClientSession(ClientEnd, Borrower):
     """One client connection of any engine."""
 
+    __slots__ = (
+        "_latency",
+        "_task",
+        "_token_refused",
+        "attached_at",
+        "connected_at",
+        "debug_since",
+        "id",
+        "last_active",
+        "logged_in",
+        "pin_reason",
+        "pool",
+        "request_at",
+        "runtime",
+        "sent_at",
+        "server",
+        "user",
+        "waiting",
+        "watched",
+    )
     # The engine's exception for malformed client input (its wire.ProtocolViolation).
     protocol_violation: type[Exception]
 
@@ -163,7 +183,20 @@ class ClientSession(ClientEnd, Borrower):
         metrics.client_connections_received.value += 1
         metrics.client_connections.value += 1
         self.runtime.clients.add(self)
-        self._task = asyncio.get_running_loop().create_task(self._login())
+        self.run_own(self._login())
+
+    def run_own(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `coro` as this client's conversation of its own (the login, or a round trip
+        the proxy makes for it), cancelled if the client leaves. Let go of once done: tens
+        of thousands of idle clients must not each keep a finished task and its coroutine."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._task = task
+        task.add_done_callback(self._forget_task)
+        return task
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        if self._task is task:
+            self._task = None
 
     async def _login(self) -> None:
         runtime = self.runtime

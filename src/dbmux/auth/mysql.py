@@ -19,11 +19,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-
+# cryptography is imported where it is used: it adds some 10 MB to the proxy's resident
+# memory, which a proxy without MySQL's RSA key exchange never needs.
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
     from dbmux.config import ProxyConfig
 
 __all__ = [
@@ -50,6 +50,9 @@ MIN_RSA_BITS = 2048  # what MySQL generates; shorter keys are refused
 
 def _oaep() -> padding.OAEP:
     """RSA-OAEP with SHA-1, as MySQL 8.0.5+ servers and their clients use it."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
     return padding.OAEP(
         mgf=padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None
     )
@@ -138,6 +141,8 @@ class RsaKey:
     """
 
     def __init__(self, private_key: rsa.RSAPrivateKey) -> None:
+        from cryptography.hazmat.primitives import serialization
+
         self._private_key = private_key
         self._public_pem = private_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -146,11 +151,17 @@ class RsaKey:
     @classmethod
     def generate(cls, bits: int = 2048) -> RsaKey:
         """A fresh key pair (2048 bits, like MySQL's auto-generated keys)."""
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         return cls(rsa.generate_private_key(public_exponent=_PUBLIC_EXPONENT, key_size=bits))
 
     @classmethod
     def from_file(cls, path: Path) -> RsaKey:
         """The unencrypted PEM private key in `path`: RSA of at least MIN_RSA_BITS bits."""
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         try:
             data = path.read_bytes()
         except OSError as error:
@@ -172,6 +183,8 @@ class RsaKey:
         """The key in `path`, generated and written there first (mode 0600) when there is
         none, so that a restart keeps it. Of proxies starting at once, the first to write
         wins and the others load its key."""
+        from cryptography.hazmat.primitives import serialization
+
         if path.exists():
             return cls.from_file(path)
         key = cls.generate()
@@ -223,6 +236,10 @@ class RsaKey:
 
 def load_public_key(public_pem: bytes) -> rsa.RSAPublicKey:
     """A server's RSA public key from PEM; ValueError if it is not one."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     try:
         public_key = serialization.load_pem_public_key(bytes(public_pem))
     except (ValueError, UnsupportedAlgorithm) as exc:

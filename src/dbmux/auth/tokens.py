@@ -50,12 +50,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
-import jwt
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
+# PyJWT and cryptography are imported where they are used: together they add some 14 MB to
+# the proxy's resident memory, which a proxy that takes no tokens never needs.
 if TYPE_CHECKING:
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
     from dbmux.config import AuthTokens, OidcIssuer, ProxyConfig
 
 log = logging.getLogger("dbmux.tokens")
@@ -115,12 +118,17 @@ class TokenKeyError(Exception):
 
 def key_id(public_key: Ed25519PublicKey) -> str:
     """The id a token names its signing key by: derived from the key itself."""
+    from cryptography.hazmat.primitives import serialization
+
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.urlsafe_b64encode(hashlib.sha256(raw).digest()).decode()[:11]
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     """The Ed25519 signing key in a PEM file (unencrypted, as `dbmux token-key` writes it)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except OSError as error:
@@ -158,6 +166,8 @@ def generate_auth_token(
 ) -> str:
     """A token for `user` at the proxy reached as `host`:`port`, valid `lifetime` seconds
     from `now`; the client sends it as its password (over TLS)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} is not between 1 and 65535")
     if not user:
@@ -254,6 +264,9 @@ _PEM_BLOCK = re.compile(
 
 def load_public_keys(paths: Sequence[Path]) -> dict[str, Ed25519PublicKey]:
     """Every Ed25519 public key in the files (PEM; a file may hold several), by key id."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     keys: dict[str, Ed25519PublicKey] = {}
     for path in paths:
         try:
@@ -276,6 +289,8 @@ def load_public_keys(paths: Sequence[Path]) -> dict[str, Ed25519PublicKey]:
 def load_jwks(path: Path) -> dict[str | None, jwt.PyJWK]:
     """The usable keys of a JWKS file by `kid`: asymmetric signing keys only (an `oct` key,
     a key for encryption or for another algorithm, an RSA key under 2048 bits is left out)."""
+    import jwt
+
     try:
         document = json.loads(path.read_bytes())
     except OSError as error:
@@ -370,6 +385,8 @@ class TokenVerifier:
             raise TokenRefused(RefusalReason.MALFORMED)
 
     def _verify_dbmux(self, token: str, *, host: str, port: int, user: str, now: float) -> None:
+        from cryptography.exceptions import InvalidSignature
+
         match = _DBMUX_TOKEN.fullmatch(token) if len(token) <= MAX_DBMUX_TOKEN_LENGTH else None
         if match is None:
             raise TokenRefused(RefusalReason.MALFORMED)
@@ -400,6 +417,8 @@ class TokenVerifier:
         _check_times(now, issued, issued + lifetime)
 
     def _verify_jwt(self, token: str, *, user: str, now: float) -> None:
+        import jwt
+
         oidc = self.oidc
         if oidc is None:
             raise TokenRefused(RefusalReason.UNKNOWN_KEY)
@@ -433,6 +452,8 @@ class TokenVerifier:
     def _decode(token: str, key: jwt.PyJWK, oidc: OidcIssuer) -> dict[str, Any]:
         """Signature (with the key's own algorithm only), issuer and audience; the times are
         checked by the caller against its `now`."""
+        import jwt
+
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -461,6 +482,9 @@ class TokenVerifier:
 def write_key_pair(private_path: Path, public_path: Path) -> str:
     """Write a new Ed25519 key pair as PEM, the private file readable by its owner only;
     neither file may exist yet. Returns the key id tokens will name."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

@@ -309,6 +309,8 @@ class Borrower(ABC):
     """A client waiting for a connection. It is called back rather than awaiting a future, so
     a transaction that has to queue costs no task, future or timer of its own."""
 
+    __slots__ = ()
+
     @abstractmethod
     def on_connection(self, conn: Any) -> None:
         """Here is the connection asked for (the engine's ServerConnection); it is lent to

@@ -25,7 +25,7 @@ from dbmux.engines.mysql.kill import ER_NOT_SUPPORTED_YET, find_kill
 from dbmux.engines.mysql.login import LoginMixin, LoginRefused, borrow_hint, error_of, too_many
 from dbmux.engines.mysql.pinning import NO_STATE
 from dbmux.engines.mysql.replay import ReplayMixin, TransactionLog
-from dbmux.engines.mysql.settings import SettingsMixin
+from dbmux.engines.mysql.settings import NO_LONG_DATA, NOTHING_TOUCHED, SettingsMixin
 from dbmux.engines.mysql.statements import (
     ClientStatement,
     CommandFailed,
@@ -53,6 +53,43 @@ class MyClient(
 ):
     """One MySQL client connection."""
 
+    __slots__ = (
+        "_after_replay",
+        "_clock",
+        "_held",
+        "_replay_queue",
+        "_requests",
+        "_timed",
+        "_verdict",
+        "busy",
+        "cancelling",
+        "capabilities",
+        "connection_id",
+        "ctx",
+        "insert_id",
+        "last_prepared",
+        "long_data",
+        "memo_text",
+        "next_statement_id",
+        "nonce",
+        "pending_schema",
+        "queued",
+        "reader",
+        "replay_log",
+        "replaying",
+        "retried",
+        "schema",
+        "schema_touched",
+        "sent",
+        "statement_bytes",
+        "statements",
+        "touched",
+        "transaction_lost",
+        "upload",
+        "variant",
+        "want_insert_id",
+        "wanted",
+    )
     protocol_violation = wire.ProtocolViolation
     server: MyServer | None
 
@@ -68,7 +105,7 @@ class MyClient(
         self.wanted: dict[str, str] = {}
         self.schema = ""
         self.insert_id = 0
-        self.touched: set[str] = set()  # variables this transaction may have changed
+        self.touched = NOTHING_TOUCHED  # variables this transaction may have changed
         self.schema_touched = False
         self.memo_text: bytes | None = None  # the transaction's one memoizable SET
         self.want_insert_id = False  # the command reads LAST_INSERT_ID()
@@ -79,7 +116,7 @@ class MyClient(
         self.last_prepared = 0
         # Texts of the server statements holding this client's long data: the session keeps
         # its server connection until each is executed, reset or closed.
-        self.long_data: set[bytes] = set()
+        self.long_data = NO_LONG_DATA
         self.busy = False  # a command is being answered
         self.sent: Request | None = None  # the last command sent to a server
         self.retried: Request | None = None  # ...and the last one run again on a new writer
@@ -348,11 +385,10 @@ class MyClient(
     def _start(self, coro: Coroutine[Any, Any, None]) -> None:
         """Serve a command that needs the proxy's own round trips."""
         self.busy = True
-        task = self.ctx.loop.create_task(self._serve(coro))
+        task = self.run_own(self._serve(coro))
         # Cancelled before it started (the client left at once), `coro` never ran: closing
         # it spares the "never awaited" warning. (A finished coroutine ignores close.)
         task.add_done_callback(lambda _: coro.close())
-        self._task = task
 
     async def _serve(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
@@ -387,7 +423,7 @@ class MyClient(
         if server is not None and self.want_insert_id and server.insert_id != self.insert_id:
             # Mid-transaction on a connection whose LAST_INSERT_ID() is another client's.
             self.queued, self.waiting = request, True
-            self._task = self.ctx.loop.create_task(self._step_then_send(server))
+            self.run_own(self._step_then_send(server))
             return
         if server is None:
             pool = self.pool
@@ -428,7 +464,7 @@ class MyClient(
             self.give_back(server=conn)
             return
         if not self._in_step(conn):
-            self._task = self.ctx.loop.create_task(self._step_then_send(conn))
+            self.run_own(self._step_then_send(conn))
             return
         self.queued, self.waiting = None, False
         if self._timed:
@@ -538,7 +574,7 @@ class MyClient(
             if memo is not None and len(self.touched) == len(memo):
                 self._settle(server, memo)
                 return
-            self._task = self.ctx.loop.create_task(self._learn_state(server))
+            self.run_own(self._learn_state(server))
             return
         self.give_back(server=server)
         self._end_command()
@@ -679,7 +715,7 @@ class MyClient(
                 "was rolled back",
                 seq=seq,
             )
-            self.touched.clear()
+            self.touched = NOTHING_TOUCHED
             self._end_command()
         elif server.scanner.status & wire.SERVER_STATUS_IN_TRANS:
             # (Lost during the proxy's own exchange, which its task answers, the same.)

@@ -60,6 +60,9 @@ def error_of(error: ServerError) -> tuple[int, str]:
 class LoginMixin(ClientSession):
     """MyClient's login and COM_CHANGE_USER."""
 
+    if not TYPE_CHECKING:  # the slots are MyClient's (mypy would look for them here)
+        __slots__ = ()
+
     capabilities: int
     connection_id: int
     ctx: MyContext

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from dbmux.engines.base import BorrowTimeout, ServerError
 from dbmux.engines.mysql import wire
+from dbmux.engines.mysql.settings import NOTHING_TOUCHED
 from dbmux.relay import ConnectionClosed
 from dbmux.session import ClientSession, Leftover
 
@@ -83,6 +84,9 @@ class TransactionLog:
 class ReplayMixin(ClientSession):
     """MyClient's side of transaction_replay (see the module docstring)."""
 
+    if not TYPE_CHECKING:  # the slots are MyClient's (mypy would look for them here)
+        __slots__ = ()
+
     replay_log: TransactionLog | None
     replaying: bool
     _replay_queue: deque[tuple[Request, bytes]]
@@ -94,7 +98,7 @@ class ReplayMixin(ClientSession):
     schema: str
     sent: Request | None
     server: MyServer | None
-    touched: set[str]
+    touched: frozenset[str]
     transaction_lost: str
     queued: Request | None
     wanted: dict[str, str]
@@ -216,7 +220,7 @@ class ReplayMixin(ClientSession):
                 "rolled back",
                 seq=seq,
             )
-            self.touched.clear()
+            self.touched = NOTHING_TOUCHED
         else:
             self.transaction_lost = why
         self._end_command()

@@ -32,6 +32,11 @@ SESSION_STATE_SIZE = "session_state_size"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 BINARY_CHARSET = 63
 
+# A session's `touched` and `long_data` while it has none (most of the time): immutable, so
+# that idle sessions share one empty set each instead of holding their own.
+NOTHING_TOUCHED: frozenset[str] = frozenset()
+NO_LONG_DATA: frozenset[bytes] = frozenset()
+
 
 def quote_string(value: str) -> str:
     """A string literal that reads back the same whatever the sql_mode (NO_BACKSLASH_ESCAPES
@@ -159,15 +164,18 @@ def set_statement(changes: dict[str, str]) -> str:
 class SettingsMixin(ClientSession):
     """MyClient's part that follows session state (session_state: replay or pin)."""
 
+    if not TYPE_CHECKING:  # the slots are MyClient's (mypy would look for them here)
+        __slots__ = ()
+
     ctx: MyContext
     insert_id: int
-    long_data: set[bytes]
+    long_data: frozenset[bytes]
     memo_text: bytes | None
     schema: str
     schema_touched: bool
     statement_bytes: int
     statements: dict[int, ClientStatement]
-    touched: set[str]
+    touched: frozenset[str]
     variant: int
     want_insert_id: bool
     wanted: dict[str, str]
@@ -273,7 +281,7 @@ class SettingsMixin(ClientSession):
                 self.wanted.pop(key, None)
             else:
                 self.wanted[key] = value
-        self.touched.clear()
+        self.touched = NOTHING_TOUCHED
         self.schema_touched = False
         self.memo_text = None
         server.applied = dict(self.wanted)
@@ -288,10 +296,10 @@ class SettingsMixin(ClientSession):
         a connection it held is reset before anyone else uses it."""
         self.give_back(Leftover.SESSION)
         self.wanted = {}
-        self.touched.clear()
+        self.touched = NOTHING_TOUCHED
         self.schema_touched = False
         self.statements.clear()
         self.statement_bytes = 0
         self.insert_id = 0
         self.pin_reason = None
-        self.long_data.clear()
+        self.long_data = NO_LONG_DATA

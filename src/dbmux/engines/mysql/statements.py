@@ -49,15 +49,18 @@ Request = tuple[bytes, "int | None", "ClientStatement | None", "bytes | None"]
 class StatementsMixin(ClientSession):
     """MyClient's prepared statements (COM_STMT_*)."""
 
+    if not TYPE_CHECKING:  # the slots are MyClient's (mypy would look for them here)
+        __slots__ = ()
+
     _verdict: Callable[[bytes], Verdict]
     busy: bool
     last_prepared: int
-    long_data: set[bytes]
+    long_data: frozenset[bytes]
     next_statement_id: int
     server: MyServer | None
     statement_bytes: int
     statements: dict[int, ClientStatement]
-    touched: set[str]
+    touched: frozenset[str]
 
     if TYPE_CHECKING:  # provided by MyClient and the classes it mixes in
 
@@ -184,10 +187,14 @@ class StatementsMixin(ClientSession):
                 flags |= 128
                 out = out[:5] + bytes((flags & 0xFF, flags >> 8)) + statement.types + out[7:]
                 ours.types = statement.types
-        if command in (wire.COM_STMT_EXECUTE, wire.COM_STMT_BULK_EXECUTE, wire.COM_STMT_RESET):
+        if statement.text in self.long_data and command in (
+            wire.COM_STMT_EXECUTE,
+            wire.COM_STMT_BULK_EXECUTE,
+            wire.COM_STMT_RESET,
+        ):
             # Only this statement's long data is used up: another's still sits on its own
             # server statement, which other clients share once the connection goes back.
-            self.long_data.discard(statement.text)
+            self.long_data -= {statement.text}
         if kind is not None:
             server.scanner.expect(kind)
         server.transport.write(wire.packet(0, out))
@@ -201,7 +208,7 @@ class StatementsMixin(ClientSession):
             statement = self._statement(payload)
         except CommandFailed:
             return  # the server would ignore it too; the execute reports the error
-        self.long_data.add(statement.text)
+        self.long_data |= {statement.text}
         self._forward(payload, None, statement)
 
     def _close_statement(self, payload: bytes) -> None:
@@ -213,7 +220,7 @@ class StatementsMixin(ClientSession):
         server = self.server
         if statement is None or server is None or statement.text not in self.long_data:
             return
-        self.long_data.discard(statement.text)
+        self.long_data -= {statement.text}
         self._start(self._drop_long_data(server, statement.text))
 
     async def _drop_long_data(self, server: MyServer, text: bytes) -> None:

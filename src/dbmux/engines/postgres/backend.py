@@ -8,8 +8,6 @@ import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from cryptography import x509
-
 from dbmux.auth.md5 import md5_response
 from dbmux.auth.scram import MECHANISM, ScramClient, ScramError
 from dbmux.auth.secrets import Credentials
@@ -184,6 +182,8 @@ class PgServer(ServerEnd, ServerConnection):
             ssl_object = self.transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             if der:
+                from cryptography import x509  # (only here: see dbmux.auth.tls)
+
                 binding = end_point_hash(x509.load_der_x509_certificate(der))
                 return ScramClient(password, channel_binding=binding)
         if MECHANISM.encode() not in mechanisms:

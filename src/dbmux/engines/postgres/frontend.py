@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from dbmux.engines.postgres.pinning import (
     Verdict,
 )
 from dbmux.engines.postgres.replay import rerunnable, rerunnable_messages
-from dbmux.engines.postgres.settings import SettingsMixin
+from dbmux.engines.postgres.settings import NO_LOGIN_SETTINGS, NO_SETTINGS, SettingsMixin
 from dbmux.engines.postgres.statements import StatementsMixin
 from dbmux.session import ClientSession, Failure, Leftover
 
@@ -52,6 +53,44 @@ FAILURE_CODES = {
 class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
     """One client connection."""
 
+    __slots__ = (
+        "_classify",
+        "_clock",
+        "_held_for_wait",
+        "_requests",
+        "_timed",
+        "_whole",
+        "channel_binding",
+        "ctx",
+        "errors_at_attach",
+        "expose_names",
+        "forget_server_statements",
+        "key",
+        "last_queue",
+        "last_sent",
+        "login_settings",
+        "lost_reason",
+        "outstanding",
+        "parsed_settings",
+        "pending",
+        "pending_syncs",
+        "pid_bytes",
+        "queue",
+        "queue_syncs",
+        "refusing",
+        "resets",
+        "rewriting",
+        "scanner",
+        "server_params_changed",
+        "set_texts",
+        "shared_seen",
+        "statements",
+        "touched",
+        "transaction_lost",
+        "tx_status",
+        "unmemoizable",
+        "wanted",
+    )
     protocol_violation = wire.ProtocolViolation
     server: PgServer | None
 
@@ -66,7 +105,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         # What was last relayed to a server, for transaction_replay: bytes, or (named
         # statements) the queue of messages before their names were mapped.
         self.last_sent = b""
-        self.last_queue: list[tuple[int, bytes]] = []
+        self.last_queue: Sequence[tuple[int, bytes]] = ()
         self.pending_syncs = 0
         # (`waiting` also covers bringing a server's settings to ours.)
         self._held_for_wait = False  # reading paused because more came while waiting
@@ -79,16 +118,19 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self.queue_syncs = 0
         self.forget_server_statements = False
         self.expose_names = False  # pinned by SQL that names the client's statements
-        self.shared_seen: set[bytes] = set()  # shared statements this client ever parsed
+        # Shared statements this client ever parsed (made at its first named statement).
+        self.shared_seen: set[bytes] | None = None
         self.statements: dict[bytes, tuple[bytes, bytes]] = {}  # name -> (proxy name, text)
         # Settings each parsed statement changes when executed (b"" is the unnamed one).
         self.parsed_settings: dict[bytes, frozenset[str]] = {}
-        self.touched: set[str] = set()  # settings this transaction SET or RESET (replay)
-        self.set_texts: list[bytes] = []  # the SET statements behind `touched`...
+        # Settings this transaction SET or RESET (replay); immutable, so that the many
+        # sessions that never SET anything share one empty set.
+        self.touched = NO_SETTINGS
+        self.set_texts: tuple[bytes, ...] = ()  # the SET statements behind `touched`...
         self.unmemoizable = False  # ...unless some came from elsewhere (see _memo_key)
         self.errors_at_attach = 0
-        self.login_settings: dict[str, str] = {}
-        self.resets: set[str] = set()  # settings RESET in this transaction
+        self.login_settings = NO_LOGIN_SETTINGS
+        self.resets = NO_SETTINGS  # settings RESET in this transaction
         self.transaction_lost = False  # the server died while the client sat in a transaction
         # An error was sent (or is owed, when transaction_lost); ReadyForQuery follows at the
         # next Sync.
@@ -278,7 +320,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
                     self.resets |= verdict.resets
                     self.unmemoizable = True  # the outcome depends on this client's login
                 elif kind == 81 and verdict.memoizable and self.tx_status == wire.IDLE:
-                    self.set_texts.append(body)
+                    self.set_texts += (body,)
                 else:
                     self.unmemoizable = True
 
@@ -286,7 +328,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         """The pool lends us a server: bring its settings to ours if needed, then relay
         what waited."""
         if server.applied != self.wanted:
-            self._task = self.ctx.loop.create_task(self._apply_settings(server))
+            self.run_own(self._apply_settings(server))
             return
         self.waiting = False
         if self._timed:

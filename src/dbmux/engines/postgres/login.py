@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, cast
 
 from dbmux.auth.admission import source_address
@@ -72,10 +74,13 @@ def parse_options(options: str) -> dict[str, str]:
 class LoginMixin(ClientSession):
     """PgClient's login conversation (runs once, before the relay starts)."""
 
+    if not TYPE_CHECKING:  # the slots are PgClient's (mypy would look for them here)
+        __slots__ = ()
+
     channel_binding: bytes | None
     ctx: PgContext
     key: tuple[int, int]
-    login_settings: dict[str, str]
+    login_settings: Mapping[str, str]
     pid_bytes: bytes
     wanted: dict[str, str]
 
@@ -137,7 +142,7 @@ class LoginMixin(ClientSession):
         user = params.get("user", "")
         if not user:
             raise LoginRefused("28000", "no PostgreSQL user name specified in startup packet")
-        self.user = user
+        self.user = sys.intern(user)  # one string for all the clients of a user
         await self._authenticate(user)
         refusal = self.admit(deadline)
         if refusal is not None:
@@ -295,7 +300,8 @@ class LoginMixin(ClientSession):
                     canonical[(name, value)] = server.params.get(name, value)
             wanted = {k: canonical.get((k, v), v) for k, v in settings.items()}
             self.wanted = {k: v for k, v in wanted.items() if facts.get(k) != v}
-            self.login_settings = dict(self.wanted)  # what RESET goes back to
+            if self.wanted:  # what RESET goes back to (else the shared NO_LOGIN_SETTINGS)
+                self.login_settings = dict(self.wanted)
             if server is not None and unknown:
                 server.applied = dict(self.wanted)
         except ServerError as error:

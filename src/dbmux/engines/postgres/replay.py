@@ -15,6 +15,7 @@ protocol's pipelines logged and matched per Sync; not done yet.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 from dbmux.engines.postgres import wire
 from dbmux.engines.postgres.pinning import Unclassifiable, function_name, split_statements
@@ -64,7 +65,9 @@ def rerunnable(request: bytes) -> bool:
     return rerunnable_messages(messages, {})
 
 
-def rerunnable_messages(messages: list[tuple[int, bytes]], prepared: dict[bytes, bytes]) -> bool:
+def rerunnable_messages(
+    messages: Sequence[tuple[int, bytes]], prepared: dict[bytes, bytes]
+) -> bool:
     """The messages of one request are a read a fresh server connection can run: a Query,
     or Parse/Bind/Describe/Execute ending in the one Sync, binding unnamed portals to
     statements that read. `prepared`: the text of the client's named statements, which the

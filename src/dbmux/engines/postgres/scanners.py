@@ -61,6 +61,11 @@ class _Held:
         return joined
 
 
+# A client scanner's _Held until a message of its client arrives split (most never do): one
+# for all, never holding anything.
+_NOT_HOLDING = _Held()
+
+
 class ReplyPlan:
     """What the server will answer to the Parse and Close messages in flight on one server
     connection, Sync by Sync: which answers belong to messages the proxy slipped in (the
@@ -316,7 +321,7 @@ class FrontendScanner:
 
     def __init__(self) -> None:
         self._skip = 0
-        self._held = _Held()
+        self._held = _NOT_HOLDING  # (its own at the first split message)
         self.statements: list[tuple[int, bytes]] = []
         self.terminated = False
         self.diverted: bytes | None = None
@@ -413,5 +418,8 @@ class FrontendScanner:
         self.open_parses, self.open_closes = parses, closes
         self._skip = 0
         if need:
-            self._held.hold(data, pos, need)
+            held = self._held
+            if held is _NOT_HOLDING:
+                held = self._held = _Held()
+            held.hold(data, pos, need)
         return data[:pos]

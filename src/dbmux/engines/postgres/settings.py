@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from dbmux.engines.base import PoolKey, ServerError
@@ -22,18 +24,25 @@ log = logging.getLogger("dbmux.postgres")
 # that it is pinned (SESSION_STATE_SIZE) and its server connection holds them, as directly.
 MAX_CARRIED_SETTINGS = 1000
 SESSION_STATE_SIZE = "session_state_size"
+# A session's `touched` and `resets` while it has none: one immutable empty set for all.
+NO_SETTINGS: frozenset[str] = frozenset()
+# A session's `login_settings` when it gave none at login (most do not).
+NO_LOGIN_SETTINGS: Mapping[str, str] = MappingProxyType({})
 
 
 class SettingsMixin(ClientSession):
     """PgClient's part that follows session settings (session_state: replay or pin)."""
 
+    if not TYPE_CHECKING:  # the slots are PgClient's (mypy would look for them here)
+        __slots__ = ()
+
     ctx: PgContext
     errors_at_attach: int
-    login_settings: dict[str, str]
-    resets: set[str]
+    login_settings: Mapping[str, str]
+    resets: frozenset[str]
     server_params_changed: bool
-    set_texts: list[bytes]
-    touched: set[str]
+    set_texts: tuple[bytes, ...]
+    touched: frozenset[str]
     unmemoizable: bool
     wanted: dict[str, str]
 
@@ -64,24 +73,22 @@ class SettingsMixin(ClientSession):
         names -= {name.lower() for name in pool.server_facts}  # reported by the server itself
         memo_key = self._memo_key(server)
         restore = self._login_values_to_restore()
-        self.touched.clear()
-        self.set_texts.clear()
+        self.touched = NO_SETTINGS
+        self.set_texts = ()
         self.unmemoizable = False
         known = self.ctx.set_results.outcome(*memo_key) if memo_key else None
         if not restore and (not names or known is not None):
             self._settle_settings(server, known or {})
         else:
             self.waiting = True
-            self._task = self.ctx.loop.create_task(
-                self._learn_settings(server, names, memo_key, restore)
-            )
+            self.run_own(self._learn_settings(server, names, memo_key, restore))
 
     def _login_values_to_restore(self) -> dict[str, str]:
         """RESET goes back to the session's default, which for a setting given at login is
         the login value; the server connection never saw the login, so the proxy puts it
         back itself."""
         resets, login = self.resets, self.login_settings
-        self.resets = set()
+        self.resets = NO_SETTINGS
         if ALL_SETTINGS in resets:
             return dict(login)
         return {name: value for name, value in login.items() if name.lower() in resets}

@@ -4,7 +4,7 @@ shared per server connection by text, prepared lazily where the client borrows."
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dbmux.engines.postgres import scanners, wire
@@ -25,6 +25,9 @@ MAX_CLIENT_STATEMENTS = 10_000  # named statements one client may hold at once
 class StatementsMixin(ClientSession):
     """PgClient's relay for sessions that use named statements: whole messages, names mapped."""
 
+    if not TYPE_CHECKING:  # the slots are PgClient's (mypy would look for them here)
+        __slots__ = ()
+
     _clock: Clock
     _held_for_wait: bool
     _requests: Any  # the query_requests counter (engines see the metrics through ctx only)
@@ -33,7 +36,7 @@ class StatementsMixin(ClientSession):
     ctx: PgContext
     expose_names: bool
     forget_server_statements: bool
-    last_queue: list[tuple[int, bytes]]
+    last_queue: Sequence[tuple[int, bytes]]
     outstanding: int
     parsed_settings: dict[bytes, frozenset[str]]
     queue: list[tuple[int, bytes]]
@@ -41,7 +44,7 @@ class StatementsMixin(ClientSession):
     refusing: bool
     scanner: scanners.FrontendScanner
     server: PgServer | None
-    shared_seen: set[bytes]
+    shared_seen: set[bytes] | None
     statements: dict[bytes, tuple[bytes, bytes]]
     tx_status: int
 
@@ -167,8 +170,10 @@ class StatementsMixin(ClientSession):
 
     def _map_names(self, server: PgServer) -> bytes:
         """The queue as the server must see it (see _Batch)."""
-        if len(self.shared_seen) > 2 * MAX_CLIENT_STATEMENTS:
-            self.shared_seen.clear()  # (only an optimisation's memory: see _named_parse)
+        seen = self.shared_seen
+        if seen is None or len(seen) > 2 * MAX_CLIENT_STATEMENTS:
+            # (Forgetting is only an optimisation's memory lost: see _named_parse.)
+            seen = self.shared_seen = set()
         batch = _Batch(
             self.statements, self.parsed_settings, server, self._proxy_name, self.ctx.metrics
         )
@@ -188,7 +193,7 @@ class StatementsMixin(ClientSession):
             if i == last_sync:
                 batch.evict()
             try:
-                batch.add(kind, body, self.shared_seen)
+                batch.add(kind, body, seen)
             except wire.ProtocolViolation:
                 batch.out.append(wire.frame(kind, body))  # malformed: the server refuses it
         if last_sync == len(queue):
