@@ -127,7 +127,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     if args.target_list == []:
         parser.error("--targets names no target")
-    chosen = args.target_list or ["pgbouncer", "dbmux", *([BASELINE] if args.baseline else [])]
+    chosen = args.target_list or [
+        "pgbouncer",
+        "dbmux",
+        "dbmux-w2",
+        *([BASELINE] if args.baseline else []),
+    ]
     args.idle_targets = [t for t in chosen if t in idle.TARGETS] if run_idle else []
     if run_idle and not args.idle_targets:
         parser.error(f"--targets names none of {idle.KEY}'s targets ({', '.join(idle.TARGETS)})")

@@ -25,14 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.idleclients import SPARE_FDS, IdleClients, Outcome, raise_fd_limit
-from bench.monitor import tree_rss
+from bench.monitor import tree_memory
 from bench.report import BASELINE
 from bench.runner import MAX_CONNECTIONS, POOL_PERCENT, POOL_SIZE, RESULTS, SRC, out
 from bench.targets import Dbmux, PgBouncer, ProcessTarget, TargetError
 from dbmux.testing import CommandError, PostgresCluster, ServerStartError
 
 KEY = "idle-20k"  # what --only takes in `python -m bench`
-TARGETS = ("pgbouncer", "dbmux", BASELINE)  # dbmux-before: with --baseline only
+# dbmux-w2: dbmux with workers: 2; dbmux-before: with --baseline only.
+TARGETS = ("pgbouncer", "dbmux", "dbmux-w2", BASELINE)
+WORKERS = {"dbmux-w2": 2}  # worker processes per dbmux target, 1 unless named
 CLIENTS = 20_000
 CONCURRENCY = 200
 TARGET_MB = 100  # dbmux's whole RSS with CLIENTS idle clients (issue 14)
@@ -57,8 +59,8 @@ def add_arguments(
         parser.add_argument(
             "--targets",
             metavar="T[,..]",
-            help=f"targets, in this order: {', '.join(TARGETS)} (default: pgbouncer,dbmux, "
-            f"and {BASELINE} with --baseline)",
+            help=f"targets, in this order: {', '.join(TARGETS)} (default: pgbouncer,dbmux,"
+            f"dbmux-w2, and {BASELINE} with --baseline)",
         )
         parser.add_argument(
             "--baseline",
@@ -85,6 +87,8 @@ class IdleResult:
     login_seconds: float = 0.0
     rss_before: int | None = None  # bytes, before the first client
     rss_idle: int | None = None  # bytes, with every client logged in and idle
+    pss_before: int | None = None  # the same as PSS (see monitor.TreeMemory)
+    pss_idle: int | None = None
     processes: int = 0  # in the proxy's process tree, when idle
     errors: dict[str, int] = field(default_factory=dict)
     problem: str = ""
@@ -159,13 +163,16 @@ def run_target(
             max_connections_percent=POOL_PERCENT,
             source=baseline if name == BASELINE else SRC,
             proxy_settings={"max_client_connections": clients + SPARE_FDS},
+            workers=WORKERS.get(name, 1),
         )
     prefix = f"  {name:<12}"
     target.start()
     idle: IdleClients | None = None
     try:
         time.sleep(1.0)  # past its start-up
-        result.rss_before = _rss(target.pid)
+        before = tree_memory(target.pid)
+        if before is not None:
+            result.rss_before, result.pss_before = before.rss, before.pss
         idle = IdleClients(
             host=target.host,
             port=target.port,
@@ -179,9 +186,10 @@ def run_target(
         if sys.stdout.isatty():
             sys.stdout.write("\r")
         time.sleep(SETTLE)
-        tree = tree_rss(target.pid)
-        if tree is not None:
-            result.rss_idle, result.processes = tree
+        idle_memory = tree_memory(target.pid)
+        if idle_memory is not None:
+            result.rss_idle, result.pss_idle = idle_memory.rss, idle_memory.pss
+            result.processes = idle_memory.processes
         result.connected, result.failed = ready.connected, ready.failed
         result.login_seconds = ready.seconds
         result.errors = dict(ready.errors)
@@ -204,11 +212,6 @@ def run_target(
         result.problem = "; ".join(filter(None, [result.problem, *problems]))
         target.cleanup()
     return result
-
-
-def _rss(pid: int | None) -> int | None:
-    tree = tree_rss(pid)
-    return None if tree is None else tree[0]
 
 
 def _mb(value: float | None) -> str:
@@ -265,15 +268,27 @@ def report(results: dict[str, IdleResult]) -> list[str]:
         return []
     some = next(iter(results.values()))
     lines = ["", f"## {KEY}: {some.requested} logged-in idle clients (PostgreSQL, SCRAM)", ""]
-    header = ("target", "logged in", "failed", "dropped", "RSS before", "RSS idle", "B/client")
+    header = (
+        "target",
+        "processes",
+        "logged in",
+        "failed",
+        "dropped",
+        "RSS before",
+        "RSS idle",
+        "PSS idle",
+        "B/client",
+    )
     rows = [
         (
             r.target,
+            str(r.processes),
             str(r.connected),
             str(r.failed),
             str(r.dropped),
             _mb(r.rss_before),
             _mb(r.rss_idle),
+            _mb(r.pss_idle),
             "-" if r.per_client is None else f"{r.per_client:,.0f}",
         )
         for r in results.values()
@@ -283,9 +298,11 @@ def report(results: dict[str, IdleResult]) -> list[str]:
         lines.append("  ".join(f"{c:>{w}}" for c, w in zip(row, widths, strict=True)))
     lines += [
         "",
-        "RSS: VmRSS of the proxy and its descendants, before the first client and with every "
-        f"client logged in and idle ({SETTLE:g} s after the last login); B/client = the "
-        "difference / clients logged in.",
+        "RSS: resident memory of the proxy and its descendants, before the first client and "
+        f"with every client logged in and idle ({SETTLE:g} s after the last login); PSS: the "
+        "same with the pages several processes share (libraries) split among them, so that a "
+        "supervisor and its workers count each once; B/client = the RSS difference / clients "
+        "logged in.",
     ]
     dbmux, pgbouncer = results.get("dbmux"), results.get("pgbouncer")
     if dbmux is not None and pgbouncer is not None:
@@ -298,9 +315,10 @@ def report(results: dict[str, IdleResult]) -> list[str]:
                 ratios.append(f"{what} {a / b:.1f}x")
         if ratios:
             lines.append(f"dbmux/PgBouncer: {', '.join(ratios)}")
-    if dbmux is not None:
+    judged = [r for name, r in results.items() if name in ("dbmux", "dbmux-w2")]
+    if judged:
         lines.append("Targets:")
-        lines.append(f"  dbmux: {_verdict(dbmux)}")
+        lines += [f"  {r.target}: {_verdict(r)}" for r in judged]
     for r in results.values():
         for error, count in r.errors.items():
             lines.append(f"  {r.target} failures x{count}: {error}")
@@ -337,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.idle", description=__doc__)
     add_arguments(parser, standalone=True)
     args = parser.parse_args(argv)
-    default = ["pgbouncer", "dbmux", *([BASELINE] if args.baseline else [])]
+    default = ["pgbouncer", "dbmux", "dbmux-w2", *([BASELINE] if args.baseline else [])]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else default
     if not targets or any(t not in TARGETS for t in targets):
         parser.error(f"--targets takes {', '.join(TARGETS)}")

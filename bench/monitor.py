@@ -94,28 +94,44 @@ def tree_cpu_seconds(root: int | None) -> float | None:
     return None if seconds is None else sum(seconds)
 
 
-def tree_rss(root: int | None) -> tuple[int, int] | None:
-    """Resident memory of root and all its descendants (VmRSS, summed, in bytes) and how many
-    processes that is; None if root is gone."""
+@dataclass
+class TreeMemory:
+    """Memory of a process and its descendants, in bytes: RSS summed (library pages the
+    processes share counted in each) and PSS summed (shared pages split among the processes
+    that map them, so a supervisor and its workers count each page once)."""
+
+    rss: int
+    pss: int
+    processes: int
+
+
+def tree_memory(root: int | None) -> TreeMemory | None:
+    """The memory of root and all its descendants; None if root is gone."""
     if root is None:
         return None
-    total, todo, seen = 0, [root], set()
+    memory, todo, seen = TreeMemory(0, 0, 0), [root], set()
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:
             if pid == root:
                 return None
             continue
         seen.add(pid)
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
+        for line in rollup.splitlines():
+            name, _, value = line.partition(":")
+            if name in ("Rss", "Pss"):
+                kib = int(value.split()[0]) * 1024
+                if name == "Rss":
+                    memory.rss += kib
+                else:
+                    memory.pss += kib
         todo += _children(pid)
-    return total, len(seen)
+    memory.processes = len(seen)
+    return memory
 
 
 def machine_cpu() -> tuple[float, float, float]:

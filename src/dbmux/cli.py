@@ -41,16 +41,24 @@ class Servable(Protocol):
     def describe(self) -> str: ...
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace, config: Config | None) -> int:
     """Serve until SIGTERM or SIGINT, then drain (a second one stops at once); SIGHUP
-    reloads the config file. With several workers, this is their supervisor."""
-    from dbmux.proxy import Process
-    from dbmux.workers.supervisor import Supervisor
-    from dbmux.workers.worker import WorkerLink
-
+    reloads the config file. With several workers, this is their supervisor; `config` is
+    None in a worker, which takes its supervisor's."""
     stop = asyncio.Event()
     server: Servable
-    if args.worker is not None:
+    if config is not None and config.worker_count > 1:
+        from dbmux.workers.supervisor import Supervisor
+
+        log_args = ("--log-level", args.log_level, "--log-format", args.log_format)
+        server = Supervisor(config, args.config, log_args=log_args)
+        await server.start()
+        return await _ready(server, stop)
+    from dbmux.proxy import Process
+
+    if config is None:
+        from dbmux.workers.worker import WorkerLink
+
         index, _, fd = args.worker.partition(":")
         link = WorkerLink(int(index))
         await link.connect(int(fd), stop.set)  # the supervisor is gone: drain and exit
@@ -61,13 +69,12 @@ async def _serve(args: argparse.Namespace) -> int:
         await server.start()
         link.ready()
         return await _until_stopped(server, stop, hup=False)
-    config = load_config(args.config)
-    if config.worker_count > 1:
-        log_args = ("--log-level", args.log_level, "--log-format", args.log_format)
-        server = Supervisor(config, args.config, log_args=log_args)
-    else:
-        server = Process(config, args.config)
+    server = Process(config, args.config)
     await server.start()
+    return await _ready(server, stop)
+
+
+async def _ready(server: Servable, stop: asyncio.Event) -> int:
     log.info(
         "dbmux %s ready (%s); SIGHUP reloads, SIGTERM or Ctrl-C drains and stops",
         __version__,
@@ -112,14 +119,10 @@ async def _until_stopped(server: Servable, stop: asyncio.Event, *, hup: bool) ->
 
 def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_format, worker=args.worker)
-    result = 0
-
-    async def main() -> None:
-        nonlocal result
-        result = await _serve(args)
-
-    run(main())
-    return result
+    config = load_config(args.config) if args.worker is None else None
+    # A supervisor relays no client's bytes: the standard loop, without uvloop's memory.
+    supervising = config is not None and config.worker_count > 1
+    return (asyncio.run if supervising else run)(_serve(args, config))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
