@@ -264,6 +264,16 @@ def _reported(
     )
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the header, its rule, a line per row."""
+    rule = "|" + "|".join("---" for _ in head) + "|"
+    return "\n".join([_line(head), rule, *(_line(cells) for cells in rows)])
+
+
+def _line(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def table(
     workloads: Sequence[Workload],
     results: dict[tuple[str, str], RunResult],
@@ -291,7 +301,7 @@ def table(
         *([f"reconnects ({order})"] if reconnects else []),
         f"peak server conns ({order})",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rows: list[list[str]] = []
     for w in workloads:
         if not any((w.key, t) in results for t in targets):
             continue
@@ -321,8 +331,8 @@ def table(
             *([cell(lambda r: _reported_count(r.client.reconnects))] if reconnects else []),
             cell(lambda r: _count(r.peak_server_connections)),
         ]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return markdown_table(head, rows)
 
 
 def _count(n: int | None) -> str:
@@ -368,7 +378,7 @@ def cpu_table(
         "context switches / tx",
         "server logins",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rows: list[list[str]] = []
     for w in workloads:
         for t in targets:
             r = results.get((w.key, t))
@@ -398,8 +408,8 @@ def cpu_table(
                 ctx,
                 logins,
             ]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def _ratio_verdict(w: Workload, dbmux: RunResult, base: RunResult) -> str:
@@ -523,7 +533,7 @@ def tls_table(rows: list[dict[str, Any]], titles: dict[str, str]) -> str:
         "TLS cost µs (p / x)",
         "per",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rows: list[list[str]] = []
     for row in rows:
         ratio, cpu_ratio = row["tps_ratio"], row["cpu_ratio"]
         cells = [
@@ -537,8 +547,8 @@ def tls_table(rows: list[dict[str, Any]], titles: dict[str, str]) -> str:
             pair(row, "tls_cost_us", lambda v: f"{v:,.1f}"),
             row["per"] + (f" (less {row['plain']})" if row["plain"] else ""),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def problems(results: dict[tuple[str, str], RunResult]) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from bench import prometheus
 from bench.pgbench import PgbenchResult
-from bench.report import RunResult, Workload, fmt_cpu_per_tx, fmt_tps
+from bench.report import RunResult, Workload, fmt_cpu_per_tx, fmt_tps, markdown_table
 
 BORROW_LATENCY = "dbmux_database_connections_borrow_latency_seconds"
 # Fair: no client got less than this share of the median client's transactions.
@@ -95,7 +95,7 @@ def fairness_table(
         "latency p50 / p99 ms",
         "borrow wait p50 / p99 ms (bucket)",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rows: list[list[str]] = []
     for w in workloads:
         if not w.transaction_log:
             continue
@@ -115,8 +115,8 @@ def fairness_table(
                 f"{_ms(c.latency_p50_ms)} / {_ms(c.latency_p99_ms)}",
                 f"{_wait(r.borrow_wait, 'p50')} / {_wait(r.borrow_wait, 'p99')}",
             ]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(cells)
+    return markdown_table(head, rows)
 
 
 # The round-trip latencies: pgbench's average over the run, and that of its quietest second.
@@ -150,7 +150,7 @@ def round_trip_table(
         "added vs direct µs",
         "failures",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rows: list[list[str]] = []
     for w in workloads:
         if not w.round_trip:
             continue
@@ -165,8 +165,8 @@ def round_trip_table(
                 cells.append("-" if latency is None else f"{latency:,.0f}")
                 cells.append("-" if added is None else f"{added:+,.0f}")
             cells.append(str(r.failures))
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def _fairness_verdict(w: Workload, results: dict[tuple[str, str], RunResult]) -> list[str]:

@@ -119,6 +119,20 @@ def pg() -> Iterator[PostgresCluster]:
 
 
 @pytest.fixture
+def cluster() -> Iterator[tuple[PostgresCluster, PostgresCluster]]:
+    """A primary (committing synchronously, so a clean stop loses nothing) and its replica."""
+    with PostgresCluster(settings={"synchronous_commit": "on"}) as primary:
+        primary.create_user(APP_USER, APP_PASSWORD)
+        primary.create_database(APP_DB, owner=APP_USER)
+        primary.psql(
+            f"CREATE TABLE writes (n int PRIMARY KEY); ALTER TABLE writes OWNER TO {APP_USER}",
+            dbname=APP_DB,
+        )
+        with primary.replica(settings={"synchronous_commit": "on"}) as replica:
+            yield primary, replica
+
+
+@pytest.fixture
 def pg_role(pg: PostgresCluster) -> Iterator[str]:
     """A fresh role name on the session's PostgreSQL, dropped afterwards."""
     name = f"role_{secrets.token_hex(6)}"

@@ -27,20 +27,6 @@ from tests.waiting import eventually
 
 
 @pytest.fixture
-def cluster() -> Iterator[tuple[PostgresCluster, PostgresCluster]]:
-    """A primary (committing synchronously, so a clean stop loses nothing) and its replica."""
-    with PostgresCluster(settings={"synchronous_commit": "on"}) as primary:
-        primary.create_user(APP_USER, APP_PASSWORD)
-        primary.create_database(APP_DB, owner=APP_USER)
-        primary.psql(
-            f"CREATE TABLE writes (n int PRIMARY KEY); ALTER TABLE writes OWNER TO {APP_USER}",
-            dbname=APP_DB,
-        )
-        with primary.replica(settings={"synchronous_commit": "on"}) as replica:
-            yield primary, replica
-
-
-@pytest.fixture
 def dbmux(cluster, tmp_path: Path) -> Iterator[EmbeddedDbmux]:
     config = group_config("POSTGRESQL", cluster, tmp_path, APP_USER, APP_PASSWORD)
     with EmbeddedDbmux(config) as running:

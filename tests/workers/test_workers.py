@@ -316,20 +316,6 @@ def test_kill_reaches_the_client_on_another_worker(
     wait_until(lambda: my_server_connections(mariadb) <= POOL, "within the pool")
 
 
-@pytest.fixture
-def cluster() -> Iterator[tuple[PostgresCluster, PostgresCluster]]:
-    """A primary (committing synchronously, so a clean stop loses nothing) and its replica."""
-    with PostgresCluster(settings={"synchronous_commit": "on"}) as primary:
-        primary.create_user(APP_USER, APP_PASSWORD)
-        primary.create_database(APP_DB, owner=APP_USER)
-        primary.psql(
-            f"CREATE TABLE writes (n int PRIMARY KEY); ALTER TABLE writes OWNER TO {APP_USER}",
-            dbname=APP_DB,
-        )
-        with primary.replica(settings={"synchronous_commit": "on"}) as replica:
-            yield primary, replica
-
-
 def test_every_worker_follows_a_failover(
     cluster: tuple[PostgresCluster, PostgresCluster],
     tmp_path: Path,
