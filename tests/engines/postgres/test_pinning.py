@@ -600,3 +600,23 @@ def test_the_literal_prefilter_never_hides_what_the_regex_finds(sql: bytes) -> N
     text the regex matches into a miss."""
     if pinning._ANYWHERE.search(sql.lower()) is not None:
         assert might_pin(sql)
+
+
+@pytest.mark.parametrize(("sql", "expected"), SPEC)
+def test_a_parsed_statement_gets_the_same_verdict_the_first_time_and_after(
+    sql: str, expected: str | None
+) -> None:
+    classifier = Classifier(replay_settings=True)
+    first = classifier.statement_verdict(sql.encode())
+    assert first == classifier.verdict(sql.encode())
+    assert classifier.statement_verdict(sql.encode()) == first
+
+
+def test_parsed_statements_are_remembered_within_bounds() -> None:
+    classifier = Classifier()
+    for i in range(pinning.PARSED_ENTRIES + 10):
+        classifier.statement_verdict(f"SELECT {i}".encode())
+    huge = b"SELECT '" + b"x" * pinning.PARSED_TEXT_LIMIT + b"'"
+    assert classifier.statement_verdict(huge).reason is None
+    assert len(classifier._parsed) <= pinning.PARSED_ENTRIES
+    assert huge not in classifier._parsed

@@ -55,6 +55,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
 
     __slots__ = (
         "_classify",
+        "_classify_parsed",
         "_clock",
         "_held_for_wait",
         "_requests",
@@ -141,6 +142,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self._requests = ctx.metrics.query_requests
         self._timed = ctx.metrics.timed
         self._classify = ctx.classifier.verdict
+        self._classify_parsed = ctx.classifier.statement_verdict
         self.key = (0, 0)
         self.pid_bytes = b"\0\0\0\0"  # the process id this client was given, as sent
         # tls-server-end-point of the proxy's certificate, when the client is on TLS
@@ -302,7 +304,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
             else:  # Parse: name\0 text\0 ...
                 name_end = body.find(b"\0")
                 end = body.find(b"\0", name_end + 1)
-                verdict = classify(body[name_end + 1 : end]) if end > 0 else UNREADABLE
+                verdict = self._classify_parsed(body[name_end + 1 : end]) if end > 0 else UNREADABLE
                 if self.rewriting and verdict.reason is None:
                     if verdict.settings:
                         self.parsed_settings[body[:name_end]] = verdict.settings
