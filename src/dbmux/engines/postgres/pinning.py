@@ -31,15 +31,13 @@ DO_BLOCK = "do_block"  # its body may change anything; the lexer does not read c
 # U&"...", may be the temporary schema); statement keywords only first or after a semicolon.
 _ANYWHERE = re.compile(rb"\btemp|pg_temp|u&[\"']|\bhold\b|advisory_lock|currval|lastval|set_config")
 # Each alternative above holds one of these: a text with none of them (most queries) skips the
-# regex, whose alternation costs more than the rest of a transaction's classification.
+# regex, whose alternation costs more than the rest of a transaction's classification. Each
+# comes behind a byte it cannot occur without (0: none checked): `byte in text`, an integer, is
+# a memchr, several times cheaper than a substring search, and most texts lack the rare ones.
 _ANYWHERE_LITERALS = (
-    b"temp",
-    b"u&",
-    b"hold",
-    b"advisory_lock",
-    b"currval",
-    b"lastval",
-    b"set_config",
+    (ord("&"), (b"u&",)),
+    (ord("v"), (b"advisory_lock", b"currval", b"lastval")),
+    (0, (b"temp", b"hold", b"set_config")),
 )
 _STATEMENT_WORDS = rb"set|reset|prepare|execute|deallocate|discard|listen|unlisten|load|do"
 _FIRST = (*_STATEMENT_WORDS.split(b"|"), b"/*", b"--")
@@ -52,19 +50,26 @@ _BLANKS = b" \t\r\n\f\v\0;"  # \f is a blank to PostgreSQL, \v from 16 on
 def might_pin(sql: bytes) -> bool:
     """Cheap over-approximation of `Classifier.reason(sql) is not None`."""
     low = sql.lower()
-    for literal in _ANYWHERE_LITERALS:
-        # partition(), the cheapest search bytes have: `in` raises and clears a TypeError
-        # (it tries the literal as an integer first), find() parses its arguments as a tuple.
-        if low.partition(literal)[1]:
-            if _ANYWHERE.search(low) is not None:
-                return True
-            break
+    for byte, literals in _ANYWHERE_LITERALS:
+        if byte and byte not in low:
+            continue
+        for literal in literals:
+            # partition(), the cheapest substring search bytes have: `in` raises and clears
+            # a TypeError (it tries the literal as an integer first), find() parses its
+            # arguments as a tuple.
+            if low.partition(literal)[1]:
+                return _ANYWHERE.search(low) is not None or _leading_or_after_semicolon(low)
+    return _leading_or_after_semicolon(low)
+
+
+def _leading_or_after_semicolon(low: bytes) -> bool:
+    """A statement keyword (or a comment) first in `low`, or after a semicolon."""
     low = low.strip(_BLANKS)  # a trailing semicolon starts no statement
     if low.startswith(_FIRST):
         return True
-    semicolon = low.find(b";")
-    if semicolon < 0:
+    if 59 not in low:  # ";"
         return False
+    semicolon = low.find(b";")
     after = low[semicolon:]
     return b"--" in after or b"/*" in after or _AFTER_SEMICOLON.search(after) is not None
 
