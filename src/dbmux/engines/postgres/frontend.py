@@ -416,8 +416,10 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
             self.refusing = False
             self.write(wire.ready_for_query() * syncs)
 
+    # (ClientSession's methods called by name, not through super(), which builds an object
+    # per call: both run once per transaction.)
     def attach(self, server: PgServer) -> None:
-        super().attach(server)
+        ClientSession.attach(self, server)
         self.errors_at_attach = server.scanner.errors
         owners = self.ctx.session_ids
         owners[server.pid_bytes] = self.pid_bytes
@@ -426,7 +428,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
             server.scanner.plan = scanners.ReplyPlan(server.prepared, self.statements)
 
     def detach(self) -> PgServer | None:
-        server: PgServer | None = super().detach()
+        server: PgServer | None = ClientSession.detach(self)
         if server is not None:
             server.scanner.plan = None
         return server
@@ -438,7 +440,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self.outstanding -= count
         self.tx_status = status
         if self._timed and self.outstanding == 0:
-            self.record_latency()
+            self._latency.observe(self.request_at, self.sent_at)  # (record_latency, inlined)
         if self.watched:
             self.answered()
         if self.forget_server_statements:
