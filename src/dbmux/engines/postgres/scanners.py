@@ -343,6 +343,7 @@ class FrontendScanner:
         "asked",
         "diverted",
         "last_kind",
+        "mid_message",
         "open_closes",
         "open_parses",
         "statements",
@@ -353,6 +354,9 @@ class FrontendScanner:
     def __init__(self) -> None:
         self._skip = 0
         self._held = _NOT_HOLDING  # (its own at the first split message)
+        # Part of a message has been relayed or held and the rest has not arrived. (An
+        # attribute each exit of feed sets, not a property: the relay reads it per request.)
+        self.mid_message = False
         self.statements: list[tuple[int, bytes]] = []
         self.terminated = False
         self.diverted: bytes | None = None
@@ -362,12 +366,6 @@ class FrontendScanner:
         # Parse and Close messages relayed since the last Sync: their answers are still due
         # when the proxy starts to map names (ReplyPlan).
         self.open_parses = self.open_closes = 0
-
-    @property
-    def mid_message(self) -> bool:
-        """True while part of a message has been relayed or held and the rest has not
-        arrived."""
-        return bool(self._skip or self._held.parts)
 
     def feed(self, data: bytes) -> bytes:
         """Scan one chunk; return the bytes to relay now, asking for `syncs` ReadyForQuery
@@ -383,6 +381,7 @@ class FrontendScanner:
         n = len(data)
         if pos >= n:
             self._skip = pos - n
+            self.mid_message = pos > n
             self.syncs = 0
             return data
         syncs = 0
@@ -453,6 +452,7 @@ class FrontendScanner:
                 last = asked = kind
             if end >= n:
                 self._skip = end - n
+                self.mid_message = end > n
                 self.syncs = syncs
                 self.open_parses, self.open_closes = parses, closes
                 self.last_kind, self.asked = last, asked
@@ -462,6 +462,7 @@ class FrontendScanner:
         self.open_parses, self.open_closes = parses, closes
         self.last_kind, self.asked = last, asked
         self._skip = 0
+        self.mid_message = need > 0
         if need:
             held = self._held
             if held is _NOT_HOLDING:
