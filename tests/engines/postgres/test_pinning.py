@@ -602,21 +602,30 @@ def test_the_literal_prefilter_never_hides_what_the_regex_finds(sql: bytes) -> N
         assert might_pin(sql)
 
 
+def parse_body(sql: bytes, name: bytes = b"") -> bytes:
+    """A Parse message's body: statement name, text, no parameter types."""
+    return name + b"\0" + sql + b"\0\0\0"
+
+
 @pytest.mark.parametrize(("sql", "expected"), SPEC)
 def test_a_parsed_statement_gets_the_same_verdict_the_first_time_and_after(
     sql: str, expected: str | None
 ) -> None:
     classifier = Classifier(replay_settings=True)
-    first = classifier.statement_verdict(sql.encode())
+    first = classifier.parse_verdict(parse_body(sql.encode(), b"s1"))
     assert first == classifier.verdict(sql.encode())
-    assert classifier.statement_verdict(sql.encode()) == first
+    assert classifier.parse_verdict(parse_body(sql.encode(), b"s1")) == first
+
+
+def test_a_parse_message_whose_text_has_no_end_is_unclassified() -> None:
+    assert Classifier().parse_verdict(b"\0SELECT 1").reason == UNCLASSIFIED
 
 
 def test_parsed_statements_are_remembered_within_bounds() -> None:
     classifier = Classifier()
     for i in range(pinning.PARSED_ENTRIES + 10):
-        classifier.statement_verdict(f"SELECT {i}".encode())
-    huge = b"SELECT '" + b"x" * pinning.PARSED_TEXT_LIMIT + b"'"
-    assert classifier.statement_verdict(huge).reason is None
+        classifier.parse_verdict(parse_body(f"SELECT {i}".encode()))
+    huge = parse_body(b"SELECT '" + b"x" * pinning.PARSED_TEXT_LIMIT + b"'")
+    assert classifier.parse_verdict(huge).reason is None
     assert len(classifier._parsed) <= pinning.PARSED_ENTRIES
     assert huge not in classifier._parsed

@@ -20,12 +20,7 @@ from dbmux.engines.base import ServerError, owner_of
 from dbmux.engines.postgres import scanners, wire
 from dbmux.engines.postgres.backend import PgServer, send_cancel
 from dbmux.engines.postgres.login import LoginMixin
-from dbmux.engines.postgres.pinning import (
-    DISCARD,
-    PREPARED_STATEMENT,
-    UNCLASSIFIED,
-    Verdict,
-)
+from dbmux.engines.postgres.pinning import DISCARD, PREPARED_STATEMENT
 from dbmux.engines.postgres.replay import rerunnable, rerunnable_messages
 from dbmux.engines.postgres.settings import NO_LOGIN_SETTINGS, NO_SETTINGS, SettingsMixin
 from dbmux.engines.postgres.statements import StatementsMixin
@@ -36,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dbmux.postgres")
 
-UNREADABLE = Verdict(UNCLASSIFIED)
 # SQLSTATE of each failure the session reports (see dbmux.session.Failure).
 FAILURE_CODES = {
     Failure.TOO_MANY_CLIENTS: "53300",
@@ -142,7 +136,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self._requests = ctx.metrics.query_requests
         self._timed = ctx.metrics.timed
         self._classify = ctx.classifier.verdict
-        self._classify_parsed = ctx.classifier.statement_verdict
+        self._classify_parsed = ctx.classifier.parse_verdict
         self.key = (0, 0)
         self.pid_bytes = b"\0\0\0\0"  # the process id this client was given, as sent
         # tls-server-end-point of the proxy's certificate, when the client is on TLS
@@ -302,10 +296,9 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
             if kind == 81:  # Query: text\0
                 verdict = classify(body)
             else:  # Parse: name\0 text\0 ...
-                name_end = body.find(b"\0")
-                end = body.find(b"\0", name_end + 1)
-                verdict = self._classify_parsed(body[name_end + 1 : end]) if end > 0 else UNREADABLE
+                verdict = self._classify_parsed(body)
                 if self.rewriting and verdict.reason is None:
+                    name_end = body.find(b"\0")
                     if verdict.settings:
                         self.parsed_settings[body[:name_end]] = verdict.settings
                     else:

@@ -514,7 +514,8 @@ class Verdict:
 
 
 HARMLESS = Verdict(None)
-# Classifier.statement_verdict remembers up to this many texts of up to this many bytes.
+UNREADABLE = Verdict(UNCLASSIFIED)  # a Parse message whose text has no end
+# Classifier.parse_verdict remembers up to this many Parse messages of up to this many bytes.
 PARSED_ENTRIES = 4096
 PARSED_TEXT_LIMIT = 4096
 
@@ -528,23 +529,29 @@ class Classifier:
 
     exclude_variable_sets: bool = False
     replay_settings: bool = False
-    # Verdicts of statement texts parsed lately (see statement_verdict).
+    # Verdicts of Parse messages seen lately (see parse_verdict).
     _parsed: dict[bytes, Verdict] = field(default_factory=dict, compare=False, repr=False)
 
-    def statement_verdict(self, sql: bytes) -> Verdict:
-        """The verdict of a statement a client parses (extended protocol), remembered:
-        drivers parse the same few texts, with parameters, over and over. (Simple queries
-        carry their literals, so their texts seldom repeat: they go to `verdict`.)"""
-        if len(sql) > PARSED_TEXT_LIMIT:
-            return self.verdict(sql)
+    def parse_verdict(self, body: bytes) -> Verdict:
+        """The verdict of the statement in a Parse message (body: name, text, parameter
+        types), remembered: drivers parse the same few texts, with parameters, over and
+        over. (Simple queries carry their literals, so their texts seldom repeat: they go to
+        `verdict`.)"""
+        if len(body) > PARSED_TEXT_LIMIT:
+            return self._parsed_statement(body)
         parsed = self._parsed
-        known = parsed.get(sql)
+        known = parsed.get(body)
         if known is None:
-            known = self.verdict(sql)
+            known = self._parsed_statement(body)
             if len(parsed) >= PARSED_ENTRIES:
                 parsed.clear()
-            parsed[sql] = known
+            parsed[body] = known
         return known
+
+    def _parsed_statement(self, body: bytes) -> Verdict:
+        name_end = body.find(b"\0")
+        end = body.find(b"\0", name_end + 1)
+        return self.verdict(body[name_end + 1 : end]) if end > 0 else UNREADABLE
 
     def verdict(self, sql: bytes) -> Verdict:
         if not might_pin(sql):
