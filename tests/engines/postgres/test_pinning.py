@@ -621,11 +621,33 @@ def test_a_parse_message_whose_text_has_no_end_is_unclassified() -> None:
     assert Classifier().parse_verdict(b"\0SELECT 1").reason == UNCLASSIFIED
 
 
-def test_parsed_statements_are_remembered_within_bounds() -> None:
+@pytest.mark.parametrize(("sql", "expected"), SPEC)
+def test_a_text_gets_the_same_verdict_the_first_time_and_after(
+    sql: str, expected: str | None
+) -> None:
     classifier = Classifier()
-    for i in range(pinning.PARSED_ENTRIES + 10):
+    text = sql.encode() + b"\0"
+    assert classifier.verdict(text).reason == expected
+    assert classifier.verdict(text).reason == expected  # remembered, if short
+
+
+def test_a_query_spelled_like_a_parse_message_is_not_taken_for_it() -> None:
+    classifier = Classifier()
+    body = parse_body(b"SELECT 1", b"SET a.b = 1")  # named like a statement that pins
+    assert classifier.parse_verdict(body).reason is None
+    assert classifier.verdict(body).reason == SET_VARIABLE  # the server runs the name
+
+
+def test_remembered_verdicts_stay_within_bounds() -> None:
+    classifier = Classifier()
+    for i in range(pinning.MEMO_ENTRIES + 10):
         classifier.parse_verdict(parse_body(f"SELECT {i}".encode()))
+        classifier.verdict(f"SELECT {i}".encode())
     huge = parse_body(b"SELECT '" + b"x" * pinning.PARSED_TEXT_LIMIT + b"'")
     assert classifier.parse_verdict(huge).reason is None
-    assert len(classifier._parsed) <= pinning.PARSED_ENTRIES
+    long_query = b"SELECT '" + b"x" * pinning.SHORT_QUERY_LIMIT + b"'"
+    assert classifier.verdict(long_query).reason is None
+    assert len(classifier._parsed) <= pinning.MEMO_ENTRIES
+    assert len(classifier._short) <= pinning.MEMO_ENTRIES
     assert huge not in classifier._parsed
+    assert long_query not in classifier._short

@@ -515,9 +515,18 @@ class Verdict:
 
 HARMLESS = Verdict(None)
 UNREADABLE = Verdict(UNCLASSIFIED)  # a Parse message whose text has no end
-# Classifier.parse_verdict remembers up to this many Parse messages of up to this many bytes.
-PARSED_ENTRIES = 4096
+# Classifier.parse_verdict and verdict remember up to this many verdicts each, of Parse
+# messages up to PARSED_TEXT_LIMIT bytes and of texts up to SHORT_QUERY_LIMIT bytes.
+MEMO_ENTRIES = 4096
 PARSED_TEXT_LIMIT = 4096
+SHORT_QUERY_LIMIT = 32
+
+
+def _remember(memo: dict[bytes, Verdict], key: bytes, verdict: Verdict) -> Verdict:
+    if len(memo) >= MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = verdict
+    return verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,23 +538,20 @@ class Classifier:
 
     exclude_variable_sets: bool = False
     replay_settings: bool = False
-    # Verdicts of Parse messages seen lately (see parse_verdict).
+    # Verdicts of Parse messages and of short texts seen lately: two maps, since a text
+    # could be spelled like a Parse message whose name is another statement.
     _parsed: dict[bytes, Verdict] = field(default_factory=dict, compare=False, repr=False)
+    _short: dict[bytes, Verdict] = field(default_factory=dict, compare=False, repr=False)
 
     def parse_verdict(self, body: bytes) -> Verdict:
         """The verdict of the statement in a Parse message (body: name, text, parameter
         types), remembered: drivers parse the same few texts, with parameters, over and
-        over. (Simple queries carry their literals, so their texts seldom repeat: they go to
-        `verdict`.)"""
+        over."""
         if len(body) > PARSED_TEXT_LIMIT:
             return self._parsed_statement(body)
-        parsed = self._parsed
-        known = parsed.get(body)
+        known = self._parsed.get(body)
         if known is None:
-            known = self._parsed_statement(body)
-            if len(parsed) >= PARSED_ENTRIES:
-                parsed.clear()
-            parsed[body] = known
+            known = _remember(self._parsed, body, self._parsed_statement(body))
         return known
 
     def _parsed_statement(self, body: bytes) -> Verdict:
@@ -554,8 +560,18 @@ class Classifier:
         return self.verdict(body[name_end + 1 : end]) if end > 0 else UNREADABLE
 
     def verdict(self, sql: bytes) -> Verdict:
-        if not might_pin(sql):
-            return HARMLESS
+        """What `sql` (a statement text; a Query's may end with its NUL) does to the
+        session. Short texts (BEGIN, COMMIT, SELECT 1) come again and again, and their
+        verdicts are remembered; longer ones mostly carry literals, so that their texts
+        seldom repeat."""
+        short = len(sql) <= SHORT_QUERY_LIMIT
+        if short and (known := self._short.get(sql)) is not None:
+            return known
+        verdict = self._read(sql) if might_pin(sql) else HARMLESS
+        return _remember(self._short, sql, verdict) if short else verdict
+
+    def _read(self, sql: bytes) -> Verdict:
+        """The lexer's verdict, for text that might_pin lets through."""
         try:
             text = sql.rstrip(b"\0").decode()  # a Query message's text ends with its NUL
         except UnicodeDecodeError:
