@@ -419,6 +419,12 @@ def test_might_pin_lets_every_pinning_row_of_the_table_through() -> None:
             assert might_pin(sql.encode()), sql
 
 
+@pytest.mark.parametrize("word", [b"set", b"reset", b"prepare", b"do", b"/*", b"--"])
+@pytest.mark.parametrize("rest", [b"", b" x", b"$$", b"\n", b";"])
+def test_might_pin_lets_every_leading_statement_word_through(word: bytes, rest: bytes) -> None:
+    assert might_pin(b" ;" + word.upper() + rest)
+
+
 # Pinning statements as token lists; a word token starting with a letter gets random case.
 PINNING: list[tuple[list[str], str]] = [
     (["SET", "search_path", "TO", "app"], SET_VARIABLE),

@@ -41,6 +41,14 @@ _ANYWHERE_LITERALS = (
 )
 _STATEMENT_WORDS = rb"set|reset|prepare|execute|deallocate|discard|listen|unlisten|load|do"
 _FIRST = (*_STATEMENT_WORDS.split(b"|"), b"/*", b"--")
+# The first three bytes of every text that starts with one of _FIRST: those of the longer
+# words, and each two-byte one alone or followed by any byte. A set lookup rules out most
+# texts where startswith() with twelve prefixes costs five times as much.
+_FIRST_HEADS = frozenset(
+    [word[:3] for word in _FIRST if len(word) > 2]
+    + [word for word in _FIRST if len(word) == 2]
+    + [word + bytes([byte]) for word in _FIRST if len(word) == 2 for byte in range(256)]
+)
 # Whitespace only: a comment after a semicolon sends the text to the lexer instead (skipping
 # comments here made the regex backtrack exponentially: 30 "-- " held the event loop for hours).
 _AFTER_SEMICOLON = re.compile(rb";\s*(?:" + _STATEMENT_WORDS + rb")\b")
@@ -65,7 +73,7 @@ def might_pin(sql: bytes) -> bool:
 def _leading_or_after_semicolon(low: bytes) -> bool:
     """A statement keyword (or a comment) first in `low`, or after a semicolon."""
     low = low.strip(_BLANKS)  # a trailing semicolon starts no statement
-    if low.startswith(_FIRST):
+    if low[:3] in _FIRST_HEADS and low.startswith(_FIRST):
         return True
     if 59 not in low:  # ";"
         return False
