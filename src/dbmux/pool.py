@@ -325,7 +325,8 @@ class Pool(BudgetLender):
         if entry is None:
             return False
         deadline, borrower = entry
-        self.metrics.borrow_latency.observe(self.loop.time() - deadline + self.timeout)
+        timeout = self._budget.config.connection_borrow_timeout  # (self.timeout, inlined)
+        self.metrics.borrow_latency.observe(self.loop.time() - deadline + timeout)
         self.lent.add(conn)
         borrower.on_connection(conn)
         return True
@@ -377,7 +378,7 @@ class Pool(BudgetLender):
         self.lent.discard(conn)
         if conn.closed:
             return
-        if conn.generation != self.budget.generation:
+        if conn.generation != self._budget.generation:
             conn.close(graceful=True)  # opened to a writer that is no longer the writer
             return
         if conn.needs_reset or conn.cancels_in_flight:

@@ -419,6 +419,12 @@ def test_might_pin_lets_every_pinning_row_of_the_table_through() -> None:
             assert might_pin(sql.encode()), sql
 
 
+@pytest.mark.parametrize("word", [b"set", b"reset", b"prepare", b"do", b"/*", b"--"])
+@pytest.mark.parametrize("rest", [b"", b" x", b"$$", b"\n", b";"])
+def test_might_pin_lets_every_leading_statement_word_through(word: bytes, rest: bytes) -> None:
+    assert might_pin(b" ;" + word.upper() + rest)
+
+
 # Pinning statements as token lists; a word token starting with a letter gets random case.
 PINNING: list[tuple[list[str], str]] = [
     (["SET", "search_path", "TO", "app"], SET_VARIABLE),
@@ -600,3 +606,54 @@ def test_the_literal_prefilter_never_hides_what_the_regex_finds(sql: bytes) -> N
     text the regex matches into a miss."""
     if pinning._ANYWHERE.search(sql.lower()) is not None:
         assert might_pin(sql)
+
+
+def parse_body(sql: bytes, name: bytes = b"") -> bytes:
+    """A Parse message's body: statement name, text, no parameter types."""
+    return name + b"\0" + sql + b"\0\0\0"
+
+
+@pytest.mark.parametrize(("sql", "expected"), SPEC)
+def test_a_parsed_statement_gets_the_same_verdict_the_first_time_and_after(
+    sql: str, expected: str | None
+) -> None:
+    classifier = Classifier(replay_settings=True)
+    first = classifier.parse_verdict(parse_body(sql.encode(), b"s1"))
+    assert first == classifier.verdict(sql.encode())
+    assert classifier.parse_verdict(parse_body(sql.encode(), b"s1")) == first
+
+
+def test_a_parse_message_whose_text_has_no_end_is_unclassified() -> None:
+    assert Classifier().parse_verdict(b"\0SELECT 1").reason == UNCLASSIFIED
+
+
+@pytest.mark.parametrize(("sql", "expected"), SPEC)
+def test_a_text_gets_the_same_verdict_the_first_time_and_after(
+    sql: str, expected: str | None
+) -> None:
+    classifier = Classifier()
+    text = sql.encode() + b"\0"
+    assert classifier.verdict(text).reason == expected
+    assert classifier.verdict(text).reason == expected  # remembered, if short
+
+
+def test_a_query_spelled_like_a_parse_message_is_not_taken_for_it() -> None:
+    classifier = Classifier()
+    body = parse_body(b"SELECT 1", b"SET a.b = 1")  # named like a statement that pins
+    assert classifier.parse_verdict(body).reason is None
+    assert classifier.verdict(body).reason == SET_VARIABLE  # the server runs the name
+
+
+def test_remembered_verdicts_stay_within_bounds() -> None:
+    classifier = Classifier()
+    for i in range(pinning.MEMO_ENTRIES + 10):
+        classifier.parse_verdict(parse_body(f"SELECT {i}".encode()))
+        classifier.verdict(f"SELECT {i}".encode())
+    huge = parse_body(b"SELECT '" + b"x" * pinning.PARSED_TEXT_LIMIT + b"'")
+    assert classifier.parse_verdict(huge).reason is None
+    long_query = b"SELECT '" + b"x" * pinning.SHORT_QUERY_LIMIT + b"'"
+    assert classifier.verdict(long_query).reason is None
+    assert len(classifier._parsed) <= pinning.MEMO_ENTRIES
+    assert len(classifier._short) <= pinning.MEMO_ENTRIES
+    assert huge not in classifier._parsed
+    assert long_query not in classifier._short

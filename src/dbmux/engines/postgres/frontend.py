@@ -20,12 +20,7 @@ from dbmux.engines.base import ServerError, owner_of
 from dbmux.engines.postgres import scanners, wire
 from dbmux.engines.postgres.backend import PgServer, send_cancel
 from dbmux.engines.postgres.login import LoginMixin
-from dbmux.engines.postgres.pinning import (
-    DISCARD,
-    PREPARED_STATEMENT,
-    UNCLASSIFIED,
-    Verdict,
-)
+from dbmux.engines.postgres.pinning import DISCARD, PREPARED_STATEMENT
 from dbmux.engines.postgres.replay import rerunnable, rerunnable_messages
 from dbmux.engines.postgres.settings import NO_LOGIN_SETTINGS, NO_SETTINGS, SettingsMixin
 from dbmux.engines.postgres.statements import StatementsMixin
@@ -36,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dbmux.postgres")
 
-UNREADABLE = Verdict(UNCLASSIFIED)
 # SQLSTATE of each failure the session reports (see dbmux.session.Failure).
 FAILURE_CODES = {
     Failure.TOO_MANY_CLIENTS: "53300",
@@ -55,6 +49,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
 
     __slots__ = (
         "_classify",
+        "_classify_parsed",
         "_clock",
         "_held_for_wait",
         "_requests",
@@ -141,6 +136,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self._requests = ctx.metrics.query_requests
         self._timed = ctx.metrics.timed
         self._classify = ctx.classifier.verdict
+        self._classify_parsed = ctx.classifier.parse_verdict
         self.key = (0, 0)
         self.pid_bytes = b"\0\0\0\0"  # the process id this client was given, as sent
         # tls-server-end-point of the proxy's certificate, when the client is on TLS
@@ -300,10 +296,9 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
             if kind == 81:  # Query: text\0
                 verdict = classify(body)
             else:  # Parse: name\0 text\0 ...
-                name_end = body.find(b"\0")
-                end = body.find(b"\0", name_end + 1)
-                verdict = classify(body[name_end + 1 : end]) if end > 0 else UNREADABLE
+                verdict = self._classify_parsed(body)
                 if self.rewriting and verdict.reason is None:
+                    name_end = body.find(b"\0")
                     if verdict.settings:
                         self.parsed_settings[body[:name_end]] = verdict.settings
                     else:
@@ -414,8 +409,10 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
             self.refusing = False
             self.write(wire.ready_for_query() * syncs)
 
+    # (ClientSession's methods called by name, not through super(), which builds an object
+    # per call: both run once per transaction.)
     def attach(self, server: PgServer) -> None:
-        super().attach(server)
+        ClientSession.attach(self, server)
         self.errors_at_attach = server.scanner.errors
         owners = self.ctx.session_ids
         owners[server.pid_bytes] = self.pid_bytes
@@ -424,7 +421,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
             server.scanner.plan = scanners.ReplyPlan(server.prepared, self.statements)
 
     def detach(self) -> PgServer | None:
-        server: PgServer | None = super().detach()
+        server: PgServer | None = ClientSession.detach(self)
         if server is not None:
             server.scanner.plan = None
         return server
@@ -436,7 +433,7 @@ class PgClient(LoginMixin, StatementsMixin, SettingsMixin, ClientSession):
         self.outstanding -= count
         self.tx_status = status
         if self._timed and self.outstanding == 0:
-            self.record_latency()
+            self._latency.observe(self.request_at, self.sent_at)  # (record_latency, inlined)
         if self.watched:
             self.answered()
         if self.forget_server_statements:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Pin reasons, used as the metric's `reason` label and in debug logs.
 SET_VARIABLE = "set_variable"
@@ -31,18 +31,24 @@ DO_BLOCK = "do_block"  # its body may change anything; the lexer does not read c
 # U&"...", may be the temporary schema); statement keywords only first or after a semicolon.
 _ANYWHERE = re.compile(rb"\btemp|pg_temp|u&[\"']|\bhold\b|advisory_lock|currval|lastval|set_config")
 # Each alternative above holds one of these: a text with none of them (most queries) skips the
-# regex, whose alternation costs more than the rest of a transaction's classification.
+# regex, whose alternation costs more than the rest of a transaction's classification. Each
+# comes behind a byte it cannot occur without (0: none checked): `byte in text`, an integer, is
+# a memchr, several times cheaper than a substring search, and most texts lack the rare ones.
 _ANYWHERE_LITERALS = (
-    b"temp",
-    b"u&",
-    b"hold",
-    b"advisory_lock",
-    b"currval",
-    b"lastval",
-    b"set_config",
+    (ord("&"), (b"u&",)),
+    (ord("v"), (b"advisory_lock", b"currval", b"lastval")),
+    (0, (b"temp", b"hold", b"set_config")),
 )
 _STATEMENT_WORDS = rb"set|reset|prepare|execute|deallocate|discard|listen|unlisten|load|do"
 _FIRST = (*_STATEMENT_WORDS.split(b"|"), b"/*", b"--")
+# The first three bytes of every text that starts with one of _FIRST: those of the longer
+# words, and each two-byte one alone or followed by any byte. A set lookup rules out most
+# texts where startswith() with twelve prefixes costs five times as much.
+_FIRST_HEADS = frozenset(
+    [word[:3] for word in _FIRST if len(word) > 2]
+    + [word for word in _FIRST if len(word) == 2]
+    + [word + bytes([byte]) for word in _FIRST if len(word) == 2 for byte in range(256)]
+)
 # Whitespace only: a comment after a semicolon sends the text to the lexer instead (skipping
 # comments here made the regex backtrack exponentially: 30 "-- " held the event loop for hours).
 _AFTER_SEMICOLON = re.compile(rb";\s*(?:" + _STATEMENT_WORDS + rb")\b")
@@ -52,17 +58,26 @@ _BLANKS = b" \t\r\n\f\v\0;"  # \f is a blank to PostgreSQL, \v from 16 on
 def might_pin(sql: bytes) -> bool:
     """Cheap over-approximation of `Classifier.reason(sql) is not None`."""
     low = sql.lower()
-    for literal in _ANYWHERE_LITERALS:  # find(), not `in`: no TypeError raised and cleared
-        if low.find(literal) >= 0:
-            if _ANYWHERE.search(low) is not None:
-                return True
-            break
+    for byte, literals in _ANYWHERE_LITERALS:
+        if byte and byte not in low:
+            continue
+        for literal in literals:
+            # partition(), the cheapest substring search bytes have: `in` raises and clears
+            # a TypeError (it tries the literal as an integer first), find() parses its
+            # arguments as a tuple.
+            if low.partition(literal)[1]:
+                return _ANYWHERE.search(low) is not None or _leading_or_after_semicolon(low)
+    return _leading_or_after_semicolon(low)
+
+
+def _leading_or_after_semicolon(low: bytes) -> bool:
+    """A statement keyword (or a comment) first in `low`, or after a semicolon."""
     low = low.strip(_BLANKS)  # a trailing semicolon starts no statement
-    if low.startswith(_FIRST):
+    if low[:3] in _FIRST_HEADS and low.startswith(_FIRST):
         return True
-    semicolon = low.find(b";")
-    if semicolon < 0:
+    if 59 not in low:  # ";"
         return False
+    semicolon = low.find(b";")
     after = low[semicolon:]
     return b"--" in after or b"/*" in after or _AFTER_SEMICOLON.search(after) is not None
 
@@ -507,6 +522,19 @@ class Verdict:
 
 
 HARMLESS = Verdict(None)
+UNREADABLE = Verdict(UNCLASSIFIED)  # a Parse message whose text has no end
+# Classifier.parse_verdict and verdict remember up to this many verdicts each, of Parse
+# messages up to PARSED_TEXT_LIMIT bytes and of texts up to SHORT_QUERY_LIMIT bytes.
+MEMO_ENTRIES = 4096
+PARSED_TEXT_LIMIT = 4096
+SHORT_QUERY_LIMIT = 32
+
+
+def _remember(memo: dict[bytes, Verdict], key: bytes, verdict: Verdict) -> Verdict:
+    if len(memo) >= MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = verdict
+    return verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,10 +546,40 @@ class Classifier:
 
     exclude_variable_sets: bool = False
     replay_settings: bool = False
+    # Verdicts of Parse messages and of short texts seen lately: two maps, since a text
+    # could be spelled like a Parse message whose name is another statement.
+    _parsed: dict[bytes, Verdict] = field(default_factory=dict, compare=False, repr=False)
+    _short: dict[bytes, Verdict] = field(default_factory=dict, compare=False, repr=False)
+
+    def parse_verdict(self, body: bytes) -> Verdict:
+        """The verdict of the statement in a Parse message (body: name, text, parameter
+        types), remembered: drivers parse the same few texts, with parameters, over and
+        over."""
+        if len(body) > PARSED_TEXT_LIMIT:
+            return self._parsed_statement(body)
+        known = self._parsed.get(body)
+        if known is None:
+            known = _remember(self._parsed, body, self._parsed_statement(body))
+        return known
+
+    def _parsed_statement(self, body: bytes) -> Verdict:
+        name_end = body.find(b"\0")
+        end = body.find(b"\0", name_end + 1)
+        return self.verdict(body[name_end + 1 : end]) if end > 0 else UNREADABLE
 
     def verdict(self, sql: bytes) -> Verdict:
-        if not might_pin(sql):
-            return HARMLESS
+        """What `sql` (a statement text; a Query's may end with its NUL) does to the
+        session. Short texts (BEGIN, COMMIT, SELECT 1) come again and again, and their
+        verdicts are remembered; longer ones mostly carry literals, so that their texts
+        seldom repeat."""
+        short = len(sql) <= SHORT_QUERY_LIMIT
+        if short and (known := self._short.get(sql)) is not None:
+            return known
+        verdict = self._read(sql) if might_pin(sql) else HARMLESS
+        return _remember(self._short, sql, verdict) if short else verdict
+
+    def _read(self, sql: bytes) -> Verdict:
+        """The lexer's verdict, for text that might_pin lets through."""
         try:
             text = sql.rstrip(b"\0").decode()  # a Query message's text ends with its NUL
         except UnicodeDecodeError:

@@ -21,6 +21,37 @@ from dbmux.engines.postgres.wire import (
 )
 
 _unpack_u32 = struct.Struct("!I").unpack_from
+
+# What BackendScanner does with each message type, looked up once per message (0: an answer
+# skipped by length, the common case). Unasked messages (notices, parameter reports,
+# notifications) leave `answer` alone.
+_UNASKED = 1  # NoticeResponse: relayed as it comes
+_READY = 2  # ReadyForQuery: read whole
+_REPORT = 3  # ParameterStatus: read whole, unasked
+_NOTIFY = 4  # NotificationResponse: read whole (its process id is mapped), unasked
+_ERROR = 5  # ErrorResponse: read whole; a FATAL one answers nothing
+_PLANNED = 6  # ParseComplete, CloseComplete: read whole while a ReplyPlan is on
+_BACKEND_ROLES = tuple(
+    {
+        78: _UNASKED,
+        90: _READY,
+        83: _REPORT,
+        65: _NOTIFY,
+        69: _ERROR,
+        49: _PLANNED,
+        51: _PLANNED,
+    }.get(kind, 0)
+    for kind in range(256)
+)
+
+# What FrontendScanner does with each message type (0: Execute, the only other valid one).
+_QUERY, _SYNC, _PARSE, _BIND, _NAMES, _TERMINATE, _FLUSH, _COPY = range(1, 9)
+_FRONTEND_ROLES = tuple(
+    {81: _QUERY, 80: _PARSE, 66: _BIND, 68: _NAMES, 67: _NAMES, 88: _TERMINATE, FLUSH: _FLUSH}.get(
+        kind, _SYNC if kind in SYNCING_TYPES else _COPY if kind in COPY_TYPES else 0
+    )
+    for kind in range(256)
+)
 # One Sync group of a ReplyPlan: [parses, closes, failed], mutated in place.
 _Group = list[Any]
 
@@ -227,45 +258,44 @@ class BackendScanner:
             return data
         plan = self.plan
         drops: list[int] | None = None  # start, end of each message kept from the client
+        answer = self.answer  # (a local in the loop, stored at each exit)
         while True:
             if pos + 5 > n:
+                self.answer = answer
                 return self._hold(data, pos, 5, drops)
             kind = data[pos]
             length = _unpack_u32(data, pos + 1)[0]
             if length < 4:
                 raise ProtocolViolation(f"server sent a message with length {length}")
             end = pos + 1 + length
-            if kind != 78 and kind != 83 and kind != 65 and kind != 69:  # N, S, A: unasked
-                self.answer = kind
-            if (
-                kind == 90
-                or kind == 83
-                or kind == 69
-                or kind == 65
-                or (plan is not None and (kind == 49 or kind == 51))
-            ):  # Z, S, E, A (and 1, 3 with a plan): read whole
+            role = _BACKEND_ROLES[kind]
+            if not role or (role == _PLANNED and plan is None):  # skipped by length
+                answer = kind
+            elif role != _UNASKED:  # read whole
+                if role in (_READY, _PLANNED):
+                    answer = kind
                 if end > n:
+                    self.answer = answer
                     return self._hold(data, pos, end - pos, drops)
                 drop = False
-                if kind == 90:
+                if role == _READY:
                     self.ready += 1
                     self.status = data[pos + 5]
                     if plan is not None:
                         plan.ready()
-                elif kind == 83:
+                elif role == _REPORT:
                     self.params.append(data[pos + 5 : end])
-                elif kind == 65:
+                elif role == _NOTIFY:
                     if self.pid_map is not None:
                         client_pid = self.pid_map.get(data[pos + 5 : pos + 9])
                         if client_pid is not None:
                             data = data[: pos + 5] + client_pid + data[pos + 9 :]
-                elif kind == 49 and plan is not None:
-                    drop = plan.parse_complete()
-                elif kind == 51 and plan is not None:
-                    drop = plan.close_complete()
+                elif role == _PLANNED:
+                    assert plan is not None
+                    drop = plan.parse_complete() if kind == 49 else plan.close_complete()
                 elif not _is_fatal(data[pos + 5 : end]):
                     self.errors += 1
-                    self.answer = kind  # (a FATAL one answers nothing: the server is leaving)
+                    answer = kind  # (a FATAL one answers nothing: the server is leaving)
                     if plan is not None:
                         plan.error()
                 else:
@@ -277,6 +307,7 @@ class BackendScanner:
                     drops += (pos, end)
             if end >= n:
                 self._skip = end - n
+                self.answer = answer
                 return data if drops is None else _without(data, drops, n)
             pos = end
 
@@ -312,6 +343,7 @@ class FrontendScanner:
         "asked",
         "diverted",
         "last_kind",
+        "mid_message",
         "open_closes",
         "open_parses",
         "statements",
@@ -322,6 +354,9 @@ class FrontendScanner:
     def __init__(self) -> None:
         self._skip = 0
         self._held = _NOT_HOLDING  # (its own at the first split message)
+        # Part of a message has been relayed or held and the rest has not arrived. (An
+        # attribute each exit of feed sets, not a property: the relay reads it per request.)
+        self.mid_message = False
         self.statements: list[tuple[int, bytes]] = []
         self.terminated = False
         self.diverted: bytes | None = None
@@ -331,12 +366,6 @@ class FrontendScanner:
         # Parse and Close messages relayed since the last Sync: their answers are still due
         # when the proxy starts to map names (ReplyPlan).
         self.open_parses = self.open_closes = 0
-
-    @property
-    def mid_message(self) -> bool:
-        """True while part of a message has been relayed or held and the rest has not
-        arrived."""
-        return bool(self._skip or self._held.parts)
 
     def feed(self, data: bytes) -> bytes:
         """Scan one chunk; return the bytes to relay now, asking for `syncs` ReadyForQuery
@@ -352,12 +381,14 @@ class FrontendScanner:
         n = len(data)
         if pos >= n:
             self._skip = pos - n
+            self.mid_message = pos > n
             self.syncs = 0
             return data
         syncs = 0
         parses, closes = self.open_parses, self.open_closes
-        # Each exit sets `relayed`: up to where the bytes go now (a held or diverted rest
-        # follows); `need` > 0 holds the message at `pos` until that many bytes are in.
+        last, asked = self.last_kind, self.asked  # (locals in the loop, stored at each exit)
+        # A break leaves the bytes from `pos` on out of what goes now (a held or diverted
+        # rest follows); `need` > 0 holds the message at `pos` until that many bytes are in.
         need = 0
         while True:
             if pos + 5 > n:
@@ -368,26 +399,40 @@ class FrontendScanner:
             if length < 4 or length > FRONTEND_LIMITS[kind]:
                 raise frontend_violation(kind, length)
             end = pos + 1 + length
-            if kind == 81 or kind == 80:  # Q, P: their text decides session state
+            role = _FRONTEND_ROLES[kind]
+            if role == _QUERY:  # its text decides session state
                 if end > n:
                     need = end - pos
                     break
-                if kind == 80:
-                    # (An empty Parse is malformed: relayed for the server to refuse.)
-                    if length > 4 and data[pos + 5]:  # a named statement
-                        self.diverted = data[pos:]
-                        break
-                    parses += 1
                 self.statements.append((kind, data[pos + 5 : end]))
-            elif kind == 66:  # Bind: a named portal or statement
+                syncs += 1
+                last = asked = kind
+                parses = closes = 0
+            elif role == _SYNC:
+                syncs += 1
+                last = asked = kind
+                parses = closes = 0
+            elif role == _PARSE:  # a statement's name, then the text
+                if end > n:
+                    need = end - pos
+                    break
+                # (An empty Parse is malformed: relayed for the server to refuse.)
+                if length > 4 and data[pos + 5]:  # a named statement
+                    self.diverted = data[pos:]
+                    break
+                parses += 1
+                self.statements.append((kind, data[pos + 5 : end]))
+                last = asked = kind
+            elif role == _BIND:  # a portal's name, then a statement's
                 if length >= 6:  # (shorter: malformed, relayed for the server to refuse)
                     if pos + 7 > n:
                         need = 7
                         break
-                    if data[pos + 5 : pos + 7] != b"\0\0":
+                    if data[pos + 5] or data[pos + 6]:
                         self.diverted = data[pos:]
                         break
-            elif kind == 68 or kind == 67:  # Describe, Close: a statement's name
+                last = asked = kind
+            elif role == _NAMES:  # Describe, Close: a statement's or a portal's name
                 if length >= 6:
                     if pos + 7 > n:
                         need = 7
@@ -397,26 +442,27 @@ class FrontendScanner:
                         break
                 if kind == 67:
                     closes += 1
-            elif kind == 88:  # X
+                last = asked = kind
+            elif role == _TERMINATE:
                 self.terminated = True
                 break
-            if kind in SYNCING_TYPES:
-                syncs += 1
-                self.last_kind = self.asked = kind
-                parses = closes = 0
-            elif kind not in COPY_TYPES:
-                self.last_kind = kind
-                if kind != FLUSH:
-                    self.asked = kind
+            elif role == _FLUSH:
+                last = kind
+            elif role != _COPY:  # Execute
+                last = asked = kind
             if end >= n:
                 self._skip = end - n
+                self.mid_message = end > n
                 self.syncs = syncs
                 self.open_parses, self.open_closes = parses, closes
+                self.last_kind, self.asked = last, asked
                 return data
             pos = end
         self.syncs = syncs
         self.open_parses, self.open_closes = parses, closes
+        self.last_kind, self.asked = last, asked
         self._skip = 0
+        self.mid_message = need > 0
         if need:
             held = self._held
             if held is _NOT_HOLDING:
