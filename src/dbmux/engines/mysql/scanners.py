@@ -6,6 +6,7 @@ No I/O, typed, free of asyncio like wire.py, so both can be compiled if profiles
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 
 from dbmux.engines.mysql.wire import (
@@ -26,6 +27,8 @@ from dbmux.engines.mysql.wire import (
 )
 
 _INSPECT = 32  # enough of a packet to read OK/EOF status flags and column counts
+_HEADER = struct.Struct("<I")  # a packet header: length (3 bytes), sequence id
+_HEADER_AND_FIRST = struct.Struct("<IB")  # ...and the payload's first byte
 
 # Scanner states.
 _IDLE = 0
@@ -137,18 +140,40 @@ class ResponseScanner:
         columns = self.columns
         continued = self._continued
         deprecate_eof = self.deprecate_eof
+        header_and_first = _HEADER_AND_FIRST.unpack_from
         while True:
-            if pos + 4 > n:
+            if state == _ROWS and not continued:
+                # The bulk of a result set: a row is only its header and first byte.
+                while pos + 5 <= n:
+                    header, first = header_and_first(data, pos)
+                    length = header & MAX_PAYLOAD
+                    if first >= 0xFE or length == MAX_PAYLOAD:
+                        break  # the end of the rows, or a long row: read below
+                    pos += 4 + length
+                    if pos >= n:
+                        self.state, self.columns = state, columns
+                        self.seq = header >> 24
+                        self._skip = pos - n
+                        return done
+            # The header (length and sequence id, one u32) and the payload's first byte in
+            # one call: a third of the cost of reading them byte by byte.
+            if pos + 5 <= n:
+                header, first = header_and_first(data, pos)
+            elif pos + 4 == n:  # a header alone: whole only if its packet is empty
+                header, first = _HEADER.unpack_from(data, pos)[0], -1
+            else:
                 break
-            length = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
+            length = header & MAX_PAYLOAD
             start = pos + 4
+            end = start + length
             if continued:
                 continued = length == MAX_PAYLOAD
-            elif start + (length if length < _INSPECT else _INSPECT) > n:
+            elif end > n and start + _INSPECT > n:  # nor the bytes of it read below
                 break
             else:
                 continued = length == MAX_PAYLOAD
-                first = data[start] if length else -1
+                if not length:
+                    first = -1  # (the byte read belongs to the next packet)
                 if state == _ROWS and first < 0xFE:
                     pass  # a row
                 elif state == _COLUMNS:
@@ -175,10 +200,9 @@ class ResponseScanner:
                     self.state, self.columns = state, columns
                     done += self._packet(data, start, length)
                     state, columns = self.state, self.columns
-            end = start + length
             if end >= n:
                 self.state, self.columns, self._continued = state, columns, continued
-                self.seq = data[pos + 3]
+                self.seq = header >> 24
                 self._skip = end - n
                 return done
             pos = end
