@@ -6,11 +6,13 @@ workload runs twice with a fixed --events count, a short run and a long one, the
 zeroed before each and dumped after. The difference between the two, divided by the
 difference in queries, is the cost of a query alone: the logins, the prepares and the
 pool's warm-up are in both runs and cancel out. `--tool strace` does the same with
-`strace -c -f` attached to a dbmux running at full speed, for syscalls per query.
+`strace -c -f` attached to a dbmux running at full speed, for syscalls per query, and
+`--tool cpu` with its CPU time from /proc (which other processes on the machine sway).
 
     PYTHONPATH=src:. .venv/bin/python -m bench.instructions_mysql
     PYTHONPATH=src:. .venv/bin/python -m bench.instructions_mysql --only point-select-ps
     PYTHONPATH=src:. .venv/bin/python -m bench.instructions_mysql --tool strace
+    PYTHONPATH=src:. .venv/bin/python -m bench.instructions_mysql --tool cpu
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dbmux.testing import MariaDBServer
 USER = DBNAME = "sbtest"
 TABLES = ["--tables=4", "--table-size=10000"]
 Counts = dict[str, int]
+CPU_SCALE = 10  # --tool cpu runs 10 times the events: /proc counts CPU in 10 ms ticks
 # The tree this module imported dbmux from: the proxy runs the same code (a relative
 # PYTHONPATH would not hold in its working directory).
 SOURCE = Path(dbmux.__file__).resolve().parents[1]
@@ -145,10 +148,29 @@ def counted_by_strace(target: ProfiledDbmux, run: Callable[[], int]) -> tuple[Co
     return calls, queries
 
 
+def counted_by_cpu(target: ProfiledDbmux, run: Callable[[], int]) -> tuple[Counts, int]:
+    """(user and system CPU in µs, queries) of one run, from /proc."""
+    assert target.pid is not None
+    before = cpu_us(target.pid)
+    queries = run()
+    after = cpu_us(target.pid)
+    return {k: after[k] - before[k] for k in after}, queries
+
+
+def cpu_us(pid: int) -> Counts:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = 1_000_000 // os.sysconf("SC_CLK_TCK")
+    return {"user µs": int(fields[11]) * tick, "system µs": int(fields[12]) * tick}
+
+
+COUNTERS = {"callgrind": counted_by_callgrind, "strace": counted_by_strace, "cpu": counted_by_cpu}
+
+
 def per_query(target: ProfiledDbmux, password: str, workload: Workload) -> dict[str, float]:
     """What one query costs: the long run less the short one, over the queries between."""
-    count = counted_by_callgrind if target.tool == "callgrind" else counted_by_strace
-    short, long = workload.events
+    count = COUNTERS[target.tool]
+    scale = CPU_SCALE if target.tool == "cpu" else 1
+    short, long = (events * scale for events in workload.events)
     run_sysbench(target.port, password, workload, short)  # warm-up: the pool fills
     a, qa = count(target, lambda: run_sysbench(target.port, password, workload, short))
     b, qb = count(target, lambda: run_sysbench(target.port, password, workload, long))
@@ -158,7 +180,7 @@ def per_query(target: ProfiledDbmux, password: str, workload: Workload) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--only", help="comma-separated workloads", default="")
-    parser.add_argument("--tool", choices=("callgrind", "strace"), default="callgrind")
+    parser.add_argument("--tool", choices=tuple(COUNTERS), default="callgrind")
     parser.add_argument("--keep", type=Path, help="copy the callgrind dumps here")
     args = parser.parse_args()
     chosen = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
@@ -198,6 +220,8 @@ def main() -> None:
                 print(
                     f"{workload.name}: {cost['instructions']:,.0f} instructions/query", flush=True
                 )
+            elif args.tool == "cpu":
+                print(f"{workload.name}: " + ", ".join(f"{v:.1f} {k}" for k, v in cost.items()))
             else:
                 top = sorted(cost.items(), key=lambda item: -item[1])
                 calls = ", ".join(f"{name} {n:.2f}" for name, n in top if n >= 0.01)
