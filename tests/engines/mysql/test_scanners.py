@@ -187,3 +187,57 @@ def test_a_local_infile_request_is_refused() -> None:
     scanner.expect(RESPONSE_RESULT)
     with pytest.raises(ProtocolViolation, match="LOAD DATA LOCAL"):
         scanner.feed(frame([b"\xfb/etc/passwd"]))
+
+
+def mixed_replies(deprecate_eof: bool) -> tuple[list[int], bytes]:
+    """Replies of every shape the scanner reads inline or not: an OK with a 3-byte insert
+    id, a result set of many rows (one a 300-byte row; without CLIENT_DEPRECATE_EOF one
+    starting with 0xFE too), a column count of 251, an ERR, a cursor's execute, a prepare."""
+    rows = [text_row(b"1", None)] * 30 + [text_row(b"x" * 300, b"")]
+    if not deprecate_eof:
+        rows.append(b"\xfe" + (20).to_bytes(8, "little") + b"y" * 20)
+    cursor = [b"\x01", column()]
+    if deprecate_eof:
+        cursor.append(ok(SERVER_STATUS_CURSOR_EXISTS, header=b"\xfe"))
+    else:
+        cursor.append(wire.eof_packet(SERVER_STATUS_CURSOR_EXISTS))
+    prepare = b"\0" + (9).to_bytes(4, "little") + (1).to_bytes(2, "little") * 2 + b"\0\0\0"
+    prepare_replies = [prepare, column(), column()] + (
+        [] if deprecate_eof else [wire.eof_packet()] * 2
+    )
+    replies = [
+        [ok(SERVER_STATUS_IN_TRANS, insert_id=70_000)],
+        result_set(2, rows, SERVER_STATUS_IN_TRANS, deprecate_eof=deprecate_eof),
+        result_set(
+            251, [text_row(*[b"v"] * 251)], SERVER_STATUS_AUTOCOMMIT, deprecate_eof=deprecate_eof
+        ),
+        [b"\xff" + (1064).to_bytes(2, "little") + b"#42000syntax"],
+        cursor,
+        prepare_replies,
+        result_set(1, [text_row(b"1")], SERVER_STATUS_IN_TRANS, deprecate_eof=deprecate_eof),
+    ]
+    kinds = [RESPONSE_RESULT] * 5 + [RESPONSE_PREPARE, RESPONSE_RESULT]
+    return kinds, b"".join(frame(r) for r in replies)
+
+
+@pytest.mark.parametrize("deprecate_eof", [False, True])
+@SPLIT
+@given(points=st.lists(st.integers(0, 12_000), max_size=40))
+def test_the_scanner_reads_the_same_whatever_the_chunking(
+    deprecate_eof: bool, points: list[int]
+) -> None:
+    """Responses completed, status, insert id, failure and the last sequence id are those of
+    the stream fed whole, wherever the chunks cut it (inside headers too)."""
+    kinds, data = mixed_replies(deprecate_eof)
+
+    def outcome(data_chunks: list[bytes]) -> tuple[int, int, int, bool, int, bool]:
+        scanner = ResponseScanner(deprecate_eof)
+        for kind in kinds:
+            scanner.expect(kind)
+        done = sum(scanner.feed(c) for c in data_chunks)
+        return done, scanner.status, scanner.insert_id, scanner.failed, scanner.seq, scanner.busy
+
+    whole = outcome([data])
+    assert whole == (7, SERVER_STATUS_IN_TRANS, 70_000, False, 4 if deprecate_eof else 5, False)
+    assert outcome(chunks(data, points)) == whole
+    assert outcome(chunks(data, list(range(0, len(data), 3)))) == whole

@@ -214,7 +214,7 @@ class MyClient(
 
     def relay(self, data: bytes) -> None:
         self.last_active = self._clock.now
-        if not self.busy and not self.inbox and not self.reader.partial:
+        if not self.busy and not self.inbox and not self.reader.parts:
             # The common case: one whole command, sequence id 0, in one chunk.
             n = len(data)
             if (
@@ -368,7 +368,8 @@ class MyClient(
             self.reply_error(wire.ER_UNKNOWN_COM_ERROR, f"Unknown command 0x{command:02x}")
 
     def _query(self, payload: bytes, frame: bytes | None = None) -> None:
-        kill = find_kill(payload[1:])
+        text = payload[1:]
+        kill = find_kill(text)
         if kill is not None:
             if kill.refusal:
                 self.reply_error(ER_NOT_SUPPORTED_YET, kill.refusal)
@@ -376,10 +377,10 @@ class MyClient(
                 self._kill(kill.connection_id, query=kill.query)
             return
         if self.ctx.config.debug_logging:
-            self.debug_statement(payload[1:])
-        verdict = self._verdict(payload[1:])
+            self.debug_statement(text)
+        verdict = self._verdict(text)
         if verdict is not NO_STATE:
-            self._note(verdict, payload[1:])
+            self._note(verdict, text)
         self._forward(payload, wire.RESPONSE_RESULT, frame=frame)
 
     def _start(self, coro: Coroutine[Any, Any, None]) -> None:

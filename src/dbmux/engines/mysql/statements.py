@@ -143,7 +143,7 @@ class StatementsMixin(ClientSession):
             return
         if statement.verdict is not NO_STATE:
             self._note(statement.verdict, None)
-        opens_cursor = payload[0] == wire.COM_STMT_EXECUTE and payload[5:6] not in (b"", b"\0")
+        opens_cursor = payload[0] == wire.COM_STMT_EXECUTE and len(payload) > 5 and payload[5] != 0
         if opens_cursor and self.pin_reason is None:
             self.pin(CURSOR)  # COM_STMT_FETCH must reach the same connection
         self._forward(payload, wire.RESPONSE_RESULT, statement)
@@ -168,16 +168,16 @@ class StatementsMixin(ClientSession):
         """Relay a statement command under the server's statement id, with the parameter
         types the server statement needs (it may never have seen this client's)."""
         self.busy = kind is not None
-        ours = server.prepared[statement.text]
-        server.prepared.move_to_end(statement.text)
-        out = wire.with_statement_id(payload, ours.statement_id)
+        text = statement.text
+        ours = server.prepared[text]
+        server.prepared.move_to_end(text)
         command = payload[0]
         if statement.params and command == wire.COM_STMT_EXECUTE:
             flag_at, types = wire.execute_types(payload, statement.params)
             if types is not None:
                 statement.types = ours.types = types
             elif statement.types is not None and ours.types != statement.types:
-                out = wire.with_execute_types(out, flag_at, statement.types)
+                payload = wire.with_execute_types(payload, flag_at, statement.types)
                 ours.types = statement.types
         elif statement.params and command == wire.COM_STMT_BULK_EXECUTE and len(payload) >= 7:
             flags = payload[5] | payload[6] << 8
@@ -185,19 +185,26 @@ class StatementsMixin(ClientSession):
                 statement.types = ours.types = payload[7 : 7 + 2 * statement.params]
             elif statement.types is not None and ours.types != statement.types:
                 flags |= 128
-                out = out[:5] + bytes((flags & 0xFF, flags >> 8)) + statement.types + out[7:]
+                payload = (
+                    payload[:5] + bytes((flags & 0xFF, flags >> 8)) + statement.types + payload[7:]
+                )
                 ours.types = statement.types
-        if statement.text in self.long_data and command in (
-            wire.COM_STMT_EXECUTE,
-            wire.COM_STMT_BULK_EXECUTE,
-            wire.COM_STMT_RESET,
+        if (
+            self.long_data
+            and text in self.long_data
+            and command
+            in (
+                wire.COM_STMT_EXECUTE,
+                wire.COM_STMT_BULK_EXECUTE,
+                wire.COM_STMT_RESET,
+            )
         ):
             # Only this statement's long data is used up: another's still sits on its own
             # server statement, which other clients share once the connection goes back.
-            self.long_data -= {statement.text}
+            self.long_data -= {text}
         if kind is not None:
             server.scanner.expect(kind)
-        server.transport.write(wire.packet(0, out))
+        server.transport.write(wire.statement_packet(payload, ours.statement_id))
         if kind is None:
             self._end_command()
 

@@ -101,8 +101,8 @@ class ProtocolViolation(Exception):
 def packet(seq: int, payload: bytes) -> bytes:
     """Frame a payload, splitting it into 16 MiB - 1 pieces (and an empty last piece when it
     is an exact multiple), as the protocol requires."""
-    if len(payload) < MAX_PAYLOAD:
-        return len(payload).to_bytes(3, "little") + bytes((seq & 0xFF,)) + payload
+    if len(payload) < MAX_PAYLOAD:  # the header is the length and the id as one u32
+        return _U32.pack(len(payload) | (seq & 0xFF) << 24) + payload
     parts = []
     pos = 0
     while True:
@@ -156,7 +156,7 @@ class PacketReader:
 
     def __init__(self, limit: int = MAX_COMMAND) -> None:
         self.limit = limit
-        self.parts: list[bytes] = []
+        self.parts: list[bytes] = []  # physical packets of a logical one not yet whole
         self.size = 0
         self.first_seq = 0
         self.last_seq = 0
@@ -185,10 +185,6 @@ class PacketReader:
                 self.parts = []
                 self.size = 0
                 return whole
-
-    @property
-    def partial(self) -> bool:
-        return bool(self.parts)
 
 
 def lenenc_int(value: int) -> bytes:
@@ -307,6 +303,17 @@ def parse_prepare_ok(payload: bytes) -> PrepareOk:
     statement_id = _U32.unpack_from(payload, 1)[0]
     columns, params = _U16.unpack_from(payload, 5)[0], _U16.unpack_from(payload, 7)[0]
     return PrepareOk(statement_id, columns, params)
+
+
+_STATEMENT_HEAD = struct.Struct("<IBI")  # packet header (sequence id 0), command, statement id
+
+
+def statement_packet(payload: bytes, statement_id: int) -> bytes:
+    """A statement command's packet (sequence id 0) with its statement id replaced, framed
+    in one piece."""
+    if len(payload) < 5 or len(payload) >= MAX_PAYLOAD:
+        return packet(0, with_statement_id(payload, statement_id))
+    return _STATEMENT_HEAD.pack(len(payload), payload[0], statement_id) + payload[5:]
 
 
 def with_statement_id(payload: bytes, statement_id: int) -> bytes:
