@@ -250,6 +250,7 @@ class Pool(BudgetLender):
         # FIFO of (deadline, borrower); one timer, armed for the oldest, expires them all.
         self.waiters: deque[tuple[float, Borrower]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf  # when it fires
         self.loop = asyncio.get_running_loop()
         # The borrow latency histogram's first bucket, bound for the hot path (try_borrow).
         self._lent_at_once = metrics.borrow_latency.counts
@@ -279,14 +280,17 @@ class Pool(BudgetLender):
         conn = self.try_borrow()
         if conn is not None:
             return conn
-        if self._budget.paused:
-            self._budget.held.append((self, borrower))
+        budget = self._budget
+        if budget.paused:
+            budget.held.append((self, borrower))
             return None
         self.metrics.database_connection_requests.value += 1
-        self.waiters.append((self.loop.time() + self.timeout, borrower))
-        if self._timer is None:
-            self._timer = self.loop.call_at(self.waiters[0][0], self._expire)
-        self.grow()
+        deadline = self.loop.time() + budget.config.connection_borrow_timeout
+        self.waiters.append((deadline, borrower))
+        if deadline < self._timer_at:  # (a reload may have shortened the timeout)
+            self._arm(deadline)
+        if len(self.waiters) > self.opening:
+            self.grow()
         return None
 
     def withdraw(self, borrower: Borrower) -> None:
@@ -300,24 +304,27 @@ class Pool(BudgetLender):
                 held.remove(pair)
                 return
 
+    def _arm(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._expire)
+
     def _expire(self) -> None:
-        loop = self.loop
-        self._timer = None
-        now = loop.time()
-        while self.waiters and self.waiters[0][0] <= now:
-            self.waiters.popleft()[1].on_borrow_failed(BorrowTimeout())
-        if self.waiters:
-            self._timer = loop.call_at(self.waiters[0][0], self._expire)
+        """The timer: fail the waiters whose deadline passed, then wait for the oldest left.
+        It stays armed when the queue empties (most waits end in a lend, and arming and
+        cancelling a timer for each would cost more than this spare call)."""
+        self._timer, self._timer_at = None, math.inf
+        now = self.loop.time()
+        waiters = self.waiters
+        while waiters and waiters[0][0] <= now:
+            waiters.popleft()[1].on_borrow_failed(BorrowTimeout())
+        if waiters:
+            self._arm(waiters[0][0])
 
     def _next_waiter(self) -> tuple[float, Borrower] | None:
         """The oldest waiter, out of the queue: (its deadline, itself)."""
-        if not self.waiters:
-            return None
-        entry = self.waiters.popleft()
-        if not self.waiters and self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        return entry
+        return self.waiters.popleft() if self.waiters else None
 
     def _lend_to_waiter(self, conn: ServerConnection) -> bool:
         """Lend `conn` to the oldest waiter, timing its wait; False if nobody waits."""
@@ -334,7 +341,8 @@ class Pool(BudgetLender):
     def grow(self) -> None:
         """Open connections for waiters that no connection being opened will serve."""
         wanted = len(self.waiters) - self.opening
-        while wanted > 0 and self.budget.try_reserve(self):
+        budget = self._budget
+        while wanted > 0 and budget.try_reserve(self):
             self.opening += 1
             wanted -= 1
             self.loop.create_task(self._open())
