@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# A thread waiting for work (the executor's threads asyncio.to_thread started), wherever in
+# libc the wait ends: idle too.
+WAITING_FRAMES = {"_queue_SimpleQueue_get"}
 IDLE_LEAVES = {
     "epoll_wait",
     "epoll_pwait",
@@ -182,7 +185,7 @@ def summarise(raw: Path) -> Summary:
     for frames, count in read_stacks(raw):
         s.samples += count
         leaf_name, _ = _split(frames[-1])
-        if leaf_name in IDLE_LEAVES:
+        if leaf_name in IDLE_LEAVES or any(_split(f)[0] in WAITING_FRAMES for f in frames):
             s.idle += count
             continue
         py = [f for f in frames if is_python(f)]
