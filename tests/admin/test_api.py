@@ -282,7 +282,14 @@ def test_a_token_reference_that_holds_nothing_stops_the_start(pg, tmp_path, monk
     config["admin"] = {"listen": "127.0.0.1:0", "token": "env:DBMUX_TEST_ADMIN_TOKEN"}
     dbmux = EmbeddedDbmux(config)
     try:
-        with pytest.raises(SecretError, match="DBMUX_TEST_ADMIN_TOKEN is unset or empty"):
+        with pytest.raises(SecretError, match="DBMUX_TEST_ADMIN_TOKEN is not set"):
+            dbmux.start()
+    finally:
+        dbmux.stop()
+    monkeypatch.setenv("DBMUX_TEST_ADMIN_TOKEN", "  \n")
+    dbmux = EmbeddedDbmux(config)
+    try:
+        with pytest.raises(SecretError, match="env:DBMUX_TEST_ADMIN_TOKEN holds nothing"):
             dbmux.start()
     finally:
         dbmux.stop()

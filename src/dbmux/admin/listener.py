@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from dbmux.admin.http import Handler, HttpServer
-from dbmux.auth.secrets import SecretError
+from dbmux.auth.secrets import SecretError, read_reference
 from dbmux.config import Config, ConfigError
 
 
@@ -23,20 +22,12 @@ log = logging.getLogger("dbmux.admin")
 def read_token(reference: str, base_dir: Path) -> str:
     """The bearer token an admin.token reference (env:VAR or file:PATH) holds; the error
     names the reference, never what it holds."""
-    scheme, _, rest = reference.partition(":")
-    if scheme == "env":
-        token = os.environ.get(rest, "")
-        where = f"environment variable {rest}"
-    else:
-        path = base_dir / rest
-        where = str(path)
-        try:
-            token = path.read_text()
-        except OSError as error:
-            raise SecretError(f"admin.token: cannot read {path}: {error.strerror}") from None
-    token = token.strip()
+    try:
+        token = read_reference(reference, base_dir).strip()
+    except SecretError as error:
+        raise SecretError(f"admin.token: {error}") from None
     if not token:
-        raise SecretError(f"admin.token: {where} is unset or empty")
+        raise SecretError(f"admin.token: {reference} holds nothing")
     return token
 
 

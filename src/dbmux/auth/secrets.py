@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dbmux.auth.files import file_stamp
+
 log = logging.getLogger("dbmux.secrets")
 
 
@@ -105,13 +107,12 @@ class FileSecret(SecretSource):
         self._warned = False
 
     def stamp(self) -> object | None:
-        try:
-            info = self.path.stat()
-        except OSError:
-            return None
-        return (info.st_ino, info.st_size, info.st_mtime_ns)
+        return file_stamp(self.path)
 
     def fetch(self) -> SecretVersions:
+        return SecretVersions(parse_secret(self.read_text(), source=self.reference))
+
+    def read_text(self) -> str:
         try:
             with self.path.open() as file:
                 mode = os.fstat(file.fileno()).st_mode
@@ -128,7 +129,7 @@ class FileSecret(SecretSource):
                 self.path,
                 stat.S_IMODE(mode),
             )
-        return SecretVersions(parse_secret(text, source=self.reference))
+        return text
 
 
 class EnvSecret(SecretSource):
@@ -142,9 +143,12 @@ class EnvSecret(SecretSource):
         return 0  # the process's environment does not change under it
 
     def fetch(self) -> SecretVersions:
+        return SecretVersions(parse_secret(self.read_text(), source=self.reference))
+
+    def read_text(self) -> str:
         if self.name not in os.environ:
             raise SecretError(f"{self.reference}: environment variable {self.name} is not set")
-        return SecretVersions(parse_secret(os.environ[self.name], source=self.reference))
+        return os.environ[self.name]
 
 
 class AwsSecret(SecretSource):
@@ -231,6 +235,16 @@ def secret_source(
     if reference.startswith("arn:aws:secretsmanager:"):
         return AwsSecret(reference, aws_endpoint_url)
     raise SecretError(f"{reference}: unknown secret scheme {scheme!r}")
+
+
+def read_reference(reference: str, base_dir: Path) -> str:
+    """The text an `env:VAR` or `file:PATH` reference holds (a file relative to `base_dir`),
+    for a setting that is one string rather than credentials (admin.token). SecretError
+    names the reference, never the text."""
+    source = secret_source(reference, base_dir=base_dir)
+    if not isinstance(source, FileSecret | EnvSecret):
+        raise SecretError(f"{reference}: must be env:VAR or file:PATH")
+    return source.read_text()
 
 
 def read_secret(

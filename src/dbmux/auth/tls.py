@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from dbmux.auth.files import file_stamp
 from dbmux.config import ClientTls, TargetTls, TlsMode, TlsVersion
 
 if TYPE_CHECKING:
@@ -57,11 +58,8 @@ class _Reloaded(ABC, Generic[T]):
         self._stamp = self._stamps()
         self.current = self._load()
 
-    def _stamps(self) -> tuple[float, ...]:
-        try:
-            return tuple(path.stat().st_mtime for path in self.files)
-        except OSError:
-            return ()
+    def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
+        return tuple(file_stamp(path) for path in self.files)
 
     @abstractmethod
     def _load(self) -> T:

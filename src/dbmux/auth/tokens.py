@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
+from dbmux.auth.files import file_stamp
+
 # PyJWT and cryptography are imported where they are used: together they add some 14 MB to
 # the proxy's resident memory, which a proxy that takes no tokens never needs.
 if TYPE_CHECKING:
@@ -245,16 +247,8 @@ def default_hosts(listen_hosts: Iterable[str]) -> frozenset[str]:
     return frozenset(hosts)
 
 
-def _stamp(paths: Sequence[Path]) -> tuple[tuple[int, int, int], ...]:
-    stamps = []
-    for path in paths:
-        try:
-            stat = path.stat()
-        except OSError:
-            stamps.append((0, 0, 0))
-        else:
-            stamps.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
-    return tuple(stamps)
+def _stamp(paths: Sequence[Path]) -> tuple[tuple[int, int, int] | None, ...]:
+    return tuple(file_stamp(path) for path in paths)
 
 
 _PEM_BLOCK = re.compile(
