@@ -164,6 +164,8 @@ class LoginThrottle:
 
     def penalty(self, *, user: str | None = None, address: str | None = None) -> float:
         """Seconds the next failure of this user (or from this address) waits."""
+        if not self._failures:  # (no failure lately: every login, parsing no address)
+            return 0.0
         key = _user_key(user) if user is not None else _address_key(address or "")
         failures = self._failures.get(key)
         if failures is None or self.clock() - failures.last > self.WINDOW:
