@@ -182,14 +182,19 @@ class LoginMixin(ClientSession):
                 self.release_reading()
         assert pool.server_facts is not None
         defaults = pool.server_facts
-        reported = {**defaults, **{k: v for k, v in self.wanted.items() if k in defaults}}
+        own = {k: v for k, v in self.wanted.items() if k in defaults}
+        reported = tuple({**defaults, **own}.items() if own else defaults.items())
+        statuses = ctx.statuses.get(reported)
+        if statuses is None:
+            statuses = b"".join(wire.parameter_status(k, v) for k, v in reported)
+            ctx.statuses[reported] = statuses
         process_id, secret_key = ctx.new_cancel_key(cast("PgClient", self))  # its only host
         self.pid_bytes = process_id.to_bytes(4, "big", signed=True)
         self.key = (process_id, secret_key)
         # One write for all of it: each write on loopback also runs the client's TCP stack.
         self.write(
             greeting
-            + b"".join(wire.parameter_status(k, v) for k, v in reported.items())
+            + statuses
             + wire.backend_key_data(process_id, secret_key)
             + wire.ready_for_query()
         )
