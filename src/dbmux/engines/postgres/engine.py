@@ -152,7 +152,8 @@ class PgContext(EngineContext):
         this worker (see WORKER_SHIFT)."""
         worker = self.runtime.worker << WORKER_SHIFT
         while True:
-            key = (worker | secrets.randbits(WORKER_SHIFT), secrets.randbits(32) - (1 << 31))
+            bits = secrets.randbits(WORKER_SHIFT + 32)  # one draw from the kernel, not two
+            key = (worker | bits >> 32, (bits & 0xFFFFFFFF) - (1 << 31))
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 return key
