@@ -75,8 +75,14 @@ def parse_options(options: str) -> dict[str, str]:
 def _server_spelling(settings: Mapping[str, str], facts: Mapping[str, str]) -> dict[str, str]:
     """`settings` by the names the server reports them by (datestyle is DateStyle), and
     application_name truncated as the server does."""
-    names = {name.lower(): name for name in facts}
-    spelled = {names.get(k.lower(), k.lower()): v for k, v in settings.items()}
+    names: dict[str, str] | None = None  # made only for a name not spelled as reported
+    spelled = {}
+    for name, value in settings.items():
+        if name not in facts:
+            if names is None:
+                names = {reported.lower(): reported for reported in facts}
+            name = names.get(name.lower(), name.lower())
+        spelled[name] = value
     if "application_name" in spelled:
         truncated = spelled["application_name"].encode()[: NAMEDATALEN - 1]
         spelled["application_name"] = truncated.decode(errors="ignore")
