@@ -229,8 +229,8 @@ class LoginMixin(ClientSession):
         SCRAM's final message), for the caller to send with what follows."""
         ctx = self.ctx
         throttle = ctx.runtime.throttle
-        address = source_address(self.transport)
-        await throttle.sit_out(self, throttle.before_check(address))
+        if len(throttle):  # (failures counted lately: else no address to look up)
+            await throttle.sit_out(self, throttle.before_check(source_address(self.transport)))
         method = ctx.runtime.users.method_for(user)
         if method.iam_auth is IamAuth.REQUIRED and not self.tls:
             self.refuse_token_without_tls()
@@ -261,7 +261,7 @@ class LoginMixin(ClientSession):
             final = await self._scram(user)
         if final is None:
             self.auth_failed(user)
-            await throttle.sit_out(self, throttle.failed(user, address))
+            await throttle.sit_out(self, throttle.failed(user, source_address(self.transport)))
             raise LoginRefused("28P01", f'password authentication failed for user "{user}"')
         return final + _AUTHENTICATION_OK
 
