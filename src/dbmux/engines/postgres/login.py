@@ -112,13 +112,13 @@ class LoginMixin(ClientSession):
         def fatal(self, code: str, text: str, *, hint: str = "") -> None: ...
         def _forward_cancel(self, process_id: int, secret_key: int) -> None: ...
 
-    async def log_in(self, deadline: asyncio.Timeout) -> None:
+    async def log_in(self, deadline: asyncio.TimerHandle) -> None:
         try:
             await self._startup(deadline)
         except LoginRefused as refusal:
             self.fatal(refusal.code, refusal.text, hint=refusal.hint)
 
-    async def _startup(self, deadline: asyncio.Timeout) -> None:
+    async def _startup(self, deadline: asyncio.TimerHandle) -> None:
         ctx = self.ctx
         admission = ctx.runtime.admission
         if self.runtime.tls is not None and await self.read(wire.starts_tls):
