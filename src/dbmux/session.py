@@ -183,7 +183,8 @@ class ClientSession(ClientEnd, Borrower):
         metrics.client_connections_received.value += 1
         metrics.client_connections.value += 1
         self.runtime.clients.add(self)
-        self.run_own(self._login())
+        # The login lets go of its task itself, at its end (one callback less than run_own).
+        self._task = asyncio.get_running_loop().create_task(self._login())
 
     def run_own(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `coro` as this client's conversation of its own (the login, or a round trip
@@ -205,7 +206,7 @@ class ClientSession(ClientEnd, Borrower):
             self, lambda refusal: self.fail(Failure.TOO_MANY_CLIENTS, refusal.text, refusal.hint)
         )
         task = self._task
-        assert task is not None  # (this coroutine's, from run_own)
+        assert task is not None  # (this coroutine's, from connection_made)
         expired = False
 
         def expire() -> None:
@@ -235,6 +236,8 @@ class ClientSession(ClientEnd, Borrower):
         finally:
             deadline.cancel()
             runtime.admission.leave(self)
+            if self._task is task:
+                self._task = None
 
     async def check_password(self, name: str, check: Callable[[User], bool]) -> bool:
         """`check` the proof a client sent against user `name`'s passwords (the current
