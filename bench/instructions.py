@@ -8,7 +8,8 @@ repeat to within a percent or so, which is what an A/B comparison of a hot-path 
 Login and pool warm-up are left out by difference: after a warm-up run, pgbench runs twice
 with the same clients, `-t SHORT` and `-t LONG`, each between two callgrind dumps; both runs
 log in the same clients, so (I_long - I_short) / (clients * (LONG - SHORT)) is the cost of a
-transaction alone.
+transaction alone. The `connect` workload connects anew for each transaction (pgbench -C),
+so its figure is the cost of a whole connection: startup, SCRAM, one SELECT, close.
 
 With `--syscalls`, the same workloads run against a plain (not valgrind) dbmux under
 `strace -c -f`, and the system calls per transaction are printed by name: kernel time is half
@@ -52,6 +53,8 @@ WORKLOADS = (
     Workload("select-simple", ("-S",), 50, 10, 40),
     Workload("select-extended", ("-S", "-M", "extended"), 50, 10, 40),
     Workload("tpcb", (), 10, 20, 80),
+    # A SCRAM login per transaction (-C): what one connect costs, login to close.
+    Workload("connect", ("-S", "-C"), 50, 2, 10),
 )
 
 

@@ -132,10 +132,10 @@ class ClientSession(ClientEnd, Borrower):
     # -- what each engine supplies ------------------------------------------------------------
 
     @abstractmethod
-    async def log_in(self, deadline: asyncio.Timeout) -> None:
+    async def log_in(self, deadline: asyncio.TimerHandle) -> None:
         """The engine's login conversation, refusals in its own words included; on success
         it sets `pool` and `logged_in` and starts relaying. `deadline` is
-        client_login_timeout's, for the engine to lift once the password is proved."""
+        client_login_timeout's timer, for `admit` to cancel once the password is proved."""
 
     @abstractmethod
     def fail(self, failure: Failure, text: str, hint: str = "") -> None:
@@ -183,7 +183,8 @@ class ClientSession(ClientEnd, Borrower):
         metrics.client_connections_received.value += 1
         metrics.client_connections.value += 1
         self.runtime.clients.add(self)
-        self.run_own(self._login())
+        # The login lets go of its task itself, at its end (one callback less than run_own).
+        self._task = asyncio.get_running_loop().create_task(self._login())
 
     def run_own(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `coro` as this client's conversation of its own (the login, or a round trip
@@ -204,10 +205,23 @@ class ClientSession(ClientEnd, Borrower):
         runtime.admission.enter(
             self, lambda refusal: self.fail(Failure.TOO_MANY_CLIENTS, refusal.text, refusal.hint)
         )
+        task = self._task
+        assert task is not None  # (this coroutine's, from connection_made)
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        # A timer of the loop's, not asyncio.timeout's context manager: a connect storm pays
+        # for one per login.
+        deadline = asyncio.get_running_loop().call_later(limit, expire)
         try:
-            async with asyncio.timeout(limit) as deadline:
-                await self.log_in(deadline)
-        except TimeoutError:
+            await self.log_in(deadline)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
             self.fail(
                 Failure.LOGIN_TIMEOUT, "login took too long", f"client_login_timeout is {limit:g} s"
             )
@@ -220,7 +234,10 @@ class ClientSession(ClientEnd, Borrower):
             log.exception("login of a client failed unexpectedly")
             self.fail(Failure.INTERNAL, "internal error in the proxy during login")
         finally:
+            deadline.cancel()
             runtime.admission.leave(self)
+            if self._task is task:
+                self._task = None
 
     async def check_password(self, name: str, check: Callable[[User], bool]) -> bool:
         """`check` the proof a client sent against user `name`'s passwords (the current
@@ -298,13 +315,13 @@ class ClientSession(ClientEnd, Borrower):
             raise
         metrics.client_tls_handshakes.value += 1
 
-    def admit(self, deadline: asyncio.Timeout) -> Refusal | None:
+    def admit(self, deadline: asyncio.TimerHandle) -> Refusal | None:
         """The password is proved: the client counts against max_client_connections from now
         on (checked again: others may have logged in meanwhile) and, if it fits, is no
         longer a pending login bound by client_login_timeout."""
         refusal = self.runtime.admission.admit(self)
         if refusal is None:
-            deadline.reschedule(None)
+            deadline.cancel()
         return refusal
 
     def start_serving(self) -> None:

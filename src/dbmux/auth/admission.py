@@ -164,6 +164,8 @@ class LoginThrottle:
 
     def penalty(self, *, user: str | None = None, address: str | None = None) -> float:
         """Seconds the next failure of this user (or from this address) waits."""
+        if not self._failures:  # (no failure lately: every login, parsing no address)
+            return 0.0
         key = _user_key(user) if user is not None else _address_key(address or "")
         failures = self._failures.get(key)
         if failures is None or self.clock() - failures.last > self.WINDOW:
@@ -180,11 +182,10 @@ class LoginThrottle:
         of a throttled address. An attempt with no turn within `horizon` would reach its
         login deadline first: it waits that long without taking a turn, so a pile of
         connections cannot book the address's turns far ahead."""
-        key = _address_key(address)
         delay = self.penalty(address=address)
         if not delay:
             return 0.0
-        failures = self._failures[key]
+        failures = self._failures[_address_key(address)]
         now = self.clock()
         turn = max(now, failures.next_turn)
         if turn - now >= self.horizon:

@@ -37,17 +37,6 @@ REREAD_AFTER_FAILURE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
-class User:
-    """A user clients may log in as: the passwords it has now (more than one during a
-    rotation), and how it logs in."""
-
-    name: str
-    passwords: tuple[str, ...] = field(repr=False)
-    auth_type: ClientPasswordAuthType | None
-    iam_auth: IamAuth
-
-
-@dataclass(frozen=True, slots=True)
 class Method:
     """How a user proves who it is: its password auth type (None: the engine's default), and
     whether it may (ENABLED) or must (REQUIRED) send a signed token instead."""
@@ -59,6 +48,21 @@ class Method:
     def cleartext(self) -> bool:
         """Tokens travel as cleartext passwords, so such a user is asked for one."""
         return self.iam_auth is not IamAuth.DISABLED
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A user clients may log in as: the passwords it has now (more than one during a
+    rotation), and how it logs in."""
+
+    name: str
+    passwords: tuple[str, ...] = field(repr=False)
+    auth_type: ClientPasswordAuthType | None
+    iam_auth: IamAuth
+    method: Method = field(init=False, repr=False, compare=False)  # made once, read per login
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method(self.auth_type, self.iam_auth))
 
 
 @dataclass(slots=True)
@@ -132,7 +136,7 @@ class UserDirectory:
         exists."""
         user = self._users.get(name)
         if user is not None:
-            return Method(user.auth_type, user.iam_auth)
+            return user.method
         methods = self._methods
         return methods[int.from_bytes(user_salt(name)[:4], "big") % len(methods)]
 

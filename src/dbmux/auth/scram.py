@@ -155,7 +155,9 @@ def _sha256(data: bytes) -> bytes:
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        raise ValueError("xor of byte strings of different lengths")
+    return (int.from_bytes(a) ^ int.from_bytes(b)).to_bytes(len(a))
 
 
 # --- message helpers -------------------------------------------------------------------------
@@ -203,7 +205,13 @@ def _check_mandatory_extension(attrs: list[tuple[str, str]], what: str) -> None:
 
 def _is_valid_nonce(nonce: str) -> bool:
     """RFC 5802 'printable': ASCII 0x21-0x7E except ','."""
-    return bool(nonce) and all("!" <= ch <= "~" and ch != "," for ch in nonce)
+    return (
+        bool(nonce)
+        and nonce.isascii()
+        and nonce.isprintable()
+        and " " not in nonce
+        and "," not in nonce
+    )
 
 
 def _parse_iterations(text: str, what: str) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sized
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast
 
 from dbmux.relay import ConnectionClosed, TlsHandshakeFailed
 
@@ -292,8 +292,9 @@ class Engine(ABC):
         replica is behind (raise if it cannot be reached or refuses the login)."""
 
 
-@dataclass(frozen=True, slots=True)
-class PoolKey:
+class PoolKey(NamedTuple):
+    """What clients share server connections by (a tuple: each login hashes one)."""
+
     database: str
     user: str
     # Engine-defined: what else must match for clients to share server connections (MySQL:

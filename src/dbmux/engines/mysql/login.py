@@ -78,7 +78,7 @@ class LoginMixin(ClientSession):
         def reply(self, *payloads: bytes, seq: int = 1) -> None: ...
         def reply_error(self, error: tuple[int, str], message: str, *, seq: int = 1) -> None: ...
 
-    async def log_in(self, deadline: asyncio.Timeout) -> None:
+    async def log_in(self, deadline: asyncio.TimerHandle) -> None:
         try:
             await self._handshake(deadline)
         except LoginRefused as refusal:
@@ -88,7 +88,7 @@ class LoginMixin(ClientSession):
         self.write(wire.packet(refusal.seq, wire.err_packet(refusal.error, refusal.message)))
         self.close_lingering()
 
-    async def _handshake(self, deadline: asyncio.Timeout) -> None:
+    async def _handshake(self, deadline: asyncio.TimerHandle) -> None:
         ctx = self.ctx
         admission = ctx.runtime.admission
         refusal = admission.refusal()

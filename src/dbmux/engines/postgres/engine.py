@@ -46,6 +46,7 @@ ERROR_KINDS = {
     "57P03": ErrorKind.GONE,  # cannot connect now (starting up, shutting down)
 }
 SPELLINGS_CAPACITY = 1000  # learned spellings of startup setting values, per proxy
+STATUSES_CAPACITY = 1000  # ParameterStatus sets kept encoded for logins, per proxy
 PROBE_DATABASE = "postgres"  # every cluster has it, and PUBLIC may connect to it
 # A replica that has replayed all it received is not behind, however old its last replayed
 # commit is (an idle primary sends nothing); one with WAL left to replay is as far behind as
@@ -101,6 +102,11 @@ class PgContext(EngineContext):
     canonical: LruDict[tuple[str, str], str] = field(
         default_factory=lambda: LruDict(SPELLINGS_CAPACITY)
     )
+    # What a login reports (ParameterStatus) -> those messages: the clients of a pool and
+    # application report the same, so it is encoded once.
+    statuses: LruDict[tuple[tuple[str, str], ...], bytes] = field(
+        default_factory=lambda: LruDict(STATUSES_CAPACITY)
+    )
     statement_names: StatementNames = field(default_factory=lambda: StatementNames())
     # Server process id -> process id of the client that last used it (NotificationResponse).
     session_ids: dict[bytes, bytes] = field(default_factory=dict)
@@ -146,7 +152,8 @@ class PgContext(EngineContext):
         this worker (see WORKER_SHIFT)."""
         worker = self.runtime.worker << WORKER_SHIFT
         while True:
-            key = (worker | secrets.randbits(WORKER_SHIFT), secrets.randbits(32) - (1 << 31))
+            bits = secrets.randbits(WORKER_SHIFT + 32)  # one draw from the kernel, not two
+            key = (worker | bits >> 32, (bits & 0xFFFFFFFF) - (1 << 31))
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 return key

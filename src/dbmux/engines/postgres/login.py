@@ -38,6 +38,7 @@ NAMEDATALEN = 64
 # Settings the server keeps as written (within NAMEDATALEN), so they need no round trip to
 # learn their spelling; every client may have its own.
 _VERBATIM = frozenset({"application_name"})
+_AUTHENTICATION_OK = wire.authentication(wire.AUTH_OK)
 
 
 class LoginRefused(Exception):
@@ -71,6 +72,28 @@ def parse_options(options: str) -> dict[str, str]:
     return settings
 
 
+def _server_spelling(settings: Mapping[str, str], facts: Mapping[str, str]) -> dict[str, str]:
+    """`settings` by the names the server reports them by (datestyle is DateStyle), and
+    application_name truncated as the server does."""
+    names: dict[str, str] | None = None  # made only for a name not spelled as reported
+    spelled = {}
+    for name, value in settings.items():
+        if name not in facts:
+            if names is None:
+                names = {reported.lower(): reported for reported in facts}
+            name = names.get(name.lower(), name.lower())
+        spelled[name] = value
+    if "application_name" in spelled:
+        truncated = spelled["application_name"].encode()[: NAMEDATALEN - 1]
+        spelled["application_name"] = truncated.decode(errors="ignore")
+    return spelled
+
+
+def _unknown(settings: Mapping[str, str], canonical: Mapping[tuple[str, str], str]) -> list[str]:
+    """The settings whose value's spelling on the server is not known yet."""
+    return [k for k, v in settings.items() if k not in _VERBATIM and (k, v) not in canonical]
+
+
 class LoginMixin(ClientSession):
     """PgClient's login conversation (runs once, before the relay starts)."""
 
@@ -89,13 +112,13 @@ class LoginMixin(ClientSession):
         def fatal(self, code: str, text: str, *, hint: str = "") -> None: ...
         def _forward_cancel(self, process_id: int, secret_key: int) -> None: ...
 
-    async def log_in(self, deadline: asyncio.Timeout) -> None:
+    async def log_in(self, deadline: asyncio.TimerHandle) -> None:
         try:
             await self._startup(deadline)
         except LoginRefused as refusal:
             self.fatal(refusal.code, refusal.text, hint=refusal.hint)
 
-    async def _startup(self, deadline: asyncio.Timeout) -> None:
+    async def _startup(self, deadline: asyncio.TimerHandle) -> None:
         ctx = self.ctx
         admission = ctx.runtime.admission
         if self.runtime.tls is not None and await self.read(wire.starts_tls):
@@ -143,27 +166,41 @@ class LoginMixin(ClientSession):
         if not user:
             raise LoginRefused("28000", "no PostgreSQL user name specified in startup packet")
         self.user = sys.intern(user)  # one string for all the clients of a user
-        await self._authenticate(user)
+        greeting = await self._authenticate(user)
         refusal = self.admit(deadline)
         if refusal is not None:
+            self.write(greeting)
             raise LoginRefused("53300", refusal.text, refusal.hint)
         database = params.get("database") or user
         settings = {k: v for k, v in params.items() if k not in _NOT_SETTINGS and k[:5] != "_pq_."}
         settings.update(parse_options(params.get("options", "")))
-        self.pool = ctx.pools.get(database, user)
-        # Nothing is due from the client until ReadyForQuery: what it sends meanwhile (for
-        # up to connection_borrow_timeout) stays in the kernel's buffer, not the proxy's.
-        self.hold_reading()
-        try:
-            defaults = await self._learn_defaults(self.pool, settings)
-        finally:
-            self.release_reading()
-        reported = {**defaults, **{k: v for k, v in self.wanted.items() if k in defaults}}
+        self.pool = pool = ctx.pools.get(database, user)
+        if not self._adopt_settings(pool, settings):
+            # A server connection is needed: the client hears now that its password is
+            # proved. Nothing is due from it until ReadyForQuery: what it sends meanwhile
+            # (for up to connection_borrow_timeout) stays in the kernel's buffer.
+            self.write(greeting)
+            greeting = b""
+            self.hold_reading()
+            try:
+                await self._learn_defaults(pool, settings)
+            finally:
+                self.release_reading()
+        assert pool.server_facts is not None
+        defaults = pool.server_facts
+        own = {k: v for k, v in self.wanted.items() if k in defaults}
+        reported = tuple({**defaults, **own}.items() if own else defaults.items())
+        statuses = ctx.statuses.get(reported)
+        if statuses is None:
+            statuses = b"".join(wire.parameter_status(k, v) for k, v in reported)
+            ctx.statuses[reported] = statuses
         process_id, secret_key = ctx.new_cancel_key(cast("PgClient", self))  # its only host
         self.pid_bytes = process_id.to_bytes(4, "big", signed=True)
         self.key = (process_id, secret_key)
+        # One write for all of it: each write on loopback also runs the client's TCP stack.
         self.write(
-            b"".join(wire.parameter_status(k, v) for k, v in reported.items())
+            greeting
+            + statuses
             + wire.backend_key_data(process_id, secret_key)
             + wire.ready_for_query()
         )
@@ -187,11 +224,13 @@ class LoginMixin(ClientSession):
                 f'direct TLS connection without ALPN protocol "{wire.ALPN}"'
             )
 
-    async def _authenticate(self, user: str) -> None:
+    async def _authenticate(self, user: str) -> bytes:
+        """Prove the client's password; what then tells it so (AuthenticationOk, after
+        SCRAM's final message), for the caller to send with what follows."""
         ctx = self.ctx
         throttle = ctx.runtime.throttle
-        address = source_address(self.transport)
-        await throttle.sit_out(self, throttle.before_check(address))
+        if len(throttle):  # (failures counted lately: else no address to look up)
+            await throttle.sit_out(self, throttle.before_check(source_address(self.transport)))
         method = ctx.runtime.users.method_for(user)
         if method.iam_auth is IamAuth.REQUIRED and not self.tls:
             self.refuse_token_without_tls()
@@ -200,10 +239,12 @@ class LoginMixin(ClientSession):
                 f'user "{user}" logs in with an auth token, which is accepted over TLS only',
                 "connect with sslmode=require or stronger",
             )
+        final: bytes | None  # what tells the client it is in, before AuthenticationOk
         if method.cleartext and self.tls:
             self.write(wire.authentication(wire.AUTH_CLEARTEXT))
             typed = await self.read(wire.split_password_message)
             ok = await self.check_cleartext(user, method, typed.removesuffix(b"\0"))
+            final = b"" if ok else None
         elif method.auth_type is ClientPasswordAuthType.POSTGRES_MD5:
             salt = secrets.token_bytes(4)
             self.write(wire.authentication(wire.AUTH_MD5, salt))
@@ -215,19 +256,21 @@ class LoginMixin(ClientSession):
                     for p in known.passwords
                 ),
             )
+            final = b"" if ok else None
         else:
-            ok = await self._scram(user)
-        if not ok:
+            final = await self._scram(user)
+        if final is None:
             self.auth_failed(user)
-            await throttle.sit_out(self, throttle.failed(user, address))
+            await throttle.sit_out(self, throttle.failed(user, source_address(self.transport)))
             raise LoginRefused("28P01", f'password authentication failed for user "{user}"')
-        self.write(wire.authentication(wire.AUTH_OK))
+        return final + _AUTHENTICATION_OK
 
-    async def _scram(self, user: str) -> bool:
+    async def _scram(self, user: str) -> bytes | None:
         """SCRAM-SHA-256, and over TLS SCRAM-SHA-256-PLUS too: bound to this TLS connection
         by the proxy's certificate, so a man in the middle cannot relay the exchange. A
         name the proxy does not know goes through the same exchange (with the same salt
-        each time), so the reply does not tell who exists."""
+        each time), so the reply does not tell who exists. The server-final message, or
+        None for a wrong proof."""
         login = self.ctx.login_for(user)
         verifiers = login.verifiers if login and login.verifiers else (mock_verifier(user),)
         binding = self.channel_binding
@@ -264,44 +307,52 @@ class LoginMixin(ClientSession):
                 return True
 
             if not await self.check_password(user, proof_fits):
-                return False
+                return None
         except ScramError as error:
             # Malformed whatever the user: says nothing about who exists.
             raise wire.ProtocolViolation(f"malformed SCRAM message: {error}") from None
-        self.write(wire.authentication(wire.AUTH_SASL_FINAL, final))
+        return wire.authentication(wire.AUTH_SASL_FINAL, final)
+
+    def _adopt_settings(self, pool: Lender, settings: dict[str, str]) -> bool:
+        """Take this session's own settings in the server's spelling (utf-8 is UTF8,
+        datestyle is DateStyle), minus those equal to the pool's defaults, if all of that
+        is known without asking a server (False: see _learn_defaults)."""
+        facts = pool.server_facts
+        if facts is None:
+            return False
+        if settings:
+            canonical = self.ctx.canonical
+            settings = _server_spelling(settings, facts)
+            if _unknown(settings, canonical):
+                return False
+            wanted = {k: canonical.get((k, v), v) for k, v in settings.items()}
+            self.wanted = {k: v for k, v in wanted.items() if facts.get(k) != v}
+        if self.wanted:  # what RESET goes back to (else the shared NO_LOGIN_SETTINGS)
+            self.login_settings = dict(self.wanted)
         return True
 
-    async def _learn_defaults(self, pool: Lender, settings: dict[str, str]) -> dict[str, str]:
-        """The server's reported parameters for this pool, and this session's own settings in
-        the server's spelling (utf-8 is UTF8, datestyle is DateStyle), minus those equal to
-        the defaults. A server connection is borrowed only for what is not yet known: the
-        first client of a pool, a setting value not seen before (which also checks that the
-        server accepts it, as it would at login)."""
-        canonical = self.ctx.canonical
+    async def _learn_defaults(self, pool: Lender, settings: dict[str, str]) -> None:
+        """What _adopt_settings needs from a server connection, borrowed for it: the
+        server's reported parameters (the first client of a pool), the spelling of setting
+        values not seen before (which also checks that the server accepts them, as it would
+        at login)."""
         server: PgServer | None = None
         try:
             if pool.server_facts is None:
                 server = await self._borrow_for_login(pool)
                 pool.server_facts = dict(server.params)
             facts = pool.server_facts
-            names = {name.lower(): name for name in facts}
-            settings = {names.get(k.lower(), k.lower()): v for k, v in settings.items()}
-            if "application_name" in settings:  # the server truncates it so
-                truncated = settings["application_name"].encode()[: NAMEDATALEN - 1]
-                settings["application_name"] = truncated.decode(errors="ignore")
-            unknown = [
-                k for k, v in settings.items() if k not in _VERBATIM and (k, v) not in canonical
-            ]
+            spelled = _server_spelling(settings, facts)
+            canonical = self.ctx.canonical
+            unknown = _unknown(spelled, canonical)
             if unknown:
                 server = server or await self._borrow_for_login(pool)
-                await server.apply_settings(settings, facts)
+                await server.apply_settings(spelled, facts)
                 for name in unknown:
-                    value = settings[name]
+                    value = spelled[name]
                     canonical[(name, value)] = server.params.get(name, value)
-            wanted = {k: canonical.get((k, v), v) for k, v in settings.items()}
-            self.wanted = {k: v for k, v in wanted.items() if facts.get(k) != v}
-            if self.wanted:  # what RESET goes back to (else the shared NO_LOGIN_SETTINGS)
-                self.login_settings = dict(self.wanted)
+            adopted = self._adopt_settings(pool, settings)
+            assert adopted
             if server is not None and unknown:
                 server.applied = dict(self.wanted)
         except ServerError as error:
@@ -309,7 +360,6 @@ class LoginMixin(ClientSession):
         finally:
             if server is not None:
                 self.give_back(server=server)
-        return facts
 
     async def _borrow_for_login(self, pool: Lender) -> PgServer:
         try:
