@@ -158,6 +158,7 @@ def instructions(
                 print(top, flush=True)
     finally:
         target.stop(timeout=120)
+        target.cleanup()
 
 
 def _top_functions(short: list[Path], long: list[Path], transactions: int, count: int) -> str:
@@ -212,6 +213,7 @@ def syscalls(binary: str, cluster: PostgresCluster, workloads: list[Workload]) -
             print(f"{workload.name:<16} {total:5.2f} syscalls/tx: {shown}", flush=True)
     finally:
         target.stop()
+        target.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
