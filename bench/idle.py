@@ -163,7 +163,7 @@ def run_target(
             max_connections_percent=POOL_PERCENT,
             source=baseline if name == BASELINE else SRC,
             proxy_settings={"max_client_connections": clients + SPARE_FDS},
-            workers=WORKERS.get(name, 1),
+            workers=None if name == BASELINE else WORKERS.get(name, 1),
         )
     prefix = f"  {name:<12}"
     target.start()

@@ -201,7 +201,7 @@ class Bench:
             engine_family=self.family,
             proxy_settings={**DBMUX_TARGETS[name], **self.dbmux_tls(workload)},
             pool_settings=pool,
-            workers=DBMUX_WORKERS.get(name, 1),
+            workers=None if name == BASELINE else DBMUX_WORKERS.get(name, 1),
         )
 
     def dbmux_tls(self, workload: Workload) -> dict[str, object]:

@@ -375,7 +375,8 @@ class Dbmux(ProcessTarget):
     POSTGRESQL or MYSQL; proxy_settings and pool_settings: extra keys for the proxy and its
     connection_pool_config; targets: the target group's instances as (host, port), by
     default the upstream alone; group_settings: extra keys for the target group
-    (probe_interval, say); workers: its worker processes (config: workers).
+    (probe_interval, say); workers: its worker processes (config: workers; None leaves
+    it out, for an older dbmux that has no such setting).
     """
 
     name = "dbmux"
@@ -392,7 +393,7 @@ class Dbmux(ProcessTarget):
         pool_settings: dict[str, object] | None = None,
         targets: list[tuple[str, int]] | None = None,
         group_settings: dict[str, object] | None = None,
-        workers: int = 1,
+        workers: int | None = 1,
         **kwargs: object,
     ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -418,7 +419,8 @@ class Dbmux(ProcessTarget):
         (self.workdir / "app.json").chmod(0o600)  # dbmux warns about a secret others can read
         self.admin_port = free_port()  # never the default 9187
         config = {
-            "workers": self.workers,
+            # None: not set, for a dbmux from before `workers` (one process, as 1 is)
+            **({"workers": self.workers} if self.workers is not None else {}),
             "admin": {"listen": f"{HOST}:{self.admin_port}"},
             "state_dir": "state",  # MySQL's RSA key: the run's own, not the user's
             "proxies": [
