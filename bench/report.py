@@ -533,7 +533,7 @@ def tls_table(rows: list[dict[str, Any]], titles: dict[str, str]) -> str:
         "TLS cost µs (p / x)",
         "per",
     ]
-    rows: list[list[str]] = []
+    lines: list[list[str]] = []
     for row in rows:
         ratio, cpu_ratio = row["tps_ratio"], row["cpu_ratio"]
         cells = [
@@ -547,8 +547,8 @@ def tls_table(rows: list[dict[str, Any]], titles: dict[str, str]) -> str:
             pair(row, "tls_cost_us", lambda v: f"{v:,.1f}"),
             row["per"] + (f" (less {row['plain']})" if row["plain"] else ""),
         ]
-        rows.append(cells)
-    return markdown_table(head, rows)
+        lines.append(cells)
+    return markdown_table(head, lines)
 
 
 def problems(results: dict[tuple[str, str], RunResult]) -> list[str]:
