@@ -644,8 +644,12 @@ class MyClient(
         request = ("kill", connection_id, self.user, query)
         try:
             refusal = await runtime.peers.ask(owner, runtime.config.name, request)
-        except PeerUnavailable:
-            refusal = (wire.ER_NO_SUCH_THREAD, f"Unknown thread id: {connection_id}")
+        except PeerUnavailable as error:  # restarting, or busy past the wait for an answer
+            refusal = (
+                wire.ER_NO_SUCH_THREAD,
+                f"Unknown thread id: {connection_id} (the worker owning it did not answer: "
+                f"{error})",
+            )
         if refusal is not None:
             raise CommandFailed(*refusal)
         self.ok()
