@@ -146,6 +146,9 @@ class Supervisor:
         )
         if not worker.ready.done():
             code = worker.process.returncode
+            if code is None:  # hung: a worker that never listens must not linger
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
             raise WorkerStartError(
                 f"worker {worker.index} "
                 + (f"exited with code {code}" if code is not None else "did not listen")
