@@ -436,20 +436,27 @@ class Config(_Model):
                 raise FieldError(f"proxies.{i}.name", f"proxy name {proxy.name!r} is used twice")
             names.add(proxy.name)
         listens: dict[str, str] = {}
-        for i, proxy in enumerate(self.proxies):
-            places = [(f"proxies.{i}.listen", proxy.listen)] + [
+        for path, address in self.listen_addresses():
+            if address.port == 0:
+                continue
+            if str(address) in listens:
+                raise FieldError(
+                    path, f"{address} is already the listen address of {listens[str(address)]}"
+                )
+            listens[str(address)] = path
+        return self
+
+    def listen_addresses(self) -> list[tuple[str, Address]]:
+        """Every proxy's and endpoint's listen address, with the field that names it."""
+        return [
+            (path, address)
+            for i, proxy in enumerate(self.proxies)
+            for path, address in [(f"proxies.{i}.listen", proxy.listen)]
+            + [
                 (f"proxies.{i}.endpoints.{j}.listen", e.listen)
                 for j, e in enumerate(proxy.endpoints)
             ]
-            for path, address in places:
-                if address.port == 0:
-                    continue
-                if str(address) in listens:
-                    raise FieldError(
-                        path, f"{address} is already the listen address of {listens[str(address)]}"
-                    )
-                listens[str(address)] = path
-        return self
+        ]
 
     @model_validator(mode="after")
     def _rsa_keys_usable(self) -> Config:

@@ -62,17 +62,12 @@ class TargetBudget:
     With a `share` (several workers), the slots this process may use are those granted.
     """
 
-    def __init__(
-        self,
-        config: ConnectionPoolConfig,
-        on_trouble: Callable[[], None],
-        share: BudgetShare | None = None,
-    ) -> None:
+    def __init__(self, config: ConnectionPoolConfig, on_trouble: Callable[[], None]) -> None:
         self.config = config
         self.limit: int | None = None
         self.max_idle = 0
         self.open = 0
-        self.share = share
+        self.share: BudgetShare | None = None  # set by the proxy, with several workers
         self.granted = 0  # slots the share gave this process (open <= granted)
         self.asked = 0  # slots asked of the share and not yet granted
         self.owed = 0  # slots the share wants back: connections close instead of being lent
@@ -205,9 +200,7 @@ class TargetBudget:
         """The share wants `count` slots back for another worker's waiting clients: idle
         connections close now, lent ones as they come back (Pool._hand_over)."""
         self.owed += count
-        for pool in self.pools:
-            while self.owed and pool.idle:
-                pool.idle.popleft().close(graceful=True)  # give_back pays one slot
+        self.spare(self.owed)  # each close pays one slot back (give_back)
 
     @property
     def idle_count(self) -> int:

@@ -53,6 +53,10 @@ class Worker:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
+    def restart_delay(self) -> float:
+        return RESTART_DELAYS[min(self.failures, len(RESTART_DELAYS) - 1)]
+
+    @property
     def live(self) -> bool:
         return (
             self.ready is not None
@@ -64,16 +68,12 @@ class Worker:
 
 def refuse_port_zero(config: Config) -> None:
     """Port 0 would give every worker a port of its own."""
-    for i, proxy in enumerate(config.proxies):
-        places = [(f"proxies.{i}.listen", proxy.listen)] + [
-            (f"proxies.{i}.endpoints.{j}.listen", e.listen) for j, e in enumerate(proxy.endpoints)
-        ]
-        for path, address in places:
-            if address.port == 0:
-                raise ConfigError(
-                    f"{path}: port 0 with {config.worker_count} workers would give each "
-                    "worker a port of its own: name a port, or set workers: 1"
-                )
+    for path, address in config.listen_addresses():
+        if address.port == 0:
+            raise ConfigError(
+                f"{path}: port 0 with {config.worker_count} workers would give each "
+                "worker a port of its own: name a port, or set workers: 1"
+            )
 
 
 class Supervisor:
@@ -96,7 +96,6 @@ class Supervisor:
             "WorkerRestarts", "Worker processes started again after they died"
         ).labels()
         self._sparing: set[Key] = set()  # budgets whose idle slots are being asked for
-        self._asked_keys: set[Key] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -161,14 +160,14 @@ class Supervisor:
         code = await process.wait()
         if worker.channel is not None:
             worker.channel.close()
-        self._settle(*self.ledger.forget(worker.index))
+        self._settle(self.ledger.forget(worker.index))
         assert worker.ready is not None
         if self.stopping or not worker.ready.done():
             return
         loop = asyncio.get_running_loop()
         lived = loop.time() - worker.started_at
         worker.failures = 0 if lived > STABLE else worker.failures + 1
-        delay = RESTART_DELAYS[min(worker.failures, len(RESTART_DELAYS) - 1)]
+        delay = worker.restart_delay
         log.warning(
             "worker %d (pid %d) exited with code %s after %.0f s; starting it again in %g s",
             worker.index,
@@ -183,7 +182,7 @@ class Supervisor:
                 await self._start(worker)
             except (WorkerStartError, OSError) as error:
                 worker.failures += 1
-                delay = RESTART_DELAYS[min(worker.failures, len(RESTART_DELAYS) - 1)]
+                delay = worker.restart_delay
                 log.error("%s; trying again in %g s", error, delay)
                 await asyncio.sleep(delay)
                 continue
@@ -205,13 +204,12 @@ class Supervisor:
                 worker.ready.set_result(None)
         elif kind == "ask":
             log.debug("worker %d asks %d slots of %s", worker.index, body[2], body[1])
-            self._asked_keys.add(body[1])
-            self._settle(*self.ledger.ask(worker.index, body[1], body[2]))
+            self._settle(self.ledger.ask(worker.index, body[1], body[2]), body[1])
         elif kind == "give":
             log.debug("worker %d gives %d slots of %s back", worker.index, body[2], body[1])
-            self._settle(*self.ledger.give(worker.index, body[1], body[2]))
+            self._settle(self.ledger.give(worker.index, body[1], body[2]), body[1])
         elif kind == "limit":
-            self._settle(*self.ledger.learn(body[1], body[2]))
+            self._settle(self.ledger.learn(body[1], body[2]), body[1])
         elif kind == "suspect":
             for other in self.workers:
                 if other is not worker and other.live and other.channel is not None:
@@ -227,20 +225,23 @@ class Supervisor:
             raise ValueError(f"unknown message {kind!r}")
         return None
 
-    def _settle(self, grants: list[Grant], sheds: list[Grant]) -> None:
+    def _settle(self, outcome: tuple[list[Grant], list[Grant]], key: Key | None = None) -> None:
+        """Send the ledger's grants and sheds; then, for the budgets they concern (and `key`,
+        the one a worker's message was about), look for idle slots if some still lack."""
+        grants, sheds = outcome
         for kind, items in (("grant", grants), ("shed", sheds)):
             for item in items:
                 log.debug("%s %d slots of %s to worker %d", kind, item.count, item.key, item.worker)
                 channel = self.workers[item.worker].channel
                 if channel is not None:
                     channel.tell(kind, item.key, item.count)
-        for key in {item.key for item in (*grants, *sheds)} | self._asked_keys:
-            if key not in self._sparing and self.ledger.lacking(key)[0]:
-                self._sparing.add(key)
-                task = asyncio.get_running_loop().create_task(self._spare(key))
+        concerned = {item.key for item in (*grants, *sheds)} | ({key} if key is not None else set())
+        for budget in concerned:
+            if budget not in self._sparing and self.ledger.lacking(budget)[0]:
+                self._sparing.add(budget)
+                task = asyncio.get_running_loop().create_task(self._spare(budget))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-        self._asked_keys.clear()
 
     async def _spare(self, key: Key) -> None:
         """Waiting workers lack slots that fair shares do not bring: ask the other workers,

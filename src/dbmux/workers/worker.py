@@ -3,6 +3,7 @@ from the other workers, and what the supervisor asks of it (admin API, metrics, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from typing import TYPE_CHECKING, Any
@@ -110,9 +111,8 @@ class WorkerLink(Peers):
         if process is None:
             raise RuntimeError("the worker is still starting")
         if kind == "suspect":  # another worker saw the writer change
-            for proxy in process.proxies:
-                if proxy.config.name == body[1]:
-                    proxy.targets.suspect()
+            with contextlib.suppress(KeyError):  # a proxy a reload removed here
+                process.proxy(body[1]).targets.suspect()
             return None
         if kind == "peer":
             _, name, request = body
